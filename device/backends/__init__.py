@@ -1,0 +1,87 @@
+"""Storage backends: where a virtio-blk device's sectors live (raw image file, memory).
+
+The bottom of the data path: :mod:`device.blk` executes each virtio-blk request against a
+:class:`Backend`. Backends are synchronous; the device decides whether a call runs inline on
+the event loop or in a worker thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+
+class BackendError(OSError):
+    """A backend operation failed; ``errno`` says why (EIO, ENOSPC, EROFS, ...)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Extent:
+    """One run of the allocation map: ``length`` bytes at ``offset``.
+
+    ``hole`` means unallocated (reads as zeroes); ``zero`` means known to read as zeroes.
+    A hole is always zero.
+    """
+
+    offset: int
+    length: int
+    hole: bool
+    zero: bool
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The storage under one virtio-blk device. Offsets and lengths are in bytes.
+
+    Callers (the device) have already checked ranges against ``size``; a backend still must
+    not read or write outside ``[0, size)`` and raises :class:`BackendError` if asked to.
+    Methods may be called from a worker thread, at most one mutating call at a time per
+    range, and must not touch the event loop.
+    """
+
+    @property
+    def size(self) -> int:
+        """Current size in bytes (a multiple of 512)."""
+        ...
+
+    @property
+    def read_only(self) -> bool:
+        """True if the backend refuses every write."""
+        ...
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` in order from ``offset`` (short reads past EOF read as zeroes)."""
+        ...
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Write ``buffers`` in order at ``offset``, completely."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; afterwards it may read as anything (we read zeroes)."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make a range read as zeroes; deallocate it if ``may_unmap`` and possible."""
+        ...
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The allocation map of ``[offset, offset+length)``, contiguous and in order."""
+        ...
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink to ``new_size`` bytes (a multiple of 512)."""
+        ...
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Hint that a range will be read soon (posix_fadvise WILLNEED)."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend (idempotent)."""
+        ...

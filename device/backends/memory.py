@@ -1,0 +1,140 @@
+"""Memory backend: a sparse in-RAM disk for tests and benchmarks.
+
+Storage backend below :mod:`device.blk`. Data lives in fixed-size chunks; a missing chunk
+is a hole that reads as zeroes, so a large disk costs nothing until written.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Sequence
+
+from device.backends import BackendError, Extent
+
+CHUNK = 64 * 1024
+
+
+class MemoryBackend:
+    """A disk of ``size`` bytes held in memory (lost when the process exits)."""
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        if size < 0 or size % 512:
+            raise ValueError("size must be a non-negative multiple of 512")
+        self._size = size
+        self._read_only = read_only
+        self._chunks: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def _check(self, offset: int, length: int, write: bool) -> None:
+        if write and self._read_only:
+            raise BackendError(errno.EROFS, "memory backend is read-only")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside the disk")
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, False)
+        chunks = self._chunks
+        for buf in buffers:
+            pos = 0
+            n = buf.nbytes
+            while pos < n:
+                index, within = divmod(offset, CHUNK)
+                take = min(n - pos, CHUNK - within)
+                chunk = chunks.get(index)
+                if chunk is None:
+                    buf[pos : pos + take] = bytes(take)
+                else:
+                    buf[pos : pos + take] = chunk[within : within + take]
+                pos += take
+                offset += take
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, True)
+        with self._lock:
+            chunks = self._chunks
+            for buf in buffers:
+                pos = 0
+                n = buf.nbytes
+                while pos < n:
+                    index, within = divmod(offset, CHUNK)
+                    take = min(n - pos, CHUNK - within)
+                    chunk = chunks.get(index)
+                    if chunk is None:
+                        chunk = chunks[index] = bytearray(CHUNK)
+                    chunk[within : within + take] = buf[pos : pos + take]
+                    pos += take
+                    offset += take
+
+    def flush(self) -> None:
+        """Nothing to make durable."""
+
+    def _zero(self, offset: int, length: int) -> None:
+        with self._lock:
+            end = offset + length
+            while offset < end:
+                index, within = divmod(offset, CHUNK)
+                take = min(end - offset, CHUNK - within)
+                if take == CHUNK:
+                    self._chunks.pop(index, None)
+                else:
+                    chunk = self._chunks.get(index)
+                    if chunk is not None:
+                        chunk[within : within + take] = bytes(take)
+                offset += take
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length, True)
+        self._zero(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._check(offset, length, True)
+        self._zero(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length, False)
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, CHUNK)
+            take = min(end - pos, CHUNK - within)
+            hole = index not in self._chunks
+            if out and out[-1].hole == hole:
+                last = out[-1]
+                out[-1] = Extent(last.offset, last.length + take, hole, hole)
+            else:
+                out.append(Extent(pos, take, hole, hole))
+            pos += take
+        return out
+
+    def resize(self, new_size: int) -> None:
+        if new_size < 0 or new_size % 512:
+            raise ValueError("size must be a non-negative multiple of 512")
+        if self._read_only:
+            raise BackendError(errno.EROFS, "memory backend is read-only")
+        with self._lock:
+            if new_size < self._size:
+                last = new_size // CHUNK
+                for index in [i for i in self._chunks if i > last or (i == last and new_size % CHUNK == 0)]:
+                    del self._chunks[index]
+                if new_size % CHUNK and last in self._chunks:
+                    within = new_size % CHUNK
+                    self._chunks[last][within:] = bytes(CHUNK - within)
+            self._size = new_size
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Memory is always resident."""
+
+    def close(self) -> None:
+        self._chunks.clear()

@@ -1,0 +1,233 @@
+"""Raw image file backend: a sparse file, read and written with preadv/pwritev.
+
+Storage backend below :mod:`device.blk`, vblk's embedded default. FLUSH is fdatasync,
+DISCARD punches holes, WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE (or punches when it may
+unmap), and the allocation map comes from SEEK_DATA/SEEK_HOLE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from device.backends import BackendError, Extent
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+ZERO_CHUNK = 1 << 20
+IOV_MAX = 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextmanager
+def _as_backend_error() -> Iterator[None]:
+    try:
+        yield
+    except BackendError:
+        raise
+    except OSError as exc:
+        raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+
+
+class RawFileBackend:
+    """A raw disk image of ``size`` bytes (a multiple of 512) in a regular file."""
+
+    def __init__(self, path: Path, fd: int, size: int, read_only: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._size = size
+        self._read_only = read_only
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        *,
+        read_only: bool = False,
+        create: bool = True,
+    ) -> RawFileBackend:
+        """Open ``path``; create it sparse with ``size`` bytes if missing and ``create``."""
+        path = Path(path)
+        if size is not None and (size <= 0 or size % 512):
+            raise ValueError(f"image size {size} is not a positive multiple of 512")
+        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        if not path.exists():
+            if not create or size is None:
+                raise FileNotFoundError(errno.ENOENT, "image does not exist", str(path))
+            if read_only:
+                raise ValueError("cannot create a read-only image")
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                raise
+            return cls(path, fd, size, read_only)
+        fd = os.open(path, flags)
+        actual = os.fstat(fd).st_size
+        if size is not None and size != actual:
+            os.close(fd)
+            raise ValueError(f"{path} is {actual} bytes, not the requested {size}")
+        if actual % 512 or actual == 0:
+            os.close(fd)
+            raise ValueError(f"{path} is {actual} bytes, not a positive multiple of 512")
+        return cls(path, fd, actual, read_only)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def _check(self, offset: int, length: int, write: bool) -> None:
+        if write and self._read_only:
+            raise BackendError(errno.EROFS, f"{self.path} is read-only")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {self.path}")
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, False)
+        pending = [b.cast("B") if b.format != "B" else b for b in buffers]
+        with _as_backend_error():
+            while pending:
+                batch = pending[:IOV_MAX]
+                n = os.preadv(self._fd, batch, offset)
+                want = sum(b.nbytes for b in batch)
+                if n == 0 and want:
+                    for b in pending:  # past EOF reads as zeroes
+                        b[:] = bytes(b.nbytes)
+                    return
+                offset += n
+                pending = _advance(pending, n)
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, True)
+        pending = list(buffers)
+        with _as_backend_error():
+            while pending:
+                n = os.pwritev(self._fd, pending[:IOV_MAX], offset)
+                if n == 0:
+                    raise BackendError(errno.EIO, "pwritev wrote nothing")
+                offset += n
+                pending = _advance(pending, n)
+
+    def flush(self) -> None:
+        with _as_backend_error():
+            os.fdatasync(self._fd)
+
+    def _punch(self, offset: int, length: int) -> bool:
+        try:
+            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        zeroes = memoryview(bytes(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            take = min(end - offset, len(zeroes))
+            self.writev(offset, [zeroes[:take]])
+            offset += take
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length, True)
+        with _as_backend_error():
+            if length and not self._punch(offset, length):
+                self._write_zero_bytes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._check(offset, length, True)
+        if not length:
+            return
+        with _as_backend_error():
+            if may_unmap and self._punch(offset, length):
+                return
+            try:
+                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+            if self._punch(offset, length):
+                return
+            self._write_zero_bytes(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length, False)
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        with _as_backend_error():
+            while pos < end:
+                try:
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data = end  # no data after pos
+                data = min(data, end)
+                if data > pos:
+                    out.append(Extent(pos, data - pos, hole=True, zero=True))
+                    pos = data
+                    continue
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+                out.append(Extent(pos, hole - pos, hole=False, zero=False))
+                pos = hole
+        return out
+
+    def resize(self, new_size: int) -> None:
+        if new_size <= 0 or new_size % 512:
+            raise ValueError(f"size {new_size} is not a positive multiple of 512")
+        if self._read_only:
+            raise BackendError(errno.EROFS, f"{self.path} is read-only")
+        with _as_backend_error():
+            os.ftruncate(self._fd, new_size)
+        self._size = new_size
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        with _as_backend_error():
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _advance(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """Drop ``n`` bytes from the front of a buffer list (no copying)."""
+    i = 0
+    while i < len(buffers) and n >= buffers[i].nbytes:
+        n -= buffers[i].nbytes
+        i += 1
+    rest = buffers[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest

@@ -1,0 +1,69 @@
+"""The platform interface: everything a guest driver may touch, and nothing more.
+
+This is the boundary between :mod:`driver` and the device model: PCI configuration space,
+physical MMIO, guest RAM and MSI delivery, expressed as Protocols. The device package
+implements them (:mod:`device.machine`); the driver only ever sees these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+InterruptHandler = Callable[[], None]
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access fell outside guest RAM."""
+
+
+class GuestRam(Protocol):
+    """Guest RAM as the driver sees it: one region of ``size`` bytes at guest-physical ``base``."""
+
+    @property
+    def base(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable zero-copy view of ``[gpa, gpa+length)``; raises GuestMemoryError outside RAM."""
+        ...
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class InterruptController(Protocol):
+    """The MSI target (a local APIC): drivers allocate vectors and get the message to program."""
+
+    def allocate_vector(self, handler: InterruptHandler) -> tuple[int, int]:
+        """Reserve a vector for ``handler``; returns the MSI (address, data) that raises it."""
+        ...
+
+    def free_vector(self, data: int) -> None:
+        """Release a vector obtained from :meth:`allocate_vector`."""
+        ...
+
+
+class Platform(Protocol):
+    """What a kernel has: PCI config access (bus 0), physical MMIO, RAM and an interrupt controller."""
+
+    @property
+    def memory(self) -> GuestRam: ...
+
+    @property
+    def interrupts(self) -> InterruptController: ...
+
+    def pci_config_read(self, device: int, function: int, offset: int, size: int) -> int:
+        """Read 1, 2 or 4 bytes of a function's configuration space (all ones if absent)."""
+        ...
+
+    def pci_config_write(self, device: int, function: int, offset: int, size: int, value: int) -> None: ...
+
+    def mmio_read(self, address: int, size: int) -> int:
+        """Read 1, 2, 4 or 8 bytes at a physical address inside a decoded BAR (all ones if none)."""
+        ...
+
+    def mmio_write(self, address: int, size: int, value: int) -> None: ...

@@ -1,0 +1,215 @@
+"""A transport-independent virtio device: features, status, queues, notifications, resets.
+
+Device layer, between a transport (:mod:`device.virtio_pci`, later vhost-user) and a device
+type (:mod:`device.blk`). Kicks schedule queue processing on the event loop; a ring
+violation sets DEVICE_NEEDS_RESET, raises a configuration-change interrupt and stops the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Protocol
+
+import structlog
+
+from device.memory import GuestMemory
+from device.spec.virtio import (
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
+from device.virtqueue import DeviceVirtqueue, VirtqueueError
+
+log = structlog.get_logger("vblk.device")
+
+
+class Transport(Protocol):
+    """How a device raises interrupts; implemented by a transport such as virtio-pci."""
+
+    def queue_interrupt(self, queue: DeviceVirtqueue) -> None: ...
+
+    def config_interrupt(self) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class DeviceStatistics:
+    """Counters of the device side (a snapshot is a copy)."""
+
+    kicks: int = 0
+    kicks_ignored: int = 0
+    interrupts_raised: int = 0
+    interrupts_suppressed: int = 0
+    config_interrupts: int = 0
+    resets: int = 0
+    needs_reset: int = 0
+
+
+class VirtioDevice:
+    """State every virtio device has; subclasses implement :meth:`process_queue`."""
+
+    device_id = 0
+
+    def __init__(
+        self, memory: GuestMemory, *, num_queues: int, queue_max_size: int, device_features: int
+    ) -> None:
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ValueError("num_queues must be in 1..65535")
+        if queue_max_size < 1 or queue_max_size & (queue_max_size - 1) or queue_max_size > 32768:
+            raise ValueError("queue size must be a power of two in 1..32768")
+        self.memory = memory
+        self.device_features = device_features | (1 << VIRTIO_F_VERSION_1)
+        self.queues = [DeviceVirtqueue(memory, i, queue_max_size) for i in range(num_queues)]
+        self.transport: Transport | None = None
+        self.stats = DeviceStatistics()
+        self.config_generation = 0
+        self.broken_reason: str | None = None
+        self._scheduled: set[int] = set()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.driver_features = 0
+        self.status = 0
+        self.broken_reason = None
+        self._scheduled.clear()
+        for queue in self.queues:
+            queue.reset()
+
+    # -- hooks for device types --------------------------------------------------------------
+
+    def validate_features(self, features: int) -> bool:
+        """Device-type rules on a feature set, beyond "a subset of what is offered"."""
+        return True
+
+    def on_driver_ok(self) -> None:
+        """The driver finished initialisation."""
+
+    def on_reset(self) -> None:
+        """The driver reset the device; drop all in-flight work before this returns."""
+
+    def read_config(self, offset: int, size: int) -> int:
+        """Read the device-specific configuration structure (little-endian)."""
+        return 0
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Write the device-specific configuration structure (only driver-writable fields)."""
+
+    def process_queue(self, queue: DeviceVirtqueue) -> None:
+        """Handle available buffers of ``queue`` (called on the event loop after a kick)."""
+        raise NotImplementedError
+
+    # -- driver-facing state machine ------------------------------------------------------------
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.driver_features >> bit & 1)
+
+    @property
+    def driver_ok(self) -> bool:
+        return bool(self.status & VIRTIO_CONFIG_S_DRIVER_OK) and self.broken_reason is None
+
+    def set_driver_features(self, select: int, value: int) -> None:
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK or not 0 <= select <= 1:
+            return  # frozen after FEATURES_OK; only 64 feature bits exist
+        mask = 0xFFFFFFFF << (32 * select)
+        self.driver_features = (self.driver_features & ~mask) | (value << (32 * select))
+
+    def set_status(self, value: int) -> None:
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        old = self.status
+        if value & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
+            features = self.driver_features
+            if (
+                features & ~self.device_features
+                or not features >> VIRTIO_F_VERSION_1 & 1
+                or not self.validate_features(features)
+            ):
+                value &= ~VIRTIO_CONFIG_S_FEATURES_OK  # refused: the driver re-reads and sees it
+        # NEEDS_RESET is the device's bit: keep it, never let the driver set it.
+        value = (value & ~VIRTIO_CONFIG_S_NEEDS_RESET) | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
+        self.status = value
+        if value & VIRTIO_CONFIG_S_FAILED:
+            self.broken_reason = self.broken_reason or "driver set FAILED"
+            return
+        if value & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK:
+            if not value & VIRTIO_CONFIG_S_FEATURES_OK:
+                self.device_error("DRIVER_OK without FEATURES_OK")
+                return
+            event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
+            indirect = self.has_feature(VIRTIO_F_INDIRECT_DESC)
+            try:
+                for queue in self.queues:
+                    if queue.enabled:
+                        queue.activate(event_idx=event_idx, indirect=indirect)
+            except VirtqueueError as exc:
+                self.device_error(str(exc))
+                return
+            self.on_driver_ok()
+            for queue in self.queues:  # buffers made available before DRIVER_OK
+                if queue.active and queue.has_available():
+                    self.kick(queue.index)
+
+    def reset(self) -> None:
+        self.on_reset()
+        self._reset_state()
+        self.stats.resets += 1
+
+    def kick(self, index: int) -> None:
+        """A driver notification for queue ``index`` (spurious ones are harmless)."""
+        self.stats.kicks += 1
+        if not self.driver_ok or not 0 <= index < len(self.queues):
+            self.stats.kicks_ignored += 1
+            return
+        queue = self.queues[index]
+        if not queue.active:
+            self.stats.kicks_ignored += 1
+            return
+        if index not in self._scheduled:
+            self._scheduled.add(index)
+            asyncio.get_running_loop().call_soon(self._run_queue, queue)
+
+    def _run_queue(self, queue: DeviceVirtqueue) -> None:
+        self._scheduled.discard(queue.index)
+        if not self.driver_ok or not queue.active:
+            return
+        try:
+            self.process_queue(queue)
+        except VirtqueueError as exc:
+            self.device_error(str(exc))
+
+    def interrupt_queue(self, queue: DeviceVirtqueue) -> None:
+        """Publish the used index and raise the queue's interrupt if the driver wants one."""
+        if queue.publish():
+            self.stats.interrupts_raised += 1
+            if self.transport is not None:
+                self.transport.queue_interrupt(queue)
+        else:
+            self.stats.interrupts_suppressed += 1
+
+    def config_changed(self) -> None:
+        """Configuration space changed (e.g. capacity): bump the generation and tell the driver."""
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.stats.config_interrupts += 1
+            if self.transport is not None:
+                self.transport.config_interrupt()
+
+    def device_error(self, reason: str) -> None:
+        """The driver broke the rules: set DEVICE_NEEDS_RESET, notify once, stop processing."""
+        if self.broken_reason is not None:
+            return
+        self.broken_reason = reason
+        self.stats.needs_reset += 1
+        log.error("virtio_device_needs_reset", device_id=self.device_id, reason=reason)
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        self.on_reset()
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.stats.config_interrupts += 1
+            if self.transport is not None:
+                self.transport.config_interrupt()

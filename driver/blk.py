@@ -1,0 +1,765 @@
+"""VirtioBlk: the guest's virtio-blk driver, with awaitable requests over split virtqueues.
+
+Driver layer, top: the service's front ends call it. Each request is a chain of a
+16-byte header, data buffers and a status byte; the coroutine awaits a future that the
+queue's interrupt handler resolves, where the article's thread slept in ``suspend_thread()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import itertools
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+import structlog
+
+from device.platform import Platform
+from device.spec import virtio_blk as vb
+from device.spec.virtio import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
+from device.spec.virtio_blk import RequestType, Status
+from device.spec.virtio_pci import (
+    PCI_VENDOR_ID_REDHAT_QUMRANET,
+    VIRTIO_ID_BLOCK,
+    VIRTIO_PCI_MODERN_DEVICE_ID_BASE,
+)
+from driver import pci
+from driver.dma import DmaAllocator, DmaBuffer
+from driver.virtio_pci import TransportError, VirtioPciTransport
+from driver.virtqueue import DriverVirtqueue, QueueBrokenError
+
+log = structlog.get_logger("vblk.driver.blk")
+
+SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
+SLOT_SIZE = 32  # per-head request header (16 bytes) + status byte, padded
+DEFAULT_MAX_TRANSFER = 4 << 20
+
+SUPPORTED_FEATURES = (
+    1 << VIRTIO_F_VERSION_1
+    | 1 << VIRTIO_F_INDIRECT_DESC
+    | 1 << VIRTIO_F_EVENT_IDX
+    | 1 << vb.VIRTIO_BLK_F_SIZE_MAX
+    | 1 << vb.VIRTIO_BLK_F_SEG_MAX
+    | 1 << vb.VIRTIO_BLK_F_GEOMETRY
+    | 1 << vb.VIRTIO_BLK_F_RO
+    | 1 << vb.VIRTIO_BLK_F_BLK_SIZE
+    | 1 << vb.VIRTIO_BLK_F_FLUSH
+    | 1 << vb.VIRTIO_BLK_F_TOPOLOGY
+    | 1 << vb.VIRTIO_BLK_F_CONFIG_WCE
+    | 1 << vb.VIRTIO_BLK_F_MQ
+    | 1 << vb.VIRTIO_BLK_F_DISCARD
+    | 1 << vb.VIRTIO_BLK_F_WRITE_ZEROES
+)
+
+_STATUS_NAMES = {int(s): s.name.lower() for s in Status}
+
+OPERATIONS = {
+    RequestType.IN: "read",
+    RequestType.OUT: "write",
+    RequestType.FLUSH: "flush",
+    RequestType.GET_ID: "get_id",
+    RequestType.DISCARD: "discard",
+    RequestType.WRITE_ZEROES: "write_zeroes",
+}
+_OP_NAMES = {int(k): v for k, v in OPERATIONS.items()}
+
+
+class BlkError(OSError):
+    """A virtio-blk request failed; ``status`` is the device's status byte (if it answered)."""
+
+    status: ClassVar[Status | None] = None
+    default_errno: ClassVar[int] = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.default_errno, message)
+
+
+class BlkIOError(BlkError):
+    """The device answered VIRTIO_BLK_S_IOERR (out of range, misaligned, media error)."""
+
+    status = Status.IOERR
+
+
+class BlkUnsupportedError(BlkError):
+    """The device answered VIRTIO_BLK_S_UNSUPP (type or flag not supported or negotiated)."""
+
+    status = Status.UNSUPP
+    default_errno = errno.EOPNOTSUPP
+
+
+class BlkResetError(BlkError):
+    """The device was reset while the request was in flight; its outcome is unknown."""
+
+
+class BlkReadOnlyError(BlkError):
+    """A write to a device that offered VIRTIO_BLK_F_RO; never sent."""
+
+    default_errno = errno.EROFS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlkGeometry:
+    """What the device's configuration space says about the disk."""
+
+    capacity: int  # 512-byte sectors
+    size_max: int
+    seg_max: int
+    blk_size: int
+    physical_block_exp: int
+    min_io_size: int
+    opt_io_size: int
+    writeback: bool
+    num_queues: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    discard_sector_alignment: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+    write_zeroes_may_unmap: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    index: int
+    size: int
+    inflight: int
+    free_descriptors: int
+    kicks: int
+    kicks_suppressed: int
+    interrupts: int
+    completed: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VirtioBlkStatistics:
+    """An immutable snapshot of the driver's counters."""
+
+    queues: tuple[QueueStatistics, ...]
+    requests: dict[tuple[str, str], int]
+    bytes_read: int
+    bytes_written: int
+    resets: int
+    config_interrupts: int
+
+    @property
+    def kicks(self) -> int:
+        return sum(q.kicks for q in self.queues)
+
+    @property
+    def kicks_suppressed(self) -> int:
+        return sum(q.kicks_suppressed for q in self.queues)
+
+    @property
+    def interrupts(self) -> int:
+        return sum(q.interrupts for q in self.queues)
+
+    @property
+    def inflight(self) -> int:
+        return sum(q.inflight for q in self.queues)
+
+
+# (operation, status name, seconds, bytes) after every request.
+RequestObserver = Callable[[str, str, float, int], None]
+
+
+class _Request:
+    """The token of one chain in flight: resolves the waiting coroutine from the interrupt.
+
+    The data buffers stay pinned until the device hands the chain back, so a caller that
+    is cancelled meanwhile cannot return them to the allocator under the device's feet.
+    """
+
+    __slots__ = ("future", "pinned", "status_view")
+
+    def __init__(
+        self, future: asyncio.Future[int], status_view: memoryview, pinned: tuple[DmaBuffer, ...]
+    ) -> None:
+        self.future = future
+        self.status_view = status_view
+        self.pinned = pinned
+        for buffer in pinned:
+            buffer.pin()
+
+    def _release(self) -> None:
+        for buffer in self.pinned:
+            buffer.unpin()
+
+    def complete(self, written: int) -> None:
+        del written  # virtio-blk's answer is the status byte
+        status = self.status_view[0]
+        self._release()
+        if not self.future.done():
+            self.future.set_result(status)
+
+    def fail(self, exc: BaseException) -> None:
+        self._release()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class VirtioBlk:
+    """One virtio-blk PCI function, driven through ``platform`` only."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        info: pci.PciDeviceInfo,
+        dma: DmaAllocator,
+        *,
+        features_mask: int = (1 << 64) - 1,
+        queue_size: int | None = None,
+        num_queues: int | None = None,
+        writeback: bool | None = None,
+        max_transfer: int = DEFAULT_MAX_TRANSFER,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        if info.vendor_id != PCI_VENDOR_ID_REDHAT_QUMRANET or info.device_id != (
+            VIRTIO_PCI_MODERN_DEVICE_ID_BASE + VIRTIO_ID_BLOCK
+        ):
+            raise TransportError(f"{info.name} is not a modern virtio-blk function")
+        self.platform = platform
+        self.info = info
+        self.dma = dma
+        self.name = info.name
+        self._features_mask = features_mask
+        self._want_queue_size = queue_size
+        self._want_queues = num_queues
+        self._want_writeback = writeback
+        self._max_transfer_limit = max_transfer
+        self.observer = observer
+        self.transport: VirtioPciTransport | None = None
+        self.features = 0
+        self.geometry: BlkGeometry | None = None
+        self.queues: list[DriverVirtqueue] = []
+        self._slots: list[DmaBuffer] = []
+        self._seg_limit = 1
+        self._size_max = SECTOR
+        self._chunk = SECTOR
+        self._next_queue = itertools.count()
+        self._ready = asyncio.Event()
+        self._recovering: asyncio.Task[None] | None = None
+        self._closed = False
+        self._requests: dict[tuple[str, str], int] = {}
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._resets = 0
+        self._config_interrupts = 0
+        self._retired = {"kicks": 0, "kicks_suppressed": 0, "interrupts": 0, "completed": 0}
+        self.capacity_listeners: list[Callable[[int], None]] = []
+
+    # -- properties ------------------------------------------------------------------------
+
+    def _geometry(self) -> BlkGeometry:
+        if self.geometry is None:
+            raise RuntimeError("VirtioBlk is not started")
+        return self.geometry
+
+    @property
+    def capacity(self) -> int:
+        """Capacity in 512-byte sectors."""
+        return self._geometry().capacity
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self._geometry().capacity * SECTOR
+
+    @property
+    def block_size(self) -> int:
+        return self._geometry().blk_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.has_feature(vb.VIRTIO_BLK_F_RO)
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.features >> bit & 1)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    # -- initialisation (VIRTIO 1.2 3.1.1) -------------------------------------------------------
+
+    async def start(self) -> None:
+        pci.enable(self.platform, self.info)
+        for line in pci.dump_config(self.info):
+            log.debug("pci_config", line=line)
+        self.transport = VirtioPciTransport(self.platform, self.info)
+        self._initialize()
+
+    def _initialize(self) -> None:
+        t = self.transport
+        assert t is not None
+        t.reset()
+        t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
+        t.add_status(VIRTIO_CONFIG_S_DRIVER)
+        offered = t.device_features()
+        if not offered >> VIRTIO_F_VERSION_1 & 1:
+            t.add_status(VIRTIO_CONFIG_S_FAILED)
+            raise TransportError(f"{self.name}: device does not offer VIRTIO_F_VERSION_1")
+        features = offered & SUPPORTED_FEATURES & self._features_mask | 1 << VIRTIO_F_VERSION_1
+        t.set_driver_features(features)
+        if not t.features_ok():
+            t.add_status(VIRTIO_CONFIG_S_FAILED)
+            raise TransportError(f"{self.name}: device refused features {features:#x}")
+        self.features = features
+        self.geometry = self._read_geometry()
+        if self.has_feature(vb.VIRTIO_BLK_F_CONFIG_WCE) and self._want_writeback is not None:
+            t.write_device_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1, int(self._want_writeback))
+            self.geometry = self._read_geometry()
+        t.msix_enable()
+        t.request_vector(0, self._config_interrupt)
+        t.set_config_vector(0)
+        num_queues = self.geometry.num_queues
+        if self._want_queues is not None:
+            num_queues = max(1, min(num_queues, self._want_queues))
+        event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
+        indirect_max = self.geometry.seg_max + 2 if self.has_feature(VIRTIO_F_INDIRECT_DESC) else 0
+        self.queues = []
+        self._slots = []
+        for index in range(num_queues):
+            max_size = t.queue_max_size(index)
+            if max_size == 0:
+                break
+            size = max_size if self._want_queue_size is None else min(max_size, self._want_queue_size)
+            size = 1 << (size.bit_length() - 1)
+            slots = self.dma.allocate(size * SLOT_SIZE)
+            if slots is None:
+                raise MemoryError("no DMA memory for request slots")
+            queue = DriverVirtqueue(
+                index=index,
+                size=size,
+                allocator=self.dma,
+                notify=lambda: None,
+                event_idx=event_idx,
+                indirect_max=min(indirect_max, size),
+                on_broken=self._queue_broken,
+            )
+            vector = t.request_vector(index + 1, queue.interrupt)
+            address = t.setup_queue(index, size, queue.desc_addr, queue.avail_addr, queue.used_addr, vector)
+            queue._notify = _notifier(t, address, index)
+            self.queues.append(queue)
+            self._slots.append(slots)
+        if not self.queues:
+            raise TransportError(f"{self.name}: device has no request queue")
+        # A chain is header + data segments + status and may not outgrow the ring.
+        self._seg_limit = max(1, min(self.geometry.seg_max, min(q.size for q in self.queues) - 2))
+        self._size_max = self.geometry.size_max
+        limit = min(self._max_transfer_limit, self._size_max * self._seg_limit)
+        self._chunk = max(SECTOR, limit - limit % SECTOR)
+        t.add_status(VIRTIO_CONFIG_S_DRIVER_OK)
+        self._ready.set()
+        log.info(
+            "virtio_blk_ready",
+            device=self.name,
+            capacity=self.geometry.capacity,
+            blk_size=self.geometry.blk_size,
+            queues=len(self.queues),
+            queue_size=self.queues[0].size,
+            features=f"{features:#x}",
+            read_only=self.read_only,
+        )
+
+    def _read_geometry(self) -> BlkGeometry:
+        assert self.transport is not None
+        raw = self.transport.read_device_config(vb.VIRTIO_BLK_CONFIG.size)
+        (
+            capacity,
+            size_max,
+            seg_max,
+            _cylinders,
+            _heads,
+            _sectors,
+            blk_size,
+            physical_block_exp,
+            _alignment_offset,
+            min_io_size,
+            opt_io_size,
+            writeback,
+            num_queues,
+            max_discard_sectors,
+            max_discard_seg,
+            discard_sector_alignment,
+            max_write_zeroes_sectors,
+            max_write_zeroes_seg,
+            write_zeroes_may_unmap,
+        ) = vb.VIRTIO_BLK_CONFIG.unpack(raw)
+        has = self.has_feature
+        return BlkGeometry(
+            capacity=capacity,
+            size_max=size_max if has(vb.VIRTIO_BLK_F_SIZE_MAX) and size_max else 1 << 20,
+            seg_max=max(1, seg_max) if has(vb.VIRTIO_BLK_F_SEG_MAX) else 1,
+            blk_size=blk_size if has(vb.VIRTIO_BLK_F_BLK_SIZE) and blk_size else SECTOR,
+            physical_block_exp=physical_block_exp if has(vb.VIRTIO_BLK_F_TOPOLOGY) else 0,
+            min_io_size=min_io_size if has(vb.VIRTIO_BLK_F_TOPOLOGY) else 1,
+            opt_io_size=opt_io_size if has(vb.VIRTIO_BLK_F_TOPOLOGY) else 0,
+            writeback=bool(writeback) if has(vb.VIRTIO_BLK_F_CONFIG_WCE) else has(vb.VIRTIO_BLK_F_FLUSH),
+            num_queues=max(1, num_queues) if has(vb.VIRTIO_BLK_F_MQ) else 1,
+            max_discard_sectors=max_discard_sectors,
+            max_discard_seg=max(1, max_discard_seg),
+            discard_sector_alignment=max(1, discard_sector_alignment),
+            max_write_zeroes_sectors=max_write_zeroes_sectors,
+            max_write_zeroes_seg=max(1, max_write_zeroes_seg),
+            write_zeroes_may_unmap=bool(write_zeroes_may_unmap),
+        )
+
+    # -- interrupts and recovery ----------------------------------------------------------------
+
+    def _config_interrupt(self) -> None:
+        self._config_interrupts += 1
+        t = self.transport
+        if t is None or self._closed:
+            return
+        status = t.status
+        if status & VIRTIO_CONFIG_S_NEEDS_RESET:
+            self._start_recovery("device set DEVICE_NEEDS_RESET")
+            return
+        if not status & VIRTIO_CONFIG_S_DRIVER_OK:
+            return
+        old = self.geometry
+        self.geometry = self._read_geometry()
+        if old is not None and old.capacity != self.geometry.capacity:
+            log.info("virtio_blk_capacity_changed", device=self.name, capacity=self.geometry.capacity)
+            for listener in self.capacity_listeners:
+                listener(self.geometry.capacity)
+
+    def _queue_broken(self, reason: str) -> None:
+        self._start_recovery(reason)
+
+    def _start_recovery(self, reason: str) -> None:
+        if self._recovering is not None or self._closed:
+            return
+        self._ready.clear()
+        self._recovering = asyncio.get_running_loop().create_task(self._recover(reason))
+
+    async def _recover(self, reason: str) -> None:
+        log.warning("virtio_blk_reset", device=self.name, reason=reason)
+        self._resets += 1
+        try:
+            self._teardown(BlkResetError(f"{self.name}: device reset ({reason})"))
+            if not self._closed:
+                self._initialize()
+        except Exception as exc:
+            log.error("virtio_blk_reinit_failed", device=self.name, error=str(exc))
+            raise
+        finally:
+            self._recovering = None
+
+    def _teardown(self, exc: BaseException) -> None:
+        """Reset the device (it stops touching memory), then fail and free everything."""
+        t = self.transport
+        if t is not None:
+            t.reset()
+            t.free_vectors()
+            t.msix_disable()
+        for queue in self.queues:
+            self._retired["kicks"] += queue.kicks
+            self._retired["kicks_suppressed"] += queue.kicks_suppressed
+            self._retired["interrupts"] += queue.interrupts
+            self._retired["completed"] += queue.completed
+            queue.fail_all(exc)
+            queue.free()
+        for slots in self._slots:
+            slots.free()
+        self.queues = []
+        self._slots = []
+
+    async def close(self) -> None:
+        """Reset the device and release every resource; in-flight requests fail."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._recovering is not None:
+            await asyncio.gather(self._recovering, return_exceptions=True)
+        self._ready.clear()
+        self._teardown(BlkResetError(f"{self.name}: driver closed"))
+
+    # -- request submission ------------------------------------------------------------------
+
+    async def _submit(
+        self,
+        rtype: int,
+        sector: int,
+        data: list[tuple[int, int]],
+        *,
+        data_in: bool,
+        nbytes: int = 0,
+        pinned: tuple[DmaBuffer, ...] = (),
+    ) -> None:
+        """Send one request and wait for its status; raises the matching BlkError."""
+        op = _OP_NAMES[rtype]
+        started = time.perf_counter()
+        status_name = "ok"
+        try:
+            status = await self._roundtrip(rtype, sector, data, data_in, pinned)
+            if status != Status.OK:
+                status_name = _STATUS_NAMES.get(status, "bad_status")
+                if status == Status.UNSUPP:
+                    raise BlkUnsupportedError(f"{self.name}: {op} not supported by the device")
+                raise BlkIOError(f"{self.name}: {op} of sector {sector} failed (status {status})")
+            if rtype == RequestType.IN:
+                self._bytes_read += nbytes
+            elif rtype == RequestType.OUT:
+                self._bytes_written += nbytes
+        except BlkResetError:
+            status_name = "reset"
+            raise
+        finally:
+            key = (op, status_name)
+            self._requests[key] = self._requests.get(key, 0) + 1
+            if self.observer is not None:
+                self.observer(op, status_name, time.perf_counter() - started, nbytes)
+
+    async def _roundtrip(
+        self,
+        rtype: int,
+        sector: int,
+        data: list[tuple[int, int]],
+        data_in: bool,
+        pinned: tuple[DmaBuffer, ...],
+    ) -> int:
+        segments = len(data) + 2
+        while True:
+            if self._closed:
+                raise BlkResetError(f"{self.name}: driver closed")
+            if not self._ready.is_set():
+                await self._ready.wait()
+                continue
+            queues = self.queues
+            queue = queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
+            slots = self._slots[queue.index]
+            try:
+                await queue.reserve(queue.descriptors_for(segments))
+            except QueueBrokenError:
+                continue
+            head = queue.next_head
+            slot_gpa = slots.gpa + head * SLOT_SIZE
+            slot_off = head * SLOT_SIZE
+            vb.VIRTIO_BLK_OUTHDR.pack_into(slots.view, slot_off, rtype, 0, sector)
+            status_view = slots.view[slot_off + 16 : slot_off + 17]
+            status_view[0] = 0xFF
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            request = _Request(future, status_view, pinned)
+            header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
+            status = (slot_gpa + 16, 1)
+            if data_in:
+                queue.add([header], [*data, status], request)
+            else:
+                queue.add([header, *data], [status], request)
+            return await future
+
+    # -- the block API ---------------------------------------------------------------------
+
+    async def read_into(self, sector: int, buffer: DmaBuffer, length: int | None = None) -> None:
+        """Read ``length`` bytes (default: the buffer's size) at ``sector`` into a DMA buffer."""
+        length = buffer.size if length is None else length
+        if length <= 0 or length > buffer.size:
+            raise ValueError("length must be in 1..buffer.size")
+        await self._io(RequestType.IN, sector, buffer, length)
+
+    async def write_from(
+        self, sector: int, buffer: DmaBuffer, length: int | None = None, *, fua: bool = False
+    ) -> None:
+        """Write ``length`` bytes of a DMA buffer at ``sector``; ``fua``: durable on return."""
+        if self.read_only:
+            raise BlkReadOnlyError(f"{self.name} is read-only")
+        length = buffer.size if length is None else length
+        if length <= 0 or length > buffer.size:
+            raise ValueError("length must be in 1..buffer.size")
+        await self._io(RequestType.OUT, sector, buffer, length)
+        if fua:
+            await self.flush()
+
+    async def _io(self, rtype: int, sector: int, buffer: DmaBuffer, length: int) -> None:
+        """One request per ``max_transfer`` bytes, each split into ``size_max`` segments."""
+        size_max = self._size_max
+        chunk = self._chunk
+        data_in = rtype == RequestType.IN
+        if length <= size_max:  # the common case: one request, one data segment
+            await self._submit(
+                rtype, sector, [(buffer.gpa, length)], data_in=data_in, nbytes=length, pinned=(buffer,)
+            )
+            return
+        parts = []
+        for offset in range(0, length, chunk):
+            piece = min(chunk, length - offset)
+            segments = [
+                (buffer.gpa + offset + o, min(size_max, piece - o)) for o in range(0, piece, size_max)
+            ]
+            parts.append(
+                self._submit(
+                    rtype,
+                    sector + offset // SECTOR,
+                    segments,
+                    data_in=data_in,
+                    nbytes=piece,
+                    pinned=(buffer,),
+                )
+            )
+        if len(parts) == 1:
+            await parts[0]
+            return
+        results = await asyncio.gather(*parts, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def read(self, sector: int, length: int) -> bytes:
+        """Read ``length`` bytes (a multiple of 512) starting at ``sector``."""
+        buffer = await self.dma.allocate_wait(length)
+        try:
+            await self.read_into(sector, buffer, length)
+            return bytes(buffer.view[:length])
+        finally:
+            buffer.free()
+
+    async def write(self, sector: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        """Write ``data`` (a multiple of 512 bytes) starting at ``sector``."""
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.read_only:
+            raise BlkReadOnlyError(f"{self.name} is read-only")
+        buffer = await self.dma.allocate_wait(length)
+        try:
+            buffer.view[:length] = data
+            await self.write_from(sector, buffer, length, fua=fua)
+        finally:
+            buffer.free()
+
+    async def flush(self) -> None:
+        """Make every completed write durable (a no-op without a write cache)."""
+        if not self.has_feature(vb.VIRTIO_BLK_F_FLUSH):
+            return  # the device is write-through (5.2.6.2)
+        await self._submit(RequestType.FLUSH, 0, [], data_in=False)
+
+    async def get_id(self) -> str:
+        """The device's serial (VIRTIO_BLK_T_GET_ID, at most 20 bytes)."""
+        buffer = await self.dma.allocate_wait(vb.VIRTIO_BLK_ID_BYTES)
+        try:
+            buffer.view[:] = bytes(vb.VIRTIO_BLK_ID_BYTES)
+            await self._submit(
+                RequestType.GET_ID,
+                0,
+                [(buffer.gpa, vb.VIRTIO_BLK_ID_BYTES)],
+                data_in=True,
+                pinned=(buffer,),
+            )
+            return bytes(buffer.view).split(b"\0", 1)[0].decode(errors="replace")
+        finally:
+            buffer.free()
+
+    async def discard(self, sector: int, sectors: int) -> None:
+        """Deallocate ``sectors`` sectors at ``sector`` (VIRTIO_BLK_T_DISCARD)."""
+        geometry = self._geometry()
+        await self._segmented(
+            RequestType.DISCARD,
+            vb.VIRTIO_BLK_F_DISCARD,
+            sector,
+            sectors,
+            0,
+            geometry.max_discard_sectors,
+            geometry.max_discard_seg,
+        )
+
+    async def write_zeroes(self, sector: int, sectors: int, *, unmap: bool = False) -> None:
+        """Make ``sectors`` sectors at ``sector`` read as zeroes (VIRTIO_BLK_T_WRITE_ZEROES)."""
+        geometry = self._geometry()
+        flags = vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
+        await self._segmented(
+            RequestType.WRITE_ZEROES,
+            vb.VIRTIO_BLK_F_WRITE_ZEROES,
+            sector,
+            sectors,
+            flags,
+            geometry.max_write_zeroes_sectors,
+            geometry.max_write_zeroes_seg,
+        )
+
+    async def _segmented(
+        self,
+        rtype: int,
+        feature: int,
+        sector: int,
+        sectors: int,
+        flags: int,
+        max_sectors: int,
+        max_seg: int,
+    ) -> None:
+        if self.read_only:
+            raise BlkReadOnlyError(f"{self.name} is read-only")
+        if not self.has_feature(feature):
+            raise BlkUnsupportedError(f"{self.name}: {OPERATIONS[RequestType(rtype)]} not negotiated")
+        if sectors <= 0:
+            raise ValueError("sectors must be positive")
+        max_sectors = max(1, max_sectors)
+        alignment = self._geometry().blk_size // SECTOR
+        max_sectors -= max_sectors % alignment or 0
+        ranges = [
+            (s, min(max_sectors, sector + sectors - s)) for s in range(sector, sector + sectors, max_sectors)
+        ]
+        requests = []
+        seg_size = vb.VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE
+        for start in range(0, len(ranges), max_seg):
+            batch = ranges[start : start + max_seg]
+            requests.append(self._send_segments(rtype, batch, flags, seg_size))
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _send_segments(
+        self, rtype: int, batch: list[tuple[int, int]], flags: int, seg_size: int
+    ) -> None:
+        buffer = await self.dma.allocate_wait(len(batch) * seg_size)
+        try:
+            for i, (start, count) in enumerate(batch):
+                vb.VIRTIO_BLK_DISCARD_WRITE_ZEROES.pack_into(buffer.view, i * seg_size, start, count, flags)
+            await self._submit(
+                rtype, 0, [(buffer.gpa, len(batch) * seg_size)], data_in=False, pinned=(buffer,)
+            )
+        finally:
+            buffer.free()
+
+    # -- observability ---------------------------------------------------------------------
+
+    def statistics(self) -> VirtioBlkStatistics:
+        queues = tuple(
+            QueueStatistics(
+                index=q.index,
+                size=q.size,
+                inflight=q.inflight,
+                free_descriptors=q.num_free,
+                kicks=q.kicks,
+                kicks_suppressed=q.kicks_suppressed,
+                interrupts=q.interrupts,
+                completed=q.completed,
+            )
+            for q in self.queues
+        )
+        return VirtioBlkStatistics(
+            queues=queues,
+            requests=dict(self._requests),
+            bytes_read=self._bytes_read,
+            bytes_written=self._bytes_written,
+            resets=self._resets,
+            config_interrupts=self._config_interrupts,
+        )
+
+
+def _notifier(transport: VirtioPciTransport, address: int, index: int) -> Callable[[], None]:
+    def notify() -> None:
+        transport.notify(address, index)
+
+    return notify

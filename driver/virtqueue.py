@@ -1,0 +1,333 @@
+"""Driver side of a VIRTIO 1.2 split virtqueue: free list, batched kicks, interrupt-driven reaping.
+
+Driver layer, under VirtioBlk and over the virtio-pci transport. Mirrors Linux's
+virtio_ring.c: descriptors are chained through a free list, each head maps to a token
+(the request waiting on it), many chains are published per kick, and ``need_event``
+decides whether a kick is needed at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import struct
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from device.platform import GuestRam
+from device.spec.virtio import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_ELEM,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    desc_table_size,
+    need_event,
+    used_ring_size,
+)
+from driver.dma import DmaAllocator, DmaBuffer
+
+_U16 = struct.Struct("<H")
+_u16_pack = _U16.pack_into
+_u16_unpack = _U16.unpack_from
+_desc_pack = VIRTQ_DESC.pack_into
+_used_unpack = VIRTQ_USED_ELEM.unpack_from
+
+
+class Completion(Protocol):
+    """A request waiting on a chain: told once how many bytes the device wrote, or that it failed."""
+
+    def complete(self, written: int) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class QueueBrokenError(Exception):
+    """The queue is unusable (device reset or a bad used ring); submitters should retry elsewhere."""
+
+
+class DriverVirtqueue:
+    """One split virtqueue, driver side, laid out in DMA memory from ``allocator``."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        size: int,
+        allocator: DmaAllocator,
+        notify: Callable[[], None],
+        event_idx: bool,
+        indirect_max: int,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        if size < 1 or size & (size - 1):
+            raise ValueError("queue size must be a power of two")
+        self.index = index
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect_max = indirect_max  # 0: no indirect descriptors
+        self._notify = notify
+        self._on_broken = on_broken
+        self.memory: GuestRam = allocator.memory
+        avail_off = desc_table_size(size)
+        used_off = (avail_off + avail_ring_size(size) + 3) & ~3
+        total = used_off + used_ring_size(size)
+        ring = allocator.allocate(total)
+        if ring is None:
+            raise MemoryError("no DMA memory for a virtqueue")
+        self._ring: DmaBuffer = ring
+        ring.view[:] = bytes(total)
+        self.desc_addr = ring.gpa
+        self.avail_addr = ring.gpa + avail_off
+        self.used_addr = ring.gpa + used_off
+        self._buf = ring.view
+        self._avail_off = avail_off
+        self._used_off = used_off
+        self._indirect: DmaBuffer | None = None
+        if indirect_max:
+            self._indirect = allocator.allocate(size * indirect_max * 16)
+            if self._indirect is None:
+                ring.free()
+                raise MemoryError("no DMA memory for indirect tables")
+        # Free list through shadow ``next`` fields, like Linux's desc_extra.
+        self._desc_next = [(i + 1) & (size - 1) for i in range(size)]
+        self._free_head = 0
+        self.num_free = size
+        self._tokens: list[Completion | None] = [None] * size
+        self._chain_tail = [0] * size
+        self._chain_len = [0] * size
+        self._avail_idx = 0
+        self._num_added = 0
+        self._last_used_idx = 0
+        self._kick_scheduled = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.broken = False
+        # Statistics.
+        self.kicks = 0
+        self.kicks_suppressed = 0
+        self.interrupts = 0
+        self.completed = 0
+
+    # -- capacity --------------------------------------------------------------------------
+
+    def descriptors_for(self, segments: int) -> int:
+        """Ring descriptors a chain of ``segments`` buffers uses."""
+        if self.indirect_max and 1 < segments <= self.indirect_max:
+            return 1
+        return segments
+
+    @property
+    def next_head(self) -> int:
+        """The head the next :meth:`add` will use (for per-head request slots)."""
+        return self._free_head
+
+    @property
+    def inflight(self) -> int:
+        return sum(1 for token in self._tokens if token is not None)
+
+    async def reserve(self, descriptors: int) -> None:
+        """Wait (first come, first served) until ``descriptors`` are free.
+
+        Raises QueueBrokenError if the queue dies meanwhile; the caller then retries on the
+        queue that replaces it. Nothing is ever dropped for lack of space.
+        """
+        if descriptors > self.size:
+            raise ValueError(f"a chain of {descriptors} descriptors cannot fit a ring of {self.size}")
+        if self.broken:
+            raise QueueBrokenError(f"queue {self.index} is broken")
+        if self.num_free >= descriptors and not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter
+                if self.broken:
+                    raise QueueBrokenError(f"queue {self.index} is broken")
+                if self.num_free >= descriptors:
+                    return
+                fresh: asyncio.Future[None] = loop.create_future()
+                self._waiters[self._waiters.index(waiter)] = fresh  # keep our place in line
+                waiter = fresh
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # pass the wake-up on if we leave without using it
+
+    def _wake(self) -> None:
+        if self._waiters and self.num_free:
+            waiter = self._waiters[0]
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- submission ------------------------------------------------------------------------
+
+    def add(
+        self,
+        out_bufs: Sequence[tuple[int, int]],
+        in_bufs: Sequence[tuple[int, int]],
+        token: Completion,
+    ) -> int:
+        """Publish a chain (readable ``out_bufs`` then writable ``in_bufs``); kick is deferred.
+
+        The caller has reserved the descriptors; returns the head.
+        """
+        total = len(out_bufs) + len(in_bufs)
+        needed = self.descriptors_for(total)
+        if self.broken:
+            raise QueueBrokenError(f"queue {self.index} is broken")
+        if needed > self.num_free:
+            raise RuntimeError("descriptors were not reserved")
+        buf = self._buf
+        head = self._free_head
+        if needed == 1 and total > 1:
+            # One ring descriptor pointing at this head's indirect table.
+            assert self._indirect is not None
+            table_gpa = self._indirect.gpa + head * self.indirect_max * 16
+            table = self.memory.view(table_gpa, total * 16)
+            i = 0
+            for addr, length in out_bufs:
+                _desc_pack(table, 16 * i, addr, length, VIRTQ_DESC_F_NEXT, i + 1)
+                i += 1
+            for addr, length in in_bufs:
+                _desc_pack(table, 16 * i, addr, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, i + 1)
+                i += 1
+            # Last entry: clear NEXT.
+            addr, length, flags, _ = VIRTQ_DESC.unpack_from(table, 16 * (total - 1))
+            _desc_pack(table, 16 * (total - 1), addr, length, flags & ~VIRTQ_DESC_F_NEXT, 0)
+            table.release()
+            _desc_pack(buf, 16 * head, table_gpa, total * 16, VIRTQ_DESC_F_INDIRECT, 0)
+            tail = head
+        else:
+            desc_next = self._desc_next
+            i = head
+            tail = head
+            n = 0
+            for addr, length in out_bufs:
+                n += 1
+                flags = VIRTQ_DESC_F_NEXT if n < total else 0
+                _desc_pack(buf, 16 * i, addr, length, flags, desc_next[i])
+                tail = i
+                i = desc_next[i]
+            for addr, length in in_bufs:
+                n += 1
+                flags = VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_NEXT if n < total else 0)
+                _desc_pack(buf, 16 * i, addr, length, flags, desc_next[i])
+                tail = i
+                i = desc_next[i]
+        self._free_head = self._desc_next[tail]
+        self.num_free -= needed
+        self._tokens[head] = token
+        self._chain_tail[head] = tail
+        self._chain_len[head] = needed
+        # Publish: ring entry, then the index (single-threaded loop: program order is enough).
+        avail_off = self._avail_off
+        _u16_pack(buf, avail_off + 4 + 2 * (self._avail_idx & (self.size - 1)), head)
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        _u16_pack(buf, avail_off + 2, self._avail_idx)
+        self._num_added += 1
+        if self._waiters:
+            self._wake()
+        if self._num_added == 0xFFFF:
+            self.kick()  # the event index window would otherwise wrap
+        elif not self._kick_scheduled:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self.kick)
+        return head
+
+    def kick(self) -> None:
+        """Notify the device of everything published since the last kick, if it wants to know."""
+        self._kick_scheduled = False
+        added = self._num_added
+        if not added or self.broken:
+            return
+        self._num_added = 0
+        new = self._avail_idx
+        old = (new - added) & 0xFFFF
+        buf = self._buf
+        if self.event_idx:
+            avail_event = _u16_unpack(buf, self._used_off + 4 + 8 * self.size)[0]
+            needed = need_event(avail_event, new, old)
+        else:
+            needed = not (_u16_unpack(buf, self._used_off)[0] & VIRTQ_USED_F_NO_NOTIFY)
+        if needed:
+            self.kicks += 1
+            self._notify()
+        else:
+            self.kicks_suppressed += 1
+
+    # -- completion ------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """The queue's interrupt handler: disable, drain, re-enable, re-check."""
+        self.interrupts += 1
+        if self.broken:
+            return
+        buf = self._buf
+        used_off = self._used_off
+        avail_off = self._avail_off
+        size_mask = self.size - 1
+        tokens = self._tokens
+        while True:
+            if not self.event_idx:
+                _u16_pack(buf, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
+            used_idx = _u16_unpack(buf, used_off + 2)[0]
+            last = self._last_used_idx
+            if ((used_idx - last) & 0xFFFF) > self.size:
+                self._break(f"queue {self.index}: used index {used_idx} jumped past {last}")
+                return
+            while last != used_idx:
+                head, written = _used_unpack(buf, used_off + 4 + 8 * (last & size_mask))
+                if head >= self.size or tokens[head] is None:
+                    self._break(f"queue {self.index}: device returned id {head}, not a head in flight")
+                    return
+                token = tokens[head]
+                tokens[head] = None
+                self._detach(head)
+                last = (last + 1) & 0xFFFF
+                self.completed += 1
+                assert token is not None
+                token.complete(written)
+            self._last_used_idx = last
+            # Re-enable, then re-check: a completion published meanwhile would raise no interrupt.
+            if self.event_idx:
+                _u16_pack(buf, avail_off + 4 + 2 * self.size, last)
+            else:
+                _u16_pack(buf, avail_off, 0)
+            if _u16_unpack(buf, used_off + 2)[0] == last:
+                break
+        self._wake()
+
+    def _detach(self, head: int) -> None:
+        tail = self._chain_tail[head]
+        self._desc_next[tail] = self._free_head
+        self._free_head = head
+        self.num_free += self._chain_len[head]
+
+    def _break(self, reason: str) -> None:
+        self.broken = True
+        self._on_broken(reason)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """The device was reset: fail every chain in flight and every waiter."""
+        self.broken = True
+        for head, token in enumerate(self._tokens):
+            if token is not None:
+                self._tokens[head] = None
+                token.fail(exc)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # they see ``broken`` and retry on the new queue
+
+    def free(self) -> None:
+        """Release the ring memory (only after the device is reset)."""
+        self._buf.release()
+        self._ring.free()
+        if self._indirect is not None:
+            self._indirect.free()

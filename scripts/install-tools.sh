@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the real client tools vblk's tests talk to (Debian packages).
+# As root it installs what is missing; otherwise it says what a root user must install.
+set -euo pipefail
+packages=(libnbd-bin nbdkit qemu-utils fio)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-tools: not root; please install: ${missing[*]}" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-tools: installed ${missing[*]}"

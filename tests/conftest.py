@@ -1,0 +1,61 @@
+"""Shared fixtures: a machine with virtio-blk disks and the guest driver bound to them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from device.backends import Backend
+from device.backends.memory import MemoryBackend
+from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.machine import Machine
+from device.memory import GuestMemory
+from driver.blk import VirtioBlk
+from driver.guest import Guest
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class Rig:
+    """A booted guest: RAM, machine, one device with its backend, and the driver for it."""
+
+    memory: GuestMemory
+    machine: Machine
+    backend: Backend
+    device: VirtioBlkDevice
+    guest: Guest
+    disk: VirtioBlk
+
+    async def close(self) -> None:
+        await self.guest.close()
+        self.device.close()
+
+
+async def make_rig(
+    *,
+    disk_size: int = 4 * MiB,
+    memory_size: int = 64 * MiB,
+    config: BlkConfig | None = None,
+    backend: Backend | None = None,
+    **driver_options: Any,
+) -> Rig:
+    memory = GuestMemory(memory_size)
+    machine = Machine(memory)
+    backend = backend if backend is not None else MemoryBackend(disk_size)
+    device = plug_blk(machine, backend, config or BlkConfig())
+    guest = Guest(machine)
+    [disk] = await guest.probe(**driver_options)
+    return Rig(memory, machine, backend, device, guest, disk)
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    r = await make_rig()
+    try:
+        yield r
+    finally:
+        await r.close()
