@@ -13,10 +13,10 @@ import signal
 from pathlib import Path
 
 import structlog
-from device.backends.memory import MemoryBackend
-from device.backends.raw import RawFileBackend
 
 from device.backends import Backend
+from device.backends.memory import MemoryBackend
+from device.backends.raw import RawFileBackend
 from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
 from device.machine import Machine
 from device.memory import GuestMemory
