@@ -2,7 +2,7 @@
 # Installs the real client tools vblk's tests talk to (Debian packages).
 # As root it installs what is missing; otherwise it says what a root user must install.
 set -euo pipefail
-packages=(libnbd-bin nbdkit qemu-utils fio)
+packages=(libnbd-bin python3-libnbd nbdkit qemu-utils fio)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

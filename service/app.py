@@ -22,6 +22,7 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
+from service.nbd.server import NbdExport, NbdServer
 
 log = structlog.get_logger("vblk.service")
 
@@ -47,6 +48,7 @@ class DiskSpec:
 class ServiceConfig:
     disks: tuple[DiskSpec, ...] = (DiskSpec(),)
     guest_memory: int = 256 * MiB
+    nbd_listen: tuple[str, ...] = ("127.0.0.1:10809",)  # host:port, or unix:PATH; empty: no NBD
 
 
 @dataclasses.dataclass(slots=True)
@@ -79,6 +81,8 @@ class Service:
         self.guest = Guest(self.machine)
         self.disks: dict[str, Disk] = {}
         self._devices: list[tuple[DiskSpec, VirtioBlkDevice]] = []
+        self.nbd: NbdServer | None = None
+        self.nbd_addresses: list[str] = []
 
     async def start(self) -> None:
         for spec in self.config.disks:
@@ -107,8 +111,27 @@ class Service:
                 path=str(spec.path) if spec.backend == "file" else None,
             )
 
+    async def start_front_ends(self) -> None:
+        if self.config.nbd_listen:
+            exports = {
+                name: NbdExport(name, disk.driver, disk.device.backend, f"vblk virtio-blk disk {name}")
+                for name, disk in self.disks.items()
+            }
+            self.nbd = NbdServer(exports)
+            for address in self.config.nbd_listen:
+                if address.startswith("unix:"):
+                    await self.nbd.listen_unix(address[5:])
+                    self.nbd_addresses.append(address)
+                else:
+                    host, _, port = address.rpartition(":")
+                    for bound_host, bound_port in await self.nbd.listen_tcp(host.strip("[]"), int(port)):
+                        self.nbd_addresses.append(f"{bound_host}:{bound_port}")
+            log.info("nbd_listening", addresses=self.nbd_addresses, exports=list(exports))
+
     async def stop(self) -> None:
-        """Flush every writable disk, then reset the devices and release the backends."""
+        """Stop the front ends, flush every writable disk, reset devices, release backends."""
+        if self.nbd is not None:
+            await self.nbd.close()
         for disk in self.disks.values():
             if not disk.driver.read_only and disk.driver.ready:
                 try:
@@ -132,7 +155,8 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Non
     service = Service(config)
     try:
         await service.start()
-        log.info("running", pid=os.getpid(), disks=list(service.disks), front_ends=[])
+        await service.start_front_ends()
+        log.info("running", pid=os.getpid(), disks=list(service.disks), nbd=service.nbd_addresses)
         await stop.wait()
         log.info("stopping")
     finally:

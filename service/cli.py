@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="inline",
         help="backend I/O on the event loop or in worker threads [inline]",
     )
+    run.add_argument(
+        "--nbd",
+        action="append",
+        metavar="ADDR",
+        help="NBD listener, HOST:PORT or unix:PATH; repeatable [127.0.0.1:10809]; 'none' disables",
+    )
     run.add_argument("--guest-memory", type=parse_size, default="256M", help="guest RAM [256M]")
     run.add_argument("--log-level", default="info", help="debug, info, warning, error [info]")
     run.add_argument("--log-format", choices=("json", "console"), default="json", help="[json]")
@@ -68,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             queue_size=args.queue_size,
             io_mode=args.io_mode,
         )
-        config = ServiceConfig(disks=(disk,), guest_memory=args.guest_memory)
+        nbd = tuple(a for a in (args.nbd or ["127.0.0.1:10809"]) if a != "none")
+        config = ServiceConfig(disks=(disk,), guest_memory=args.guest_memory, nbd_listen=nbd)
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
         with runner:
             runner.run(serve(config))

@@ -1,0 +1,438 @@
+"""The NBD server: asyncio streams in and out, the sans-I/O codec in between, VirtioBlk below.
+
+Service layer. Only moves bytes and schedules work: negotiation and framing live in
+:mod:`service.nbd.protocol`; every data request goes through the disk's virtqueues.
+Requests are pipelined: each runs in its own task and replies go out as they complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+import structlog
+
+from device.backends import Backend
+from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
+from driver.dma import DmaBuffer
+from service.nbd import protocol as p
+from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
+
+log = structlog.get_logger("vblk.nbd")
+
+SECTOR = 512
+READ_CHUNK = 256 * 1024
+MAX_INFLIGHT = 128  # requests per connection before we stop reading more
+NEGOTIATION_TIMEOUT = 30.0
+MAX_EXTENTS = 1 << 16
+
+
+@dataclasses.dataclass(slots=True)
+class NbdExport:
+    """What the server needs of one disk: its driver and its control plane (the backend)."""
+
+    name: str
+    driver: VirtioBlk
+    backend: Backend
+    description: str = ""
+
+    def describe(self) -> p.Export:
+        return p.Export(
+            name=self.name,
+            size=self.driver.size,
+            description=self.description,
+            read_only=self.driver.read_only,
+        )
+
+
+class _Catalog:
+    def __init__(self, exports: Mapping[str, NbdExport], default: str | None) -> None:
+        self._exports = exports
+        self._default = default
+
+    def lookup(self, name: str) -> p.Export | None:
+        export = self._exports.get(name or (self._default or ""))
+        return export.describe() if export is not None else None
+
+    def exports(self) -> Sequence[p.Export]:
+        return [export.describe() for export in self._exports.values()]
+
+
+def _errno_of(exc: BaseException) -> Errno:
+    if isinstance(exc, BlkReadOnlyError):
+        return Errno.EPERM
+    if isinstance(exc, BlkUnsupportedError):
+        return Errno.ENOTSUP
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return Errno.ENOSPC
+    return Errno.EIO
+
+
+class NbdServer:
+    """Serves ``exports`` over TCP and/or unix sockets until :meth:`close`."""
+
+    def __init__(
+        self,
+        exports: Mapping[str, NbdExport],
+        *,
+        default_export: str | None = None,
+        on_request: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.exports = exports
+        self.default_export = default_export if default_export is not None else next(iter(exports), None)
+        self._catalog = _Catalog(exports, self.default_export)
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self.closing = False
+        self.on_request = on_request
+        self.connections_total = 0
+        self.edge_locks = EdgeLocks()
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        self._servers.append(server)
+        return [sock.getsockname()[:2] for sock in server.sockets]
+
+    async def listen_unix(self, path: str) -> None:
+        self._servers.append(await asyncio.start_unix_server(self._accept, path))
+
+    async def listen_socket(self, sock: socket.socket) -> None:
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(self._accept, sock=sock)
+        else:
+            server = await asyncio.start_server(self._accept, sock=sock)
+        self._servers.append(server)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = _Connection(self, reader, writer)
+        self._connections.add(connection)
+        self.connections_total += 1
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    async def close(self) -> None:
+        """Stop accepting, answer new requests ESHUTDOWN, finish those in flight, disconnect."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for connection in list(self._connections):
+            connection.shutdown()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+
+class _Connection:
+    def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.codec = p.ServerConnection(server._catalog, shutting_down=server.closing)
+        self.peer = str(writer.get_extra_info("peername") or writer.get_extra_info("sockname"))
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(MAX_INFLIGHT)
+        self.export: NbdExport | None = None
+        self.structured = False
+        self.meta_contexts: dict[int, str] = {}
+        self._closing = False
+
+    def shutdown(self) -> None:
+        self._closing = True
+        self.codec.shutting_down = True
+        with contextlib.suppress(Exception):
+            self.reader.feed_eof()
+
+    async def run(self) -> None:
+        log.debug("nbd_connect", peer=self.peer)
+        try:
+            self.writer.write(self.codec.greeting())
+            if await asyncio.wait_for(self._negotiate(), NEGOTIATION_TIMEOUT):
+                await self._transmission()
+        except p.RemoteProtocolError as exc:
+            log.warning("nbd_protocol_error", peer=self.peer, error=str(exc))
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("nbd_connection_lost", peer=self.peer, error=repr(exc))
+        finally:
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+            log.debug("nbd_disconnect", peer=self.peer)
+
+    async def _fill(self) -> bool:
+        data = await self.reader.read(READ_CHUNK)
+        if not data:
+            return False
+        self.codec.receive_data(data)
+        return True
+
+    async def _negotiate(self) -> bool:
+        codec = self.codec
+        while True:
+            event = codec.next_event()
+            out = codec.data_to_send()
+            if out:
+                self.writer.write(out)
+                await self.writer.drain()
+            if event is p.NEED_DATA:
+                if not await self._fill():
+                    return False
+                continue
+            if isinstance(event, p.Aborted):
+                log.info("nbd_negotiation_ended", peer=self.peer, reason=event.reason)
+                return False
+            if isinstance(event, p.Negotiated):
+                self.export = self.server.exports.get(event.export.name)
+                self.structured = event.structured_replies
+                self.meta_contexts = event.meta_contexts
+                log.info(
+                    "nbd_negotiated",
+                    peer=self.peer,
+                    export=event.export.name,
+                    structured_replies=self.structured,
+                    meta_contexts=list(self.meta_contexts.values()),
+                )
+                return self.export is not None
+            raise p.RemoteProtocolError(f"unexpected event during negotiation: {event!r}")
+
+    async def _transmission(self) -> None:
+        codec = self.codec
+        export = self.export
+        assert export is not None
+        while True:
+            event = codec.next_event()
+            if event is p.NEED_DATA:
+                if not await self._fill():
+                    return
+                continue
+            if isinstance(event, p.Disconnect):
+                return
+            if not isinstance(event, p.Request):
+                raise p.RemoteProtocolError(f"unexpected event {event!r}")
+            if self._closing or self.server.closing:
+                if event.command == Command.WRITE:
+                    codec.skip_payload(event.length)
+                self._send_error(event, Errno.ESHUTDOWN, "server is shutting down")
+                await self.writer.drain()
+                continue
+            description = export.describe()
+            error = p.validate(
+                event, description, structured=self.structured, meta_contexts=self.meta_contexts
+            )
+            if error is not None:
+                if event.command == Command.WRITE:
+                    codec.skip_payload(event.length)
+                self._send_error(event, error, f"request refused: {error.name}")
+                await self.writer.drain()
+                continue
+            payload: DmaBuffer | None = None
+            if event.command == Command.WRITE:
+                payload = await self._receive_payload(event)
+            await self.slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._execute(event, export, payload))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("nbd_request_crashed", peer=self.peer, error=repr(task.exception()))
+
+    async def _receive_payload(self, request: p.Request) -> DmaBuffer:
+        """Read a WRITE payload into a DMA buffer laid out for the aligned sector range."""
+        assert self.export is not None
+        start = request.offset - request.offset % SECTOR
+        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
+        buffer = await self.export.driver.dma.allocate_wait(end - start)
+        head = request.offset - start
+        view = buffer.view[head : head + request.length]
+        taken = self.codec.take_payload(view)
+        if taken < request.length:
+            rest = request.length - taken
+            data = await self.reader.readexactly(rest)
+            view[taken:] = data
+            self.codec.payload_done(rest)
+        return buffer
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
+        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+            self.writer.write(p.encode_error_chunk(request.cookie, error, message))
+        else:
+            self.writer.write(p.encode_simple_reply(request.cookie, error))
+
+    def _send_ok(self, request: p.Request) -> None:
+        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+            self.writer.write(p.encode_done(request.cookie))
+        else:
+            self.writer.write(p.encode_simple_reply(request.cookie))
+
+    # -- execution ----------------------------------------------------------------------------
+
+    async def _execute(self, request: p.Request, export: NbdExport, payload: DmaBuffer | None) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        name = Command(request.command).name.lower()
+        try:
+            if request.command == Command.READ:
+                await self._read(request, export)
+            elif request.command == Command.WRITE:
+                assert payload is not None
+                await self._write(request, export, payload)
+                self._send_ok(request)
+            elif request.command == Command.FLUSH:
+                await export.driver.flush()
+                self._send_ok(request)
+            elif request.command == Command.TRIM:
+                await self._trim(request, export)
+                self._send_ok(request)
+            elif request.command == Command.WRITE_ZEROES:
+                await self._write_zeroes(request, export)
+                self._send_ok(request)
+            elif request.command == Command.CACHE:
+                export.backend.advise_willneed(request.offset, request.length)
+                self._send_ok(request)
+            elif request.command == Command.BLOCK_STATUS:
+                self._block_status(request, export)
+        except (BlkError, OSError) as exc:
+            log.warning(
+                "nbd_request_failed", peer=self.peer, command=name, offset=request.offset, error=str(exc)
+            )
+            self._send_error(request, _errno_of(exc), str(exc))
+        finally:
+            if payload is not None:
+                payload.free()
+        if self.server.on_request is not None:
+            self.server.on_request(name, loop.time() - started)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def _read(self, request: p.Request, export: NbdExport) -> None:
+        driver = export.driver
+        start = request.offset - request.offset % SECTOR
+        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
+        buffer = await driver.dma.allocate_wait(end - start)
+        try:
+            await driver.read_into(start // SECTOR, buffer, end - start)
+            head = request.offset - start
+            data = buffer.view[head : head + request.length]
+            # All data is in hand before any header goes out (no half-sent success).
+            if self.structured:
+                self.writer.write(
+                    p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
+                )
+            else:
+                self.writer.write(p.encode_simple_reply(request.cookie))
+            self.writer.write(data)
+            data.release()
+        finally:
+            buffer.free()
+
+    async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
+        driver = export.driver
+        start = request.offset - request.offset % SECTOR
+        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
+        head = request.offset - start
+        tail = end - (request.offset + request.length)
+        fua = bool(request.flags & CommandFlag.FUA)
+        if head or tail:
+            # Read-modify-write of the partial sectors at either end.
+            async with self.server.edge_locks.hold(export.name, start, end):
+                if head:
+                    edge = await driver.read(start // SECTOR, SECTOR)
+                    buffer.view[:head] = edge[:head]
+                if tail:
+                    edge = await driver.read((end - SECTOR) // SECTOR, SECTOR)
+                    buffer.view[end - start - tail : end - start] = edge[SECTOR - tail :]
+                await driver.write_from(start // SECTOR, buffer, end - start, fua=fua)
+            return
+        await driver.write_from(start // SECTOR, buffer, end - start, fua=fua)
+
+    async def _trim(self, request: p.Request, export: NbdExport) -> None:
+        # Trim is advisory: only whole sectors inside the range are discarded.
+        first = -(-request.offset // SECTOR)
+        last = (request.offset + request.length) // SECTOR
+        if last > first:
+            await export.driver.discard(first, last - first)
+        if request.flags & CommandFlag.FUA:
+            await export.driver.flush()
+
+    async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
+        driver = export.driver
+        offset, end = request.offset, request.offset + request.length
+        first = -(-offset // SECTOR) * SECTOR
+        last = end // SECTOR * SECTOR
+        unmap = not request.flags & CommandFlag.NO_HOLE
+        if last > first:
+            await driver.write_zeroes(first // SECTOR, (last - first) // SECTOR, unmap=unmap)
+        for lo, hi in ((offset, min(first, end)), (max(last, offset), end)):
+            if hi > lo and not (lo >= first and hi <= last):
+                sector = lo // SECTOR
+                async with self.server.edge_locks.hold(
+                    export.name, sector * SECTOR, sector * SECTOR + SECTOR
+                ):
+                    data = bytearray(await driver.read(sector, SECTOR))
+                    data[lo - sector * SECTOR : hi - sector * SECTOR] = bytes(hi - lo)
+                    await driver.write(sector, data)
+        if request.flags & CommandFlag.FUA:
+            await driver.flush()
+
+    def _block_status(self, request: p.Request, export: NbdExport) -> None:
+        extents = export.backend.extents(request.offset, request.length)
+        pairs: list[tuple[int, int]] = []
+        for extent in extents:
+            flags = (NBD_STATE_HOLE if extent.hole else 0) | (NBD_STATE_ZERO if extent.zero else 0)
+            if pairs and pairs[-1][1] == flags:
+                pairs[-1] = (pairs[-1][0] + extent.length, flags)
+            else:
+                pairs.append((extent.length, flags))
+            if len(pairs) >= MAX_EXTENTS:
+                break
+        if not pairs:
+            pairs = [(request.length, 0)]
+        if request.flags & CommandFlag.REQ_ONE:
+            pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
+        for context_id in self.meta_contexts:
+            self.writer.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
+        self.writer.write(p.encode_done(request.cookie))
+
+
+class EdgeLocks:
+    """Serialises read-modify-write cycles on shared edge sectors of unaligned writes.
+
+    Two non-overlapping unaligned writes may share a sector; without this, each would read
+    the old sector and the second write-back would undo the first.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, export: str, start: int, end: int) -> AsyncIterator[None]:
+        keys = sorted({(export, start // SECTOR), (export, (end - 1) // SECTOR)})
+        locks = [self._locks.setdefault(key, asyncio.Lock()) for key in keys]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            for key, lock in zip(keys, locks, strict=True):
+                lock.release()
+                if not lock.locked() and not getattr(lock, "_waiters", None):
+                    self._locks.pop(key, None)

@@ -1,0 +1,266 @@
+"""The NBD server against real clients: nbdinfo, nbdcopy, nbdsh (libnbd), qemu-img, qemu-io, fio."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from tests.service.conftest import MiB, NbdRig, nbdsh, run
+
+
+async def test_nbdinfo_reports_size_flags_and_block_sizes(nbd_rig: NbdRig) -> None:
+    info = json.loads((await run("nbdinfo", "--json", nbd_rig.uri())).stdout)
+    [export] = info["exports"]
+    assert export["export-name"] == "disk0"
+    assert export["export-size"] == 64 * MiB
+    assert export["is_read_only"] is False
+    for flag in (
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+    ):
+        assert export[flag] is True, flag
+    assert export["block_size_minimum"] == 1
+    assert export["block_size_preferred"] == 4096
+    assert export["block_size_maximum"] == 32 * MiB
+    assert "base:allocation" in export["contexts"]
+
+
+async def test_nbdinfo_lists_every_export_with_description(nbd_rig: NbdRig) -> None:
+    listing = json.loads((await run("nbdinfo", "--json", "--list", nbd_rig.uri(""))).stdout)
+    exports = {e["export-name"]: e for e in listing["exports"]}
+    assert set(exports) == {"disk0", "ro"}
+    assert exports["ro"]["is_read_only"] is True
+    assert exports["disk0"]["description"] == "vblk virtio-blk disk disk0"
+
+
+async def test_default_export_over_tcp(nbd_rig: NbdRig) -> None:
+    info = json.loads((await run("nbdinfo", "--json", f"nbd://127.0.0.1:{nbd_rig.tcp_port}")).stdout)
+    assert info["exports"][0]["export-size"] == 64 * MiB
+
+
+async def test_nbdcopy_round_trip_and_qemu_img_compare(nbd_rig: NbdRig) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        source = f"{tmp}/in.img"
+        data = os.urandom(8 * MiB)
+        with open(source, "wb") as f:
+            f.write(data)
+        await run("nbdcopy", "--flush", source, nbd_rig.uri())
+        out = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", source, nbd_rig.uri(), check=False)
+        # The export is 64 MiB and the file 8: qemu-img compares the common part, then zeroes.
+        assert out.returncode == 0, out.stdout + out.stderr
+        back = f"{tmp}/out.img"
+        await run("nbdcopy", nbd_rig.uri(), back)
+        with open(back, "rb") as f:
+            copied = f.read()
+        assert copied[: len(data)] == data
+        assert copied[len(data) :] == bytes(64 * MiB - len(data))
+
+
+async def test_qemu_io_patterns_including_unaligned(nbd_rig: NbdRig) -> None:
+    out = await run(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 1M 64k",
+        "-c",
+        "write -P 0xcd 1000 333",
+        "-c",
+        "write -P 0xef 1333 100",
+        "-c",
+        "read -P 0xab 1M 64k",
+        "-c",
+        "read -P 0xcd 1000 333",
+        "-c",
+        "read -P 0xef 1333 100",
+        "-c",
+        "read -P 0 0 1000",
+        "-c",
+        "read -P 0 1433 615",
+        "-c",
+        "flush",
+        nbd_rig.uri(),
+    )
+    assert "Pattern verification failed" not in out.stdout + out.stderr
+    assert out.stdout.count("read ") == 5
+
+
+async def test_qemu_img_map_shows_allocation(nbd_rig: NbdRig) -> None:
+    await run("qemu-io", "-f", "raw", "-c", "write -P 1 4M 1M", nbd_rig.uri())
+    extents = json.loads((await run("qemu-img", "map", "--output=json", "-f", "raw", nbd_rig.uri())).stdout)
+    data = [(e["start"], e["length"]) for e in extents if e["data"]]
+    assert data == [(4 * MiB, 1 * MiB)]
+    assert sum(e["length"] for e in extents) == 64 * MiB
+
+
+async def test_nbdinfo_map_after_trim_and_zero(nbd_rig: NbdRig) -> None:
+    await run(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 7 0 2M",
+        "-c",
+        "discard 0 1M",
+        "-c",
+        "write -z 1M 64k",
+        nbd_rig.uri(),
+    )
+    out = (await run("nbdinfo", "--map", "--json", nbd_rig.uri())).stdout
+    extents = json.loads(out)
+    kinds = [(e["offset"], e["length"], e["type"]) for e in extents]
+    assert kinds[0] == (0, 1 * MiB + 64 * 1024, 3)  # hole+zero: trimmed, then zeroed
+    assert kinds[1] == (1 * MiB + 64 * 1024, 1 * MiB - 64 * 1024, 0)  # data
+    check = await run(
+        "qemu-io", "-f", "raw", "-c", "read -P 0 0 1088k", "-c", "read -P 7 1088k 960k", nbd_rig.uri()
+    )
+    assert "Pattern verification failed" not in check.stdout
+
+
+async def test_fio_nbd_engine_random_write_verify(nbd_rig: NbdRig) -> None:
+    out = await run(
+        "fio",
+        "--name=verify",
+        "--ioengine=nbd",
+        f"--uri={nbd_rig.uri()}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=8M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    )
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == 8 * MiB
+    assert job["read"]["io_bytes"] == 8 * MiB  # the verify pass
+
+
+async def test_fio_multi_conn_over_tcp(nbd_rig: NbdRig) -> None:
+    out = await run(
+        "fio",
+        "--name=mc",
+        "--ioengine=nbd",
+        f"--uri={nbd_rig.tcp_uri()}",
+        "--rw=randrw",
+        "--bs=4k",
+        "--iodepth=8",
+        "--numjobs=4",
+        "--size=4M",
+        "--group_reporting",
+        "--output-format=json",
+    )
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    assert nbd_rig.service.nbd is not None
+    assert nbd_rig.service.nbd.connections_total >= 4
+
+
+async def test_libnbd_bad_requests_get_the_right_errors(nbd_rig: NbdRig) -> None:
+    script = """
+size = 64 << 20
+def expect(fn, code):
+    try:
+        fn()
+    except nbd.Error as e:
+        assert e.errno in (code, errno.errorcode[code]), (fn, e.errno, e.string)
+    else:
+        raise AssertionError(f"{fn} succeeded")
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(uri)
+expect(lambda: h.pwrite(b"x" * 512, size), errno.ENOSPC)
+expect(lambda: h.pwrite(b"x" * 1024, size - 512), errno.ENOSPC)
+expect(lambda: h.zero(4096, size), errno.ENOSPC)
+expect(lambda: h.pread(512, size), errno.EINVAL)
+expect(lambda: h.trim(4096, size), errno.EINVAL)
+expect(lambda: h.pread(0, 0), errno.EINVAL)
+expect(lambda: h.pread(512, 0, flags=1 << 7), errno.EINVAL)  # unknown flag
+expect(lambda: h.flush(flags=nbd.CMD_FLAG_NO_HOLE), errno.EINVAL)  # flag of another command
+h.pwrite(b"ok" * 256, 0)
+assert h.pread(512, 0) == b"ok" * 256
+h.shutdown()
+r = nbd.NBD()
+r.set_strict_mode(0)
+r.connect_uri(uri.replace("/disk0?", "/ro?"))
+expect(lambda: r.pwrite(b"x" * 512, 0), errno.EPERM)
+expect(lambda: r.trim(512, 0), errno.EPERM)
+assert r.pread(512, 0) == bytes(512)
+r.shutdown()
+print("ok")
+"""
+    out = await nbdsh(nbd_rig.uri(), script)
+    assert out.stdout.strip() == "ok"
+
+
+async def test_libnbd_without_structured_replies_and_old_handshake(nbd_rig: NbdRig) -> None:
+    script = """
+h = nbd.NBD()
+h.set_request_structured_replies(False)
+h.connect_uri(uri)
+assert not h.get_structured_replies_negotiated()
+h.pwrite(b"\\x42" * 4096, 8192)
+assert h.pread(4096, 8192) == b"\\x42" * 4096
+try:
+    h.pread(512, 64 << 20)
+except nbd.Error as e:
+    assert e.errno in (errno.EINVAL, "EINVAL")
+else:
+    raise AssertionError("out-of-range read succeeded")
+h.shutdown()
+o = nbd.NBD()
+o.set_handshake_flags(0)  # plain (non-fixed) newstyle: only NBD_OPT_EXPORT_NAME
+o.connect_uri(uri)
+assert o.pread(4096, 8192) == b"\\x42" * 4096
+o.shutdown()
+print("ok")
+"""
+    assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"
+
+
+async def test_libnbd_block_status_and_opt_mode(nbd_rig: NbdRig) -> None:
+    script = """
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.add_meta_context("base:allocation")
+h.connect_uri(uri)
+names = []
+h.opt_list(lambda name, desc: names.append(name))
+assert sorted(names) == ["disk0", "ro"], names
+contexts = []
+h.opt_list_meta_context(lambda ctx: contexts.append(ctx))
+assert contexts == ["base:allocation"], contexts
+h.opt_info()
+assert h.get_size() == 64 << 20
+h.opt_go()
+h.pwrite(b"\\x01" * 65536, 1 << 20)
+seen = []
+def cb(metacontext, offset, entries, err):
+    seen.append((metacontext, offset, list(entries)))
+    return 0
+h.block_status(4 << 20, 0, cb)
+ctx, off, entries = seen[0]
+assert ctx == "base:allocation" and off == 0
+pairs = list(zip(entries[0::2], entries[1::2]))
+assert pairs[0] == (1 << 20, 3), pairs
+assert pairs[1] == (65536, 0), pairs
+seen.clear()
+h.block_status(4 << 20, 0, cb, flags=nbd.CMD_FLAG_REQ_ONE)
+assert len(seen[0][2]) == 2 and seen[0][2][0] <= 4 << 20
+h.cache(4096, 0)
+h.zero(4096, 1 << 20, flags=nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(4096, 1 << 20) == bytes(4096)
+h.pwrite(b"\\x05" * 512, 0, flags=nbd.CMD_FLAG_FUA)
+h.flush()
+h.shutdown()
+print("ok")
+"""
+    assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"

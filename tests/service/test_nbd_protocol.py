@@ -1,0 +1,202 @@
+"""The sans-I/O NBD codec alone: negotiation, request parsing, replies, and fuzzed input."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.nbd import protocol as p
+from service.nbd.constants import (
+    IHAVEOPT,
+    NBD_REQUEST_MAGIC,
+    Command,
+    CommandFlag,
+    Errno,
+    Info,
+    Option,
+    Reply,
+    TransmissionFlag,
+)
+
+EXPORT = p.Export(name="disk0", size=1 << 20, description="test disk")
+
+
+class OneExport:
+    def lookup(self, name: str) -> p.Export | None:
+        return EXPORT if name in ("", "disk0") else None
+
+    def exports(self) -> Sequence[p.Export]:
+        return [EXPORT]
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def replies(out: bytes) -> list[tuple[int, int, bytes]]:
+    result = []
+    while out:
+        _magic, opt, reply, length = struct.unpack_from(">QIII", out)
+        result.append((opt, reply, out[20 : 20 + length]))
+        out = out[20 + length :]
+    return result
+
+
+def negotiated() -> p.ServerConnection:
+    conn = p.ServerConnection(OneExport())
+    conn.receive_data(struct.pack(">I", 3) + option(Option.GO, struct.pack(">I", 0) + struct.pack(">H", 0)))
+    event = conn.next_event()
+    assert isinstance(event, p.Negotiated)
+    conn.data_to_send()
+    return conn
+
+
+def test_go_replies_info_export_block_size_then_ack() -> None:
+    conn = p.ServerConnection(OneExport())
+    conn.receive_data(struct.pack(">I", 3))
+    assert conn.next_event() is p.NEED_DATA
+    name = b"disk0"
+    conn.receive_data(
+        option(Option.GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, Info.NAME))
+    )
+    event = conn.next_event()
+    assert isinstance(event, p.Negotiated) and event.export is EXPORT
+    got = replies(conn.data_to_send())
+    assert [r[1] for r in got] == [Reply.INFO, Reply.INFO, Reply.INFO, Reply.ACK]
+    info_type, size, flags = struct.unpack(">HQH", got[0][2])
+    assert (info_type, size) == (Info.EXPORT, 1 << 20)
+    assert flags & TransmissionFlag.CAN_MULTI_CONN and flags & TransmissionFlag.SEND_FLUSH
+    assert not flags & TransmissionFlag.SEND_DF  # only with structured replies
+    assert got[1][2] == struct.pack(">H", Info.NAME) + b"disk0"
+    assert struct.unpack(">HIII", got[2][2]) == (Info.BLOCK_SIZE, 1, 4096, 32 << 20)
+
+
+def test_option_arrives_byte_by_byte() -> None:
+    conn = p.ServerConnection(OneExport())
+    data = struct.pack(">I", 1) + option(Option.STRUCTURED_REPLY) + option(Option.ABORT)
+    events = []
+    for i in range(len(data)):
+        conn.receive_data(data[i : i + 1])
+        event = conn.next_event()
+        if event is not p.NEED_DATA:
+            events.append(event)
+    assert len(events) == 1 and isinstance(events[0], p.Aborted)
+    assert [r[1] for r in replies(conn.data_to_send())] == [Reply.ACK, Reply.ACK]
+    assert conn.structured_replies
+
+
+def test_set_meta_context_needs_structured_replies() -> None:
+    conn = p.ServerConnection(OneExport())
+    query = b"base:allocation"
+    body = struct.pack(">I", 5) + b"disk0" + struct.pack(">I", 1) + struct.pack(">I", len(query)) + query
+    conn.receive_data(struct.pack(">I", 1) + option(Option.SET_META_CONTEXT, body))
+    assert conn.next_event() is p.NEED_DATA
+    assert replies(conn.data_to_send())[0][1] == Reply.ERR_INVALID
+    conn.receive_data(option(Option.STRUCTURED_REPLY) + option(Option.SET_META_CONTEXT, body))
+    assert conn.next_event() is p.NEED_DATA
+    got = replies(conn.data_to_send())
+    assert [r[1] for r in got] == [Reply.ACK, Reply.META_CONTEXT, Reply.ACK]
+    assert got[1][2] == struct.pack(">I", 1) + query
+    assert conn.meta_contexts == {1: "base:allocation"}
+
+
+def test_requests_and_write_payload_accounting() -> None:
+    conn = negotiated()
+    payload = b"\xaa" * 1024
+    conn.receive_data(
+        struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 1, Command.WRITE, 7, 512, 1024) + payload[:100]
+    )
+    event = conn.next_event()
+    assert event == p.Request(7, Command.WRITE, 1, 512, 1024)
+    dest = bytearray(1024)
+    taken = conn.take_payload(memoryview(dest))
+    assert taken == 100 and dest[:100] == payload[:100]
+    conn.payload_done(924)
+    assert conn.next_event() is p.NEED_DATA
+
+
+def test_skipped_payload_never_parses_as_requests() -> None:
+    conn = negotiated()
+    fake = struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Command.DISC, 1, 0, 0)
+    conn.receive_data(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Command.WRITE, 1, 0, 56) + fake[:10])
+    event = conn.next_event()
+    assert isinstance(event, p.Request)
+    conn.skip_payload(56)
+    conn.receive_data(fake[10:] + fake)  # 18 + 28 more payload bytes, then 10 real ones
+    assert conn.next_event() is p.NEED_DATA
+    conn.receive_data(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Command.FLUSH, 9, 0, 0))
+    assert conn.next_event() == p.Request(9, Command.FLUSH, 0, 0, 0)
+
+
+def test_validate_rules() -> None:
+    size = EXPORT.size
+
+    def check(cmd: int, offset: int, length: int, flags: int = 0, **kw: object) -> Errno | None:
+        export = kw.get("export", EXPORT)
+        assert isinstance(export, p.Export)
+        return p.validate(
+            p.Request(1, cmd, flags, offset, length),
+            export,
+            structured=bool(kw.get("structured", False)),
+            meta_contexts={1: "base:allocation"} if kw.get("meta") else {},
+        )
+
+    assert check(Command.WRITE, size, 512) == Errno.ENOSPC
+    assert check(Command.WRITE_ZEROES, size - 512, 1024) == Errno.ENOSPC
+    assert check(Command.READ, size, 512) == Errno.EINVAL
+    assert check(Command.TRIM, size - 1, 2) == Errno.EINVAL
+    assert check(Command.BLOCK_STATUS, 0, 512, meta=True) is None
+    assert check(Command.BLOCK_STATUS, size, 512, meta=True) == Errno.EINVAL
+    assert check(Command.READ, 0, 0) == Errno.EINVAL
+    assert check(Command.READ, 0, (32 << 20) + 1) == Errno.EOVERFLOW
+    assert check(Command.READ, 0, 512, CommandFlag.DF) == Errno.EINVAL
+    assert check(Command.READ, 0, 512, CommandFlag.DF, structured=True) is None
+    assert check(Command.FLUSH, 0, 0, CommandFlag.NO_HOLE) == Errno.EINVAL
+    assert check(99, 0, 512) == Errno.EINVAL
+    ro = p.Export(name="ro", size=size, read_only=True)
+    assert check(Command.WRITE, 0, 512, export=ro) == Errno.EPERM
+    assert check(Command.READ, 0, 512, export=ro) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=64), max_size=30), handshake=st.booleans())
+def test_fuzzed_input_yields_events_or_a_protocol_error(chunks: list[bytes], handshake: bool) -> None:
+    conn = negotiated() if handshake else p.ServerConnection(OneExport())
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            for _ in range(100):
+                event = conn.next_event()
+                if event is p.NEED_DATA or isinstance(event, p.Aborted | p.Disconnect):
+                    break
+                if isinstance(event, p.Request) and event.command == Command.WRITE:
+                    conn.skip_payload(event.length)
+            conn.data_to_send()
+    except p.RemoteProtocolError:
+        assert conn.state is p.State.CLOSED
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    opts=st.lists(
+        st.tuples(st.integers(0, 12), st.binary(max_size=40)),
+        max_size=12,
+    )
+)
+def test_fuzzed_options_always_answered(opts: list[tuple[int, bytes]]) -> None:
+    """Every option gets at least one reply (or ends negotiation): the client never hangs."""
+    conn = p.ServerConnection(OneExport())
+    conn.receive_data(struct.pack(">I", 3))
+    for opt, data in opts:
+        conn.receive_data(option(opt, data))
+        event = conn.next_event()
+        out = conn.data_to_send()
+        if isinstance(event, p.Negotiated | p.Aborted) or conn.state is p.State.CLOSED:
+            return
+        assert event is p.NEED_DATA
+        got = replies(out)
+        assert got and all(r[0] == opt for r in got)
+        assert got[-1][1] == Reply.ACK or got[-1][1] & (1 << 31)

@@ -1,0 +1,211 @@
+"""The NBD server byte by byte: hostile framing, pipelining, draining, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+
+from service.nbd.constants import (
+    IHAVEOPT,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_OPT_REPLY_MAGIC,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBDMAGIC,
+    Command,
+    Errno,
+    Option,
+    Reply,
+)
+from tests.service.conftest import MiB, NbdRig
+
+
+class WireClient:
+    """A minimal hand-rolled NBD client that can also misbehave."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, rig: NbdRig) -> WireClient:
+        reader, writer = await asyncio.open_unix_connection(rig.socket)
+        client = cls(reader, writer)
+        magic, opt, _flags = struct.unpack(">QQH", await reader.readexactly(18))
+        assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+        writer.write(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
+        return client
+
+    def option(self, option: int, data: bytes = b"") -> None:
+        self.writer.write(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+
+    async def option_reply(self) -> tuple[int, int, bytes]:
+        magic, option, reply, length = struct.unpack(">QIII", await self.reader.readexactly(20))
+        assert magic == NBD_OPT_REPLY_MAGIC
+        return option, reply, await self.reader.readexactly(length)
+
+    async def go(self, name: str = "disk0") -> None:
+        raw = name.encode()
+        self.option(Option.GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        while True:
+            _, reply, _ = await self.option_reply()
+            if reply == Reply.ACK:
+                return
+            assert reply == Reply.INFO, hex(reply)
+
+    def request(
+        self, command: int, cookie: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
+    ) -> None:
+        self.writer.write(
+            struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, command, cookie, offset, length) + payload
+        )
+
+    async def simple_reply(self, data_len: int = 0) -> tuple[int, int, bytes]:
+        magic, error, cookie = struct.unpack(">IIQ", await self.reader.readexactly(16))
+        assert magic == NBD_SIMPLE_REPLY_MAGIC
+        data = await self.reader.readexactly(data_len) if error == 0 and data_len else b""
+        return cookie, error, data
+
+    async def closed(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 5) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_unknown_option_keeps_sync_then_go_works(nbd_rig: NbdRig) -> None:
+    client = await WireClient.connect(nbd_rig)
+    client.option(99, b"junk data")
+    option, reply, message = await client.option_reply()
+    assert (option, reply) == (99, Reply.ERR_UNSUP)
+    assert message
+    client.option(Option.STARTTLS)
+    assert (await client.option_reply())[1] == Reply.ERR_POLICY
+    client.option(Option.LIST, b"x")
+    assert (await client.option_reply())[1] == Reply.ERR_INVALID
+    client.option(Option.INFO, struct.pack(">I", 7) + b"missing" + struct.pack(">H", 0))
+    assert (await client.option_reply())[1] == Reply.ERR_UNKNOWN
+    await client.go()
+    client.request(Command.READ, 1, 0, 512)
+    assert await client.simple_reply(512) == (1, 0, bytes(512))
+    client.close()
+
+
+async def test_pipelined_requests_are_matched_by_cookie(nbd_rig: NbdRig) -> None:
+    client = await WireClient.connect(nbd_rig)
+    await client.go()
+    blobs = {cookie: os.urandom(4096) for cookie in range(100, 164)}
+    for cookie, blob in blobs.items():
+        client.request(Command.WRITE, cookie, (cookie - 100) * 4096, 4096, payload=blob)
+    replies = {(await client.simple_reply())[0:2] for _ in blobs}
+    assert replies == {(cookie, 0) for cookie in blobs}
+    for cookie in blobs:
+        client.request(Command.READ, cookie + 1000, (cookie - 100) * 4096, 4096)
+    got = {}
+    for _ in blobs:
+        cookie, error, data = await client.simple_reply(4096)
+        assert error == 0
+        got[cookie - 1000] = data
+    assert got == blobs
+    client.close()
+
+
+async def test_rejected_write_payload_is_drained(nbd_rig: NbdRig) -> None:
+    client = await WireClient.connect(nbd_rig)
+    await client.go()
+    size = 64 * MiB
+    # Out of range, then oversized (> 32 MiB): both payloads must be skipped, not parsed.
+    client.request(Command.WRITE, 1, size - 512, 4096, payload=b"\x25" * 4096)
+    client.request(
+        Command.WRITE, 2, 0, 33 * MiB, payload=struct.pack(">I", NBD_REQUEST_MAGIC) * (33 * MiB // 4)
+    )
+    client.request(Command.WRITE, 3, 0, 512, flags=1 << 9, payload=b"\x77" * 512)  # unknown flag
+    client.request(Command.READ, 4, 0, 512)
+    assert await client.simple_reply() == (1, Errno.ENOSPC, b"")
+    assert await client.simple_reply() == (2, Errno.EINVAL, b"")
+    assert await client.simple_reply() == (3, Errno.EINVAL, b"")
+    assert await client.simple_reply(512) == (4, 0, bytes(512))
+    client.close()
+
+
+async def test_unknown_command_and_zero_length(nbd_rig: NbdRig) -> None:
+    client = await WireClient.connect(nbd_rig)
+    await client.go()
+    client.request(42, 1, 0, 512)
+    client.request(Command.READ, 2, 0, 0)
+    client.request(Command.TRIM, 3, 64 * MiB, 512)
+    client.request(Command.BLOCK_STATUS, 4, 0, 512)  # no meta context selected
+    client.request(Command.READ, 5, 0, 512)
+    assert await client.simple_reply() == (1, Errno.EINVAL, b"")
+    assert await client.simple_reply() == (2, Errno.EINVAL, b"")
+    assert await client.simple_reply() == (3, Errno.EINVAL, b"")
+    assert await client.simple_reply() == (4, Errno.EINVAL, b"")
+    assert (await client.simple_reply(512))[:2] == (5, 0)
+    client.close()
+
+
+async def test_bad_magic_closes_only_that_connection(nbd_rig: NbdRig) -> None:
+    good = await WireClient.connect(nbd_rig)
+    await good.go()
+    bad = await WireClient.connect(nbd_rig)
+    await bad.go()
+    bad.writer.write(struct.pack(">IHHQQI", 0xDEADBEEF, 0, Command.READ, 1, 0, 512))
+    assert await bad.closed()
+    truncated = await WireClient.connect(nbd_rig)
+    await truncated.go()
+    truncated.writer.write(
+        struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Command.WRITE, 9, 0, 4096) + b"\x01" * 100
+    )
+    truncated.writer.close()  # hangs up mid-payload
+    bad_option = await WireClient.connect(nbd_rig)
+    bad_option.writer.write(struct.pack(">QII", 0x1234, Option.GO, 0))
+    assert await bad_option.closed()
+    await asyncio.sleep(0.05)
+    good.request(Command.WRITE, 7, 4096, 512, payload=b"\x09" * 512)
+    assert await good.simple_reply() == (7, 0, b"")
+    good.request(Command.READ, 8, 4096, 512)
+    assert await good.simple_reply(512) == (8, 0, b"\x09" * 512)
+    assert nbd_rig.service.nbd is not None
+    for _ in range(50):
+        if nbd_rig.service.nbd.connections == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert nbd_rig.service.nbd.connections == 1
+    good.close()
+
+
+async def test_unknown_client_flags_and_export_name_fallback(nbd_rig: NbdRig) -> None:
+    reader, writer = await asyncio.open_unix_connection(nbd_rig.socket)
+    await reader.readexactly(18)
+    writer.write(struct.pack(">I", 1 << 7))
+    assert await reader.read(1) == b""
+    writer.close()
+    client = await WireClient.connect(nbd_rig)
+    client.option(Option.EXPORT_NAME, b"disk0")
+    size, flags = struct.unpack(">QH", await client.reader.readexactly(10))  # NO_ZEROES: no padding
+    assert size == 64 * MiB and flags & 1
+    client.request(Command.READ, 1, 0, 512)
+    assert (await client.simple_reply(512))[:2] == (1, 0)
+    client.request(Command.DISC, 2, 0, 0)
+    assert await client.closed()
+    unknown = await WireClient.connect(nbd_rig)
+    unknown.option(Option.EXPORT_NAME, b"nope")
+    assert await unknown.closed()
+
+
+async def test_shutdown_answers_eshutdown(nbd_rig: NbdRig) -> None:
+    client = await WireClient.connect(nbd_rig)
+    await client.go()
+    assert nbd_rig.service.nbd is not None
+    nbd_rig.service.nbd.closing = True
+    client.request(Command.WRITE, 1, 0, 512, payload=b"\x01" * 512)
+    client.request(Command.READ, 2, 0, 512)
+    assert await client.simple_reply() == (1, Errno.ESHUTDOWN, b"")
+    assert await client.simple_reply() == (2, Errno.ESHUTDOWN, b"")
+    nbd_rig.service.nbd.closing = False
+    client.close()
