@@ -74,6 +74,7 @@ OPERATIONS = {
     RequestType.WRITE_ZEROES: "write_zeroes",
 }
 _OP_NAMES = {int(k): v for k, v in OPERATIONS.items()}
+_OUTHDR_PACK = vb.VIRTIO_BLK_OUTHDR.pack_into
 
 
 class BlkError(OSError):
@@ -244,6 +245,7 @@ class VirtioBlk:
         self.geometry: BlkGeometry | None = None
         self.queues: list[DriverVirtqueue] = []
         self._slots: list[DmaBuffer] = []
+        self._status_views: list[list[memoryview]] = []
         self._seg_limit = 1
         self._size_max = SECTOR
         self._chunk = SECTOR
@@ -330,6 +332,7 @@ class VirtioBlk:
         indirect_max = self.geometry.seg_max + 2 if self.has_feature(VIRTIO_F_INDIRECT_DESC) else 0
         self.queues = []
         self._slots = []
+        self._status_views = []
         for index in range(num_queues):
             max_size = t.queue_max_size(index)
             if max_size == 0:
@@ -353,6 +356,9 @@ class VirtioBlk:
             queue._notify = _notifier(t, address, index)
             self.queues.append(queue)
             self._slots.append(slots)
+            self._status_views.append(
+                [slots.view[h * SLOT_SIZE + 16 : h * SLOT_SIZE + 17] for h in range(size)]
+            )
         if not self.queues:
             raise TransportError(f"{self.name}: device has no request queue")
         # A chain is header + data segments + status and may not outgrow the ring.
@@ -472,10 +478,14 @@ class VirtioBlk:
             self._retired["completed"] += queue.completed
             queue.fail_all(exc)
             queue.free()
+        for views in self._status_views:
+            for view in views:
+                view.release()
         for slots in self._slots:
             slots.free()
         self.queues = []
         self._slots = []
+        self._status_views = []
 
     async def close(self) -> None:
         """Reset the device and release every resource; in-flight requests fail."""
@@ -499,12 +509,45 @@ class VirtioBlk:
         nbytes: int = 0,
         pinned: tuple[DmaBuffer, ...] = (),
     ) -> None:
-        """Send one request and wait for its status; raises the matching BlkError."""
+        """Send one request and wait for its status; raises the matching BlkError.
+
+        Waits for the device while it is being reset, and for free descriptors while the
+        ring is full: a request is never dropped for lack of space.
+        """
         op = _OP_NAMES[rtype]
         started = time.perf_counter()
         status_name = "ok"
+        segments = len(data) + 2
         try:
-            status = await self._roundtrip(rtype, sector, data, data_in, pinned)
+            while True:
+                if self._closed:
+                    raise BlkResetError(f"{self.name}: driver closed")
+                if not self._ready.is_set():
+                    await self._ready.wait()
+                    continue
+                queues = self.queues
+                queue = queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
+                try:
+                    await queue.reserve(queue.descriptors_for(segments))
+                except QueueBrokenError:
+                    continue
+                # No await from here to add(): the reserved descriptors stay ours.
+                head = queue.next_head
+                slots = self._slots[queue.index]
+                slot_gpa = slots.gpa + head * SLOT_SIZE
+                _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
+                status_view = self._status_views[queue.index][head]
+                status_view[0] = 0xFF
+                future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                request = _Request(future, status_view, pinned)
+                header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
+                status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
+                if data_in:
+                    queue.add([header], [*data, status_buf], request)
+                else:
+                    queue.add([header, *data], [status_buf], request)
+                status = await future
+                break
             if status != Status.OK:
                 status_name = _STATUS_NAMES.get(status, "bad_status")
                 if status == Status.UNSUPP:
@@ -517,49 +560,14 @@ class VirtioBlk:
         except BlkResetError:
             status_name = "reset"
             raise
+        except asyncio.CancelledError:
+            status_name = "cancelled"
+            raise
         finally:
             key = (op, status_name)
             self._requests[key] = self._requests.get(key, 0) + 1
             if self.observer is not None:
                 self.observer(op, status_name, time.perf_counter() - started, nbytes)
-
-    async def _roundtrip(
-        self,
-        rtype: int,
-        sector: int,
-        data: list[tuple[int, int]],
-        data_in: bool,
-        pinned: tuple[DmaBuffer, ...],
-    ) -> int:
-        segments = len(data) + 2
-        while True:
-            if self._closed:
-                raise BlkResetError(f"{self.name}: driver closed")
-            if not self._ready.is_set():
-                await self._ready.wait()
-                continue
-            queues = self.queues
-            queue = queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
-            slots = self._slots[queue.index]
-            try:
-                await queue.reserve(queue.descriptors_for(segments))
-            except QueueBrokenError:
-                continue
-            head = queue.next_head
-            slot_gpa = slots.gpa + head * SLOT_SIZE
-            slot_off = head * SLOT_SIZE
-            vb.VIRTIO_BLK_OUTHDR.pack_into(slots.view, slot_off, rtype, 0, sector)
-            status_view = slots.view[slot_off + 16 : slot_off + 17]
-            status_view[0] = 0xFF
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            request = _Request(future, status_view, pinned)
-            header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
-            status = (slot_gpa + 16, 1)
-            if data_in:
-                queue.add([header], [*data, status], request)
-            else:
-                queue.add([header, *data], [status], request)
-            return await future
 
     # -- the block API ---------------------------------------------------------------------
 
