@@ -36,7 +36,7 @@ class DiskSpec:
 
     name: str = "disk0"
     backend: str = "file"  # "file" or "memory"
-    path: Path = Path("var/disk0.img")
+    path: Path = Path("disk.img")
     size: int = 1 * GiB
     read_only: bool = False
     num_queues: int = 1

@@ -29,6 +29,7 @@ READ_CHUNK = 256 * 1024
 MAX_INFLIGHT = 128  # requests per connection before we stop reading more
 NEGOTIATION_TIMEOUT = 30.0
 MAX_EXTENTS = 1 << 16
+SPARSE_READ_MIN = 64 * 1024  # structured reads this long report holes instead of zeroes
 
 
 @dataclasses.dataclass(slots=True)
@@ -333,16 +334,40 @@ class _Connection:
             head = request.offset - start
             data = buffer.view[head : head + request.length]
             # All data is in hand before any header goes out (no half-sent success).
-            if self.structured:
+            if not self.structured:
+                self.writer.write(p.encode_simple_reply(request.cookie))
+                self.writer.write(data)
+            elif request.length >= SPARSE_READ_MIN and not request.flags & CommandFlag.DF:
+                self._send_sparse(request, export, data)
+            else:
                 self.writer.write(
                     p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
                 )
-            else:
-                self.writer.write(p.encode_simple_reply(request.cookie))
-            self.writer.write(data)
+                self.writer.write(data)
             data.release()
         finally:
             buffer.free()
+
+    def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
+        """Structured READ reply: OFFSET_HOLE chunks for unallocated runs, OFFSET_DATA for the rest."""
+        extents = export.backend.extents(request.offset, request.length)
+        runs: list[tuple[int, int, bool]] = []  # offset, length, hole
+        for extent in extents:
+            if runs and runs[-1][2] == extent.hole:
+                runs[-1] = (runs[-1][0], runs[-1][1] + extent.length, extent.hole)
+            else:
+                runs.append((extent.offset, extent.length, extent.hole))
+        if sum(length for _, length, _ in runs) != request.length:
+            runs = [(request.offset, request.length, False)]  # a map that does not cover: send data
+        write = self.writer.write
+        for i, (offset, length, hole) in enumerate(runs):
+            done = i == len(runs) - 1
+            if hole:
+                write(p.encode_offset_hole(request.cookie, offset, length, done=done))
+            else:
+                rel = offset - request.offset
+                write(p.encode_offset_data(request.cookie, offset, length, done=done))
+                write(data[rel : rel + length])
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
         driver = export.driver

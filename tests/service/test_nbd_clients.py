@@ -264,3 +264,122 @@ h.shutdown()
 print("ok")
 """
     assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"
+
+
+async def test_nbdinfo_can_multi_conn_and_qemu_nbd_list(nbd_rig: NbdRig) -> None:
+    can = await run("nbdinfo", "--can", "multi-conn", nbd_rig.uri(), check=False)
+    assert can.returncode == 0
+    cannot = await run("nbdinfo", "--can", "read-only", nbd_rig.uri(), check=False)
+    assert cannot.returncode == 2  # nbdinfo --can: 2 means "no"
+    listing = await run("qemu-nbd", "-L", "-k", nbd_rig.socket)
+    assert "exports available: 2" in listing.stdout
+    assert "export: 'disk0'" in listing.stdout and "export: 'ro'" in listing.stdout
+    assert "vblk virtio-blk disk disk0" in listing.stdout
+
+
+async def test_nbdcopy_four_connections_and_qemu_img_convert(nbd_rig: NbdRig) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        source, back, converted = f"{tmp}/in.img", f"{tmp}/out.img", f"{tmp}/conv.img"
+        data = os.urandom(64 * MiB)
+        with open(source, "wb") as f:
+            f.write(data)
+        await run("nbdcopy", "--connections=4", "--flush", source, nbd_rig.uri())
+        await run("nbdcopy", "--connections=4", nbd_rig.tcp_uri(), back)
+        with open(back, "rb") as f:
+            assert f.read() == data
+        await run("qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_rig.uri(), converted)
+        await run("qemu-img", "compare", "-f", "raw", "-F", "raw", converted, source)
+        await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-q", converted, nbd_rig.uri())
+        await run("qemu-img", "compare", "-f", "raw", "-F", "raw", nbd_rig.uri(), source)
+
+
+async def test_fio_queue_depth_32_verify(nbd_rig: NbdRig) -> None:
+    out = await run(
+        "fio",
+        "--name=qd32",
+        "--ioengine=nbd",
+        f"--uri={nbd_rig.uri()}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--output-format=json",
+    )
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 16 * MiB
+
+
+async def test_libnbd_option_phase_probes(nbd_rig: NbdRig) -> None:
+    script = """
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.set_request_structured_replies(False)
+h.connect_uri(uri)
+h.set_export_name("missing")
+try:
+    h.opt_info()
+except nbd.Error as e:
+    assert "unknown" in e.string.lower() or e.errno in ("ENOENT", errno.ENOENT), e.string
+else:
+    raise AssertionError("INFO on a missing export succeeded")
+h.set_export_name("disk0")
+h.opt_go()
+assert not h.get_structured_replies_negotiated()
+assert h.pread(512, 0) == bytes(512)
+h.shutdown()
+print("ok")
+"""
+    out = await nbdsh(nbd_rig.uri(), script)
+    assert out.stdout.strip() == "ok"
+
+
+async def test_simple_replies_for_every_command(nbd_rig: NbdRig) -> None:
+    script = """
+h = nbd.NBD()
+h.set_request_structured_replies(False)
+h.connect_uri(uri)
+h.pwrite(b"\\x11" * 8192, 0)
+h.pwrite(b"\\x22" * 100, 50, flags=nbd.CMD_FLAG_FUA)
+h.trim(4096, 4096)
+h.zero(512, 0)
+h.zero(100, 1000, flags=nbd.CMD_FLAG_NO_HOLE)
+h.cache(4096, 0)
+h.flush()
+got = h.pread(8192, 0)
+assert got[:512] == bytes(512), got[:16]
+assert got[512:1000] == b"\\x11" * 488
+assert got[1000:1100] == bytes(100)
+assert got[1100:4096] == b"\\x11" * 2996
+assert got[4096:] == bytes(4096)
+h.shutdown()
+print("ok")
+"""
+    assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"
+
+
+async def test_structured_sparse_read_sends_holes(nbd_rig: NbdRig) -> None:
+    script = """
+h = nbd.NBD()
+h.connect_uri(uri)
+h.pwrite(b"\\x33" * 65536, 1 << 20)
+chunks = []
+def chunk(buf, offset, status, err):
+    chunks.append((offset, len(buf), status, bytes(buf[:1])))
+    return 0
+buf = h.pread_structured(4 << 20, 0, chunk)
+assert buf[:1 << 20] == bytes(1 << 20) and buf[1 << 20 : (1 << 20) + 65536] == b"\\x33" * 65536
+kinds = [(o, n, s) for o, n, s, _ in chunks]
+assert kinds == [
+    (0, 1 << 20, nbd.READ_HOLE),
+    (1 << 20, 65536, nbd.READ_DATA),
+    ((1 << 20) + 65536, (3 << 20) - 65536, nbd.READ_HOLE),
+], kinds
+chunks.clear()
+h.pread_structured(4 << 20, 0, chunk, flags=nbd.CMD_FLAG_DF)
+assert [(o, n, s) for o, n, s, _ in chunks] == [(0, 4 << 20, nbd.READ_DATA)]
+h.shutdown()
+print("ok")
+"""
+    assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"

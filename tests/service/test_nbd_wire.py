@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
+import tempfile
+from collections.abc import Sequence
 
+import pytest
+
+from device.backends import Backend
+from service import app
 from service.nbd.constants import (
     IHAVEOPT,
     NBD_FLAG_C_FIXED_NEWSTYLE,
@@ -90,6 +97,10 @@ async def test_unknown_option_keeps_sync_then_go_works(nbd_rig: NbdRig) -> None:
     assert (await client.option_reply())[1] == Reply.ERR_INVALID
     client.option(Option.INFO, struct.pack(">I", 7) + b"missing" + struct.pack(">H", 0))
     assert (await client.option_reply())[1] == Reply.ERR_UNKNOWN
+    query = b"base:allocation"
+    meta = struct.pack(">I", 5) + b"disk0" + struct.pack(">II", 1, len(query)) + query
+    client.option(Option.SET_META_CONTEXT, meta)  # before structured replies: refused
+    assert (await client.option_reply())[1] == Reply.ERR_INVALID
     await client.go()
     client.request(Command.READ, 1, 0, 512)
     assert await client.simple_reply(512) == (1, 0, bytes(512))
@@ -209,3 +220,54 @@ async def test_shutdown_answers_eshutdown(nbd_rig: NbdRig) -> None:
     assert await client.simple_reply() == (2, Errno.ESHUTDOWN, b"")
     nbd_rig.service.nbd.closing = False
     client.close()
+
+
+class FailingReads:
+    """Wraps a backend: reads at or past ``bad`` fail with EIO, like a bad disk region."""
+
+    def __init__(self, inner: Backend, bad: int) -> None:
+        self.inner = inner
+        self.bad = bad
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if offset >= self.bad:
+            raise OSError(errno.EIO, "injected media error")
+        self.inner.readv(offset, buffers)
+
+
+async def test_device_io_error_is_eio_and_the_connection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = app.open_backend
+    monkeypatch.setattr(app, "open_backend", lambda spec: FailingReads(real_open(spec), 1 * MiB))
+    with tempfile.TemporaryDirectory(prefix="vblk-") as tmp:
+        config = app.ServiceConfig(
+            disks=(app.DiskSpec(name="disk0", backend="memory", size=4 * MiB),),
+            guest_memory=64 * MiB,
+            nbd_listen=(f"unix:{tmp}/s",),
+        )
+        service = app.Service(config)
+        await service.start()
+        await service.start_front_ends()
+        try:
+            rig = NbdRig(service, f"{tmp}/s", 0)
+            client = await WireClient.connect(rig)
+            await client.go()
+            client.request(Command.READ, 1, 2 * MiB, 4096)
+            assert await client.simple_reply() == (1, Errno.EIO, b"")
+            client.request(Command.READ, 2, 0, 4096)
+            assert await client.simple_reply(4096) == (2, 0, bytes(4096))
+            stats = service.disks["disk0"].driver.statistics()
+            assert stats.requests[("read", "ioerr")] == 1
+            client.close()
+        finally:
+            await service.stop()
