@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import uvloop
 
 from device.backends import Backend
 from device.backends.memory import MemoryBackend
@@ -50,6 +51,11 @@ async def make_rig(
     guest = Guest(machine)
     [disk] = await guest.probe(**driver_options)
     return Rig(memory, machine, backend, device, guest, disk)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on uvloop, the loop vblk serves on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

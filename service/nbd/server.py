@@ -8,11 +8,13 @@ Requests are pipelined: each runs in its own task and replies go out as they com
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from typing import Any, cast
 
 import structlog
 
@@ -27,6 +29,7 @@ log = structlog.get_logger("vblk.nbd")
 SECTOR = 512
 READ_CHUNK = 256 * 1024
 MAX_INFLIGHT = 128  # requests per connection before we stop reading more
+MAX_BUFFERED = 4 * READ_CHUNK  # unparsed bytes before the transport stops reading
 NEGOTIATION_TIMEOUT = 30.0
 MAX_EXTENTS = 1 << 16
 SPARSE_READ_MIN = 64 * 1024  # structured reads this long report holes instead of zeroes
@@ -73,6 +76,160 @@ def _errno_of(exc: BaseException) -> Errno:
     return Errno.EIO
 
 
+class Channel(asyncio.BufferedProtocol):
+    """A connection's bytes: framing bytes are buffered, WRITE payloads land in guest memory.
+
+    While a payload destination is armed (:meth:`readinto_exactly`), the transport's
+    ``get_buffer`` hands out that memoryview, so the kernel copies the socket data
+    straight into the DMA buffer the virtqueue will point at: no intermediate bytes.
+    """
+
+    def __init__(self, handler: Callable[[Channel], Coroutine[Any, Any, None]]) -> None:
+        self._handler = handler
+        self.transport: asyncio.Transport | None = None
+        self._recv = memoryview(bytearray(READ_CHUNK))
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._target: memoryview | None = None
+        self._target_pos = 0
+        self._paused = False
+        self._reading_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    # -- protocol callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.task = asyncio.get_running_loop().create_task(self._handler(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._target_pos :]
+        return self._recv
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._target_pos += nbytes
+            if self._target_pos >= len(self._target):
+                self._target = None
+                self._wake()
+            return
+        self._chunks.append(bytes(self._recv[:nbytes]))
+        self._buffered += nbytes
+        if self._buffered > MAX_BUFFERED and self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._target = None
+        self._wake()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- the connection's side -------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The bytes received so far (at least one), or b"" at end of stream."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            await self._wait()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def readinto_exactly(self, view: memoryview) -> None:
+        """Fill ``view`` from the stream (the kernel writes into it directly)."""
+        pos = 0
+        while self._chunks and pos < len(view):  # bytes that arrived before we armed
+            chunk = self._chunks.popleft()
+            take = min(len(chunk), len(view) - pos)
+            view[pos : pos + take] = chunk[:take]
+            self._buffered -= len(chunk)
+            if take < len(chunk):
+                self._chunks.appendleft(chunk[take:])
+                self._buffered += len(chunk) - take
+            pos += take
+        if pos == len(view):
+            return
+        if self._eof:
+            raise asyncio.IncompleteReadError(bytes(view[:pos]), len(view))
+        self._target = view
+        self._target_pos = pos
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        try:
+            while self._target is not None:
+                if self._eof:
+                    raise asyncio.IncompleteReadError(bytes(view[: self._target_pos]), len(view))
+                await self._wait()
+        finally:
+            self._target = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._eof and (self.transport is None or self.transport.is_closing()):
+            raise ConnectionResetError("connection lost")
+        if not self._paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        return str(self.transport.get_extra_info("peername") or self.transport.get_extra_info("sockname"))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class NbdServer:
     """Serves ``exports`` over TCP and/or unix sockets until :meth:`close`."""
 
@@ -97,26 +254,30 @@ class NbdServer:
     def connections(self) -> int:
         return len(self._connections)
 
+    def _protocol(self) -> Channel:
+        return Channel(self._accept)
+
     async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
-        server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
         self._servers.append(server)
         return [sock.getsockname()[:2] for sock in server.sockets]
 
     async def listen_unix(self, path: str) -> None:
-        self._servers.append(await asyncio.start_unix_server(self._accept, path))
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_unix_server(self._protocol, path))
 
     async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening socket (socket activation)."""
+        loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._accept, sock=sock)
+            server = await loop.create_unix_server(self._protocol, sock=sock)
         else:
-            server = await asyncio.start_server(self._accept, sock=sock)
+            server = await loop.create_server(self._protocol, sock=sock)
         self._servers.append(server)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = _Connection(self, reader, writer)
+    async def _accept(self, channel: Channel) -> None:
+        connection = _Connection(self, channel)
         self._connections.add(connection)
         self.connections_total += 1
         try:
@@ -137,12 +298,12 @@ class NbdServer:
 
 
 class _Connection:
-    def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: NbdServer, channel: Channel) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.channel = channel
+        self.writer = channel
         self.codec = p.ServerConnection(server._catalog, shutting_down=server.closing)
-        self.peer = str(writer.get_extra_info("peername") or writer.get_extra_info("sockname"))
+        self.peer = channel.peer()
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(MAX_INFLIGHT)
         self.export: NbdExport | None = None
@@ -153,8 +314,7 @@ class _Connection:
     def shutdown(self) -> None:
         self._closing = True
         self.codec.shutting_down = True
-        with contextlib.suppress(Exception):
-            self.reader.feed_eof()
+        self.channel.eof_received()
 
     async def run(self) -> None:
         log.debug("nbd_connect", peer=self.peer)
@@ -169,13 +329,11 @@ class _Connection:
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            self.channel.close()
             log.debug("nbd_disconnect", peer=self.peer)
 
     async def _fill(self) -> bool:
-        data = await self.reader.read(READ_CHUNK)
+        data = await self.channel.read()
         if not data:
             return False
         self.codec.receive_data(data)
@@ -264,10 +422,14 @@ class _Connection:
         view = buffer.view[head : head + request.length]
         taken = self.codec.take_payload(view)
         if taken < request.length:
-            rest = request.length - taken
-            data = await self.reader.readexactly(rest)
-            view[taken:] = data
-            self.codec.payload_done(rest)
+            try:
+                await self.channel.readinto_exactly(view[taken:])
+            except BaseException:
+                view.release()
+                buffer.free()
+                raise
+            self.codec.payload_done(request.length - taken)
+        view.release()
         return buffer
 
     # -- replies ------------------------------------------------------------------------------
@@ -334,16 +496,18 @@ class _Connection:
             head = request.offset - start
             data = buffer.view[head : head + request.length]
             # All data is in hand before any header goes out (no half-sent success).
+            # Transports may keep a reference to unsent memoryviews (uvloop, CPython 3.12+),
+            # and the DMA buffer is reused as soon as we return: hand them a copy.
             if not self.structured:
                 self.writer.write(p.encode_simple_reply(request.cookie))
-                self.writer.write(data)
+                self.writer.write(bytes(data))
             elif request.length >= SPARSE_READ_MIN and not request.flags & CommandFlag.DF:
                 self._send_sparse(request, export, data)
             else:
                 self.writer.write(
                     p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
                 )
-                self.writer.write(data)
+                self.writer.write(bytes(data))
             data.release()
         finally:
             buffer.free()
@@ -367,7 +531,7 @@ class _Connection:
             else:
                 rel = offset - request.offset
                 write(p.encode_offset_data(request.cookie, offset, length, done=done))
-                write(data[rel : rel + length])
+                write(bytes(data[rel : rel + length]))
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
         driver = export.driver
