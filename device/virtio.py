@@ -47,6 +47,8 @@ class DeviceStatistics:
     config_interrupts: int = 0
     resets: int = 0
     needs_reset: int = 0
+    # MSI-X vector (the queue's, VIRTIO_MSI_NO_VECTOR when none) -> [raised, suppressed]
+    interrupts_by_vector: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class VirtioDevice:
@@ -185,12 +187,17 @@ class VirtioDevice:
 
     def interrupt_queue(self, queue: DeviceVirtqueue) -> None:
         """Publish the used index and raise the queue's interrupt if the driver wants one."""
+        counts = self.stats.interrupts_by_vector.get(queue.msix_vector)
+        if counts is None:
+            counts = self.stats.interrupts_by_vector[queue.msix_vector] = [0, 0]
         if queue.publish():
             self.stats.interrupts_raised += 1
+            counts[0] += 1
             if self.transport is not None:
                 self.transport.queue_interrupt(queue)
         else:
             self.stats.interrupts_suppressed += 1
+            counts[1] += 1
 
     def config_changed(self) -> None:
         """Configuration space changed (e.g. capacity): bump the generation and tell the driver."""

@@ -148,6 +148,9 @@ class VirtioBlkStatistics:
     """An immutable snapshot of the driver's counters."""
 
     queues: tuple[QueueStatistics, ...]
+    requests_inflight: int  # requests submitted and not yet completed (ring full: waiting too)
+    io_time: float  # seconds with at least one request in flight
+    io_time_weighted: float  # integral of requests in flight over time, in seconds
     requests: dict[tuple[str, str], int]
     bytes_read: int
     bytes_written: int
@@ -258,6 +261,11 @@ class VirtioBlk:
         self._bytes_written = 0
         self._resets = 0
         self._config_interrupts = 0
+        # Disk time accounting with /proc/diskstats semantics (io_ticks, time_in_queue).
+        self._active = 0
+        self._io_stamp = 0.0
+        self._io_time = 0.0
+        self._io_weighted = 0.0
         self._retired = {"kicks": 0, "kicks_suppressed": 0, "interrupts": 0, "completed": 0}
         self.capacity_listeners: list[Callable[[int], None]] = []
 
@@ -516,6 +524,7 @@ class VirtioBlk:
         """
         op = _OP_NAMES[rtype]
         started = time.perf_counter()
+        self._account_io(started, 1)
         status_name = "ok"
         segments = len(data) + 2
         try:
@@ -566,8 +575,20 @@ class VirtioBlk:
         finally:
             key = (op, status_name)
             self._requests[key] = self._requests.get(key, 0) + 1
+            now = time.perf_counter()
+            self._account_io(now, -1)
             if self.observer is not None:
-                self.observer(op, status_name, time.perf_counter() - started, nbytes)
+                self.observer(op, status_name, now - started, nbytes)
+
+    def _account_io(self, now: float, delta: int) -> None:
+        """Advance busy time and in-flight-weighted time to ``now``, then change the count."""
+        active = self._active
+        if active:
+            elapsed = now - self._io_stamp
+            self._io_time += elapsed
+            self._io_weighted += elapsed * active
+        self._io_stamp = now
+        self._active = active + delta
 
     # -- the block API ---------------------------------------------------------------------
 
@@ -756,8 +777,12 @@ class VirtioBlk:
             )
             for q in self.queues
         )
+        self._account_io(time.perf_counter(), 0)
         return VirtioBlkStatistics(
             queues=queues,
+            requests_inflight=self._active,
+            io_time=self._io_time,
+            io_time_weighted=self._io_weighted,
             requests=dict(self._requests),
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 
 from device.backends import Backend
 from device.backends.memory import MemoryBackend
@@ -22,6 +23,9 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
+from service.blockio import ByteDisk
+from service.http.api import build_app
+from service.metrics import Metrics
 from service.nbd.server import NbdExport, NbdServer
 
 log = structlog.get_logger("vblk.service")
@@ -49,6 +53,9 @@ class ServiceConfig:
     disks: tuple[DiskSpec, ...] = (DiskSpec(),)
     guest_memory: int = 256 * MiB
     nbd_listen: tuple[str, ...] = ("127.0.0.1:10809",)  # host:port, or unix:PATH; empty: no NBD
+    # host:port, or unix:PATH; empty: no HTTP (the CLI's default is 127.0.0.1:8080, see service.config)
+    http_listen: tuple[str, ...] = ()
+    drain_timeout: float = 10.0  # seconds in-flight requests get to finish on stop
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,6 +66,7 @@ class Disk:
     device: VirtioBlkDevice
     driver: VirtioBlk
     serial: str
+    bytes: ByteDisk
 
 
 def open_backend(spec: DiskSpec) -> Backend:
@@ -83,6 +91,15 @@ class Service:
         self._devices: list[tuple[DiskSpec, VirtioBlkDevice]] = []
         self.nbd: NbdServer | None = None
         self.nbd_addresses: list[str] = []
+        self.http: web.AppRunner | None = None
+        self.http_addresses: list[str] = []
+        self.stopping = False
+        self.metrics = Metrics(lambda: self.disks, self._nbd_counts)
+
+    def _nbd_counts(self) -> tuple[int, int]:
+        if self.nbd is None:
+            return 0, 0
+        return self.nbd.connections, self.nbd.connections_total
 
     async def start(self) -> None:
         for spec in self.config.disks:
@@ -97,8 +114,10 @@ class Service:
             self._devices.append((spec, plug_blk(self.machine, backend, blk_config)))
         drivers = await self.guest.probe()
         for (spec, device), driver in zip(self._devices, drivers, strict=True):
+            driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
-            self.disks[spec.name] = Disk(spec, device, driver, serial)
+            byte_disk = ByteDisk(spec.name, driver, device.backend)
+            self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
             log.info(
                 "disk_ready",
                 disk=spec.name,
@@ -114,30 +133,61 @@ class Service:
     async def start_front_ends(self) -> None:
         if self.config.nbd_listen:
             exports = {
-                name: NbdExport(name, disk.driver, disk.device.backend, f"vblk virtio-blk disk {name}")
+                name: NbdExport(disk.bytes, f"vblk virtio-blk disk {name}")
                 for name, disk in self.disks.items()
             }
-            self.nbd = NbdServer(exports)
+            metrics = self.metrics
+            self.nbd = NbdServer(
+                exports,
+                on_request=lambda disk, op, seconds: metrics.observe_request("nbd", disk, op, seconds),
+            )
             for address in self.config.nbd_listen:
                 if address.startswith("unix:"):
                     await self.nbd.listen_unix(address[5:])
                     self.nbd_addresses.append(address)
                 else:
-                    host, _, port = address.rpartition(":")
-                    for bound_host, bound_port in await self.nbd.listen_tcp(host.strip("[]"), int(port)):
-                        self.nbd_addresses.append(f"{bound_host}:{bound_port}")
+                    host, port = _split_address(address)
+                    for bound_host, bound_port in await self.nbd.listen_tcp(host, port):
+                        self.nbd_addresses.append(_join_address(bound_host, bound_port))
             log.info("nbd_listening", addresses=self.nbd_addresses, exports=list(exports))
+        if self.config.http_listen:
+            self.http = web.AppRunner(
+                build_app(self), access_log=None, shutdown_timeout=self.config.drain_timeout
+            )
+            await self.http.setup()
+            for address in self.config.http_listen:
+                site: web.BaseSite
+                if address.startswith("unix:"):
+                    site = web.UnixSite(self.http, address[5:])
+                    await site.start()
+                    self.http_addresses.append(address)
+                    continue
+                host, port = _split_address(address)
+                site = web.TCPSite(self.http, host, port, reuse_address=True)
+                await site.start()
+            for name in self.http.addresses:
+                if isinstance(name, tuple):
+                    self.http_addresses.append(_join_address(name[0], name[1]))
+            log.info("http_listening", addresses=self.http_addresses)
+        for address in (*self.nbd_addresses, *self.http_addresses):
+            host = address.rpartition(":")[0].strip("[]")
+            if not address.startswith("unix:") and host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("listening_beyond_loopback", address=address, hint="no TLS or tokens yet")
 
     async def stop(self) -> None:
-        """Stop the front ends, flush every writable disk, reset devices, release backends."""
+        """Stop accepting, let in-flight requests finish (bounded), flush every disk, release all."""
+        self.stopping = True
+        timeout = self.config.drain_timeout
         if self.nbd is not None:
-            await self.nbd.close()
+            await self.nbd.close(timeout)
+        if self.http is not None:
+            await self.http.cleanup()
         for disk in self.disks.values():
             if not disk.driver.read_only and disk.driver.ready:
                 try:
-                    await disk.driver.flush()
-                except OSError as exc:
-                    log.error("flush_failed", disk=disk.spec.name, error=str(exc))
+                    await asyncio.wait_for(disk.driver.flush(), timeout)
+                except (OSError, TimeoutError) as exc:
+                    log.error("flush_failed", disk=disk.spec.name, error=str(exc) or type(exc).__name__)
         await self.guest.close()
         for _spec, device in self._devices:
             device.close()
@@ -146,20 +196,50 @@ class Service:
         log.info("stopped")
 
 
-async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly."""
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly; the exit status.
+
+    The first signal stops accepting, lets requests in flight finish (``drain_timeout``),
+    flushes every disk and returns 0. A second signal exits at once.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exit_now", signal=signum.name)
+            os._exit(128 + signum)
+        log.info("signal", signal=signum.name)
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
     service = Service(config)
     try:
-        await service.start()
-        await service.start_front_ends()
-        log.info("running", pid=os.getpid(), disks=list(service.disks), nbd=service.nbd_addresses)
-        await stop.wait()
+        async with asyncio.TaskGroup() as group:
+            await service.start()
+            await service.start_front_ends()
+            log.info(
+                "running",
+                pid=os.getpid(),
+                disks=list(service.disks),
+                nbd=service.nbd_addresses,
+                http=service.http_addresses,
+            )
+            group.create_task(stop.wait(), name="vblk-until-signalled")
         log.info("stopping")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await service.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0

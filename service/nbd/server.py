@@ -12,8 +12,10 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import itertools
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, cast
 
 import structlog
@@ -21,10 +23,12 @@ import structlog
 from device.backends import Backend
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
+from service.blockio import ByteDisk
 from service.nbd import protocol as p
 from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
 
 log = structlog.get_logger("vblk.nbd")
+_connection_ids = itertools.count(1)
 
 SECTOR = 512
 READ_CHUNK = 256 * 1024
@@ -37,12 +41,22 @@ SPARSE_READ_MIN = 64 * 1024  # structured reads this long report holes instead o
 
 @dataclasses.dataclass(slots=True)
 class NbdExport:
-    """What the server needs of one disk: its driver and its control plane (the backend)."""
+    """One disk as NBD sees it: byte-addressed I/O through its virtqueues, and a description."""
 
-    name: str
-    driver: VirtioBlk
-    backend: Backend
+    disk: ByteDisk
     description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.disk.name
+
+    @property
+    def driver(self) -> VirtioBlk:
+        return self.disk.driver
+
+    @property
+    def backend(self) -> Backend:
+        return self.disk.backend
 
     def describe(self) -> p.Export:
         return p.Export(
@@ -238,7 +252,7 @@ class NbdServer:
         exports: Mapping[str, NbdExport],
         *,
         default_export: str | None = None,
-        on_request: Callable[[str, float], None] | None = None,
+        on_request: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.exports = exports
         self.default_export = default_export if default_export is not None else next(iter(exports), None)
@@ -248,7 +262,6 @@ class NbdServer:
         self.closing = False
         self.on_request = on_request
         self.connections_total = 0
-        self.edge_locks = EdgeLocks()
 
     @property
     def connections(self) -> int:
@@ -285,13 +298,25 @@ class NbdServer:
         finally:
             self._connections.discard(connection)
 
-    async def close(self) -> None:
-        """Stop accepting, answer new requests ESHUTDOWN, finish those in flight, disconnect."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting, answer new requests ESHUTDOWN, let those in flight finish, disconnect.
+
+        Connections still busy after ``timeout`` seconds are cut.
+        """
         self.closing = True
         for server in self._servers:
             server.close()
-        for connection in list(self._connections):
+        connections = list(self._connections)
+        for connection in connections:
             connection.shutdown()
+        tasks = [c.channel.task for c in connections if c.channel.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("nbd_connections_cut", count=len(late), timeout=timeout)
+                await asyncio.wait(late)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -310,6 +335,11 @@ class _Connection:
         self.structured = False
         self.meta_contexts: dict[int, str] = {}
         self._closing = False
+        self.id = next(_connection_ids)
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
 
     def shutdown(self) -> None:
         self._closing = True
@@ -317,20 +347,37 @@ class _Connection:
         self.channel.eof_received()
 
     async def run(self) -> None:
-        log.debug("nbd_connect", peer=self.peer)
+        # Every log line of this connection (and of its request tasks) carries these.
+        structlog.contextvars.bind_contextvars(nbd_conn=self.id, peer=self.peer)
+        started = time.monotonic()
+        reason = "disconnect"
         try:
             self.writer.write(self.codec.greeting())
             if await asyncio.wait_for(self._negotiate(), NEGOTIATION_TIMEOUT):
                 await self._transmission()
         except p.RemoteProtocolError as exc:
-            log.warning("nbd_protocol_error", peer=self.peer, error=str(exc))
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.info("nbd_connection_lost", peer=self.peer, error=repr(exc))
+            reason = "protocol_error"
+            log.warning("nbd_protocol_error", error=str(exc))
+        except TimeoutError:
+            reason = "negotiation_timeout"
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            reason = "connection_lost"
+            log.debug("nbd_connection_lost", error=repr(exc))
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             self.channel.close()
-            log.debug("nbd_disconnect", peer=self.peer)
+            log.info(
+                "nbd_connection",
+                export=self.export.name if self.export is not None else None,
+                reason=reason,
+                seconds=round(time.monotonic() - started, 6),
+                requests=sum(self.requests.values()),
+                by_command=dict(self.requests),
+                errors=self.errors,
+                bytes_read=self.bytes_read,
+                bytes_written=self.bytes_written,
+            )
 
     async def _fill(self) -> bool:
         data = await self.channel.read()
@@ -352,15 +399,15 @@ class _Connection:
                     return False
                 continue
             if isinstance(event, p.Aborted):
-                log.info("nbd_negotiation_ended", peer=self.peer, reason=event.reason)
+                log.info("nbd_negotiation_ended", reason=event.reason)
                 return False
             if isinstance(event, p.Negotiated):
                 self.export = self.server.exports.get(event.export.name)
                 self.structured = event.structured_replies
                 self.meta_contexts = event.meta_contexts
+                structlog.contextvars.bind_contextvars(export=event.export.name)
                 log.info(
                     "nbd_negotiated",
-                    peer=self.peer,
                     export=event.export.name,
                     structured_replies=self.structured,
                     meta_contexts=list(self.meta_contexts.values()),
@@ -410,15 +457,13 @@ class _Connection:
         self.tasks.discard(task)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
-            log.error("nbd_request_crashed", peer=self.peer, error=repr(task.exception()))
+            log.error("nbd_request_crashed", error=repr(task.exception()))
 
     async def _receive_payload(self, request: p.Request) -> DmaBuffer:
         """Read a WRITE payload into a DMA buffer laid out for the aligned sector range."""
         assert self.export is not None
-        start = request.offset - request.offset % SECTOR
-        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
-        buffer = await self.export.driver.dma.allocate_wait(end - start)
-        head = request.offset - start
+        buffer = await self.export.disk.allocate_for(request.offset, request.length)
+        head = request.offset % SECTOR
         view = buffer.view[head : head + request.length]
         taken = self.codec.take_payload(view)
         if taken < request.length:
@@ -435,6 +480,7 @@ class _Connection:
     # -- replies ------------------------------------------------------------------------------
 
     def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
+        self.errors += 1
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
             self.writer.write(p.encode_error_chunk(request.cookie, error, message))
         else:
@@ -452,6 +498,7 @@ class _Connection:
         loop = asyncio.get_running_loop()
         started = loop.time()
         name = Command(request.command).name.lower()
+        self.requests[name] += 1
         try:
             if request.command == Command.READ:
                 await self._read(request, export)
@@ -474,27 +521,19 @@ class _Connection:
             elif request.command == Command.BLOCK_STATUS:
                 self._block_status(request, export)
         except (BlkError, OSError) as exc:
-            log.warning(
-                "nbd_request_failed", peer=self.peer, command=name, offset=request.offset, error=str(exc)
-            )
+            log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(exc))
             self._send_error(request, _errno_of(exc), str(exc))
         finally:
             if payload is not None:
                 payload.free()
         if self.server.on_request is not None:
-            self.server.on_request(name, loop.time() - started)
+            self.server.on_request(export.name, name, loop.time() - started)
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
     async def _read(self, request: p.Request, export: NbdExport) -> None:
-        driver = export.driver
-        start = request.offset - request.offset % SECTOR
-        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
-        buffer = await driver.dma.allocate_wait(end - start)
+        buffer, data = await export.disk.read_buffer(request.offset, request.length)
         try:
-            await driver.read_into(start // SECTOR, buffer, end - start)
-            head = request.offset - start
-            data = buffer.view[head : head + request.length]
             # All data is in hand before any header goes out (no half-sent success).
             # Transports may keep a reference to unsent memoryviews (uvloop, CPython 3.12+),
             # and the DMA buffer is reused as soon as we return: hand them a copy.
@@ -508,8 +547,9 @@ class _Connection:
                     p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
                 )
                 self.writer.write(bytes(data))
-            data.release()
+            self.bytes_read += request.length
         finally:
+            data.release()
             buffer.free()
 
     def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
@@ -534,53 +574,18 @@ class _Connection:
                 write(bytes(data[rel : rel + length]))
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
-        driver = export.driver
-        start = request.offset - request.offset % SECTOR
-        end = -(-(request.offset + request.length) // SECTOR) * SECTOR
-        head = request.offset - start
-        tail = end - (request.offset + request.length)
         fua = bool(request.flags & CommandFlag.FUA)
-        if head or tail:
-            # Read-modify-write of the partial sectors at either end.
-            async with self.server.edge_locks.hold(export.name, start, end):
-                if head:
-                    edge = await driver.read(start // SECTOR, SECTOR)
-                    buffer.view[:head] = edge[:head]
-                if tail:
-                    edge = await driver.read((end - SECTOR) // SECTOR, SECTOR)
-                    buffer.view[end - start - tail : end - start] = edge[SECTOR - tail :]
-                await driver.write_from(start // SECTOR, buffer, end - start, fua=fua)
-            return
-        await driver.write_from(start // SECTOR, buffer, end - start, fua=fua)
+        await export.disk.write_buffer(request.offset, request.length, buffer, fua=fua)
+        self.bytes_written += request.length
 
     async def _trim(self, request: p.Request, export: NbdExport) -> None:
-        # Trim is advisory: only whole sectors inside the range are discarded.
-        first = -(-request.offset // SECTOR)
-        last = (request.offset + request.length) // SECTOR
-        if last > first:
-            await export.driver.discard(first, last - first)
-        if request.flags & CommandFlag.FUA:
-            await export.driver.flush()
+        fua = bool(request.flags & CommandFlag.FUA)
+        await export.disk.discard(request.offset, request.length, fua=fua)
 
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
-        driver = export.driver
-        offset, end = request.offset, request.offset + request.length
-        first = -(-offset // SECTOR) * SECTOR
-        last = end // SECTOR * SECTOR
         unmap = not request.flags & CommandFlag.NO_HOLE
-        if last > first:
-            await driver.write_zeroes(first // SECTOR, (last - first) // SECTOR, unmap=unmap)
-        for lo, hi in ((offset, min(first, end)), (max(last, offset), end)):
-            if hi > lo and not (lo >= first and hi <= last):
-                sector = lo // SECTOR
-                async with self.server.edge_locks.hold(
-                    export.name, sector * SECTOR, sector * SECTOR + SECTOR
-                ):
-                    data = bytearray(await driver.read(sector, SECTOR))
-                    data[lo - sector * SECTOR : hi - sector * SECTOR] = bytes(hi - lo)
-                    await driver.write(sector, data)
-        if request.flags & CommandFlag.FUA:
-            await driver.flush()
+        fua = bool(request.flags & CommandFlag.FUA)
+        await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
         extents = export.backend.extents(request.offset, request.length)
@@ -600,28 +605,3 @@ class _Connection:
         for context_id in self.meta_contexts:
             self.writer.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
         self.writer.write(p.encode_done(request.cookie))
-
-
-class EdgeLocks:
-    """Serialises read-modify-write cycles on shared edge sectors of unaligned writes.
-
-    Two non-overlapping unaligned writes may share a sector; without this, each would read
-    the old sector and the second write-back would undo the first.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, export: str, start: int, end: int) -> AsyncIterator[None]:
-        keys = sorted({(export, start // SECTOR), (export, (end - 1) // SECTOR)})
-        locks = [self._locks.setdefault(key, asyncio.Lock()) for key in keys]
-        for lock in locks:
-            await lock.acquire()
-        try:
-            yield
-        finally:
-            for key, lock in zip(keys, locks, strict=True):
-                lock.release()
-                if not lock.locked() and not getattr(lock, "_waiters", None):
-                    self._locks.pop(key, None)

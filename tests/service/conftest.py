@@ -49,6 +49,11 @@ class NbdRig:
     service: Service
     socket: str
     tcp_port: int
+    http: str = ""  # host:port of the HTTP listener
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http}"
 
     def uri(self, export: str = "disk0") -> str:
         return f"nbd+unix:///{export}?socket={self.socket}"
@@ -68,13 +73,14 @@ async def nbd_rig() -> AsyncIterator[NbdRig]:
         ),
         guest_memory=128 * MiB,
         nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
+        http_listen=("127.0.0.1:0",),
     )
     service = Service(config)
     await service.start()
     await service.start_front_ends()
     port = int(service.nbd_addresses[1].rsplit(":", 1)[1])
     try:
-        yield NbdRig(service, socket_path, port)
+        yield NbdRig(service, socket_path, port, service.http_addresses[0])
     finally:
         await service.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -11,7 +11,8 @@ import tempfile
 
 import pytest
 
-from service.cli import main, parse_disk, parse_size
+from service.cli import main
+from service.config import parse_disk, parse_size
 from tests.service.conftest import MiB, run
 
 
@@ -50,7 +51,9 @@ async def test_serve_two_disks_then_sigterm_flushes_and_exits_zero() -> None:
             "127.0.0.1:0",
             "--nbd-socket",
             sock,
-            stderr=asyncio.subprocess.PIPE,
+            "--http-listen",
+            "127.0.0.1:0",
+            stdout=asyncio.subprocess.PIPE,
         )
         try:
             for _ in range(200):
@@ -66,7 +69,7 @@ async def test_serve_two_disks_then_sigterm_flushes_and_exits_zero() -> None:
             assert os.path.getsize(image) == 8 * MiB
         finally:
             proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            err, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
         events = [json.loads(line)["event"] for line in err.decode().splitlines() if line.startswith("{")]
         assert "nbd_listening" in events and events[-1] == "stopped"

@@ -1,0 +1,290 @@
+"""Configuration: command-line flags, a TOML file and ``VBLK_*`` variables, one set of names.
+
+Service layer, beside the CLI. Each setting has one name, spelled ``--nbd-listen`` as a flag,
+``nbd-listen`` (or ``nbd_listen``) in the TOML file and ``VBLK_NBD_LISTEN`` in the
+environment. A flag beats the environment, which beats the file, which beats the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.app import DiskSpec, ServiceConfig
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+DISK_KEYS = ("name", "image", "size", "backend", "read-only", "queues", "queue-size", "io-mode")
+BACKENDS = ("file", "memory")
+IO_MODES = ("inline", "thread")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting and where it came from."""
+
+
+def parse_size(text: str | int) -> int:
+    """``512``, ``64M``, ``1G``, ``2T`` (binary units, optional ``iB``/``B``)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on", "y"):
+        return True
+    if value in ("0", "false", "no", "off", "n", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value)
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not an integer: {value!r}")
+    return int(value)
+
+
+def _listen_list(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else re.split(r"[\s,]+", str(value).strip())
+    return [str(item) for item in items if str(item)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # flag spelling without the dashes
+    default: Any
+    convert: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "VBLK_" + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", "disk0", str, "disk (export) name", "NAME"),
+    Setting("backend", "file", _choice(BACKENDS), "storage backend: file or memory", "KIND"),
+    Setting("image", "disk.img", str, "raw image file (created sparse if missing)", "PATH"),
+    Setting("size", 1 << 30, parse_size, "size of a new image (512, 64M, 1G, ...)", "SIZE"),
+    Setting("read-only", False, parse_bool, "export read-only (VIRTIO_BLK_F_RO)"),
+    Setting("queues", 1, _int, "virtqueues per disk (VIRTIO_BLK_F_MQ)", "N"),
+    Setting("queue-size", 256, _int, "descriptors per virtqueue", "N"),
+    Setting("io-mode", "inline", _choice(IO_MODES), "backend I/O on the event loop or in threads", "MODE"),
+    Setting("disk", [], list, "a disk: name=N[,image=P][,size=S][,backend=B][,read-only]...", "SPEC"),
+    Setting(
+        "nbd-listen", ["127.0.0.1:10809"], _listen_list, "NBD TCP listener(s); 'none' for none", "HOST:PORT"
+    ),
+    Setting("nbd-socket", None, str, "also serve NBD on this unix socket", "PATH"),
+    Setting(
+        "http-listen", ["127.0.0.1:8080"], _listen_list, "HTTP listener(s); 'none' for none", "HOST:PORT"
+    ),
+    Setting("http-socket", None, str, "also serve HTTP on this unix socket", "PATH"),
+    Setting("guest-memory", 256 << 20, parse_size, "guest RAM holding the rings and DMA buffers", "SIZE"),
+    Setting("drain-timeout", 10.0, float, "seconds to finish in-flight requests on SIGTERM", "SECONDS"),
+    Setting("log-level", "info", _choice(("debug", "info", "warning", "error")), "log level", "LEVEL"),
+    Setting("log-format", "auto", _choice(LOG_FORMATS), "auto: JSON unless stdout is a terminal", "FMT"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML config file's settings, keys normalised to flag spelling."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        if name == "disks":
+            name = "disk"
+        if name not in BY_NAME:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        settings[name] = value
+    return settings
+
+
+def resolve(
+    flags: Mapping[str, Any], environ: Mapping[str, str], file_settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Each setting's value: flag, then ``VBLK_*``, then the file, then the default."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for source, raw in (
+            ("--" + setting.name, flags.get(setting.dest)),
+            (setting.env, environ.get(setting.env)),
+            ("config file", file_settings.get(setting.name)),
+        ):
+            if raw is None:
+                continue
+            if setting.name == "disk":
+                values["disk"] = _disk_list(raw, source)
+            else:
+                try:
+                    values[setting.name] = setting.convert(raw)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{source}: {exc}") from exc
+            break
+        else:
+            values[setting.name] = setting.default
+    return values
+
+
+def _disk_list(raw: Any, source: str) -> list[dict[str, str]]:
+    if isinstance(raw, str):  # VBLK_DISK: specs separated by ';' or whitespace
+        items: list[Any] = [part for part in re.split(r"[;\s]+", raw.strip()) if part]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError(f"{source}: disk must be a list of disk specs")
+    disks = []
+    for item in items:
+        try:
+            if isinstance(item, str):
+                disks.append(parse_disk(item))
+            elif isinstance(item, dict):
+                disks.append(_disk_table(item))
+            else:
+                raise ValueError(f"not a disk spec: {item!r}")
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    return disks
+
+
+def parse_disk(text: str) -> dict[str, str]:
+    """``name=db,image=db.img,size=4G,read-only`` → a dict of disk options."""
+    options: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if key not in DISK_KEYS:
+            raise ValueError(f"unknown disk option {key!r} (known: {', '.join(DISK_KEYS)})")
+        if not sep and key != "read-only":
+            raise ValueError(f"disk option {key!r} needs a value")
+        options[key] = value if sep else "true"
+    if "name" not in options:
+        raise ValueError("a disk needs name=")
+    return options
+
+
+def _disk_table(table: Mapping[str, Any]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for key, value in table.items():
+        name = key.replace("_", "-")
+        if name not in DISK_KEYS:
+            raise ValueError(f"unknown disk option {key!r} (known: {', '.join(DISK_KEYS)})")
+        options[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    if "name" not in options:
+        raise ValueError("a disk needs name")
+    return options
+
+
+_DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
+    defaults: dict[str, Any] = {
+        "backend": values["backend"],
+        "size": values["size"],
+        "read_only": values["read-only"],
+        "num_queues": values["queues"],
+        "queue_size": values["queue-size"],
+        "io_mode": values["io-mode"],
+    }
+    specs: list[dict[str, Any]] = []
+    if not values["disk"]:
+        specs.append({"name": values["name"], "path": Path(values["image"]), **defaults})
+    for options in values["disk"]:
+        name = options["name"]
+        spec = dict(defaults, name=name, path=Path(options.get("image", f"{name}.img")))
+        try:
+            if "size" in options:
+                spec["size"] = parse_size(options["size"])
+            if "backend" in options:
+                spec["backend"] = _choice(BACKENDS)(options["backend"])
+            if "read-only" in options:
+                spec["read_only"] = parse_bool(options["read-only"])
+            if "queues" in options:
+                spec["num_queues"] = int(options["queues"])
+            if "queue-size" in options:
+                spec["queue_size"] = int(options["queue-size"])
+            if "io-mode" in options:
+                spec["io_mode"] = _choice(IO_MODES)(options["io-mode"])
+        except ValueError as exc:
+            raise ConfigError(f"disk {name}: {exc}") from exc
+        specs.append(spec)
+    disks = []
+    for spec in specs:
+        name = spec["name"]
+        if not _DISK_NAME.fullmatch(name):
+            raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
+        if spec["size"] <= 0 or spec["size"] % 512:
+            raise ConfigError(f"disk {name}: size must be a positive multiple of 512")
+        if not 1 <= spec["num_queues"] <= 64:
+            raise ConfigError(f"disk {name}: queues must be 1..64")
+        if not 4 <= spec["queue_size"] <= 32768 or spec["queue_size"] & (spec["queue_size"] - 1):
+            raise ConfigError(f"disk {name}: queue-size must be a power of two in 4..32768")
+        disks.append(DiskSpec(**spec))
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"disk names must be unique: {names}")
+    return tuple(disks)
+
+
+def service_config(values: Mapping[str, Any]) -> ServiceConfig:
+    nbd = [a for a in values["nbd-listen"] if a != "none"]
+    if values["nbd-socket"]:
+        nbd.append("unix:" + values["nbd-socket"])
+    http = [a for a in values["http-listen"] if a != "none"]
+    if values["http-socket"]:
+        http.append("unix:" + values["http-socket"])
+    for address in (*nbd, *http):
+        if not address.startswith("unix:"):
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"listen address {address!r}: want HOST:PORT")
+    return ServiceConfig(
+        disks=disks_of(values),
+        guest_memory=values["guest-memory"],
+        nbd_listen=tuple(nbd),
+        http_listen=tuple(http),
+        drain_timeout=values["drain-timeout"],
+    )
+
+
+def from_sources(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> tuple[ServiceConfig, dict[str, Any]]:
+    environ = os.environ if environ is None else environ
+    path = config_file or (Path(environ["VBLK_CONFIG"]) if environ.get("VBLK_CONFIG") else None)
+    file_settings = load_toml(path) if path is not None else {}
+    values = resolve(flags, environ, file_settings)
+    return service_config(values), values

@@ -1,0 +1,1 @@
+"""The HTTP front end: REST sector API, health checks, metrics endpoint."""

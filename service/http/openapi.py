@@ -1,0 +1,192 @@
+"""The OpenAPI 3.1 description of vblk's HTTP interface, served at ``/openapi.json``.
+
+Service layer, REST front end. Kept beside the handlers in :mod:`service.http.api`; a test
+checks that every route the application serves is described here and nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_FLUSH = {
+    "name": "flush",
+    "in": "query",
+    "schema": {"type": "string", "enum": ["y", "n"], "default": "y"},
+    "description": "Flush the disk's write cache before answering.",
+}
+_BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    disk_ref = {"$ref": "#/components/schemas/Disk"}
+    errors = {"400": _ERROR, "403": _ERROR, "404": _ERROR, "416": _ERROR, "500": _ERROR}
+    sectors_params = [
+        _NAME,
+        {"name": "lba", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
+        {"name": "count", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vblk",
+            "version": "1",
+            "description": "Sector and byte-range access to vblk's virtio-blk disks, health and metrics.",
+        },
+        "paths": {
+            "/healthz": {
+                "get": {"summary": "Liveness", "responses": {"200": _json({"type": "object"}, "alive")}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: every device DRIVER_OK and not NEEDS_RESET",
+                    "responses": {
+                        "200": _json({"type": "object"}, "ready"),
+                        "503": _json({"type": "object"}, "not ready"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text 0.0.4, or OpenMetrics by Accept)",
+                    "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI")},
+                }
+            },
+            "/v1/disks": {
+                "get": {
+                    "summary": "List disks",
+                    "responses": {"200": _json({"type": "array", "items": disk_ref}, "disks")},
+                }
+            },
+            "/v1/disks/{name}": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "Read the disk, or one byte range of it (Range: bytes=a-b, a-, -n)",
+                    "parameters": [{"name": "Range", "in": "header", "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "the whole disk", "content": _BYTES},
+                        "206": {"description": "the range asked for", "content": _BYTES},
+                        **errors,
+                    },
+                },
+                "head": {
+                    "summary": "Size and range support (Content-Length, Accept-Ranges)",
+                    "responses": {"200": {"description": "headers only"}, "404": _ERROR, "416": _ERROR},
+                },
+                "put": {
+                    "summary": "Write the body at an offset (Content-Range: bytes a-b/* or ?offset=)",
+                    "parameters": [
+                        {"name": "Content-Range", "in": "header", "schema": {"type": "string"}},
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        _FLUSH,
+                    ],
+                    "requestBody": {"required": True, "content": _BYTES},
+                    "responses": {"200": _json({"type": "object"}, "written"), "411": _ERROR, **errors},
+                },
+                "patch": {
+                    "summary": "zero, discard or flush",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Patch"}}},
+                    },
+                    "responses": {"200": _json({"type": "object"}, "done"), **errors},
+                },
+                "options": {
+                    "summary": "Allowed methods (Allow header) and features",
+                    "responses": {"200": _json({"type": "object"}, "features"), "404": _ERROR},
+                },
+            },
+            "/v1/disks/{name}/info": {
+                "parameters": [_NAME],
+                "get": {"summary": "One disk", "responses": {"200": _json(disk_ref, "disk"), "404": _ERROR}},
+            },
+            "/v1/disks/{name}/extents": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "Allocation map",
+                    "parameters": [
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "length", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {"type": "array", "items": {"$ref": "#/components/schemas/Extent"}}, "map"
+                        ),
+                        **errors,
+                    },
+                },
+            },
+            "/v1/disks/{name}/sectors/{lba}": {
+                "parameters": sectors_params,
+                "get": {
+                    "summary": "Read count sectors of 512 bytes at lba",
+                    "responses": {"200": {"description": "raw sectors", "content": _BYTES}, **errors},
+                },
+                "put": {
+                    "summary": "Write whole sectors at lba (body: a multiple of 512 bytes)",
+                    "parameters": [_FLUSH],
+                    "requestBody": {"required": True, "content": _BYTES},
+                    "responses": {"200": _json({"type": "object"}, "written"), "411": _ERROR, **errors},
+                },
+            },
+        },
+        "components": {
+            "responses": {
+                "Error": _json({"$ref": "#/components/schemas/Error"}, "error"),
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+                "Disk": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "size": {"type": "integer"},
+                        "sector_size": {"type": "integer"},
+                        "block_size": {"type": "integer"},
+                        "read_only": {"type": "boolean"},
+                        "features": {"type": "array", "items": {"type": "string"}},
+                        "serial": {"type": "string"},
+                        "pci": {"type": "string"},
+                        "queues": {"type": "integer"},
+                        "queue_size": {"type": "integer"},
+                        "backend": {"type": "string"},
+                        "ready": {"type": "boolean"},
+                    },
+                },
+                "Extent": {
+                    "type": "object",
+                    "properties": {
+                        "start": {"type": "integer"},
+                        "length": {"type": "integer"},
+                        "zero": {"type": "boolean"},
+                        "hole": {"type": "boolean"},
+                    },
+                },
+                "Patch": {
+                    "type": "object",
+                    "required": ["op"],
+                    "properties": {
+                        "op": {"type": "string", "enum": ["zero", "discard", "flush"]},
+                        "offset": {"type": "integer", "minimum": 0},
+                        "size": {"type": "integer", "minimum": 1},
+                        "flush": {"type": "boolean", "default": False},
+                    },
+                },
+            },
+        },
+    }

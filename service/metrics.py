@@ -1,0 +1,196 @@
+"""Prometheus metrics for vblk: the rings, the device, the driver and the front ends.
+
+Service layer. Most figures are read at scrape time from the counters the driver and the
+device already keep (a custom collector: no work per request); only latency histograms and
+HTTP request counts are observed per request. Names follow Prometheus conventions: prefix
+``vblk_``, base units (seconds, bytes), ``_total`` for counters, small label sets. The
+``io_time`` pair has node_exporter's disk semantics (``node_disk_io_time_seconds_total``,
+``node_disk_io_time_weighted_seconds_total``), so familiar dashboards carry over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from service.app import Disk
+
+VERSION = "0.1.0"
+
+# From 50 µs (an in-memory read) to 10 s (a stuck backend).
+LATENCY_BUCKETS = (
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class _DiskCollector(Collector):
+    """Snapshots of every disk's driver and device counters, taken at scrape time."""
+
+    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: Callable[[], tuple[int, int]]) -> None:
+        self._disks = disks
+        self._nbd = nbd
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily: the disks exist only once the service has started
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily
+        c = CounterMetricFamily
+        size = g("vblk_disk_size_bytes", "Capacity of the disk", labels=["disk"])
+        read_only = g("vblk_disk_read_only", "1 if the device offers VIRTIO_BLK_F_RO", labels=["disk"])
+        ready = g("vblk_disk_ready", "1 while the device is DRIVER_OK and not NEEDS_RESET", labels=["disk"])
+        q_size = g("vblk_virtqueue_size", "Descriptors in the virtqueue", labels=["disk", "queue"])
+        q_depth = g("vblk_virtqueue_depth", "Chains in flight on the virtqueue", labels=["disk", "queue"])
+        q_free = g("vblk_virtqueue_free_descriptors", "Free descriptors", labels=["disk", "queue"])
+        kicks = c("vblk_kicks", "Notifications the driver sent the device", labels=["disk", "queue"])
+        kicks_sup = c(
+            "vblk_kicks_suppressed",
+            "Notifications the driver skipped (avail_event / NO_NOTIFY said the device was busy)",
+            labels=["disk", "queue"],
+        )
+        irq_received = c(
+            "vblk_interrupts_received",
+            "Used-buffer interrupts the driver handled",
+            labels=["disk", "queue"],
+        )
+        irqs = c("vblk_interrupts", "Interrupts the device raised", labels=["disk", "vector"])
+        irqs_sup = c(
+            "vblk_interrupts_suppressed",
+            "Interrupts the device skipped (used_event / NO_INTERRUPT)",
+            labels=["disk", "vector"],
+        )
+        requests = c(
+            "vblk_requests",
+            "virtio-blk requests completed, by operation and status (ok, ioerr, unsupp, reset, ...)",
+            labels=["disk", "op", "status"],
+        )
+        inflight = g(
+            "vblk_requests_inflight", "virtio-blk requests submitted, not completed", labels=["disk"]
+        )
+        read_bytes = c("vblk_read_bytes", "Bytes read through the device", labels=["disk"])
+        written_bytes = c("vblk_written_bytes", "Bytes written through the device", labels=["disk"])
+        io_time = c("vblk_io_time_seconds", "Seconds with at least one request in flight", labels=["disk"])
+        io_weighted = c(
+            "vblk_io_time_weighted_seconds",
+            "Integral of requests in flight over time (average queue size = its rate)",
+            labels=["disk"],
+        )
+        resets = c("vblk_device_resets", "Device resets the driver performed to recover", labels=["disk"])
+        needs_reset = c("vblk_device_needs_reset", "Times the device set DEVICE_NEEDS_RESET", labels=["disk"])
+        config_irqs = c("vblk_config_interrupts", "Configuration-change interrupts", labels=["disk"])
+        for name, disk in self._disks().items():
+            stats = disk.driver.statistics()
+            device = disk.device.stats
+            size.add_metric([name], disk.driver.size)
+            read_only.add_metric([name], int(disk.driver.read_only))
+            ready.add_metric([name], int(disk.driver.ready))
+            for q in stats.queues:
+                labels = [name, str(q.index)]
+                q_size.add_metric(labels, q.size)
+                q_depth.add_metric(labels, q.inflight)
+                q_free.add_metric(labels, q.free_descriptors)
+                kicks.add_metric(labels, q.kicks)
+                kicks_sup.add_metric(labels, q.kicks_suppressed)
+                irq_received.add_metric(labels, q.interrupts)
+            for vector, (raised, suppressed) in sorted(device.interrupts_by_vector.items()):
+                irqs.add_metric([name, str(vector)], raised)
+                irqs_sup.add_metric([name, str(vector)], suppressed)
+            for (op, status), count in sorted(stats.requests.items()):
+                requests.add_metric([name, op, status], count)
+            inflight.add_metric([name], stats.requests_inflight)
+            read_bytes.add_metric([name], stats.bytes_read)
+            written_bytes.add_metric([name], stats.bytes_written)
+            io_time.add_metric([name], stats.io_time)
+            io_weighted.add_metric([name], stats.io_time_weighted)
+            resets.add_metric([name], stats.resets)
+            needs_reset.add_metric([name], device.needs_reset)
+            config_irqs.add_metric([name], stats.config_interrupts)
+        yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
+        yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
+        yield from (resets, needs_reset, config_irqs)
+        current, total = self._nbd()
+        connections = g("vblk_nbd_connections", "NBD connections open now")
+        connections.add_metric([], current)
+        yield connections
+        accepted = c("vblk_nbd_connections_accepted", "NBD connections accepted")
+        accepted.add_metric([], total)
+        yield accepted
+        info = g("vblk_build_info", "vblk version", labels=["version"])
+        info.add_metric([VERSION], 1)
+        yield info
+
+
+class Metrics:
+    """The service's registry (one per service, so tests can run several side by side)."""
+
+    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: Callable[[], tuple[int, int]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_DiskCollector(disks, nbd))
+        self.virtio_latency = Histogram(
+            "vblk_virtio_request_duration_seconds",
+            "Latency of one virtio-blk request, submit to used-ring completion (driver-observed)",
+            ["disk", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.frontend_latency = Histogram(
+            "vblk_request_duration_seconds",
+            "Latency of one front-end request (an NBD command, an HTTP request), by operation",
+            ["disk", "op", "frontend"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "vblk_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def virtio_observer(self, disk: str) -> Callable[[str, str, float, int], None]:
+        """The driver's per-request hook for ``disk`` (label lookups cached per operation)."""
+        children: dict[str, Any] = {}
+        histogram = self.virtio_latency
+
+        def observe(op: str, status: str, seconds: float, nbytes: int) -> None:
+            child = children.get(op)
+            if child is None:
+                child = children[op] = histogram.labels(disk, op)
+            child.observe(seconds)
+
+        return observe
+
+    def observe_request(self, frontend: str, disk: str, op: str, seconds: float) -> None:
+        key = (frontend, disk, op)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.frontend_latency.labels(disk, op, frontend)
+        child.observe(seconds)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for (OpenMetrics or text 0.0.4)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
