@@ -1,0 +1,112 @@
+"""Configuration: one set of names across flags, ``VBLK_*`` variables and the TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import structlog
+
+from service import logs
+from service.cli import build_parser
+from service.config import SETTINGS, ConfigError, from_sources, load_toml, resolve
+
+
+def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    config_file = tmp_path / "vblk.toml"
+    config_file.write_text(
+        'nbd-listen = ["127.0.0.1:2000"]\nhttp_listen = "127.0.0.1:2001"\nqueue-size = 64\n'
+        'log-level = "debug"\n[[disk]]\nname = "a"\nsize = "8M"\nbackend = "memory"\n'
+        '[[disk]]\nname = "b"\nimage = "b.img"\nread-only = true\n'
+    )
+    env = {"VBLK_HTTP_LISTEN": "127.0.0.1:3001", "VBLK_QUEUE_SIZE": "128", "VBLK_LOG_LEVEL": "warning"}
+    config, values = from_sources({"queue_size": "32"}, env, config_file)
+    assert config.nbd_listen == ("127.0.0.1:2000",)  # file
+    assert config.http_listen == ("127.0.0.1:3001",)  # env beats file
+    assert values["queue-size"] == 32  # flag beats env
+    assert values["log-level"] == "warning"
+    assert [d.name for d in config.disks] == ["a", "b"]
+    a, b = config.disks
+    assert (a.size, a.backend, a.queue_size) == (8 << 20, "memory", 32)
+    assert (b.path, b.read_only, b.size) == (Path("b.img"), True, 1 << 30)
+    # Defaults: the embedded service.
+    config, values = from_sources({}, {})
+    assert config.nbd_listen == ("127.0.0.1:10809",) and config.http_listen == ("127.0.0.1:8080",)
+    assert [(d.name, d.path, d.size, d.backend) for d in config.disks] == [
+        ("disk0", Path("disk.img"), 1 << 30, "file")
+    ]
+    # VBLK_DISK holds several specs; 'none' turns a listener off; VBLK_CONFIG names the file.
+    env = {
+        "VBLK_DISK": "name=x,backend=memory,size=1M; name=y,backend=memory,size=2M",
+        "VBLK_NBD_LISTEN": "none",
+        "VBLK_NBD_SOCKET": "/tmp/n.sock",
+        "VBLK_CONFIG": str(config_file),
+    }
+    config, _ = from_sources({}, env)
+    assert [(d.name, d.size) for d in config.disks] == [("x", 1 << 20), ("y", 2 << 20)]
+    assert config.nbd_listen == ("unix:/tmp/n.sock",)
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "toml", "message"),
+    [
+        ({}, {"VBLK_QUEUE_SIZE": "many"}, "", "VBLK_QUEUE_SIZE"),
+        ({}, {"VBLK_IO_MODE": "sideways"}, "", "VBLK_IO_MODE"),
+        ({"size": "1000"}, {}, "", "multiple of 512"),
+        ({}, {}, "colour = 'blue'\n", "unknown setting 'colour'"),
+        ({}, {}, "queue-size = 100\n", "power of two"),
+        ({}, {}, "[[disk]]\nsize = '1M'\n", "needs name"),
+        ({}, {"VBLK_DISK": "name=a;name=a"}, "", "unique"),
+        ({}, {"VBLK_DISK": "name=../x"}, "", "disk name"),
+        ({}, {"VBLK_HTTP_LISTEN": "localhost"}, "", "HOST:PORT"),
+        ({}, {}, "nbd-listen = [", "config file"),
+    ],
+)
+def test_bad_settings_name_their_source(
+    tmp_path: Path, flags: dict[str, str], env: dict[str, str], toml: str, message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        from_sources(flags, env, path)
+
+
+def test_help_documents_every_setting_with_its_variable() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = subparsers.choices["serve"].format_help()
+    for setting in SETTINGS:
+        assert f"--{setting.name}" in text
+        assert setting.env in text
+    assert "--config" in text and "TOML" in text
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_toml(tmp_path / "absent.toml")
+    assert resolve({}, {}, {})["drain-timeout"] == 10.0
+
+
+def test_logs_are_json_lines_with_context_and_stdlib_routed() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure("info", "auto", stream)  # not a terminal: JSON
+        with structlog.contextvars.bound_contextvars(peer="127.0.0.1:5", export="disk0"):
+            structlog.get_logger("vblk.test").info("hello", n=1)
+        structlog.get_logger("vblk.test").debug("hidden")
+        logging.getLogger("aiohttp.server").error("from the standard library")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["hello", "from the standard library"]
+    assert lines[0]["peer"] == "127.0.0.1:5" and lines[0]["export"] == "disk0" and lines[0]["n"] == 1
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "vblk.test" and "timestamp" in lines[0]
+    assert lines[1]["level"] == "error" and lines[1]["logger"] == "aiohttp.server"
