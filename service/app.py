@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -26,7 +27,7 @@ from driver.guest import Guest
 from service.blockio import ByteDisk
 from service.http.api import build_app
 from service.metrics import Metrics
-from service.nbd.server import NbdExport, NbdServer
+from service.nbd.server import NbdExport, NbdLimits, NbdServer
 
 log = structlog.get_logger("vblk.service")
 
@@ -56,6 +57,7 @@ class ServiceConfig:
     # host:port, or unix:PATH; empty: no HTTP (the CLI's default is 127.0.0.1:8080, see service.config)
     http_listen: tuple[str, ...] = ()
     drain_timeout: float = 10.0  # seconds in-flight requests get to finish on stop
+    nbd_limits: NbdLimits = dataclasses.field(default_factory=NbdLimits)
 
 
 @dataclasses.dataclass(slots=True)
@@ -82,8 +84,12 @@ def open_backend(spec: DiskSpec) -> Backend:
 class Service:
     """The device model and the guest driver for every configured disk."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(
+        self, config: ServiceConfig, *, wrap_backend: Callable[[DiskSpec, Backend], Backend] | None = None
+    ) -> None:
+        """``wrap_backend`` may wrap each disk's backend (fault injection, tracing)."""
         self.config = config
+        self._wrap_backend = wrap_backend
         self.memory = GuestMemory(config.guest_memory)
         self.machine = Machine(self.memory)
         self.guest = Guest(self.machine)
@@ -96,14 +102,16 @@ class Service:
         self.stopping = False
         self.metrics = Metrics(lambda: self.disks, self._nbd_counts)
 
-    def _nbd_counts(self) -> tuple[int, int]:
+    def _nbd_counts(self) -> tuple[int, int, int]:
         if self.nbd is None:
-            return 0, 0
-        return self.nbd.connections, self.nbd.connections_total
+            return 0, 0, 0
+        return self.nbd.connections, self.nbd.connections_total, self.nbd.refused_total
 
     async def start(self) -> None:
         for spec in self.config.disks:
             backend = open_backend(spec)
+            if self._wrap_backend is not None:
+                backend = self._wrap_backend(spec, backend)
             blk_config = BlkConfig(
                 serial=spec.name[:20],
                 num_queues=spec.num_queues,
@@ -140,6 +148,7 @@ class Service:
             self.nbd = NbdServer(
                 exports,
                 on_request=lambda disk, op, seconds: metrics.observe_request("nbd", disk, op, seconds),
+                limits=self.config.nbd_limits,
             )
             for address in self.config.nbd_listen:
                 if address.startswith("unix:"):

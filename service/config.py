@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.app import DiskSpec, ServiceConfig
+from service.nbd.server import NbdLimits
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DISK_KEYS = ("name", "image", "size", "backend", "read-only", "queues", "queue-size", "io-mode")
@@ -107,6 +108,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http-socket", None, str, "also serve HTTP on this unix socket", "PATH"),
     Setting("guest-memory", 256 << 20, parse_size, "guest RAM holding the rings and DMA buffers", "SIZE"),
     Setting("drain-timeout", 10.0, float, "seconds to finish in-flight requests on SIGTERM", "SECONDS"),
+    Setting("max-connections", 4096, _int, "NBD connections at once; more are closed at once", "N"),
+    Setting("negotiation-timeout", 30.0, float, "seconds an NBD client has for its handshake", "SECONDS"),
+    Setting("idle-timeout", 600.0, float, "seconds an NBD client may idle; 0 for ever", "SECONDS"),
+    Setting("send-timeout", 60.0, float, "seconds a reply waits for a client that does not read", "SECONDS"),
+    Setting("max-inflight", 128, _int, "NBD requests in flight per connection", "N"),
     Setting("log-level", "info", _choice(("debug", "info", "warning", "error")), "log level", "LEVEL"),
     Setting("log-format", "auto", _choice(LOG_FORMATS), "auto: JSON unless stdout is a terminal", "FMT"),
 )
@@ -266,6 +272,12 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
     http = [a for a in values["http-listen"] if a != "none"]
     if values["http-socket"]:
         http.append("unix:" + values["http-socket"])
+    for key in ("max-connections", "max-inflight"):
+        if values[key] < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    for key in ("negotiation-timeout", "send-timeout"):
+        if values[key] <= 0:
+            raise ConfigError(f"{key} must be positive")
     for address in (*nbd, *http):
         if not address.startswith("unix:"):
             host, sep, port = address.rpartition(":")
@@ -277,6 +289,13 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
         nbd_listen=tuple(nbd),
         http_listen=tuple(http),
         drain_timeout=values["drain-timeout"],
+        nbd_limits=NbdLimits(
+            max_connections=values["max-connections"],
+            negotiation_timeout=values["negotiation-timeout"],
+            idle_timeout=values["idle-timeout"],
+            send_timeout=values["send-timeout"],
+            max_inflight=values["max-inflight"],
+        ),
     )
 
 

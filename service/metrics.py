@@ -21,6 +21,9 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from service.app import Disk
 
+# NBD connections: open now, accepted, refused.
+NbdCounts = Callable[[], tuple[int, int, int]]
+
 VERSION = "0.1.0"
 
 # From 50 µs (an in-memory read) to 10 s (a stuck backend).
@@ -48,7 +51,7 @@ LATENCY_BUCKETS = (
 class _DiskCollector(Collector):
     """Snapshots of every disk's driver and device counters, taken at scrape time."""
 
-    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: NbdCounts) -> None:
         self._disks = disks
         self._nbd = nbd
 
@@ -130,13 +133,16 @@ class _DiskCollector(Collector):
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
         yield from (resets, needs_reset, config_irqs)
-        current, total = self._nbd()
+        current, total, refused_total = self._nbd()
         connections = g("vblk_nbd_connections", "NBD connections open now")
         connections.add_metric([], current)
         yield connections
         accepted = c("vblk_nbd_connections_accepted", "NBD connections accepted")
         accepted.add_metric([], total)
         yield accepted
+        refused = c("vblk_nbd_connections_refused", "NBD connections closed at once: max-connections")
+        refused.add_metric([], refused_total)
+        yield refused
         info = g("vblk_build_info", "vblk version", labels=["version"])
         info.add_metric([VERSION], 1)
         yield info
@@ -145,7 +151,7 @@ class _DiskCollector(Collector):
 class Metrics:
     """The service's registry (one per service, so tests can run several side by side)."""
 
-    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: NbdCounts) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_DiskCollector(disks, nbd))
         self.virtio_latency = Histogram(

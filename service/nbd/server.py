@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import socket
 import time
@@ -32,9 +32,22 @@ _connection_ids = itertools.count(1)
 
 SECTOR = 512
 READ_CHUNK = 256 * 1024
-MAX_INFLIGHT = 128  # requests per connection before we stop reading more
 MAX_BUFFERED = 4 * READ_CHUNK  # unparsed bytes before the transport stops reading
-NEGOTIATION_TIMEOUT = 30.0
+WRITE_HIGH_WATER = 1 << 20  # unsent reply bytes before replies wait (plus one reply at most)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NbdLimits:
+    """What one client may hold of the server; every limit protects the others."""
+
+    max_connections: int = 4096  # beyond: the connection is closed at once, before the greeting
+    negotiation_timeout: float = 30.0  # seconds from accept to the end of the option haggling
+    idle_timeout: float = 600.0  # seconds without a request while nothing is in flight; 0: never
+    send_timeout: float = 60.0  # seconds a reply may wait for a client that does not read
+    max_inflight: int = 128  # requests per connection before the server stops reading more
+    max_inflight_bytes: int = 64 << 20  # READ and WRITE payload bytes per connection in flight
+
+
 MAX_EXTENTS = 1 << 16
 SPARSE_READ_MIN = 64 * 1024  # structured reads this long report holes instead of zeroes
 
@@ -117,6 +130,7 @@ class Channel(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -144,7 +158,7 @@ class Channel(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return False
+        return True  # half-closed: keep the transport open so replies in flight still go out
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -225,14 +239,24 @@ class Channel(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    @property
+    def paused(self) -> bool:
+        """The transport holds more unsent data than its high-water mark."""
+        return self._paused
+
+    @property
+    def closed(self) -> bool:
+        return self._eof and (self.transport is None or self.transport.is_closing())
+
     async def drain(self) -> None:
         if self._eof and (self.transport is None or self.transport.is_closing()):
             raise ConnectionResetError("connection lost")
-        if not self._paused:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
+        # Re-check after every wake-up: resume_writing wakes all waiters, and the first one to
+        # write may pause the transport again before the others run.
+        while self._paused:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     def peer(self) -> str:
         if self.transport is None:
@@ -242,6 +266,12 @@ class Channel(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent data (a client that does not read)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.connection_lost(None)
 
 
 class NbdServer:
@@ -253,8 +283,11 @@ class NbdServer:
         *,
         default_export: str | None = None,
         on_request: Callable[[str, str, float], None] | None = None,
+        limits: NbdLimits | None = None,
     ) -> None:
         self.exports = exports
+        self.limits = limits or NbdLimits()
+        self.refused_total = 0
         self.default_export = default_export if default_export is not None else next(iter(exports), None)
         self._catalog = _Catalog(exports, self.default_export)
         self._servers: list[asyncio.Server] = []
@@ -290,6 +323,11 @@ class NbdServer:
         self._servers.append(server)
 
     async def _accept(self, channel: Channel) -> None:
+        if len(self._connections) >= self.limits.max_connections:
+            self.refused_total += 1
+            log.warning("nbd_connection_refused", peer=channel.peer(), limit=self.limits.max_connections)
+            channel.close()
+            return
         connection = _Connection(self, channel)
         self._connections.add(connection)
         self.connections_total += 1
@@ -322,6 +360,48 @@ class NbdServer:
         self._servers.clear()
 
 
+class _ByteBudget:
+    """A counting semaphore over bytes, first come first served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.available = limit
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, amount: int) -> int:
+        amount = min(amount, self.limit)  # one request may always run alone
+        if not self._waiters and self.available >= amount:
+            self.available -= amount
+            return amount
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((amount, future))
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(amount)  # granted as we were cancelled: hand it back
+            else:
+                self._waiters.remove((amount, future))
+            raise
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.available += amount
+        while self._waiters and self._waiters[0][0] <= self.available:
+            wanted, future = self._waiters.popleft()
+            if not future.done():
+                self.available -= wanted
+                future.set_result(None)
+
+
+class _IdleError(Exception):
+    """The client sent nothing for ``idle_timeout`` seconds with nothing in flight."""
+
+
+class _SendTimeoutError(ConnectionError):
+    """The client did not read its replies for ``send_timeout`` seconds."""
+
+
 class _Connection:
     def __init__(self, server: NbdServer, channel: Channel) -> None:
         self.server = server
@@ -330,7 +410,9 @@ class _Connection:
         self.codec = p.ServerConnection(server._catalog, shutting_down=server.closing)
         self.peer = channel.peer()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.slots = asyncio.Semaphore(MAX_INFLIGHT)
+        self.limits = server.limits
+        self.slots = asyncio.Semaphore(self.limits.max_inflight)
+        self.budget = _ByteBudget(self.limits.max_inflight_bytes)
         self.export: NbdExport | None = None
         self.structured = False
         self.meta_contexts: dict[int, str] = {}
@@ -353,13 +435,18 @@ class _Connection:
         reason = "disconnect"
         try:
             self.writer.write(self.codec.greeting())
-            if await asyncio.wait_for(self._negotiate(), NEGOTIATION_TIMEOUT):
+            if await asyncio.wait_for(self._negotiate(), self.limits.negotiation_timeout):
                 await self._transmission()
         except p.RemoteProtocolError as exc:
             reason = "protocol_error"
             log.warning("nbd_protocol_error", error=str(exc))
         except TimeoutError:
             reason = "negotiation_timeout"
+        except _IdleError:
+            reason = "idle_timeout"
+        except _SendTimeoutError:
+            reason = "send_timeout"
+            log.warning("nbd_send_timeout", timeout=self.limits.send_timeout)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             reason = "connection_lost"
             log.debug("nbd_connection_lost", error=repr(exc))
@@ -386,6 +473,40 @@ class _Connection:
         self.codec.receive_data(data)
         return True
 
+    async def _fill_or_idle(self) -> bool:
+        """Wait for more requests; a client with nothing in flight may idle only so long."""
+        idle = self.limits.idle_timeout
+        if idle <= 0:
+            return await self._fill()
+        while True:
+            try:
+                return await asyncio.wait_for(self._fill(), idle)
+            except TimeoutError:
+                if not self.tasks:
+                    raise _IdleError from None
+
+    async def _send_credit(self) -> None:
+        """Wait until the client has read enough of our replies (bounded by ``send_timeout``).
+
+        Every reply waits here first, so unsent data stays under the transport's high-water
+        mark plus one reply, however many requests a client that never reads has in flight.
+        """
+        channel = self.channel
+        if not channel.paused:  # the common case, and no await: the caller writes right after
+            if channel.closed:
+                raise ConnectionResetError("connection lost")
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.send_timeout
+        # The check and the caller's write happen in one step of the loop, so another reply
+        # woken by the same resume_writing cannot slip in between.
+        while channel.paused:
+            try:
+                await asyncio.wait_for(channel.drain(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                channel.abort()
+                raise _SendTimeoutError from None
+
     async def _negotiate(self) -> bool:
         codec = self.codec
         while True:
@@ -393,7 +514,7 @@ class _Connection:
             out = codec.data_to_send()
             if out:
                 self.writer.write(out)
-                await self.writer.drain()
+                await self._send_credit()
             if event is p.NEED_DATA:
                 if not await self._fill():
                     return False
@@ -420,9 +541,11 @@ class _Connection:
         export = self.export
         assert export is not None
         while True:
+            if self.channel.closed:  # cut (send timeout): what is still buffered goes unanswered
+                return
             event = codec.next_event()
             if event is p.NEED_DATA:
-                if not await self._fill():
+                if not await self._fill_or_idle():
                     return
                 continue
             if isinstance(event, p.Disconnect):
@@ -433,7 +556,7 @@ class _Connection:
                 if event.command == Command.WRITE:
                     codec.skip_payload(event.length)
                 self._send_error(event, Errno.ESHUTDOWN, "server is shutting down")
-                await self.writer.drain()
+                await self._send_credit()
                 continue
             description = export.describe()
             error = p.validate(
@@ -443,18 +566,27 @@ class _Connection:
                 if event.command == Command.WRITE:
                     codec.skip_payload(event.length)
                 self._send_error(event, error, f"request refused: {error.name}")
-                await self.writer.drain()
+                await self._send_credit()
                 continue
             payload: DmaBuffer | None = None
-            if event.command == Command.WRITE:
-                payload = await self._receive_payload(event)
             await self.slots.acquire()
+            held = 0
+            try:
+                if event.command in (Command.READ, Command.WRITE):
+                    held = await self.budget.acquire(event.length)
+                if event.command == Command.WRITE:
+                    payload = await self._receive_payload(event)
+            except BaseException:
+                self.budget.release(held)
+                self.slots.release()
+                raise
             task = asyncio.get_running_loop().create_task(self._execute(event, export, payload))
             self.tasks.add(task)
-            task.add_done_callback(self._task_done)
+            task.add_done_callback(functools.partial(self._task_done, held))
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, held: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.budget.release(held)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("nbd_request_crashed", error=repr(task.exception()))
@@ -499,58 +631,56 @@ class _Connection:
         started = loop.time()
         name = Command(request.command).name.lower()
         self.requests[name] += 1
+        data: bytes | None = None
+        error: tuple[Errno, str] | None = None
         try:
-            if request.command == Command.READ:
-                await self._read(request, export)
-            elif request.command == Command.WRITE:
+            command = request.command
+            if command == Command.READ:
+                data = await export.disk.read(request.offset, request.length)
+            elif command == Command.WRITE:
                 assert payload is not None
                 await self._write(request, export, payload)
-                self._send_ok(request)
-            elif request.command == Command.FLUSH:
+            elif command == Command.FLUSH:
                 await export.driver.flush()
-                self._send_ok(request)
-            elif request.command == Command.TRIM:
+            elif command == Command.TRIM:
                 await self._trim(request, export)
-                self._send_ok(request)
-            elif request.command == Command.WRITE_ZEROES:
+            elif command == Command.WRITE_ZEROES:
                 await self._write_zeroes(request, export)
-                self._send_ok(request)
-            elif request.command == Command.CACHE:
+            elif command == Command.CACHE:
                 export.backend.advise_willneed(request.offset, request.length)
-                self._send_ok(request)
-            elif request.command == Command.BLOCK_STATUS:
-                self._block_status(request, export)
         except (BlkError, OSError) as exc:
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(exc))
-            self._send_error(request, _errno_of(exc), str(exc))
+            error = (_errno_of(exc), str(exc))
         finally:
             if payload is not None:
                 payload.free()
         if self.server.on_request is not None:
             self.server.on_request(export.name, name, loop.time() - started)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-
-    async def _read(self, request: p.Request, export: NbdExport) -> None:
-        buffer, data = await export.disk.read_buffer(request.offset, request.length)
         try:
-            # All data is in hand before any header goes out (no half-sent success).
-            # Transports may keep a reference to unsent memoryviews (uvloop, CPython 3.12+),
-            # and the DMA buffer is reused as soon as we return: hand them a copy.
-            if not self.structured:
-                self.writer.write(p.encode_simple_reply(request.cookie))
-                self.writer.write(bytes(data))
-            elif request.length >= SPARSE_READ_MIN and not request.flags & CommandFlag.DF:
-                self._send_sparse(request, export, data)
-            else:
-                self.writer.write(
-                    p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
-                )
-                self.writer.write(bytes(data))
-            self.bytes_read += request.length
-        finally:
-            data.release()
-            buffer.free()
+            await self._send_credit()
+        except ConnectionError:
+            return
+        # Everything is in hand: the whole reply goes out at once, never a half-sent success.
+        if error is not None:
+            self._send_error(request, *error)
+        elif data is not None:
+            self._send_read(request, export, data)
+        elif request.command == Command.BLOCK_STATUS:
+            self._block_status(request, export)
+        else:
+            self._send_ok(request)
+
+    def _send_read(self, request: p.Request, export: NbdExport, data: bytes) -> None:
+        # ``data`` is a copy: the DMA buffer went back to the allocator before we waited to send.
+        if not self.structured:
+            self.writer.write(p.encode_simple_reply(request.cookie))
+            self.writer.write(data)
+        elif request.length >= SPARSE_READ_MIN and not request.flags & CommandFlag.DF:
+            self._send_sparse(request, export, memoryview(data))
+        else:
+            self.writer.write(p.encode_offset_data(request.cookie, request.offset, request.length, done=True))
+            self.writer.write(data)
+        self.bytes_read += request.length
 
     def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
         """Structured READ reply: OFFSET_HOLE chunks for unallocated runs, OFFSET_DATA for the rest."""
@@ -571,7 +701,7 @@ class _Connection:
             else:
                 rel = offset - request.offset
                 write(p.encode_offset_data(request.cookie, offset, length, done=done))
-                write(bytes(data[rel : rel + length]))
+                write(data[rel : rel + length])
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
         fua = bool(request.flags & CommandFlag.FUA)

@@ -1,0 +1,72 @@
+"""Fixtures for reliability tests: a service whose disks can be made to fail on demand."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+
+import pytest
+
+from device.backends import Backend
+from device.backends.faults import FaultPlan, FaultyBackend
+from service.app import DiskSpec, Service, ServiceConfig
+from service.nbd.server import NbdLimits
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class FaultRig:
+    service: Service
+    plan: FaultPlan
+    socket: str
+    http: str
+
+    def uri(self, export: str = "disk0") -> str:
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http}"
+
+
+async def make_fault_rig(
+    directory: str, *, limits: NbdLimits | None = None, io_mode: str = "inline", queue_size: int = 256
+) -> FaultRig:
+    plan = FaultPlan()
+
+    def wrap(spec: DiskSpec, backend: Backend) -> Backend:
+        return FaultyBackend(backend, plan) if spec.name == "disk0" else backend
+
+    config = ServiceConfig(
+        disks=(
+            DiskSpec(
+                name="disk0",
+                backend="memory",
+                size=64 * MiB,
+                io_mode="thread" if io_mode == "thread" else "inline",
+                queue_size=queue_size,
+            ),
+        ),
+        guest_memory=256 * MiB,
+        nbd_listen=(f"unix:{directory}/nbd.sock",),
+        http_listen=("127.0.0.1:0",),
+        nbd_limits=limits or NbdLimits(),
+    )
+    service = Service(config, wrap_backend=wrap)
+    await service.start()
+    await service.start_front_ends()
+    return FaultRig(service, plan, f"{directory}/nbd.sock", service.http_addresses[0])
+
+
+@pytest.fixture
+async def fault_rig() -> AsyncIterator[FaultRig]:
+    directory = tempfile.mkdtemp(prefix="vblk-")
+    rig = await make_fault_rig(directory)
+    try:
+        yield rig
+    finally:
+        await rig.service.stop()
+        shutil.rmtree(directory, ignore_errors=True)
