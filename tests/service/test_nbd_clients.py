@@ -136,6 +136,7 @@ async def test_fio_nbd_engine_random_write_verify(nbd_rig: NbdRig) -> None:
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
@@ -305,6 +306,7 @@ async def test_fio_queue_depth_32_verify(nbd_rig: NbdRig) -> None:
         "--size=16M",
         "--verify=crc32c",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
