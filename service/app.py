@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
+from service import systemd
 from service.blockio import ByteDisk
 from service.http.api import build_app
 from service.metrics import Metrics
@@ -138,8 +140,12 @@ class Service:
                 path=str(spec.path) if spec.backend == "file" else None,
             )
 
-    async def start_front_ends(self) -> None:
-        if self.config.nbd_listen:
+    async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
+        """Open the listeners; sockets ``inherited`` from systemd replace their front end's own."""
+        inherited = inherited or {}
+        nbd_listen = () if "nbd" in inherited else self.config.nbd_listen
+        http_listen = () if "http" in inherited else self.config.http_listen
+        if nbd_listen or "nbd" in inherited:
             exports = {
                 name: NbdExport(disk.bytes, f"vblk virtio-blk disk {name}")
                 for name, disk in self.disks.items()
@@ -150,7 +156,10 @@ class Service:
                 on_request=lambda disk, op, seconds: metrics.observe_request("nbd", disk, op, seconds),
                 limits=self.config.nbd_limits,
             )
-            for address in self.config.nbd_listen:
+            for sock in inherited.get("nbd", []):
+                await self.nbd.listen_socket(sock)
+                self.nbd_addresses.append(systemd.describe(sock))
+            for address in nbd_listen:
                 if address.startswith("unix:"):
                     await self.nbd.listen_unix(address[5:])
                     self.nbd_addresses.append(address)
@@ -159,12 +168,16 @@ class Service:
                     for bound_host, bound_port in await self.nbd.listen_tcp(host, port):
                         self.nbd_addresses.append(_join_address(bound_host, bound_port))
             log.info("nbd_listening", addresses=self.nbd_addresses, exports=list(exports))
-        if self.config.http_listen:
+        if http_listen or "http" in inherited:
             self.http = web.AppRunner(
                 build_app(self), access_log=None, shutdown_timeout=self.config.drain_timeout
             )
             await self.http.setup()
-            for address in self.config.http_listen:
+            for sock in inherited.get("http", []):
+                await web.SockSite(self.http, sock).start()
+                if sock.family == socket.AF_UNIX:
+                    self.http_addresses.append(systemd.describe(sock))
+            for address in http_listen:
                 site: web.BaseSite
                 if address.startswith("unix:"):
                     site = web.UnixSite(self.http, address[5:])
@@ -221,6 +234,11 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
     flushes every disk and returns 0. A second signal exits at once.
     """
     stop = stop or asyncio.Event()
+    try:
+        inherited = systemd.inherited_sockets()
+    except systemd.SocketActivationError as exc:
+        log.error("socket_activation_failed", error=str(exc))
+        return 2
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
 
@@ -237,7 +255,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
     try:
         async with asyncio.TaskGroup() as group:
             await service.start()
-            await service.start_front_ends()
+            await service.start_front_ends(inherited)
             log.info(
                 "running",
                 pid=os.getpid(),
@@ -245,9 +263,11 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
                 nbd=service.nbd_addresses,
                 http=service.http_addresses,
             )
+            systemd.notify(f"READY=1\nSTATUS=serving {len(service.disks)} disk(s)")
             group.create_task(stop.wait(), name="vblk-until-signalled")
         log.info("stopping")
     finally:
+        systemd.notify("STOPPING=1")
         await service.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
