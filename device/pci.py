@@ -230,7 +230,9 @@ class PciFunction:
             return  # PBA is read-only
         self._msix_table[rel : rel + size] = value.to_bytes(size, "little")
         vector = rel // pci.PCI_MSIX_ENTRY_SIZE
-        if self._msix_pending[vector] and not self._msix_masked(vector):
+        # Unmasking sends a pending message, but only while MSI-X is enabled: a disabled
+        # function sends none (enabling it later delivers what is still pending).
+        if self.msix_enabled and self._msix_pending[vector] and not self._msix_masked(vector):
             self._msix_pending[vector] = False
             self._msix_send(vector)
 
