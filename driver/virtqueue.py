@@ -325,6 +325,43 @@ class DriverVirtqueue:
             if not waiter.done():
                 waiter.set_result(None)  # they see ``broken`` and retry on the new queue
 
+    # -- observation (read-only: for the ring view and tests) --------------------------------
+
+    @property
+    def shadow_avail_idx(self) -> int:
+        """The driver's avail.idx (published to the ring with every :meth:`add`)."""
+        return self._avail_idx
+
+    @property
+    def last_used_idx(self) -> int:
+        """How far the driver has reaped the used ring."""
+        return self._last_used_idx
+
+    def free_list(self) -> list[int]:
+        """The free descriptors, in the order :meth:`add` will take them."""
+        free = []
+        i = self._free_head
+        for _ in range(self.num_free):
+            free.append(i)
+            i = self._desc_next[i]
+        return free
+
+    def chains_in_flight(self) -> list[tuple[int, list[int]]]:
+        """``(head, ring descriptors of its chain)`` for every chain in flight, by head.
+
+        An indirect chain occupies its head only; its entries are in the indirect table.
+        """
+        chains = []
+        for head, token in enumerate(self._tokens):
+            if token is not None:
+                chain = [head]
+                i = head
+                for _ in range(self._chain_len[head] - 1):
+                    i = self._desc_next[i]
+                    chain.append(i)
+                chains.append((head, chain))
+        return chains
+
     def free(self) -> None:
         """Release the ring memory (only after the device is reset)."""
         self._buf.release()

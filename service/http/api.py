@@ -35,6 +35,7 @@ from service.http.ranges import (
     parse_content_range,
     parse_range,
 )
+from service.http.ui import RingsView
 
 if TYPE_CHECKING:
     from service.app import Service
@@ -592,6 +593,7 @@ def _json_int(body: Mapping[str, Any], key: str) -> int:
 
 def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
     """Every route: the application and the OpenAPI document are built from this one list."""
+    rings = RingsView(api)
     return [
         ("GET", "/healthz", api.healthz),
         ("GET", "/readyz", api.readyz),
@@ -607,6 +609,9 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("GET", "/v1/disks/{name}/extents", api.extents),
         ("GET", "/v1/disks/{name}/sectors/{lba}", api.get_sectors),
         ("PUT", "/v1/disks/{name}/sectors/{lba}", api.put_sectors),
+        ("GET", "/v1/disks/{name}/rings", rings.rings),
+        ("GET", "/ui", rings.page),
+        ("GET", "/ui/state.json", rings.state),
     ]
 
 

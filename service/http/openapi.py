@@ -140,6 +140,42 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "written"), "411": _ERROR, **errors},
                 },
             },
+            "/v1/disks/{name}/rings": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "Read-only snapshot of every virtqueue: descriptors, indices, chains",
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Rings"}, "the disk's rings"),
+                        "404": _ERROR,
+                    },
+                },
+            },
+            "/ui": {
+                "get": {
+                    "summary": "Live view of the rings (a self-contained HTML page polling /ui/state.json)",
+                    "responses": {"200": {"description": "the page", "content": {"text/html": {}}}},
+                }
+            },
+            "/ui/state.json": {
+                "get": {
+                    "summary": "Ring snapshots of every disk, as the live view polls them",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "time": {"type": "number"},
+                                    "disks": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Rings"},
+                                    },
+                                },
+                            },
+                            "every disk",
+                        )
+                    },
+                }
+            },
         },
         "components": {
             "responses": {
@@ -175,6 +211,70 @@ def openapi_document() -> dict[str, Any]:
                         "length": {"type": "integer"},
                         "zero": {"type": "boolean"},
                         "hole": {"type": "boolean"},
+                    },
+                },
+                "Rings": {
+                    "type": "object",
+                    "description": "One disk's virtqueues seen from the driver, the device and ring memory.",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "time": {"type": "number", "description": "Unix time of the snapshot"},
+                        "pci": {"type": "string"},
+                        "ready": {"type": "boolean"},
+                        "requests": {
+                            "type": "object",
+                            "description": "completed, errors, in_flight, by_op (counters since start)",
+                        },
+                        "bytes": {"type": "object", "description": "read, written"},
+                        "latency": {
+                            "type": "object",
+                            "description": "virtio latency histogram: count, sum, cumulative [le, n] buckets",
+                        },
+                        "resets": {"type": "integer"},
+                        "queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}},
+                    },
+                },
+                "Queue": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "size": {"type": "integer"},
+                        "vector": {"type": ["integer", "null"]},
+                        "event_idx": {"type": "boolean"},
+                        "indirect": {"type": "boolean"},
+                        "avail": {
+                            "type": "object",
+                            "description": "ring memory: flags, idx, used_event, recent [{idx, slot, head}]",
+                        },
+                        "used": {
+                            "type": "object",
+                            "description": "ring memory: flags, idx, avail_event, "
+                            "recent [{idx, slot, id, len}]",
+                        },
+                        "driver": {
+                            "type": "object",
+                            "description": "avail_idx, last_used_idx, num_free, free_head, in_flight, kicks, "
+                            "kicks_suppressed, interrupts, completed",
+                        },
+                        "device": {
+                            "type": "object",
+                            "description": "last_avail_idx, used_idx, in_flight, interrupts, "
+                            "interrupts_suppressed",
+                        },
+                        "descriptors": {
+                            "type": "string",
+                            "description": "one character per descriptor: '.' free, 'h' head of a chain in "
+                            "flight, 'i' head pointing at an indirect table, 'c' later in a chain",
+                        },
+                        "counts": {"type": "object", "description": "free, in_flight, chained, indirect"},
+                        "chains": {
+                            "type": "array",
+                            "description": "chains in flight (at most 64): head, stage (avail: not yet "
+                            "popped, device: being served, used: returned, not yet reaped), request "
+                            "{type, op, sector, bytes, status}, descriptors [{index, addr, len, flags, "
+                            "next, role: header|data|status}]",
+                            "items": {"type": "object"},
+                        },
                     },
                 },
                 "Patch": {
