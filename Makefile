@@ -34,5 +34,11 @@ test: venv tools typecheck lint pytest
 bench: venv
 	$(BIN)/python -m bench.virtio_micro
 
+# vblk vs nbdkit file, qemu-nbd and nbdkit python under fio and nbdcopy (bench/nbd_compare.py).
+# Quick run: make bench-nbd ARGS='--size 256M --runs 1 --runtime 3'
+.PHONY: bench-nbd
+bench-nbd: venv
+	$(BIN)/python -m bench.nbd_compare $(ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
