@@ -54,6 +54,7 @@ class BlkConfig:
     io_mode: IoMode = "inline"
     io_threads: int = 4
     features_mask: int = (1 << 64) - 1  # clear bits to withhold features
+    transitional: bool = False  # also serve legacy drivers (no VIRTIO_F_VERSION_1)
 
     def __post_init__(self) -> None:
         if self.blk_size < SECTOR or self.blk_size & (self.blk_size - 1):
@@ -316,6 +317,7 @@ class VirtioBlkDevice(VirtioDevice):
             num_queues=config.num_queues,
             queue_max_size=config.queue_size,
             device_features=features & config.features_mask,
+            transitional=config.transitional,
         )
         self.writeback = int(config.writeback)
         self.requests: dict[tuple[int, int], int] = {}

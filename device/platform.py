@@ -7,6 +7,7 @@ implements them (:mod:`device.machine`); the driver only ever sees these types.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -67,3 +68,22 @@ class Platform(Protocol):
         ...
 
     def mmio_write(self, address: int, size: int, value: int) -> None: ...
+
+
+_FENCE = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """A full memory barrier (Linux ``mb()``): every store before it is visible to other CPUs
+    before any load after it is performed.
+
+    Needed only when another process shares the rings (vhost-user), and only between a
+    store and a later load (event index and notification-flag handshakes); x86 (TSO)
+    already keeps loads in order, stores in order, and stores after earlier loads.
+    Python has no fence primitive, but an uncontended ``Lock.acquire``/``release`` is a
+    glibc ``sem_trywait``/``sem_post`` pair: two LOCK-prefixed read-modify-writes, each a
+    full barrier on x86 (Intel SDM vol. 3A, 9.2.2: loads and stores are not reordered with
+    locked instructions), and sequentially consistent atomics on other architectures.
+    """
+    _FENCE.acquire()
+    _FENCE.release()

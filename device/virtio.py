@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from typing import Protocol
 
 import structlog
@@ -52,12 +53,28 @@ class DeviceStatistics:
 
 
 class VirtioDevice:
-    """State every virtio device has; subclasses implement :meth:`process_queue`."""
+    """State every virtio device has; subclasses implement :meth:`process_queue`.
+
+    A *transitional* device also serves legacy drivers (VIRTIO 1.2 section 7.4): one that
+    does not accept VIRTIO_F_VERSION_1 gets the legacy rules instead of a refused
+    FEATURES_OK. Its rings then sit where the legacy layout puts them (the transport says
+    where) and its fields are in the guest's native byte order, which on the little-endian
+    hosts vblk runs on (x86: guest and host alike) is the little-endian of VERSION_1; on a
+    big-endian host the device keeps refusing legacy drivers.
+    """
 
     device_id = 0
+    #: The virtqueue implementation (a transport may need a stricter one).
+    queue_type: type[DeviceVirtqueue] = DeviceVirtqueue
 
     def __init__(
-        self, memory: GuestMemory, *, num_queues: int, queue_max_size: int, device_features: int
+        self,
+        memory: GuestMemory,
+        *,
+        num_queues: int,
+        queue_max_size: int,
+        device_features: int,
+        transitional: bool = False,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError("num_queues must be in 1..65535")
@@ -65,7 +82,8 @@ class VirtioDevice:
             raise ValueError("queue size must be a power of two in 1..32768")
         self.memory = memory
         self.device_features = device_features | (1 << VIRTIO_F_VERSION_1)
-        self.queues = [DeviceVirtqueue(memory, i, queue_max_size) for i in range(num_queues)]
+        self.transitional = transitional
+        self.queues = [self.queue_type(memory, i, queue_max_size) for i in range(num_queues)]
         self.transport: Transport | None = None
         self.stats = DeviceStatistics()
         self.config_generation = 0
@@ -75,6 +93,7 @@ class VirtioDevice:
 
     def _reset_state(self) -> None:
         self.driver_features = 0
+        self.legacy = False
         self.status = 0
         self.broken_reason = None
         self._scheduled.clear()
@@ -127,12 +146,15 @@ class VirtioDevice:
         old = self.status
         if value & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
             features = self.driver_features
+            legacy = not features >> VIRTIO_F_VERSION_1 & 1
             if (
                 features & ~self.device_features
-                or not features >> VIRTIO_F_VERSION_1 & 1
+                or (legacy and not self.legacy_allowed())
                 or not self.validate_features(features)
             ):
                 value &= ~VIRTIO_CONFIG_S_FEATURES_OK  # refused: the driver re-reads and sees it
+            else:
+                self.legacy = legacy
         # NEEDS_RESET is the device's bit: keep it, never let the driver set it.
         value = (value & ~VIRTIO_CONFIG_S_NEEDS_RESET) | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
         self.status = value
@@ -156,6 +178,10 @@ class VirtioDevice:
             for queue in self.queues:  # buffers made available before DRIVER_OK
                 if queue.active and queue.has_available():
                     self.kick(queue.index)
+
+    def legacy_allowed(self) -> bool:
+        """Whether a driver without VIRTIO_F_VERSION_1 gets the legacy interface."""
+        return self.transitional and sys.byteorder == "little"
 
     def reset(self) -> None:
         self.on_reset()
@@ -214,7 +240,8 @@ class VirtioDevice:
         self.broken_reason = reason
         self.stats.needs_reset += 1
         log.error("virtio_device_needs_reset", device_id=self.device_id, reason=reason)
-        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        if not self.legacy:  # legacy devices have no DEVICE_NEEDS_RESET: they just stop
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
         self.on_reset()
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             self.stats.config_interrupts += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 
 from device.memory import GuestMemory
 from device.platform import GuestMemoryError
@@ -58,6 +59,9 @@ class DeviceVirtqueue:
         self.memory = memory
         self.index = index
         self.max_size = max_size
+        #: A full memory barrier between a ring store and a later ring load, for drivers on
+        #: other CPUs (vhost-user); None in process, where program order is enough.
+        self.barrier: Callable[[], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -228,6 +232,8 @@ class DeviceVirtqueue:
         buf = self.memory.buffer
         new = self.used_idx
         _u16_pack(buf, self._used_off + 2, new)
+        if self.barrier is not None:
+            self.barrier()  # publish the index before reading what the driver asked for
         if not self.event_idx:
             return not (_u16_unpack(buf, self._avail_off)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
         old = self.signalled_used
@@ -243,6 +249,8 @@ class DeviceVirtqueue:
         """Ask for a kick on the next buffer; True if one arrived meanwhile (process again)."""
         if self.event_idx:
             _u16_pack(self.memory.buffer, self._used_off + 4 + 8 * self.size, self.last_avail_idx)
+            if self.barrier is not None:
+                self.barrier()  # avail_event visible before the re-check of the available index
         return self.has_available()
 
     @property

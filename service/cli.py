@@ -18,8 +18,9 @@ import uvloop
 
 from device.backends.raw import RawFileBackend
 from service import logs
-from service.app import serve
+from service.app import DiskSpec, serve
 from service.config import SETTINGS, ConfigError, from_sources, parse_disk, parse_size
+from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\
 Every serve option is also a TOML key in --config (nbd-listen = ["127.0.0.1:10809"]) and an
@@ -77,7 +78,61 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--size", type=_argument_type(parse_size), required=True, help="512, 64M, 1G, ...")
     info = sub.add_parser("info", help="size and allocation of a raw image")
     info.add_argument("path", type=Path)
+    _add_vhost_user_parser(sub)
     return parser
+
+
+def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    vhost = sub.add_parser(
+        "vhost-user",
+        help="serve the virtio-blk device to QEMU as a vhost-user back end",
+        description="Serve vblk's virtio-blk device model on a vhost-user socket. QEMU connects with "
+        "-object memory-backend-memfd,id=mem,size=RAM,share=on -numa node,memdev=mem "
+        "-chardev socket,id=c0,path=SOCK -device vhost-user-blk-pci,chardev=c0,num-queues=N",
+    )
+    vhost.add_argument("--socket", type=Path, required=True, metavar="PATH", help="unix socket to listen on")
+    vhost.add_argument("--image", type=Path, default=Path("disk.img"), metavar="PATH", help="raw image file")
+    vhost.add_argument(
+        "--size", type=_argument_type(parse_size), default=1 << 30, help="size of a new image [1G]"
+    )
+    vhost.add_argument("--backend", choices=("file", "memory"), default="file", help="storage backend")
+    vhost.add_argument("--read-only", action="store_true", help="export read-only (VIRTIO_BLK_F_RO)")
+    vhost.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (QEMU num-queues) [1]")
+    vhost.add_argument(
+        "--queue-size",
+        type=int,
+        default=128,
+        metavar="N",
+        help="descriptors per ring (QEMU queue-size) [128]",
+    )
+    vhost.add_argument("--io-mode", choices=("inline", "thread"), default="inline")
+    vhost.add_argument("--serial", default="vblk", help="the disk's serial (VIRTIO_BLK_T_GET_ID)")
+    vhost.add_argument("--once", action="store_true", help="exit when the first front end disconnects")
+    vhost.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    vhost.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
+
+def _vhost_user(args: argparse.Namespace) -> int:
+    if args.size <= 0 or args.size % 512:
+        print(f"vblk: size must be a positive multiple of 512, not {args.size}", file=sys.stderr)
+        return 2
+    if not 1 <= args.queues <= 64 or args.queue_size < 4 or args.queue_size & (args.queue_size - 1):
+        print("vblk: --queues is 1..64, --queue-size a power of two >= 4", file=sys.stderr)
+        return 2
+    disk = DiskSpec(
+        name="vhost-user",
+        backend=args.backend,
+        path=args.image,
+        size=args.size,
+        read_only=args.read_only,
+        num_queues=args.queues,
+        queue_size=args.queue_size,
+        io_mode=args.io_mode,
+    )
+    config = VhostUserConfig(socket=args.socket, disk=disk, serial=args.serial, once=args.once)
+    logs.configure(args.log_level, args.log_format)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve_vhost_user(config))
 
 
 def _create_image(path: Path, size: int) -> int:
@@ -124,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _create_image(args.path, args.size)
     if args.command == "info":
         return _info(args.path)
+    if args.command == "vhost-user":
+        return _vhost_user(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         config, values = from_sources(flags, config_file=args.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import lzma
 import os
 import re
@@ -28,11 +29,13 @@ GUEST_IP = "10.0.2.15"
 NBD_FORWARD_IP = "10.0.2.100"  # the guest's view of vblk (QEMU guestfwd → socat → 127.0.0.1)
 NBD_PORT = 10809
 PAYLOAD_PATH = "/vblk/payload.bin"  # inside the guest's ext4 file system
+GUEST_RAM_MIB = 512
+STRESS_FS_MIB = 48  # with vblk.stress=N the file system ends here; 16 MiB scratch follow
 
 # Modules the guest loads, by name; their dependencies come from modules.dep. crc32c_generic
 # is no hard dependency of ext4 (a softdep through the crypto API), yet metadata_csum needs it.
 GUEST_MODULES = ("nbd", "virtio_pci", "virtio_net", "virtio_blk", "crc32c_generic", "ext4")
-GUEST_BINARIES = {"/sbin/nbd-client": "nbd-client", "/sbin/mke2fs": "mke2fs"}
+GUEST_BINARIES = {"/sbin/nbd-client": "nbd-client", "/sbin/mke2fs": "mke2fs", "/sbin/e2fsck": "e2fsck"}
 
 # Host tools and the Debian package that provides each one (scripts/install-tools.sh installs them).
 HOST_TOOLS = {
@@ -339,13 +342,22 @@ fail() {
 }
 step() { echo "vblk-e2e: $* (uptime $(cut -d' ' -f1 /proc/uptime))"; }
 
+# Module parameters from the kernel command line (virtio_pci.force_legacy=1), as modprobe does.
 for m in @MODULES@; do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m"
+    opts=""
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in "$m".*=*) opts="$opts ${arg#"$m".}" ;; esac
+    done
+    insmod "/lib/modules/$m.ko" $opts || fail "insmod $m$opts"
 done
 
 mode=nbd
+stress=0
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in vblk.mode=*) mode="${arg#vblk.mode=}" ;; esac
+    case "$arg" in
+    vblk.mode=*) mode="${arg#vblk.mode=}" ;;
+    vblk.stress=*) stress="${arg#vblk.stress=}" ;;
+    esac
 done
 step "modules loaded, mode $mode"
 
@@ -368,8 +380,14 @@ vda)
     ;;
 esac
 step "disk $dev: $(cat /sys/block/${dev#/dev/}/size) sectors"
+if [ "$mode" = vda ]; then
+    # One character per feature bit, bit 0 first: bit 32 is VIRTIO_F_VERSION_1.
+    echo "vblk-e2e: virtio features $(cat /sys/block/vda/device/features)"
+fi
 
-/sbin/mke2fs -q -F -t ext4 -L vblk-e2e $dev || fail "mke2fs"
+fs_size=""
+[ "$stress" -gt 0 ] && fs_size=@FS_MIB@M  # leave a scratch area after the file system
+/sbin/mke2fs -q -F -t ext4 -L vblk-e2e $dev $fs_size || fail "mke2fs"
 mount -t ext4 $dev /mnt || fail "mount"
 mkdir -p /mnt/vblk || fail "mkdir"
 cp /payload.bin /mnt@PAYLOAD@ || fail "write"
@@ -383,6 +401,32 @@ sha=$(sha256sum /mnt@PAYLOAD@ | cut -d' ' -f1)
 [ -n "$sha" ] || fail "read back"
 umount /mnt || fail "umount after read"
 step "read back"
+/sbin/e2fsck -fn $dev || fail "e2fsck"
+step "checked"
+
+# Many requests in flight at once: four processes, each writing 1 MiB of its own 4 MiB of the scratch
+# area in 4 KiB O_DIRECT requests and reading it back, for $stress rounds.
+round=0
+while [ "$round" -lt "$stress" ]; do
+    pids=""
+    for p in 0 1 2 3; do
+        (
+            seek=$((@FS_MIB@ * 256 + p * 1024))
+            skip=$(((round + p) % 2 * 1024))
+            dd if=/payload.bin of=$dev bs=4096 count=256 skip=$skip seek=$seek oflag=direct \
+                conv=notrunc 2>/dev/null || exit 1
+            want=$(dd if=/payload.bin bs=4096 count=256 skip=$skip 2>/dev/null | sha256sum)
+            got=$(dd if=$dev bs=4096 count=256 skip=$seek iflag=direct 2>/dev/null | sha256sum)
+            [ "$want" = "$got" ]
+        ) &
+        pids="$pids $!"
+    done
+    for pid in $pids; do
+        wait "$pid" || fail "stress round $round"
+    done
+    round=$((round + 1))
+done
+[ "$stress" -gt 0 ] && step "stress: $stress rounds of 4 x 512 direct requests"
 
 if [ "$mode" = nbd ]; then
     /sbin/nbd-client -d $dev || fail "nbd-client disconnect"
@@ -433,6 +477,7 @@ def build_initramfs(kernel: Kernel, payload: bytes) -> bytes:
         .replace("@NBD_IP@", NBD_FORWARD_IP)
         .replace("@NBD_PORT@", str(NBD_PORT))
         .replace("@PAYLOAD@", PAYLOAD_PATH)
+        .replace("@FS_MIB@", str(STRESS_FS_MIB))
     )
     cpio.file("init", init.encode(), 0o755)
     return cpio.finish()
@@ -511,6 +556,8 @@ async def boot(
     mode: str,
     qemu_args: Sequence[str],
     timeout: float = 120,
+    append: str = "",
+    smp: int = 1,
 ) -> Boot:
     """Boot the guest once (falling back to the bzImage if QEMU refuses the vmlinux)."""
     qemu = which("qemu-system-x86_64")
@@ -523,9 +570,9 @@ async def boot(
             "-cpu",
             "max",
             "-m",
-            "512",
+            str(GUEST_RAM_MIB),
             "-smp",
-            "1",
+            str(smp),
             "-nodefaults",
             "-display",
             "none",
@@ -537,7 +584,7 @@ async def boot(
             "-initrd",
             str(guest.initrd),
             "-append",
-            f"console=ttyS0 quiet panic=-1 vblk.mode={mode}",
+            f"console=ttyS0 quiet panic=-1 vblk.mode={mode} {append}".strip(),
             *qemu_args,
         ]
         result = await _run_qemu(argv, serial_log, timeout, kernel)
@@ -564,3 +611,50 @@ def nbd_forward_args(port: int) -> list[str]:
 def nbd_drive_args(port: int, export: str = "disk0") -> list[str]:
     """QEMU's own NBD client as the guest's virtio-blk disk."""
     return ["-drive", f"file=nbd://127.0.0.1:{port}/{export},format=raw,if=virtio"]
+
+
+def vhost_user_blk_args(
+    socket_path: Path, *, device: str = "vhost-user-blk-pci", queues: int = 1
+) -> list[str]:
+    """A vhost-user-blk disk served on ``socket_path``: guest RAM must be a shared memfd."""
+    return [
+        "-object",
+        f"memory-backend-memfd,id=mem,size={GUEST_RAM_MIB}M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        f"socket,id=vu0,path={socket_path}",
+        "-device",
+        f"{device},chardev=vu0,num-queues={queues}",
+    ]
+
+
+def virtio_features(boot: Boot) -> str | None:
+    """The guest's negotiated virtio feature bits of /dev/vda (bit 0 first), from the console."""
+    for raw in boot.serial.splitlines():
+        line = raw.strip("\r\n\0 ")
+        if line.startswith("vblk-e2e: virtio features "):
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+async def check_ext4_image(image: Path, payload_sha256: str, context: str) -> None:
+    """The host's view of a disk the guest wrote: ``e2fsck -fn`` is clean and the payload file
+    reads back (with debugfs, no mount) with the guest's checksum. ``context`` goes into failures."""
+    fsck = await asyncio.create_subprocess_exec(
+        which("e2fsck"), "-fn", str(image), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    fsck_out, _ = await asyncio.wait_for(fsck.communicate(), 60)
+    assert fsck.returncode == 0, f"e2fsck -fn exited {fsck.returncode}:\n{fsck_out.decode()}\n{context}"
+    debugfs = await asyncio.create_subprocess_exec(
+        which("debugfs"),
+        "-R",
+        f"cat {PAYLOAD_PATH}",
+        str(image),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    data, err = await asyncio.wait_for(debugfs.communicate(), 60)
+    assert debugfs.returncode == 0, err.decode()
+    got = hashlib.sha256(data).hexdigest()
+    assert got == payload_sha256, f"debugfs read {len(data)} bytes with another checksum: {err.decode()}"

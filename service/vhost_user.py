@@ -1,0 +1,80 @@
+"""``vblk vhost-user``: serve the virtio-blk device model to QEMU over a vhost-user socket.
+
+Service layer, beside :mod:`service.app`. The guest is a real VM: QEMU connects with
+``-chardev socket,path=SOCK -device vhost-user-blk-pci,chardev=...`` and its guest's own
+virtio-blk driver reaches the disk through :mod:`device.vhost_user`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import structlog
+
+from device.blk import BlkConfig, IoMode
+from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
+from service.app import DiskSpec, open_backend
+
+log = structlog.get_logger("vblk.service.vhost_user")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VhostUserConfig:
+    socket: Path
+    disk: DiskSpec = dataclasses.field(default_factory=lambda: DiskSpec(queue_size=DEFAULT_QUEUE_SIZE))
+    serial: str = "vblk"
+    once: bool = False  # exit after the first front end disconnects
+
+
+def blk_config(config: VhostUserConfig) -> BlkConfig:
+    spec = config.disk
+    return BlkConfig(
+        serial=config.serial,
+        num_queues=spec.num_queues,
+        queue_size=spec.queue_size,
+        read_only=spec.read_only,
+        io_mode=spec.io_mode,
+        transitional=True,
+    )
+
+
+async def serve_vhost_user(
+    config: VhostUserConfig, stop: asyncio.Event | None = None, io_mode: IoMode | None = None
+) -> int:
+    """Serve until SIGINT/SIGTERM (or ``stop``, or the first disconnect with ``once``)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    spec = config.disk if io_mode is None else dataclasses.replace(config.disk, io_mode=io_mode)
+    backend = open_backend(spec)
+    blk = VhostUserBlk(backend, blk_config(dataclasses.replace(config, disk=spec)))
+    server = VhostUserServer(config.socket, blk)
+    if config.once:
+        server.on_session_end = stop.set
+    try:
+        await server.start()
+        log.info(
+            "running",
+            pid=os.getpid(),
+            socket=str(config.socket),
+            size=backend.size,
+            image=str(spec.path) if spec.backend == "file" else None,
+            queues=spec.num_queues,
+            queue_size=spec.queue_size,
+        )
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.close()
+        await blk.disconnect()
+        blk.close()
+        backend.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
