@@ -52,6 +52,9 @@ class RawFileBackend:
         self._fd = fd
         self._size = size
         self._read_only = read_only
+        # errno of a failed fdatasync: the kernel may have dropped the dirty pages and marked
+        # them clean, so a later fdatasync could succeed without them. Every later flush fails.
+        self._flush_errno: int | None = None
 
     @classmethod
     def open(
@@ -136,8 +139,13 @@ class RawFileBackend:
                 pending = _advance(pending, n)
 
     def flush(self) -> None:
-        with _as_backend_error():
+        if self._flush_errno is not None:
+            raise BackendError(self._flush_errno, f"an earlier flush of {self.path} failed")
+        try:
             os.fdatasync(self._fd)
+        except OSError as exc:
+            self._flush_errno = exc.errno or errno.EIO
+            raise BackendError(self._flush_errno, exc.strerror or str(exc)) from exc
 
     def _punch(self, offset: int, length: int) -> bool:
         try:
