@@ -2,7 +2,7 @@
 # Installs the real client tools vblk's tests talk to (Debian packages).
 # As root it installs what is missing; otherwise it says what a root user must install.
 set -euo pipefail
-packages=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio)
+packages=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio prometheus chromium curl systemd python3-yaml)
 # tests/e2e: Debian's kernel under QEMU (TCG) with a busybox initramfs, formatting vblk disks.
 packages+=(qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
 missing=()
