@@ -342,6 +342,43 @@ async def test_write_through_write_fails_when_its_flush_fails() -> None:
     assert await bench.run(bench.out_chain(0, b"\x66" * SECTOR)) == (Status.IOERR, 1)
 
 
+@pytest.mark.parametrize("writeback", [0, 1])
+async def test_writeback_byte_decides_whether_a_write_is_flushed(writeback: int) -> None:
+    bench = started(backend=FailingBackend(DISK))
+    assert isinstance(bench.backend, FailingBackend)
+    bench.device.write_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1, writeback)
+    assert bench.device.read_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1) == writeback
+    bench.device.write_config(vb.VIRTIO_BLK_CFG_CAPACITY, 8, 1)  # read-only field
+    assert bench.device.read_config(vb.VIRTIO_BLK_CFG_CAPACITY, 8) == CAPACITY
+    assert await bench.run(bench.out_chain(0, b"\x01" * SECTOR)) == (Status.OK, 1)
+    assert bench.backend.flushes == (0 if writeback else 1)  # write-through flushes each write
+
+
+async def test_writeback_byte_is_read_only_without_config_wce() -> None:
+    bench = BlkBench(backend=FailingBackend(DISK))
+    bench.start(bench.device.device_features & ~(1 << vb.VIRTIO_BLK_F_CONFIG_WCE))
+    assert isinstance(bench.backend, FailingBackend)
+    bench.device.write_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1, 0)
+    assert bench.device.read_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1) == 1
+    assert await bench.run(bench.out_chain(0, b"\x01" * SECTOR)) == (Status.OK, 1)
+    assert bench.backend.flushes == 0
+
+
+async def test_request_of_exactly_queue_size_descriptors_is_served() -> None:
+    bench = BlkBench(queue_size=8)
+    bench.start()
+    image = os.urandom(6 * SECTOR)
+    fill_disk(bench, image)
+    data = [bench.buffer(SECTOR) for _ in range(6)]
+    status = bench.buffer(1, 0xFF)
+    chain = link(
+        [(bench.header(RequestType.IN, 0), 16, 0), *((d, SECTOR, WRITE) for d in data), (status, 1, WRITE)]
+    )
+    assert len(chain) == 8
+    assert await bench.run(chain) == (Status.OK, 6 * SECTOR + 1)
+    assert b"".join(bench.memory.read(d, SECTOR) for d in data) == image
+
+
 async def test_thread_mode_completes_every_request() -> None:
     bench = started(config=BlkConfig(io_mode="thread", queue_size=16))
     try:
