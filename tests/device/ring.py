@@ -10,7 +10,10 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+from unittest import mock
 
+import device.virtqueue as virtqueue_module
 from device.backends import Backend
 from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, VirtioBlkDevice
@@ -61,6 +64,39 @@ def write_table(memory: GuestMemory, gpa: int, descs: Sequence[Desc]) -> None:
     """Write ``descs`` as a descriptor table at ``gpa`` (entry k at gpa + 16k)."""
     for k, d in enumerate(descs):
         memory.write(gpa + 16 * k, VIRTQ_DESC.pack(d.addr, d.length, d.flags, d.next))
+
+
+def in_request(memory: GuestMemory, alloc: Callable[[int], int], sector: int, sectors: int = 1) -> list[Desc]:
+    """A virtio-blk IN in fresh buffers from ``alloc``: header, data (0xEE), status (0xFF)."""
+    header, data, status = alloc(16), alloc(SECTOR * sectors), alloc(1)
+    memory.write(header, VIRTIO_BLK_OUTHDR.pack(RequestType.IN, 0, sector))
+    memory.fill(data, SECTOR * sectors, 0xEE)
+    memory.write(status, b"\xff")
+    return link([(header, 16, 0), (data, SECTOR * sectors, WRITE), (status, 1, WRITE)])
+
+
+class DescriptorReads:
+    """While active, counts the descriptors DeviceVirtqueue reads; past ``budget`` the read
+    fails, so that a walk that would never end fails the test instead of hanging it."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.count = 0
+        self.budget = budget
+        self._real = virtqueue_module._desc_unpack
+        self._patch = mock.patch.object(virtqueue_module, "_desc_unpack", self._unpack)
+
+    def _unpack(self, buffer: memoryview, offset: int) -> tuple[Any, ...]:
+        self.count += 1
+        if self.budget is not None and self.count > self.budget:
+            raise AssertionError(f"pop read {self.count} descriptors, the rules allow {self.budget}")
+        return self._real(buffer, offset)
+
+    def __enter__(self) -> DescriptorReads:
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.stop()
 
 
 class RingWriter:
@@ -224,13 +260,7 @@ class BlkBench:
 
     def in_chain(self, sector: int, sectors: int) -> list[Desc]:
         """An IN request: header, one data buffer, status byte."""
-        return link(
-            [
-                (self.header(RequestType.IN, sector), 16, 0),
-                (self.buffer(SECTOR * sectors, 0xEE), SECTOR * sectors, WRITE),
-                (self.buffer(1, 0xFF), 1, WRITE),
-            ]
-        )
+        return in_request(self.memory, self.heap.alloc, sector, sectors)
 
     def out_chain(self, sector: int, data: bytes) -> list[Desc]:
         """An OUT request: header, one data buffer, status byte."""

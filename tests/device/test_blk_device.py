@@ -6,7 +6,6 @@ shape the spec allows or forbids can be written exactly.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import itertools
 import os
@@ -22,7 +21,7 @@ from device.blk import BlkConfig
 from device.spec import virtio_blk as vb
 from device.spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET
 from device.spec.virtio_blk import RequestType, Status
-from tests.device.ring import INDIRECT, WRITE, BlkBench, Desc, link, write_table
+from tests.device.ring import INDIRECT, WRITE, BlkBench, Desc, link, settle, write_table
 
 SECTOR = 512
 DISK = 1 << 20
@@ -306,7 +305,16 @@ async def test_read_only_backend_makes_a_read_only_device() -> None:
     assert await bench.run(bench.out_chain(0, b"\x44" * SECTOR)) == (Status.IOERR, 1)
 
 
-@pytest.mark.parametrize("op", ["readv", "writev", "flush", "discard", "write_zeroes"])
+_TYPES = {
+    "readv": "IN",
+    "writev": "OUT",
+    "flush": "FLUSH",
+    "discard": "DISCARD",
+    "write_zeroes": "WRITE_ZEROES",
+}
+
+
+@pytest.mark.parametrize("op", list(_TYPES))
 async def test_backend_error_is_an_io_error_not_a_device_error(op: str) -> None:
     bench = started(backend=FailingBackend(DISK, fail=[op]))
     chains = {
@@ -322,15 +330,6 @@ async def test_backend_error_is_an_io_error_not_a_device_error(op: str) -> None:
     # The next request that does not touch the failing operation succeeds.
     other = "writev" if op == "readv" else "readv"
     assert await bench.run(chains[other], head=4) == (Status.OK, SECTOR + 1 if other == "readv" else 1)
-
-
-_TYPES = {
-    "readv": "IN",
-    "writev": "OUT",
-    "flush": "FLUSH",
-    "discard": "DISCARD",
-    "write_zeroes": "WRITE_ZEROES",
-}
 
 
 async def test_write_through_write_fails_when_its_flush_fails() -> None:
@@ -388,7 +387,7 @@ async def test_thread_mode_completes_every_request() -> None:
             bench.ring.write_chain(chain, 3 * k)
         bench.ring.publish(*(3 * k for k in range(4)))
         bench.device.kick(0)
-        await _settle_used(bench, 4)
+        await settle(lambda: bench.ring.used_idx == 4)
         used = sorted(bench.ring.used(k) for k in range(4))
         assert used == [(3 * k, SECTOR + 1) for k in range(4)]
         for k, chain in enumerate(chains):
@@ -396,14 +395,6 @@ async def test_thread_mode_completes_every_request() -> None:
             assert bench.memory.read(chain[2].addr, 1) == b"\0"
     finally:
         bench.device.close()
-
-
-async def _settle_used(bench: BlkBench, count: int) -> None:
-    for _ in range(5000):
-        if bench.ring.used_idx == count:
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("requests did not complete")
 
 
 async def test_many_chains_one_kick_one_interrupt_and_indirect_chains() -> None:
@@ -423,7 +414,7 @@ async def test_many_chains_one_kick_one_interrupt_and_indirect_chains() -> None:
     bench.ring.publish(*(h for h, _ in heads))
     raised = bench.device.stats.interrupts_raised
     bench.device.kick(0)
-    await _settle_used(bench, 4)
+    await settle(lambda: bench.ring.used_idx == 4)
     assert [bench.ring.used(k) for k in range(4)] == [(h, SECTOR + 1) for h, _ in heads]
     for k, (_, chain) in enumerate(heads):
         assert bench.memory.read(chain[1].addr, SECTOR) == disk_bytes(bench, k * SECTOR, SECTOR)

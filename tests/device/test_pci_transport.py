@@ -28,8 +28,8 @@ from device.spec.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
 )
-from device.spec.virtio_blk import RequestType, Status
-from tests.device.ring import WRITE, Heap, RingWriter, link, settle
+from device.spec.virtio_blk import Status
+from tests.device.ring import Heap, RingWriter, in_request, settle
 
 SECTOR = 512
 DISK = 1 << 20
@@ -159,13 +159,10 @@ class PciBench:
 
     def read_request(self, ring: RingWriter, sector: int) -> tuple[int, int]:
         """Put a one-sector IN at head 0 of ``ring``; returns its data and status addresses."""
-        header = self.heap.alloc(16)
-        self.memory.write(header, vb.VIRTIO_BLK_OUTHDR.pack(RequestType.IN, 0, sector))
-        data, status = self.heap.alloc(SECTOR), self.heap.alloc(1)
-        self.memory.write(status, b"\xff")
-        ring.write_descs(link([(header, 16, 0), (data, SECTOR, WRITE), (status, 1, WRITE)]))
+        chain = in_request(self.memory, self.heap.alloc, sector)
+        ring.write_descs(chain)
         ring.publish(0)
-        return data, status
+        return chain[1].addr, chain[2].addr
 
     # -- MSI-X -----------------------------------------------------------------------------
 

@@ -13,11 +13,9 @@ import gc
 import os
 from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import pytest
 
-import device.virtqueue as vq
 from device.blk import BlkConfig
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_DRIVER_OK,
@@ -29,7 +27,19 @@ from device.virtio import VirtioDevice
 from device.virtio_pci import NOTIFY_OFF_MULTIPLIER, NOTIFY_OFFSET, VIRTIO_BAR, VirtioPciFunction
 from device.virtqueue import DeviceVirtqueue, VirtqueueError
 from tests.conftest import Rig, make_rig
-from tests.device.ring import INDIRECT, NEXT, WRITE, BlkBench, Desc, RingWriter, link, settle, write_table
+from tests.device.ring import (
+    INDIRECT,
+    NEXT,
+    WRITE,
+    BlkBench,
+    Desc,
+    DescriptorReads,
+    RingWriter,
+    in_request,
+    link,
+    settle,
+    write_table,
+)
 
 SECTOR = 512
 
@@ -60,9 +70,7 @@ class Hostile:
 
     def read_request(self) -> list[Desc]:
         """A valid IN of one sector: header, data, status."""
-        return link(
-            [(self.header(), 16, 0), (self.buffer(SECTOR), SECTOR, WRITE), (self.buffer(1), 1, WRITE)]
-        )
+        return in_request(self.rig.memory, self.buffer, 0)
 
     def table(self, descs: list[Desc]) -> int:
         gpa = self.buffer(max(16, 16 * len(descs)))
@@ -437,19 +445,9 @@ def test_direct_chain_of_queue_size_plus_one_is_refused() -> None:
     # before it is even read.
     ring.write_descs([Desc(buf, 16, NEXT, (k + 1) % 8) for k in range(8)])
     ring.publish(0)
-    reads: list[int] = []
-    real_unpack = vq._desc_unpack
-
-    def counting_unpack(buffer: memoryview, offset: int) -> tuple[int, int, int, int]:
-        reads.append(offset)
-        return real_unpack(buffer, offset)
-
-    with (
-        mock.patch.object(vq, "_desc_unpack", counting_unpack),
-        pytest.raises(VirtqueueError, match="longer than its table of 8"),
-    ):
+    with DescriptorReads() as reads, pytest.raises(VirtqueueError, match="longer than its table of 8"):
         queue.pop()
-    assert len(reads) == 8
+    assert reads.count == 8
     assert queue.last_avail_idx == 0 and not queue.inflight
 
 
