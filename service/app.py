@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from service import systemd
 from service.blockio import ByteDisk
 from service.http.api import build_app
 from service.metrics import Metrics
-from service.nbd.server import NbdExport, NbdLimits, NbdServer
+from service.nbd.protocol import TlsMode
+from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
+from service.security import SecurityConfigError, Tokens, server_context
 
 log = structlog.get_logger("vblk.service")
 
@@ -52,6 +55,27 @@ class DiskSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """TLS for NBD and HTTP, and bearer tokens for the REST API."""
+
+    tls: TlsMode = "off"  # NBD STARTTLS: off, on (offered) or require
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_verify_client: bool = False
+    http_tls: bool = False  # HTTPS on the HTTP listeners, with the same certificate
+    tokens_file: Path | None = None  # "rw TOKEN" / "ro TOKEN" lines; none: the API is open
+    public_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")  # open even with tokens
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.tls == "off" and not self.http_tls:
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise SecurityConfigError("TLS needs tls-cert and tls-key")
+        return server_context(self.tls_cert, self.tls_key, self.tls_ca, self.tls_verify_client)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ServiceConfig:
     disks: tuple[DiskSpec, ...] = (DiskSpec(),)
     guest_memory: int = 256 * MiB
@@ -60,6 +84,7 @@ class ServiceConfig:
     http_listen: tuple[str, ...] = ()
     drain_timeout: float = 10.0  # seconds in-flight requests get to finish on stop
     nbd_limits: NbdLimits = dataclasses.field(default_factory=NbdLimits)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
 
 @dataclasses.dataclass(slots=True)
@@ -103,6 +128,9 @@ class Service:
         self.http_addresses: list[str] = []
         self.stopping = False
         self.metrics = Metrics(lambda: self.disks, self._nbd_counts)
+        security = config.security
+        self.ssl_context = security.context()
+        self.tokens = Tokens.load(security.tokens_file) if security.tokens_file is not None else None
 
     def _nbd_counts(self) -> tuple[int, int, int]:
         if self.nbd is None:
@@ -155,6 +183,11 @@ class Service:
                 exports,
                 on_request=lambda disk, op, seconds: metrics.observe_request("nbd", disk, op, seconds),
                 limits=self.config.nbd_limits,
+                tls=(
+                    NbdTls(self.config.security.tls, self.ssl_context)
+                    if self.config.security.tls != "off" and self.ssl_context is not None
+                    else None
+                ),
             )
             for sock in inherited.get("nbd", []):
                 await self.nbd.listen_socket(sock)
@@ -173,28 +206,40 @@ class Service:
                 build_app(self), access_log=None, shutdown_timeout=self.config.drain_timeout
             )
             await self.http.setup()
+            https = self.ssl_context if self.config.security.http_tls else None
             for sock in inherited.get("http", []):
-                await web.SockSite(self.http, sock).start()
+                await web.SockSite(self.http, sock, ssl_context=https).start()
                 if sock.family == socket.AF_UNIX:
                     self.http_addresses.append(systemd.describe(sock))
             for address in http_listen:
                 site: web.BaseSite
                 if address.startswith("unix:"):
-                    site = web.UnixSite(self.http, address[5:])
+                    site = web.UnixSite(self.http, address[5:], ssl_context=https)
                     await site.start()
                     self.http_addresses.append(address)
                     continue
                 host, port = _split_address(address)
-                site = web.TCPSite(self.http, host, port, reuse_address=True)
+                site = web.TCPSite(self.http, host, port, reuse_address=True, ssl_context=https)
                 await site.start()
             for name in self.http.addresses:
                 if isinstance(name, tuple):
                     self.http_addresses.append(_join_address(name[0], name[1]))
             log.info("http_listening", addresses=self.http_addresses)
-        for address in (*self.nbd_addresses, *self.http_addresses):
-            host = address.rpartition(":")[0].strip("[]")
-            if not address.startswith("unix:") and host not in ("127.0.0.1", "::1", "localhost"):
-                log.warning("listening_beyond_loopback", address=address, hint="no TLS or tokens yet")
+        security = self.config.security
+        for front_end, addresses, protected in (
+            ("nbd", self.nbd_addresses, security.tls == "require"),
+            ("http", self.http_addresses, security.http_tls or security.tokens_file is not None),
+        ):
+            for address in addresses:
+                host = address.rpartition(":")[0].strip("[]")
+                if address.startswith("unix:") or host in ("127.0.0.1", "::1", "localhost") or protected:
+                    continue
+                log.warning(
+                    "listening_beyond_loopback_unprotected",
+                    front_end=front_end,
+                    address=address,
+                    hint="anyone who can reach it can read and write the disks: use TLS or tokens",
+                )
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush every disk, release all."""

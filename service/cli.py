@@ -19,7 +19,7 @@ import uvloop
 from device.backends.raw import RawFileBackend
 from service import logs
 from service.app import DiskSpec, serve
-from service.config import SETTINGS, ConfigError, from_sources, parse_disk, parse_size
+from service.config import SETTINGS, ConfigError, from_sources, parse_bool, parse_disk, parse_size
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + setting.name
         default_text = "" if setting.default in (None, [], False) else f" [{setting.default}]"
         help_text = f"{setting.help}{default_text} (${setting.env})"
-        if setting.convert is bool or setting.name == "read-only":
+        if setting.convert is parse_bool:
             run.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
         elif setting.name == "disk":
             run.add_argument(

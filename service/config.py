@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.app import DiskSpec, ServiceConfig
+from service.app import DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
+from service.security import SecurityConfigError, Tokens
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DISK_KEYS = ("name", "image", "size", "backend", "read-only", "queues", "queue-size", "io-mode")
@@ -113,6 +114,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle-timeout", 600.0, float, "seconds an NBD client may idle; 0 for ever", "SECONDS"),
     Setting("send-timeout", 60.0, float, "seconds a reply waits for a client that does not read", "SECONDS"),
     Setting("max-inflight", 128, _int, "NBD requests in flight per connection", "N"),
+    Setting(
+        "tls", "off", _choice(("off", "on", "require")), "NBD TLS (STARTTLS): off, on or require", "MODE"
+    ),
+    Setting("tls-cert", None, str, "PEM certificate (chain) for TLS", "FILE"),
+    Setting("tls-key", None, str, "PEM private key for TLS", "FILE"),
+    Setting("tls-ca", None, str, "PEM CA that signs client certificates", "FILE"),
+    Setting("tls-verify-client", False, parse_bool, "require client certificates signed by tls-ca"),
+    Setting("http-tls", False, parse_bool, "serve HTTPS (with tls-cert/tls-key) on the HTTP listeners"),
+    Setting("tokens-file", None, str, "REST bearer tokens, lines 'rw TOKEN' or 'ro TOKEN'", "FILE"),
+    Setting(
+        "public-paths",
+        ["/healthz", "/readyz", "/metrics"],
+        _listen_list,
+        "paths open without a token",
+        "PATHS",
+    ),
     Setting("log-level", "info", _choice(("debug", "info", "warning", "error")), "log level", "LEVEL"),
     Setting("log-format", "auto", _choice(LOG_FORMATS), "auto: JSON unless stdout is a terminal", "FMT"),
 )
@@ -283,7 +300,24 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise ConfigError(f"listen address {address!r}: want HOST:PORT")
+    security = SecurityConfig(
+        tls=values["tls"],
+        tls_cert=_path(values["tls-cert"]),
+        tls_key=_path(values["tls-key"]),
+        tls_ca=_path(values["tls-ca"]),
+        tls_verify_client=values["tls-verify-client"],
+        http_tls=values["http-tls"],
+        tokens_file=_path(values["tokens-file"]),
+        public_paths=tuple(values["public-paths"]),
+    )
+    try:  # load certificates and tokens now, so a bad file is a usage error
+        security.context()
+        if security.tokens_file is not None:
+            Tokens.load(security.tokens_file)
+    except SecurityConfigError as exc:
+        raise ConfigError(str(exc)) from exc
     return ServiceConfig(
+        security=security,
         disks=disks_of(values),
         guest_memory=values["guest-memory"],
         nbd_listen=tuple(nbd),
@@ -297,6 +331,10 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
             max_inflight=values["max-inflight"],
         ),
     )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def from_sources(

@@ -137,6 +137,22 @@ class RestApi:
         exchange.disk = disk
         exchange.op = op
 
+    def _authorize(self, request: web.Request) -> None:
+        """Bearer tokens, when configured: read-only tokens may only read."""
+        tokens = self.service.tokens
+        if tokens is None or request.path in self.service.config.security.public_paths:
+            return
+        access = tokens.access(request.headers.get("Authorization"))
+        if access is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <token>",
+                {"WWW-Authenticate": 'Bearer realm="vblk"'},
+            )
+        if access == "ro" and request.method not in ("GET", "HEAD", "OPTIONS"):
+            raise ApiError(403, "read_only_token", "this token may only read")
+
     @web.middleware
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -150,6 +166,7 @@ class RestApi:
         response: web.StreamResponse | None = None
         try:
             try:
+                self._authorize(request)
                 response = await handler(request)
             except ApiError as exc:
                 response = _json_error(exc.status, exc.code, exc.message, exc.headers)

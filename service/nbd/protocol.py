@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from service.nbd.constants import (
     BASE_ALLOCATION,
@@ -150,7 +150,13 @@ class Disconnect:
     """NBD_CMD_DISC: finish what is in flight, send nothing more, close."""
 
 
-Event = Negotiated | Aborted | Request | Disconnect
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: upgrade the stream to TLS, then :meth:`tls_started`."""
+
+
+Event = Negotiated | Aborted | Request | Disconnect | StartTls
+TlsMode = Literal["off", "on", "require"]
 
 
 class State(enum.Enum):
@@ -169,8 +175,10 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 class ServerConnection:
     """One client connection, server side, from greeting to disconnect."""
 
-    def __init__(self, catalog: Catalog, *, shutting_down: bool = False) -> None:
+    def __init__(self, catalog: Catalog, *, shutting_down: bool = False, tls: TlsMode = "off") -> None:
         self.catalog = catalog
+        self.tls = tls
+        self.tls_active = False
         self.state = State.CLIENT_FLAGS
         self.no_zeroes = False
         self.structured_replies = False
@@ -305,12 +313,22 @@ class ServerConnection:
     def _error(self, option: int, reply: Reply, message: str) -> None:
         self._reply(option, reply, message.encode())
 
+    def tls_started(self) -> None:
+        """The I/O layer finished the TLS handshake: options go on, encrypted."""
+        self.tls_active = True
+
     def _handle_option(self, option: int, data: bytes) -> Event | None:
         if self.shutting_down and option not in (Option.ABORT,):
             if option == Option.EXPORT_NAME:
                 self.state = State.CLOSED
                 return Aborted("server shutting down")
             self._error(option, Reply.ERR_SHUTDOWN, "server is shutting down")
+            return None
+        if self.tls == "require" and not self.tls_active and option not in (Option.STARTTLS, Option.ABORT):
+            if option == Option.EXPORT_NAME:
+                self.state = State.CLOSED
+                return Aborted("TLS is required and the client asked for an export without it")
+            self._error(option, Reply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
             return None
         if option == Option.EXPORT_NAME:
             return self._export_name(data)
@@ -344,9 +362,28 @@ class ServerConnection:
             self._meta_context(option, data)
             return None
         if option == Option.STARTTLS:
-            self._error(option, Reply.ERR_POLICY, "TLS is not enabled on this server")
-            return None
+            return self._starttls(data)
         self._error(option, Reply.ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _starttls(self, data: bytes) -> Event | None:
+        option = Option.STARTTLS
+        if self.tls == "off":
+            self._error(option, Reply.ERR_POLICY, "TLS is not enabled on this server")
+        elif self.tls_active:
+            self._error(option, Reply.ERR_INVALID, "TLS is already active")
+        elif data:
+            self._error(option, Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        elif self._in:
+            # The client must wait for the handshake; bytes sent before it cannot be trusted.
+            self.state = State.CLOSED
+            raise RemoteProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        else:
+            self._reply(option, Reply.ACK)
+            # Nothing negotiated in the clear survives the upgrade (proto.md, STARTTLS).
+            self.structured_replies = False
+            self.meta_contexts = {}
+            return StartTls()
         return None
 
     def _export_name(self, data: bytes) -> Event:
