@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import structlog
 
-from device.platform import Platform
+from device.platform import memory_barrier
 from device.spec import virtio_blk as vb
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -30,14 +30,8 @@ from device.spec.virtio import (
     VIRTIO_F_VERSION_1,
 )
 from device.spec.virtio_blk import RequestType, Status
-from device.spec.virtio_pci import (
-    PCI_VENDOR_ID_REDHAT_QUMRANET,
-    VIRTIO_ID_BLOCK,
-    VIRTIO_PCI_MODERN_DEVICE_ID_BASE,
-)
-from driver import pci
 from driver.dma import DmaAllocator, DmaBuffer
-from driver.virtio_pci import TransportError, VirtioPciTransport
+from driver.transport import TransportError, VirtioTransport
 from driver.virtqueue import DriverVirtqueue, QueueBrokenError
 
 log = structlog.get_logger("vblk.driver.blk")
@@ -214,12 +208,12 @@ class _Request:
 
 
 class VirtioBlk:
-    """One virtio-blk PCI function, driven through ``platform`` only."""
+    """One virtio-blk device, driven through its transport only (a PCI function on the
+    platform, or a vhost-user back end); ``dma`` allocates in the RAM the device sees."""
 
     def __init__(
         self,
-        platform: Platform,
-        info: pci.PciDeviceInfo,
+        transport: VirtioTransport,
         dma: DmaAllocator,
         *,
         features_mask: int = (1 << 64) - 1,
@@ -229,21 +223,15 @@ class VirtioBlk:
         max_transfer: int = DEFAULT_MAX_TRANSFER,
         observer: RequestObserver | None = None,
     ) -> None:
-        if info.vendor_id != PCI_VENDOR_ID_REDHAT_QUMRANET or info.device_id != (
-            VIRTIO_PCI_MODERN_DEVICE_ID_BASE + VIRTIO_ID_BLOCK
-        ):
-            raise TransportError(f"{info.name} is not a modern virtio-blk function")
-        self.platform = platform
-        self.info = info
+        self.transport = transport
         self.dma = dma
-        self.name = info.name
+        self.name = transport.name
         self._features_mask = features_mask
         self._want_queue_size = queue_size
         self._want_queues = num_queues
         self._want_writeback = writeback
         self._max_transfer_limit = max_transfer
         self.observer = observer
-        self.transport: VirtioPciTransport | None = None
         self.features = 0
         self.geometry: BlkGeometry | None = None
         self.queues: list[DriverVirtqueue] = []
@@ -304,15 +292,11 @@ class VirtioBlk:
     # -- initialisation (VIRTIO 1.2 3.1.1) -------------------------------------------------------
 
     async def start(self) -> None:
-        pci.enable(self.platform, self.info)
-        for line in pci.dump_config(self.info):
-            log.debug("pci_config", line=line)
-        self.transport = VirtioPciTransport(self.platform, self.info)
+        await self.transport.open()
         self._initialize()
 
     def _initialize(self) -> None:
         t = self.transport
-        assert t is not None
         t.reset()
         t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
         t.add_status(VIRTIO_CONFIG_S_DRIVER)
@@ -330,9 +314,8 @@ class VirtioBlk:
         if self.has_feature(vb.VIRTIO_BLK_F_CONFIG_WCE) and self._want_writeback is not None:
             t.write_device_config(vb.VIRTIO_BLK_CFG_WRITEBACK, 1, int(self._want_writeback))
             self.geometry = self._read_geometry()
-        t.msix_enable()
-        t.request_vector(0, self._config_interrupt)
-        t.set_config_vector(0)
+        t.enable_config_interrupt(self._config_interrupt)
+        barrier = memory_barrier if t.shared_with_other_cpus else None
         num_queues = self.geometry.num_queues
         if self._want_queues is not None:
             num_queues = max(1, min(num_queues, self._want_queues))
@@ -358,10 +341,11 @@ class VirtioBlk:
                 event_idx=event_idx,
                 indirect_max=min(indirect_max, size),
                 on_broken=self._queue_broken,
+                barrier=barrier,
             )
-            vector = t.request_vector(index + 1, queue.interrupt)
-            address = t.setup_queue(index, size, queue.desc_addr, queue.avail_addr, queue.used_addr, vector)
-            queue._notify = _notifier(t, address, index)
+            queue._notify = t.setup_queue(
+                index, size, queue.desc_addr, queue.avail_addr, queue.used_addr, queue.interrupt
+            )
             self.queues.append(queue)
             self._slots.append(slots)
             self._status_views.append(
@@ -388,7 +372,6 @@ class VirtioBlk:
         )
 
     def _read_geometry(self) -> BlkGeometry:
-        assert self.transport is not None
         raw = self.transport.read_device_config(vb.VIRTIO_BLK_CONFIG.size)
         (
             capacity,
@@ -435,7 +418,7 @@ class VirtioBlk:
     def _config_interrupt(self) -> None:
         self._config_interrupts += 1
         t = self.transport
-        if t is None or self._closed:
+        if self._closed:
             return
         status = t.status
         if status & VIRTIO_CONFIG_S_NEEDS_RESET:
@@ -475,10 +458,8 @@ class VirtioBlk:
     def _teardown(self, exc: BaseException) -> None:
         """Reset the device (it stops touching memory), then fail and free everything."""
         t = self.transport
-        if t is not None:
-            t.reset()
-            t.free_vectors()
-            t.msix_disable()
+        t.reset()
+        t.release_interrupts()
         for queue in self.queues:
             self._retired["kicks"] += queue.kicks
             self._retired["kicks_suppressed"] += queue.kicks_suppressed
@@ -503,7 +484,10 @@ class VirtioBlk:
         if self._recovering is not None:
             await asyncio.gather(self._recovering, return_exceptions=True)
         self._ready.clear()
-        self._teardown(BlkResetError(f"{self.name}: driver closed"))
+        try:
+            self._teardown(BlkResetError(f"{self.name}: driver closed"))
+        finally:
+            self.transport.close()
 
     # -- request submission ------------------------------------------------------------------
 
@@ -789,10 +773,3 @@ class VirtioBlk:
             resets=self._resets,
             config_interrupts=self._config_interrupts,
         )
-
-
-def _notifier(transport: VirtioPciTransport, address: int, index: int) -> Callable[[], None]:
-    def notify() -> None:
-        transport.notify(address, index)
-
-    return notify

@@ -16,6 +16,7 @@ from device.spec.virtio_pci import (
 from driver import pci
 from driver.blk import VirtioBlk
 from driver.dma import DmaAllocator
+from driver.virtio_pci import PciTransport
 
 
 class Guest:
@@ -25,6 +26,7 @@ class Guest:
         self.platform = platform
         self.dma = DmaAllocator(platform.memory)
         self.disks: list[VirtioBlk] = []
+        self._bound: set[tuple[int, int]] = set()
 
     def find_blk_functions(self) -> list[pci.PciDeviceInfo]:
         return [
@@ -36,13 +38,13 @@ class Guest:
 
     async def probe(self, **options: Any) -> list[VirtioBlk]:
         """Bind and start a VirtioBlk on every virtio-blk function not yet bound."""
-        bound = {(disk.info.device, disk.info.function) for disk in self.disks}
         started = []
         for info in self.find_blk_functions():
-            if (info.device, info.function) in bound:
+            if (info.device, info.function) in self._bound:
                 continue
-            disk = VirtioBlk(self.platform, info, self.dma, **options)
+            disk = VirtioBlk(PciTransport(self.platform, info, VIRTIO_ID_BLOCK), self.dma, **options)
             await disk.start()
+            self._bound.add((info.device, info.function))
             self.disks.append(disk)
             started.append(disk)
         return started
@@ -51,3 +53,4 @@ class Guest:
         for disk in self.disks:
             await disk.close()
         self.disks.clear()
+        self._bound.clear()

@@ -7,16 +7,21 @@ COMMON/NOTIFY/ISR/DEVICE structures through vendor capabilities and programs MSI
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
+import structlog
 
 from device.platform import InterruptHandler, Platform
 from device.spec import pci
 from device.spec import virtio_pci as vp
 from device.spec.virtio import VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_MSI_NO_VECTOR
+from driver import pci as pci_bus
 from driver.pci import PciConfig, PciDeviceInfo
+from driver.transport import TransportError
 
+__all__ = ["NO_VECTOR", "PciTransport", "TransportError", "VirtioPciTransport"]
 
-class TransportError(Exception):
-    """The device does not look like a usable virtio-pci function, or refused a setting."""
+log = structlog.get_logger("vblk.driver.virtio_pci")
 
 
 @dataclasses.dataclass(slots=True)
@@ -220,3 +225,91 @@ class VirtioPciTransport:
 
 
 NO_VECTOR = VIRTIO_MSI_NO_VECTOR
+
+
+class PciTransport:
+    """:class:`driver.transport.VirtioTransport` over a modern virtio-pci function.
+
+    MSI-X entry 0 is the configuration interrupt, entry ``n + 1`` queue ``n``'s.
+    """
+
+    shared_with_other_cpus = False  # the device model runs on this event loop
+
+    def __init__(self, platform: Platform, info: PciDeviceInfo, device_id: int) -> None:
+        if info.vendor_id != vp.PCI_VENDOR_ID_REDHAT_QUMRANET or info.device_id != (
+            vp.VIRTIO_PCI_MODERN_DEVICE_ID_BASE + device_id
+        ):
+            raise TransportError(f"{info.name} is not a modern virtio function of device type {device_id}")
+        self.platform = platform
+        self.info = info
+        self._regs: VirtioPciTransport | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def regs(self) -> VirtioPciTransport:
+        if self._regs is None:
+            raise TransportError(f"{self.name}: transport not open")
+        return self._regs
+
+    async def open(self) -> None:
+        pci_bus.enable(self.platform, self.info)
+        for line in pci_bus.dump_config(self.info):
+            log.debug("pci_config", line=line)
+        self._regs = VirtioPciTransport(self.platform, self.info)
+
+    def reset(self) -> None:
+        self.regs.reset()
+
+    @property
+    def status(self) -> int:
+        return self.regs.status
+
+    def add_status(self, bits: int) -> None:
+        self.regs.add_status(bits)
+
+    def device_features(self) -> int:
+        return self.regs.device_features()
+
+    def set_driver_features(self, features: int) -> None:
+        self.regs.set_driver_features(features)
+
+    def features_ok(self) -> bool:
+        return self.regs.features_ok()
+
+    def read_device_config(self, length: int) -> bytes:
+        return self.regs.read_device_config(length)
+
+    def write_device_config(self, offset: int, size: int, value: int) -> None:
+        self.regs.write_device_config(offset, size, value)
+
+    def enable_config_interrupt(self, handler: InterruptHandler) -> None:
+        regs = self.regs
+        regs.msix_enable()
+        regs.request_vector(0, handler)
+        regs.set_config_vector(0)
+
+    def queue_max_size(self, index: int) -> int:
+        return self.regs.queue_max_size(index)
+
+    def setup_queue(
+        self, index: int, size: int, desc: int, avail: int, used: int, handler: InterruptHandler
+    ) -> Callable[[], None]:
+        regs = self.regs
+        vector = regs.request_vector(index + 1, handler)
+        address = regs.setup_queue(index, size, desc, avail, used, vector)
+
+        def notify() -> None:
+            regs.notify(address, index)
+
+        return notify
+
+    def release_interrupts(self) -> None:
+        if self._regs is not None:
+            self._regs.free_vectors()
+            self._regs.msix_disable()
+
+    def close(self) -> None:
+        pass

@@ -62,6 +62,7 @@ class DriverVirtqueue:
         event_idx: bool,
         indirect_max: int,
         on_broken: Callable[[str], None],
+        barrier: Callable[[], None] | None = None,
     ) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError("queue size must be a power of two")
@@ -71,6 +72,9 @@ class DriverVirtqueue:
         self.indirect_max = indirect_max  # 0: no indirect descriptors
         self._notify = notify
         self._on_broken = on_broken
+        #: A full memory barrier between a ring store and a later ring load, for a device on
+        #: other CPUs (vhost-user); None when the device runs on this thread.
+        self.barrier = barrier
         self.memory: GuestRam = allocator.memory
         avail_off = desc_table_size(size)
         used_off = (avail_off + avail_ring_size(size) + 3) & ~3
@@ -250,6 +254,8 @@ class DriverVirtqueue:
         new = self._avail_idx
         old = (new - added) & 0xFFFF
         buf = self._buf
+        if self.barrier is not None:
+            self.barrier()  # the new avail index visible before avail_event / flags are read
         if self.event_idx:
             avail_event = _u16_unpack(buf, self._used_off + 4 + 8 * self.size)[0]
             needed = need_event(avail_event, new, old)
@@ -299,6 +305,8 @@ class DriverVirtqueue:
                 _u16_pack(buf, avail_off + 4 + 2 * self.size, last)
             else:
                 _u16_pack(buf, avail_off, 0)
+            if self.barrier is not None:
+                self.barrier()  # used_event / flags visible before the used index is re-read
             if _u16_unpack(buf, used_off + 2)[0] == last:
                 break
         self._wake()

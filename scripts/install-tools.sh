@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio prometheus chromium curl systemd python3-yaml)
 # tests/e2e: Debian's kernel under QEMU (TCG) with a busybox initramfs, formatting vblk disks.
-packages+=(qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
+packages+=(qemu-system-x86 qemu-system-common linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
 # TLS tests make their certificates with the openssl command.
 packages+=(openssl)
 missing=()

@@ -33,6 +33,12 @@ from service.metrics import Metrics
 from service.nbd.protocol import TlsMode
 from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
 from service.security import SecurityConfigError, Tokens, server_context
+from service.vhost_user_disk import (
+    RemoteControlPlane,
+    RemoteDevice,
+    start_vhost_user_driver,
+    vhost_user_socket,
+)
 
 log = structlog.get_logger("vblk.service")
 
@@ -45,7 +51,7 @@ class DiskSpec:
     """One exported disk: where its bytes live and how its virtio-blk device looks."""
 
     name: str = "disk0"
-    backend: str = "file"  # "file" or "memory"
+    backend: str = "file"  # "file", "memory", or "vhost-user:SOCKET" (that back end's device)
     path: Path = Path("disk.img")
     size: int = 1 * GiB
     read_only: bool = False
@@ -92,7 +98,7 @@ class Disk:
     """A disk as the front ends see it: its name and the driver to send requests through."""
 
     spec: DiskSpec
-    device: VirtioBlkDevice
+    device: VirtioBlkDevice | RemoteDevice
     driver: VirtioBlk
     serial: str
     bytes: ByteDisk
@@ -139,6 +145,8 @@ class Service:
 
     async def start(self) -> None:
         for spec in self.config.disks:
+            if vhost_user_socket(spec.backend) is not None:
+                continue  # started below, after the local devices
             backend = open_backend(spec)
             if self._wrap_backend is not None:
                 backend = self._wrap_backend(spec, backend)
@@ -167,6 +175,23 @@ class Service:
                 backend=spec.backend,
                 path=str(spec.path) if spec.backend == "file" else None,
             )
+        for spec in self.config.disks:
+            socket_path = vhost_user_socket(spec.backend)
+            if socket_path is None:
+                continue
+            driver = await start_vhost_user_driver(
+                socket_path,
+                self.memory,
+                self.guest.dma,
+                num_queues=spec.num_queues,
+                queue_size=spec.queue_size,
+            )
+            self.guest.disks.append(driver)  # closed with the guest's own
+            driver.observer = self.metrics.virtio_observer(spec.name)
+            serial = await driver.get_id()
+            byte_disk = ByteDisk(spec.name, driver, RemoteControlPlane(driver))
+            self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
+            log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
 
     async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         """Open the listeners; sockets ``inherited`` from systemd replace their front end's own."""

@@ -61,6 +61,14 @@ def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
     return convert
 
 
+def parse_backend(value: Any) -> str:
+    """``file``, ``memory`` or ``vhost-user:SOCKET`` (the disk is that back end's device)."""
+    text = str(value)
+    if text.startswith("vhost-user:") and len(text) > len("vhost-user:"):
+        return text
+    return _choice(BACKENDS)(text)
+
+
 def _int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"not an integer: {value!r}")
@@ -91,7 +99,13 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("name", "disk0", str, "disk (export) name", "NAME"),
-    Setting("backend", "file", _choice(BACKENDS), "storage backend: file or memory", "KIND"),
+    Setting(
+        "backend",
+        "file",
+        parse_backend,
+        "storage backend: file, memory, or vhost-user:SOCKET (a vhost-user-blk back end's device)",
+        "KIND",
+    ),
     Setting("image", "disk.img", str, "raw image file (created sparse if missing)", "PATH"),
     Setting("size", 1 << 30, parse_size, "size of a new image (512, 64M, 1G, ...)", "SIZE"),
     Setting("read-only", False, parse_bool, "export read-only (VIRTIO_BLK_F_RO)"),
@@ -252,7 +266,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             if "size" in options:
                 spec["size"] = parse_size(options["size"])
             if "backend" in options:
-                spec["backend"] = _choice(BACKENDS)(options["backend"])
+                spec["backend"] = parse_backend(options["backend"])
             if "read-only" in options:
                 spec["read_only"] = parse_bool(options["read-only"])
             if "queues" in options:

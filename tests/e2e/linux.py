@@ -40,6 +40,9 @@ GUEST_BINARIES = {"/sbin/nbd-client": "nbd-client", "/sbin/mke2fs": "mke2fs", "/
 # Host tools and the Debian package that provides each one (scripts/install-tools.sh installs them).
 HOST_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-storage-daemon": "qemu-system-common",
+    "qemu-img": "qemu-utils",
+    "qemu-io": "qemu-utils",
     "socat": "socat",
     "nbd-client": "nbd-client",
     "mke2fs": "e2fsprogs",

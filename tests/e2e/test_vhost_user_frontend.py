@@ -1,0 +1,298 @@
+"""vblk's driver as a vhost-user front end: VirtioBlk against QEMU's own virtio-blk device.
+
+``qemu-storage-daemon --export type=vhost-user-blk`` (QEMU's block layer and its
+libvhost-user virtio-blk implementation) serves a raw image; vblk's driver shares its guest
+RAM as a memfd, sets up the rings and runs a random concurrent workload of reads, writes
+(some larger than a request may be), flushes, discards, write-zeroes and GET_ID against a
+model of the disk, then the image file is compared with the model. The same workload runs
+against vblk's own back end (``vblk vhost-user``), both sides in separate processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from device.memory import GuestMemory
+from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from driver.blk import BlkIOError, VirtioBlk
+from driver.dma import DmaAllocator
+from driver.vhost_user import VhostUserTransport
+from service.app import DiskSpec, Service, ServiceConfig
+from service.config import from_sources
+from tests.e2e import linux
+from tests.service.conftest import run
+
+MiB = 1 << 20
+SECTOR = 512
+DISK_SIZE = 16 * MiB
+REGION = 64  # sectors: each op of a batch gets its own region, so the model stays exact
+ALL = (1 << 64) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    back_end: str  # "qsd" (qemu-storage-daemon) or "vblk" (vblk vhost-user)
+    queues: int = 1
+    queue_size: int = 128
+    features_mask: int = ALL
+    io_mode: str = "inline"  # vblk's back end: "thread" completes requests out of order
+
+
+VARIANTS = {
+    "qsd": Variant("qsd"),
+    "qsd-no-event-idx": Variant("qsd", features_mask=ALL & ~(1 << VIRTIO_F_EVENT_IDX)),
+    "qsd-no-indirect-ring-of-8": Variant(
+        "qsd", queue_size=8, features_mask=ALL & ~(1 << VIRTIO_F_INDIRECT_DESC)
+    ),
+    "qsd-two-queues": Variant("qsd", queues=2),
+    "vblk-two-queues": Variant("vblk", queues=2),
+    "vblk-thread-io": Variant("vblk", io_mode="thread"),
+}
+BATCHES = int(os.environ.get("VBLK_E2E_BATCHES", "150"))  # raise for a longer memory-ordering run
+
+
+async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, log: Path) -> None:
+    for _ in range(1000):
+        if path.is_socket():
+            return
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} never appeared:\n{log.read_text(errors='replace')}")
+
+
+@contextlib.asynccontextmanager
+async def back_end(variant: Variant, image: Path, directory: Path) -> AsyncIterator[Path]:
+    """A vhost-user-blk back end process serving ``image``; yields its socket."""
+    socket_path = directory / "vu.sock"
+    log = directory / f"{variant.back_end}.log"
+    if variant.back_end == "qsd":
+        argv = [
+            linux.which("qemu-storage-daemon"),
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={image},discard=unmap",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0,discard=unmap",
+            "--export",
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
+            f"addr.path={socket_path},writable=on,num-queues={variant.queues}",
+        ]
+    else:
+        argv = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "vhost-user",
+            "--socket",
+            str(socket_path),
+            "--image",
+            str(image),
+            "--queues",
+            str(variant.queues),
+            "--serial",
+            "vblk-backend",
+            "--io-mode",
+            variant.io_mode,
+            "--log-format",
+            "json",
+        ]
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await _wait_for_socket(socket_path, proc, log)
+        yield socket_path
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, log.read_text(errors="replace")
+
+
+class Model:
+    """The disk as it must read: bytes, and the sectors a discard left undefined."""
+
+    def __init__(self, sectors: int) -> None:
+        self.data = bytearray(sectors * SECTOR)
+        self.unknown: set[int] = set()
+
+    def set(self, sector: int, data: bytes) -> None:
+        self.data[sector * SECTOR : sector * SECTOR + len(data)] = data
+        self.unknown.difference_update(range(sector, sector + len(data) // SECTOR))
+
+    def check(self, sector: int, got: bytes) -> None:
+        for i in range(len(got) // SECTOR):
+            if sector + i in self.unknown:
+                continue
+            lo = (sector + i) * SECTOR
+            assert got[i * SECTOR : (i + 1) * SECTOR] == self.data[lo : lo + SECTOR], f"sector {sector + i}"
+
+
+async def run_workload(
+    blk: VirtioBlk, model: Model, *, seed: int, batches: int, expected_id: str
+) -> dict[str, int]:
+    """Random batches of concurrent operations, one per region; checks every read."""
+    rng = random.Random(seed)
+    sectors = len(model.data) // SECTOR
+    regions = sectors // REGION
+    counts: dict[str, int] = {}
+    ops = ["read", "read", "write", "write", "discard", "zero", "zero_unmap", "flush", "get_id"]
+    for _ in range(batches):
+        coros: list[Coroutine[Any, Any, Any]] = []
+        checks: list[tuple[int, bytes | None]] = []
+        for region in rng.sample(range(regions), rng.randint(1, 32)):
+            op = rng.choice(ops)
+            counts[op] = counts.get(op, 0) + 1
+            first = region * REGION + rng.randrange(REGION)
+            count = rng.randint(1, region * REGION + REGION - first)
+            if op == "read":
+                coros.append(blk.read(first, count * SECTOR))
+                checks.append((first, None))
+                continue
+            checks.append((-1, None))
+            if op == "write":
+                data = rng.randbytes(count * SECTOR)
+                coros.append(blk.write(first, data))
+                model.set(first, data)
+            elif op == "discard":
+                coros.append(blk.discard(first, count))
+                model.unknown.update(range(first, first + count))  # may or may not read as zeroes
+            elif op in ("zero", "zero_unmap"):
+                coros.append(blk.write_zeroes(first, count, unmap=op == "zero_unmap"))
+                model.set(first, bytes(count * SECTOR))
+            elif op == "flush":
+                coros.append(blk.flush())
+            else:
+                coros.append(_expect_id(blk, expected_id))
+        snapshot = Model(0)
+        snapshot.data, snapshot.unknown = bytearray(model.data), set(model.unknown)
+        results = await asyncio.gather(*coros)
+        for (sector, _), result in zip(checks, results, strict=True):
+            if sector >= 0:
+                snapshot.check(sector, result)
+    return counts
+
+
+async def _expect_id(blk: VirtioBlk, expected: str) -> None:
+    assert await blk.get_id() == expected
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+async def test_virtio_blk_workload_over_vhost_user(name: str) -> None:
+    variant = VARIANTS[name]
+    directory = Path(tempfile.mkdtemp(prefix="vblk-fe-"))
+    image = directory / "disk.raw"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    memory = GuestMemory(64 * MiB)
+    model = Model(DISK_SIZE // SECTOR)
+    try:
+        async with back_end(variant, image, directory) as socket_path:
+            transport = VhostUserTransport(socket_path, memory, queue_size=variant.queue_size)
+            blk = VirtioBlk(transport, DmaAllocator(memory), features_mask=variant.features_mask)
+            await blk.start()
+            try:
+                assert blk.capacity == DISK_SIZE // SECTOR
+                assert len(blk.queues) == variant.queues
+                assert blk.has_feature(VIRTIO_F_EVENT_IDX) == bool(
+                    variant.features_mask >> VIRTIO_F_EVENT_IDX & 1
+                )
+                expected_id = "vhost_user_blk" if variant.back_end == "qsd" else "vblk-backend"
+                assert await blk.get_id() == expected_id
+                # One transfer bigger than a request may carry: split into several requests.
+                big = os.urandom(3 * MiB)
+                await blk.write(2048, big)
+                model.set(2048, big)
+                model.check(2048, await blk.read(2048, len(big)))
+                with pytest.raises(BlkIOError):  # past the end: the device says IOERR, and goes on
+                    await blk.read(DISK_SIZE // SECTOR, SECTOR)
+                counts = await run_workload(
+                    blk, model, seed=len(name), batches=BATCHES, expected_id=expected_id
+                )
+                model.check(0, await blk.read(0, DISK_SIZE))
+                await blk.flush()
+                stats = blk.statistics()
+                print(
+                    f"{name}: {sum(stats.requests.values())} requests {counts}, {stats.kicks} kicks "
+                    f"({stats.kicks_suppressed} suppressed), {stats.interrupts} interrupts"
+                )
+                assert stats.resets == 0 and stats.requests_inflight == 0
+                assert all(q.free_descriptors == q.size for q in stats.queues)
+                if variant.queues > 1:
+                    assert all(q.completed for q in stats.queues), stats.queues
+            finally:
+                await blk.close()
+        model.check(0, image.read_bytes())  # what the back end wrote to the image file
+    finally:
+        memory.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_vblk_serve_exports_qemu_device_over_nbd_and_rest() -> None:
+    """``vblk serve --backend vhost-user:SOCK``: QEMU's device behind vblk's NBD and REST."""
+    config, _ = from_sources({"backend": "vhost-user:/run/qsd.sock", "nbd_listen": ["none"]}, environ={})
+    assert config.disks[0].backend == "vhost-user:/run/qsd.sock"
+
+    directory = Path(tempfile.mkdtemp(prefix="vblk-fe-"))
+    image = directory / "disk.raw"
+    content = os.urandom(8 * MiB)
+    image.write_bytes(content)
+    nbd_socket = directory / "nbd.sock"
+    try:
+        async with back_end(Variant("qsd"), image, directory) as socket_path:
+            spec = DiskSpec(name="qsd", backend=f"vhost-user:{socket_path}")
+            service = Service(
+                ServiceConfig(
+                    disks=(spec,),
+                    guest_memory=64 * MiB,
+                    nbd_listen=(f"unix:{nbd_socket}",),
+                    http_listen=("127.0.0.1:0",),
+                )
+            )
+            await service.start()
+            try:
+                await service.start_front_ends()
+                disk = service.disks["qsd"]
+                assert disk.serial == "vhost_user_blk" and disk.driver.size == len(content)
+                uri = f"nbd+unix:///qsd?socket={nbd_socket}"
+                copy = directory / "copy.raw"
+                await run(linux.which("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri, str(copy))
+                assert copy.read_bytes() == content
+                await run(linux.which("qemu-io"), "-f", "raw", "-c", "write -P 0xab 1M 64k", uri)
+                base = f"http://{service.http_addresses[0]}"
+                async with aiohttp.ClientSession() as http:
+                    url = f"{base}/v1/disks/qsd"
+                    async with http.get(url, headers={"Range": "bytes=1048576-1049087"}) as response:
+                        assert response.status == 206
+                        assert await response.read() == b"\xab" * 512
+                    async with http.put(
+                        url, data=b"\xcd" * 4096, headers={"Content-Range": "bytes 0-4095/*"}
+                    ) as response:
+                        assert response.status < 300, await response.text()
+                    async with http.get(f"{url}/extents") as response:
+                        assert response.status == 200
+            finally:
+                await service.stop()
+        data = image.read_bytes()  # written by QEMU's block layer, on the daemon's side
+        assert data[:4096] == b"\xcd" * 4096
+        assert data[MiB : MiB + 64 * 1024] == b"\xab" * 64 * 1024
+        assert data[4096:MiB] == content[4096:MiB]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
