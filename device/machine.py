@@ -40,6 +40,7 @@ class LocalApic:
         self._free = list(range(LAST_VECTOR, FIRST_VECTOR - 1, -1))
         self.statistics = InterruptStatistics()
         self.delivered_by_vector: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def allocate_vector(self, handler: InterruptHandler) -> tuple[int, int]:
         if not self._free:
@@ -60,7 +61,14 @@ class LocalApic:
         self.statistics.delivered += 1
         vector = data & 0xFF
         self.delivered_by_vector[vector] = self.delivered_by_vector.get(vector, 0) + 1
-        asyncio.get_running_loop().call_soon(handler)
+        self._event_loop().call_soon(handler)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
 
 class Machine:

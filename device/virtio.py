@@ -86,6 +86,7 @@ class VirtioDevice:
         self.queues = [self.queue_type(memory, i, queue_max_size) for i in range(num_queues)]
         self.transport: Transport | None = None
         self.stats = DeviceStatistics()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.config_generation = 0
         self.broken_reason: str | None = None
         self._scheduled: set[int] = set()
@@ -200,7 +201,14 @@ class VirtioDevice:
             return
         if index not in self._scheduled:
             self._scheduled.add(index)
-            asyncio.get_running_loop().call_soon(self._run_queue, queue)
+            self._event_loop().call_soon(self._run_queue, queue)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _run_queue(self, queue: DeviceVirtqueue) -> None:
         self._scheduled.discard(queue.index)

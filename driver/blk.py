@@ -256,6 +256,7 @@ class VirtioBlk:
         self._io_weighted = 0.0
         self._retired = {"kicks": 0, "kicks_suppressed": 0, "interrupts": 0, "completed": 0}
         self.capacity_listeners: list[Callable[[int], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- properties ------------------------------------------------------------------------
 
@@ -531,7 +532,7 @@ class VirtioBlk:
                 _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
                 status_view = self._status_views[queue.index][head]
                 status_view[0] = 0xFF
-                future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                future: asyncio.Future[int] = self._event_loop().create_future()
                 request = _Request(future, status_view, pinned)
                 header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
                 status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
@@ -563,6 +564,13 @@ class VirtioBlk:
             self._account_io(now, -1)
             if self.observer is not None:
                 self.observer(op, status_name, now - started, nbytes)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _account_io(self, now: float, delta: int) -> None:
         """Advance busy time and in-flight-weighted time to ``now``, then change the count."""

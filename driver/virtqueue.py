@@ -109,6 +109,7 @@ class DriverVirtqueue:
         self._kick_scheduled = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.broken = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Statistics.
         self.kicks = 0
         self.kicks_suppressed = 0
@@ -144,8 +145,7 @@ class DriverVirtqueue:
             raise QueueBrokenError(f"queue {self.index} is broken")
         if self.num_free >= descriptors and not self._waiters:
             return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[None] = self._event_loop().create_future()
         self._waiters.append(waiter)
         try:
             while True:
@@ -154,7 +154,7 @@ class DriverVirtqueue:
                     raise QueueBrokenError(f"queue {self.index} is broken")
                 if self.num_free >= descriptors:
                     return
-                fresh: asyncio.Future[None] = loop.create_future()
+                fresh: asyncio.Future[None] = self._event_loop().create_future()
                 self._waiters[self._waiters.index(waiter)] = fresh  # keep our place in line
                 waiter = fresh
         finally:
@@ -241,8 +241,15 @@ class DriverVirtqueue:
             self.kick()  # the event index window would otherwise wrap
         elif not self._kick_scheduled:
             self._kick_scheduled = True
-            asyncio.get_running_loop().call_soon(self.kick)
+            self._event_loop().call_soon(self.kick)
         return head
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def kick(self) -> None:
         """Notify the device of everything published since the last kick, if it wants to know."""

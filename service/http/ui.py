@@ -18,11 +18,10 @@ import functools
 import importlib.resources
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import Histogram
 
 from device.spec import virtio_blk as vb
 from device.spec.virtio import (
@@ -39,6 +38,7 @@ from device.spec.virtio import (
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import OPERATIONS
 from driver.virtqueue import DriverVirtqueue
+from service.metrics import LATENCY_BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
     from device.platform import GuestRam
@@ -257,29 +257,25 @@ def queue_snapshot(
     }
 
 
-def _latency(disk: Disk, histogram: Histogram) -> dict[str, Any]:
+def _latency(disk: Disk, histograms: Mapping[tuple[str, str], LatencyHistogram]) -> dict[str, Any]:
     """The disk's virtio latency histogram, every operation added up (cumulative buckets)."""
-    buckets: dict[float, float] = {}
+    buckets: list[float] = [0.0] * (len(LATENCY_BUCKETS) + 1)
     count = total = 0.0
-    for family in histogram.collect():
-        for sample in family.samples:
-            if sample.labels.get("disk") != disk.spec.name:
-                continue
-            if sample.name.endswith("_bucket"):
-                le = float(sample.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + sample.value
-            elif sample.name.endswith("_count"):
-                count += sample.value
-            elif sample.name.endswith("_sum"):
-                total += sample.value
+    for (name, _op), histogram in list(histograms.items()):
+        if name != disk.spec.name:
+            continue
+        for i, (_le, n) in enumerate(histogram.cumulative()):
+            buckets[i] += n
+        count += histogram.count
+        total += histogram.sum
     return {
         "count": count,
         "sum": total,
-        "buckets": [[le if le != float("inf") else "+Inf", n] for le, n in sorted(buckets.items())],
+        "buckets": [[le, n] for le, n in zip([*LATENCY_BUCKETS, "+Inf"], buckets, strict=True)],
     }
 
 
-def disk_snapshot(disk: Disk, histogram: Histogram) -> dict[str, Any]:
+def disk_snapshot(disk: Disk, histograms: Mapping[tuple[str, str], LatencyHistogram]) -> dict[str, Any]:
     """Every queue of one disk, plus the counters the page turns into IOPS and latency."""
     driver = disk.driver
     device = disk.device
@@ -306,7 +302,7 @@ def disk_snapshot(disk: Disk, histogram: Histogram) -> dict[str, Any]:
             "by_op": by_op,
         },
         "bytes": {"read": stats.bytes_read, "written": stats.bytes_written},
-        "latency": _latency(disk, histogram),
+        "latency": _latency(disk, histograms),
         "resets": stats.resets,
         "queues": queues,
     }

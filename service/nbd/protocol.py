@@ -134,7 +134,7 @@ class Aborted:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: one per request, and frozen __init__ is slower
 class Request:
     """One transmission request. For WRITE, ``length`` payload bytes follow: take or skip them."""
 

@@ -68,6 +68,7 @@ class NbdExport:
 
     disk: ByteDisk
     description: str = ""
+    _described: p.Export | None = dataclasses.field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -82,12 +83,17 @@ class NbdExport:
         return self.disk.backend
 
     def describe(self) -> p.Export:
-        return p.Export(
+        """The export as the codec sees it; rebuilt only when the disk's size changes."""
+        cached = self._described
+        if cached is not None and cached.size == self.driver.size:
+            return cached
+        self._described = described = p.Export(
             name=self.name,
             size=self.driver.size,
             description=self.description,
             read_only=self.driver.read_only,
         )
+        return described
 
 
 class _Catalog:
@@ -142,6 +148,9 @@ class Channel(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self.task: asyncio.Task[None] | None = None
+        # Made by the loop's protocol factory, so the loop is running; looked up once because
+        # get_running_loop() costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     # -- protocol callbacks ------------------------------------------------------------------
 
@@ -154,7 +163,7 @@ class Channel(asyncio.BufferedProtocol):
         sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.task = asyncio.get_running_loop().create_task(self._handler(self))
+        self.task = self._loop.create_task(self._handler(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
@@ -204,7 +213,7 @@ class Channel(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -267,7 +276,7 @@ class Channel(asyncio.BufferedProtocol):
         self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -284,6 +293,10 @@ class Channel(asyncio.BufferedProtocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     @property
     def buffered(self) -> int:
@@ -325,7 +338,7 @@ class Channel(asyncio.BufferedProtocol):
         while self.paused:
             if self._eof and (self.transport is None or self.transport.is_closing()):
                 raise ConnectionResetError("connection lost")
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
 
@@ -494,6 +507,9 @@ class _Connection:
         self.meta_contexts: dict[int, str] = {}
         self._closing = False
         self.id = next(_connection_ids)
+        self._last_active = 0.0
+        self._idle_expired = False
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
         self.bytes_read = 0
@@ -512,6 +528,7 @@ class _Connection:
         try:
             self.writer.write(self.codec.greeting())
             if await asyncio.wait_for(self._negotiate(), self.limits.negotiation_timeout):
+                self._arm_idle_watchdog()
                 await self._transmission()
         except p.RemoteProtocolError as exc:
             reason = "protocol_error"
@@ -527,6 +544,8 @@ class _Connection:
             reason = "connection_lost"
             log.debug("nbd_connection_lost", error=repr(exc))
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             self.channel.close()
@@ -550,16 +569,37 @@ class _Connection:
         return True
 
     async def _fill_or_idle(self) -> bool:
-        """Wait for more requests; a client with nothing in flight may idle only so long."""
+        """Wait for more requests; a client with nothing in flight may idle only so long.
+
+        One watchdog timer per connection checks for idleness (no per-read wait_for, which
+        would cost a task and a timer for every request at queue depth 1).
+        """
+        self._last_active = self.channel.loop.time()
+        if self._idle_expired:
+            raise _IdleError
+        filled = await self._fill()
+        if self._idle_expired and not filled:
+            raise _IdleError
+        return filled
+
+    def _arm_idle_watchdog(self) -> None:
         idle = self.limits.idle_timeout
-        if idle <= 0:
-            return await self._fill()
-        while True:
-            try:
-                return await asyncio.wait_for(self._fill(), idle)
-            except TimeoutError:
-                if not self.tasks:
-                    raise _IdleError from None
+        if idle > 0:
+            loop = asyncio.get_running_loop()
+            self._last_active = loop.time()
+            self._idle_timer = loop.call_later(idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.limits.idle_timeout
+        quiet = loop.time() - self._last_active
+        if self.tasks or quiet < idle:
+            self._idle_timer = loop.call_later(
+                max(idle - quiet, 0.05) if not self.tasks else idle, self._idle_check
+            )
+            return
+        self._idle_expired = True
+        self.channel.eof_received()  # wakes the reader: the transmission loop ends
 
     async def _send_credit(self) -> None:
         """Wait until the client has read enough of our replies (bounded by ``send_timeout``).
@@ -668,7 +708,7 @@ class _Connection:
                 self.budget.release(held)
                 self.slots.release()
                 raise
-            task = asyncio.get_running_loop().create_task(self._execute(event, export, payload))
+            task = self.channel.loop.create_task(self._execute(event, export, payload))
             self.tasks.add(task)
             task.add_done_callback(functools.partial(self._task_done, held))
 
@@ -715,7 +755,7 @@ class _Connection:
     # -- execution ----------------------------------------------------------------------------
 
     async def _execute(self, request: p.Request, export: NbdExport, payload: DmaBuffer | None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.channel.loop
         started = loop.time()
         name = Command(request.command).name.lower()
         self.requests[name] += 1
