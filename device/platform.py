@@ -7,6 +7,7 @@ implements them (:mod:`device.machine`); the driver only ever sees these types.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -71,6 +72,23 @@ class Platform(Protocol):
 
 
 _FENCE = threading.Lock()
+_SWAP = sys.byteorder != "little"
+
+
+def store_u16(buffer: memoryview, offset: int, value: int) -> None:
+    """Store a little-endian 16-bit ring field with a single 2-byte write (Linux WRITE_ONCE).
+
+    For fields another CPU may read at any moment (ring indices, event indices, flags).
+    ``struct.pack_into`` will not do: it clears the destination before it writes the value,
+    so a concurrent reader can see 0 in between (an index that jumps back to 0, which a
+    driver or device takes for a corrupted ring). A memoryview cast to ``H`` stores with one
+    2-byte memcpy: one instruction, single-copy atomic when aligned (x86; virtio ring fields
+    are naturally aligned). Loads need nothing: ``struct``'s little-endian ``H`` reads with a
+    single 2-byte memcpy on little-endian hosts.
+    """
+    if _SWAP:
+        value = ((value & 0xFF) << 8) | (value >> 8)
+    buffer[offset : offset + 2].cast("H")[0] = value
 
 
 def memory_barrier() -> None:

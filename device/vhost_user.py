@@ -9,9 +9,11 @@ through the memory table; guest kicks arrive on eventfds and interrupts leave on
 Memory ordering. The guest runs on a QEMU vCPU thread while this process touches the same
 rings, so program order alone is not enough. How each ordering is ensured (x86-64, TSO):
 
-* 16-bit ring indices are read and written with one aligned 2-byte access: ``struct``'s
-  little-endian ``H`` uses the native memcpy path on a little-endian host, a single ``mov``
-  (aligned, so single-copy atomic). A torn index is therefore never observed.
+* 16-bit ring fields are read and written with one aligned 2-byte access, single-copy
+  atomic on x86: loads through ``struct``'s little-endian ``H`` (a native 2-byte memcpy on a
+  little-endian host), stores through :func:`device.platform.store_u16` (a memoryview cast
+  to ``H``). Not ``struct.pack_into``: it clears the field before writing it, so a reader on
+  another CPU can see the used index at 0 in between (tests/device/test_ring_stores.py).
 * Avail index, then avail ring entry, then descriptors (load → load): TSO never reorders
   loads with loads, so entries read after the index are at least as new as the index.
 * Used element, then used index (store → store): TSO keeps stores in order, so the guest

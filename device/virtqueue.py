@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 
 from device.memory import GuestMemory
-from device.platform import GuestMemoryError
+from device.platform import GuestMemoryError, store_u16
 from device.spec.virtio import (
     VIRTIO_MSI_NO_VECTOR,
     VIRTQ_AVAIL_ALIGN,
@@ -231,7 +231,7 @@ class DeviceVirtqueue:
         """Write the used index; returns True if the driver wants an interrupt for it."""
         buf = self.memory.buffer
         new = self.used_idx
-        _u16_pack(buf, self._used_off + 2, new)
+        store_u16(buf, self._used_off + 2, new)  # never torn: the driver may be reading it
         if self.barrier is not None:
             self.barrier()  # publish the index before reading what the driver asked for
         if not self.event_idx:
@@ -248,7 +248,7 @@ class DeviceVirtqueue:
     def enable_notification(self) -> bool:
         """Ask for a kick on the next buffer; True if one arrived meanwhile (process again)."""
         if self.event_idx:
-            _u16_pack(self.memory.buffer, self._used_off + 4 + 8 * self.size, self.last_avail_idx)
+            store_u16(self.memory.buffer, self._used_off + 4 + 8 * self.size, self.last_avail_idx)
             if self.barrier is not None:
                 self.barrier()  # avail_event visible before the re-check of the available index
         return self.has_available()

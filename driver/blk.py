@@ -39,6 +39,8 @@ log = structlog.get_logger("vblk.driver.blk")
 SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
 SLOT_SIZE = 32  # per-head request header (16 bytes) + status byte, padded
 DEFAULT_MAX_TRANSFER = 4 << 20
+REINIT_RETRY_FIRST = 0.05  # seconds before re-initialising a device that could not be reached
+REINIT_RETRY_MAX = 2.0
 
 SUPPORTED_FEATURES = (
     1 << VIRTIO_F_VERSION_1
@@ -344,13 +346,13 @@ class VirtioBlk:
                 on_broken=self._queue_broken,
                 barrier=barrier,
             )
-            queue._notify = t.setup_queue(
-                index, size, queue.desc_addr, queue.avail_addr, queue.used_addr, queue.interrupt
-            )
-            self.queues.append(queue)
+            self.queues.append(queue)  # before the transport can fail: _teardown frees it
             self._slots.append(slots)
             self._status_views.append(
                 [slots.view[h * SLOT_SIZE + 16 : h * SLOT_SIZE + 17] for h in range(size)]
+            )
+            queue._notify = t.setup_queue(
+                index, size, queue.desc_addr, queue.avail_addr, queue.used_addr, queue.interrupt
             )
         if not self.queues:
             raise TransportError(f"{self.name}: device has no request queue")
@@ -446,10 +448,20 @@ class VirtioBlk:
     async def _recover(self, reason: str) -> None:
         log.warning("virtio_blk_reset", device=self.name, reason=reason)
         self._resets += 1
+        error = BlkResetError(f"{self.name}: device reset ({reason})")
+        delay = REINIT_RETRY_FIRST
         try:
-            self._teardown(BlkResetError(f"{self.name}: device reset ({reason})"))
-            if not self._closed:
-                self._initialize()
+            self._teardown(error)
+            while not self._closed:
+                try:
+                    self._initialize()
+                    return
+                except TransportError as exc:
+                    # Unreachable for now (a vhost-user back end restarting): requests wait.
+                    log.warning("virtio_blk_reinit_retry", device=self.name, error=str(exc), delay=delay)
+                    self._teardown(error)  # whatever the failed attempt had set up
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, REINIT_RETRY_MAX)
         except Exception as exc:
             log.error("virtio_blk_reinit_failed", device=self.name, error=str(exc))
             raise

@@ -23,8 +23,11 @@ of order; the used length is data plus the status byte (VirtioBlk ignores it).
 Memory ordering: the back end runs on other CPUs, so the driver's virtqueues get
 :func:`device.platform.memory_barrier` between publishing the avail index and reading
 ``avail_event`` / ``NO_NOTIFY``, and between re-enabling interrupts and re-reading the used
-index (the driver half of the Dekker handshakes; Linux's ``virtio_mb``). The other
-orderings (entry before index, index before entries) hold on x86 (TSO) by themselves.
+index (the driver half of the Dekker handshakes; Linux's ``virtio_mb``); the avail index,
+``used_event`` and the flags are stored whole with :func:`device.platform.store_u16` (a
+``struct.pack_into`` would show the back end a transient 0, and libvhost-user panics on an
+avail index that moved back). The other orderings (entry before index, index before
+entries) hold on x86 (TSO) by themselves.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from device.platform import GuestRam
+from device.platform import GuestRam, store_u16
 from device.spec.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
@@ -233,7 +233,7 @@ class DriverVirtqueue:
         avail_off = self._avail_off
         _u16_pack(buf, avail_off + 4 + 2 * (self._avail_idx & (self.size - 1)), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        _u16_pack(buf, avail_off + 2, self._avail_idx)
+        store_u16(buf, avail_off + 2, self._avail_idx)  # never torn: the device may be reading it
         self._num_added += 1
         if self._waiters:
             self._wake()
@@ -288,7 +288,7 @@ class DriverVirtqueue:
         tokens = self._tokens
         while True:
             if not self.event_idx:
-                _u16_pack(buf, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
+                store_u16(buf, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
             used_idx = _u16_unpack(buf, used_off + 2)[0]
             last = self._last_used_idx
             if ((used_idx - last) & 0xFFFF) > self.size:
@@ -309,9 +309,9 @@ class DriverVirtqueue:
             self._last_used_idx = last
             # Re-enable, then re-check: a completion published meanwhile would raise no interrupt.
             if self.event_idx:
-                _u16_pack(buf, avail_off + 4 + 2 * self.size, last)
+                store_u16(buf, avail_off + 4 + 2 * self.size, last)
             else:
-                _u16_pack(buf, avail_off, 0)
+                store_u16(buf, avail_off, 0)
             if self.barrier is not None:
                 self.barrier()  # used_event / flags visible before the used index is re-read
             if _u16_unpack(buf, used_off + 2)[0] == last:

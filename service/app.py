@@ -189,8 +189,9 @@ class Service:
             self.guest.disks.append(driver)  # closed with the guest's own
             driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
-            byte_disk = ByteDisk(spec.name, driver, RemoteControlPlane(driver))
-            self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
+            control = RemoteControlPlane(driver)
+            byte_disk = ByteDisk(spec.name, driver, control)
+            self.disks[spec.name] = Disk(spec, RemoteDevice(control), driver, serial, byte_disk)
             log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
 
     async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:

@@ -14,7 +14,7 @@ import errno
 from collections.abc import Sequence
 from pathlib import Path
 
-from device.backends import BackendError, Extent
+from device.backends import Backend, BackendError, Extent
 from device.virtio import DeviceStatistics
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import VirtioBlk
@@ -32,7 +32,8 @@ def vhost_user_socket(backend: str) -> Path | None:
 class RemoteDevice:
     """Stands in for the device model where metrics and the ring view look for one."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend  # the control plane (see RemoteControlPlane)
         self.stats = DeviceStatistics()
         self.queues: list[DeviceVirtqueue] = []  # the device's side of the rings is not ours
 

@@ -75,9 +75,10 @@ async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, log: Pa
     raise AssertionError(f"{path} never appeared:\n{log.read_text(errors='replace')}")
 
 
-@contextlib.asynccontextmanager
-async def back_end(variant: Variant, image: Path, directory: Path) -> AsyncIterator[Path]:
-    """A vhost-user-blk back end process serving ``image``; yields its socket."""
+async def spawn_back_end(
+    variant: Variant, image: Path, directory: Path
+) -> tuple[asyncio.subprocess.Process, Path, Path]:
+    """A vhost-user-blk back end process serving ``image``, listening: (process, socket, log)."""
     socket_path = directory / "vu.sock"
     log = directory / f"{variant.back_end}.log"
     if variant.back_end == "qsd":
@@ -110,10 +111,23 @@ async def back_end(variant: Variant, image: Path, directory: Path) -> AsyncItera
             "--log-format",
             "json",
         ]
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=asyncio.subprocess.STDOUT)
     try:
         await _wait_for_socket(socket_path, proc, log)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return proc, socket_path, log
+
+
+@contextlib.asynccontextmanager
+async def back_end(variant: Variant, image: Path, directory: Path) -> AsyncIterator[Path]:
+    """A vhost-user-blk back end process serving ``image``; yields its socket."""
+    proc, socket_path, log = await spawn_back_end(variant, image, directory)
+    try:
         yield socket_path
     finally:
         if proc.returncode is None:
@@ -295,4 +309,49 @@ async def test_vblk_serve_exports_qemu_device_over_nbd_and_rest() -> None:
         assert data[MiB : MiB + 64 * 1024] == b"\xab" * 64 * 1024
         assert data[4096:MiB] == content[4096:MiB]
     finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_the_driver_waits_out_a_back_end_restart() -> None:
+    """qemu-storage-daemon killed and started again: the driver sees the socket close, resets,
+    reconnects when it can, and a request submitted meanwhile completes afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="vblk-fe-"))
+    image = directory / "disk.raw"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    memory = GuestMemory(64 * MiB)
+    variant = Variant("qsd")
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        proc, socket_path, _log = await spawn_back_end(variant, image, directory)
+        procs.append(proc)
+        blk = VirtioBlk(VhostUserTransport(socket_path, memory), DmaAllocator(memory))
+        await blk.start()
+        try:
+            data = os.urandom(64 * 1024)
+            await blk.write(100, data)
+            proc.kill()
+            await proc.wait()
+            for _ in range(500):  # the driver notices the closed socket and starts over
+                if not blk.ready:
+                    break
+                await asyncio.sleep(0.01)
+            assert not blk.ready
+            pending = asyncio.ensure_future(blk.read(100, len(data)))
+            await asyncio.sleep(0.3)  # a few failed reconnects
+            assert not pending.done()
+            proc, _socket, _log = await spawn_back_end(variant, image, directory)
+            procs.append(proc)
+            assert await asyncio.wait_for(pending, 20) == data
+            assert blk.ready and blk.statistics().resets == 1
+            await blk.write(0, data)  # and the new session carries on
+            assert await blk.read(0, len(data)) == data
+        finally:
+            await blk.close()
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+        memory.close()
         shutil.rmtree(directory, ignore_errors=True)
