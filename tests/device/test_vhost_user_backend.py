@@ -30,6 +30,7 @@ from device.spec.virtio import (
     VIRTQ_DESC_F_WRITE,
     avail_ring_size,
     desc_table_size,
+    vring_used_offset,
 )
 from device.vhost_user import RegionMemory, VhostUserBlk, VhostUserServer, recv_message
 
@@ -155,12 +156,14 @@ class Ring:
 
     SIZE = 8
 
-    def __init__(self, memory: mmap.mmap, gpa_base: int, ring_gpa: int) -> None:
+    def __init__(self, memory: mmap.mmap, gpa_base: int, ring_gpa: int, *, legacy: bool = False) -> None:
         self.mem = memory
         self.gpa_base = gpa_base  # guest-physical address of byte 0 of ``memory``
         self.desc = ring_gpa
         self.avail = ring_gpa + desc_table_size(self.SIZE)
         self.used = (self.avail + avail_ring_size(self.SIZE) + 3) & ~3
+        if legacy:  # one block, the used ring on the next 4 KiB boundary (vring_init)
+            self.used = ring_gpa + vring_used_offset(self.SIZE)
         self.avail_idx = 0
         self.last_used = 0
 
@@ -353,3 +356,34 @@ async def test_a_broken_connection_does_not_stop_the_server() -> None:
         assert await asyncio.get_running_loop().sock_recv(fe.sock, 16) == b""
         fe.sock.close()
         assert blk.connections == 2
+
+
+async def test_a_legacy_driver_without_version_1() -> None:
+    """What QEMU sends for a guest on the legacy interface of a transitional device."""
+    backend = MemoryBackend(MiB)
+    kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+    ram_fd = memfd(MiB)
+    ram = mmap.mmap(ram_fd, MiB)
+    try:
+        async with served(backend) as (blk, _server, path):
+            fe = await connect(path)
+            fe.send(vu.Request.SET_PROTOCOL_FEATURES, vu.encode_u64(1 << vu.ProtocolFeature.REPLY_ACK))
+            legacy = 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES | 1 << vb.VIRTIO_BLK_F_FLUSH
+            fe.send(vu.Request.SET_FEATURES, vu.encode_u64(legacy))
+            table = vu.encode_memory_table([vu.MemoryRegion(0, MiB, UVA, 0)])
+            assert await fe.acked(vu.Request.SET_MEM_TABLE, table, [ram_fd]) == 0
+            ring = Ring(ram, 0, 0x10000, legacy=True)
+            await start_ring(fe, ring, UVA, kick, call)
+            [start] = blk.starts
+            assert start.legacy and start.legacy_layout and blk.device.legacy
+            vb.VIRTIO_BLK_OUTHDR.pack_into(ram, 0x30000, vb.RequestType.GET_ID, 0, 0)
+            ring.submit([(0x30000, 16, False), (0x20000, 20, True), (0x30010, 1, True)])
+            os.eventfd_write(kick, 1)
+            await readable(call)
+            assert ring.used_entries() == [(0, 21)] and ram[0x30010] == 0
+            assert ram[0x20000 : 0x20000 + 9] == b"vblk-test"
+            fe.sock.close()
+    finally:
+        ram.close()
+        for fd in (kick, call, ram_fd):
+            os.close(fd)

@@ -8,6 +8,7 @@ The initramfs is a newc cpio written here, uncompressed (nothing to inflate unde
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -661,3 +662,22 @@ async def check_ext4_image(image: Path, payload_sha256: str, context: str) -> No
     assert debugfs.returncode == 0, err.decode()
     got = hashlib.sha256(data).hexdigest()
     assert got == payload_sha256, f"debugfs read {len(data)} bytes with another checksum: {err.decode()}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tests.e2e.linux DIR``: build the guest the e2e tests boot, for runs by hand."""
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.linux", description=main.__doc__)
+    parser.add_argument("directory", type=Path, help="where to put the kernel image and initramfs")
+    directory = parser.parse_args(argv).directory
+    directory.mkdir(parents=True, exist_ok=True)
+    kernel = find_kernel()
+    payload = os.urandom(8 << 20)
+    initrd = directory / "initramfs.cpio"
+    initrd.write_bytes(build_initramfs(kernel, payload))
+    image = prepare_kernel_image(kernel, directory)
+    print(f"kernel  {image}\ninitrd  {initrd}\npayload sha256 {hashlib.sha256(payload).hexdigest()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,9 @@
 """vblk's virtio-blk device model as a vhost-user back end for QEMU, under Linux's own driver.
 
+Also the legacy interface: a transitional device (``vhost-user-blk-pci-transitional``)
+driven by a Linux booted with ``virtio_pci.force_legacy=1``, which does not negotiate
+VIRTIO_F_VERSION_1 and lays its rings out the legacy way.
+
 Debian's kernel boots under QEMU (TCG) with ``-device vhost-user-blk-pci`` whose back end is
 vblk: the guest's RAM is a shared memfd that vblk maps, its virtio_blk driver puts requests
 in rings vblk's device model pops, kicks and interrupts are eventfds. SeaBIOS starts and
@@ -179,3 +183,28 @@ async def test_vblk_vhost_user_command_two_queues(guest_kit: GuestKit, tmp_path:
         await linux.check_ext4_image(image, guest_kit.payload_sha256, boot.describe())
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_legacy_linux_driver_on_transitional_device(guest_kit: GuestKit) -> None:
+    async with vhost_backend() as rig:
+        boot = await linux.boot(
+            guest_kit.guest,
+            serial_log=rig.directory / "serial.log",
+            mode="vda",
+            qemu_args=linux.vhost_user_blk_args(rig.socket, device="vhost-user-blk-pci-transitional"),
+            append=f"virtio_pci.force_legacy=1 vblk.stress={STRESS_ROUNDS}",
+        )
+        print(f"guest boot (legacy virtio-pci, transitional vblk device): {boot.seconds:.1f}s")
+        features = _assert_guest_ok(boot, guest_kit)
+        assert features[VIRTIO_F_VERSION_1] == "0", features  # Linux drove the legacy interface
+        await rig.session_done()
+
+        firmware, kernel = rig.blk.starts
+        assert not firmware.legacy  # SeaBIOS takes the modern interface when there is one
+        assert kernel.legacy and not kernel.features >> VIRTIO_F_VERSION_1 & 1
+        # One page-aligned block: descriptors, the available ring right after, the used ring
+        # on the next 4 KiB boundary (legacy vring_init).
+        assert kernel.legacy_layout, kernel
+        assert kernel.desc % 4096 == 0 and kernel.used - kernel.desc == 4096  # 128 entries
+        _assert_requests_clean(rig, boot)
+        await linux.check_ext4_image(rig.image, guest_kit.payload_sha256, boot.describe())
