@@ -113,6 +113,13 @@ class RawFileBackend:
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
         self._check(offset, total, False)
+        if len(buffers) <= IOV_MAX:  # the common case: one system call, no context manager
+            try:
+                if os.preadv(self._fd, buffers, offset) == total:
+                    return
+            except OSError as exc:
+                raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        # A short read (past EOF, or a signal): start over the slow, exact way.
         pending = [b.cast("B") if b.format != "B" else b for b in buffers]
         with _as_backend_error():
             while pending:
@@ -129,6 +136,13 @@ class RawFileBackend:
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
         self._check(offset, total, True)
+        if len(buffers) <= IOV_MAX:
+            try:
+                if os.pwritev(self._fd, buffers, offset) == total:
+                    return
+            except OSError as exc:
+                raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        # A short write (a full disk, a signal): write it all again the slow, exact way.
         pending = list(buffers)
         with _as_backend_error():
             while pending:

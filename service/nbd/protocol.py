@@ -567,15 +567,21 @@ def encode_block_status(
 
 # -- request validation -------------------------------------------------------------------------
 
-_ALLOWED_FLAGS = {
-    Command.READ: CommandFlag.FUA | CommandFlag.DF,
-    Command.WRITE: CommandFlag.FUA,
-    Command.FLUSH: CommandFlag.FUA,
-    Command.TRIM: CommandFlag.FUA,
-    Command.CACHE: CommandFlag.FUA,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+_ALLOWED_FLAGS: dict[int, int] = {
+    int(command): int(flags)
+    for command, flags in {
+        Command.READ: CommandFlag.FUA | CommandFlag.DF,
+        Command.WRITE: CommandFlag.FUA,
+        Command.FLUSH: CommandFlag.FUA,
+        Command.TRIM: CommandFlag.FUA,
+        Command.CACHE: CommandFlag.FUA,
+        Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+        Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+    }.items()
 }
+
+
+_DF = int(CommandFlag.DF)  # plain ints: IntFlag arithmetic builds a new Flag object every time
 
 
 def validate(
@@ -587,12 +593,12 @@ def validate(
     out-of-range READ/TRIM/BLOCK_STATUS/CACHE → EINVAL, writes to a read-only export → EPERM.
     """
     command = request.command
-    allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
+    allowed = _ALLOWED_FLAGS.get(command)
     if allowed is None:
         return Errno.EINVAL
-    if request.flags & ~int(allowed):
+    if request.flags & ~allowed:
         return Errno.EINVAL
-    if request.flags & CommandFlag.DF and not structured:
+    if request.flags & _DF and not structured:
         return Errno.EINVAL
     is_write = command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
     if is_write and export.read_only:

@@ -30,6 +30,10 @@ from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, Comma
 
 log = structlog.get_logger("vblk.nbd")
 _connection_ids = itertools.count(1)
+# Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
+_COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
+_DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
+_NO_HOLE, _REQ_ONE = int(CommandFlag.NO_HOLE), int(CommandFlag.REQ_ONE)
 
 SECTOR = 512
 READ_CHUNK = 256 * 1024
@@ -757,7 +761,7 @@ class _Connection:
     async def _execute(self, request: p.Request, export: NbdExport, payload: DmaBuffer | None) -> None:
         loop = self.channel.loop
         started = loop.time()
-        name = Command(request.command).name.lower()
+        name = _COMMAND_NAMES.get(request.command, "unknown")
         self.requests[name] += 1
         data: bytes | None = None
         error: tuple[Errno, str] | None = None
@@ -803,7 +807,7 @@ class _Connection:
         if not self.structured:
             self.writer.write(p.encode_simple_reply(request.cookie))
             self.writer.write(data)
-        elif request.length >= SPARSE_READ_MIN and not request.flags & CommandFlag.DF:
+        elif request.length >= SPARSE_READ_MIN and not request.flags & _DF:
             self._send_sparse(request, export, memoryview(data))
         else:
             self.writer.write(p.encode_offset_data(request.cookie, request.offset, request.length, done=True))
@@ -832,17 +836,17 @@ class _Connection:
                 write(data[rel : rel + length])
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
-        fua = bool(request.flags & CommandFlag.FUA)
+        fua = bool(request.flags & _FUA)
         await export.disk.write_buffer(request.offset, request.length, buffer, fua=fua)
         self.bytes_written += request.length
 
     async def _trim(self, request: p.Request, export: NbdExport) -> None:
-        fua = bool(request.flags & CommandFlag.FUA)
+        fua = bool(request.flags & _FUA)
         await export.disk.discard(request.offset, request.length, fua=fua)
 
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
-        unmap = not request.flags & CommandFlag.NO_HOLE
-        fua = bool(request.flags & CommandFlag.FUA)
+        unmap = not request.flags & _NO_HOLE
+        fua = bool(request.flags & _FUA)
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
@@ -858,7 +862,7 @@ class _Connection:
                 break
         if not pairs:
             pairs = [(request.length, 0)]
-        if request.flags & CommandFlag.REQ_ONE:
+        if request.flags & _REQ_ONE:
             pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
         for context_id in self.meta_contexts:
             self.writer.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
