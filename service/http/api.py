@@ -86,6 +86,11 @@ _HTTP_CODES = {
 }
 
 
+def _unsatisfiable(disk: ByteDisk, message: str) -> ApiError:
+    """416, with the ``Content-Range: bytes */size`` RFC 9110 asks for."""
+    return ApiError(416, "range_not_satisfiable", message, {"Content-Range": f"bytes */{disk.size}"})
+
+
 def _device_error(exc: BaseException) -> ApiError:
     if isinstance(exc, BlkReadOnlyError):
         return ApiError(403, "read_only", str(exc))
@@ -371,11 +376,8 @@ class RestApi:
         if length is None:
             raise ApiError(411, "length_required", "send Content-Length or Content-Range")
         if offset + length > disk.size:
-            raise ApiError(
-                416,
-                "range_not_satisfiable",
-                f"writing {length} bytes at {offset} runs past the end ({disk.size} bytes)",
-                {"Content-Range": f"bytes */{disk.size}"},
+            raise _unsatisfiable(
+                disk, f"writing {length} bytes at {offset} runs past the end ({disk.size} bytes)"
             )
         self._observe(request, disk.name, "write")
         if length:
@@ -446,11 +448,8 @@ class RestApi:
         if size <= 0:
             raise ApiError(400, "bad_request", "size must be positive")
         if offset + size > disk.size:
-            raise ApiError(
-                416,
-                "range_not_satisfiable",
-                f"{op} of {size} bytes at {offset} runs past the end ({disk.size} bytes)",
-                {"Content-Range": f"bytes */{disk.size}"},
+            raise _unsatisfiable(
+                disk, f"{op} of {size} bytes at {offset} runs past the end ({disk.size} bytes)"
             )
         self._observe(request, disk.name, op)
         if op == "zero":
@@ -464,11 +463,8 @@ class RestApi:
         offset = _query_int(request, "offset", 0)
         length = _query_int(request, "length", disk.size - offset) if offset < disk.size else 0
         if offset >= disk.size or length <= 0 or offset + length > disk.size:
-            raise ApiError(
-                416,
-                "range_not_satisfiable",
-                f"extents of {length} bytes at {offset} are outside the disk ({disk.size} bytes)",
-                {"Content-Range": f"bytes */{disk.size}"},
+            raise _unsatisfiable(
+                disk, f"extents of {length} bytes at {offset} are outside the disk ({disk.size} bytes)"
             )
         self._observe(request, disk.name, "extents")
         merged: list[dict[str, Any]] = []
@@ -497,11 +493,8 @@ class RestApi:
             raise ApiError(400, "bad_request", f"count must be in 1..{MAX_SECTORS}")
         capacity = disk.size // SECTOR
         if lba >= capacity or lba + count > capacity:
-            raise ApiError(
-                416,
-                "range_not_satisfiable",
-                f"sectors {lba}..{lba + count - 1} are outside the disk ({capacity} sectors)",
-                {"Content-Range": f"bytes */{disk.size}"},
+            raise _unsatisfiable(
+                disk, f"sectors {lba}..{lba + count - 1} are outside the disk ({capacity} sectors)"
             )
         return lba, count
 
@@ -524,12 +517,7 @@ class RestApi:
                 400, "bad_length", f"body must be 1..{MAX_SECTORS} whole sectors of {SECTOR} bytes"
             )
         if lba + declared // SECTOR > disk.size // SECTOR:
-            raise ApiError(
-                416,
-                "range_not_satisfiable",
-                f"{declared // SECTOR} sectors at {lba} run past the end",
-                {"Content-Range": f"bytes */{disk.size}"},
-            )
+            raise _unsatisfiable(disk, f"{declared // SECTOR} sectors at {lba} run past the end")
         flush = _query_bool(request, "flush", True)
         self._observe(request, disk.name, "write")
         await self._stream_in(request, disk, lba * SECTOR, declared)

@@ -7,11 +7,8 @@ import errno
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
 
-import pytest
-
-from device.backends import Backend
+from device.backends.faults import FaultPlan, FaultyBackend
 from service import app
 from service.nbd.constants import (
     NBD_REQUEST_MAGIC,
@@ -161,40 +158,15 @@ async def test_shutdown_answers_eshutdown(nbd_rig: NbdRig) -> None:
     client.close()
 
 
-class FailingReads:
-    """Wraps a backend: reads at or past ``bad`` fail with EIO, like a bad disk region."""
-
-    def __init__(self, inner: Backend, bad: int) -> None:
-        self.inner = inner
-        self.bad = bad
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        if offset >= self.bad:
-            raise OSError(errno.EIO, "injected media error")
-        self.inner.readv(offset, buffers)
-
-
-async def test_device_io_error_is_eio_and_the_connection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_open = app.open_backend
-    monkeypatch.setattr(app, "open_backend", lambda spec: FailingReads(real_open(spec), 1 * MiB))
+async def test_device_io_error_is_eio_and_the_connection_goes_on() -> None:
+    bad_region = FaultPlan(read_errno=errno.EIO, region=(1 * MiB, 4 * MiB))  # a bad stretch of media
     with tempfile.TemporaryDirectory(prefix="vblk-") as tmp:
         config = app.ServiceConfig(
             disks=(app.DiskSpec(name="disk0", backend="memory", size=4 * MiB),),
             guest_memory=64 * MiB,
             nbd_listen=(f"unix:{tmp}/s",),
         )
-        service = app.Service(config)
+        service = app.Service(config, wrap_backend=lambda spec, backend: FaultyBackend(backend, bad_region))
         await service.start()
         await service.start_front_ends()
         try:
