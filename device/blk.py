@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 from typing import Literal
 
 import structlog
 
-from device.backends import Backend
+from device.backends import AsyncBackend, Backend
 from device.machine import Machine
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
@@ -281,6 +282,29 @@ def _run(request: BlkRequest, ctx: ExecContext) -> int:
     return 0
 
 
+async def _run_async(request: BlkRequest, ctx: ExecContext, backend: AsyncBackend) -> int:
+    """:func:`_run` against an :class:`AsyncBackend`: awaits each backend operation in turn."""
+    memory = ctx.memory
+    rtype = request.type
+    if rtype == RequestType.IN:
+        await backend.aio_readv(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
+        return request.data_len
+    if rtype == RequestType.OUT:
+        await backend.aio_writev(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
+    elif rtype == RequestType.GET_ID:
+        return _run(request, ctx)
+    elif rtype != RequestType.FLUSH:
+        for sector, num_sectors, flags in request.segments:
+            if rtype == RequestType.DISCARD:
+                await backend.aio_discard(sector * SECTOR, num_sectors * SECTOR)
+            else:
+                unmap = bool(flags & vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and ctx.may_unmap
+                await backend.aio_write_zeroes(sector * SECTOR, num_sectors * SECTOR, unmap)
+    if rtype == RequestType.FLUSH or ctx.writethrough:
+        await backend.aio_flush()
+    return 0
+
+
 def _geometry(capacity: int) -> tuple[int, int, int]:
     """A CHS geometry for old tools: 16 heads, 63 sectors per track, cylinders clamped."""
     heads, sectors = 16, 63
@@ -294,6 +318,9 @@ class VirtioBlkDevice(VirtioDevice):
 
     def __init__(self, memory: GuestMemory, backend: Backend, config: BlkConfig) -> None:
         self.backend = backend
+        # An asynchronous backend is driven through its futures (io_mode does not apply).
+        self._async_backend = backend if isinstance(backend, AsyncBackend) else None
+        self._async_tasks: set[asyncio.Task[int]] = set()
         self.blk_config = config
         self.read_only = config.read_only or backend.read_only
         features = (
@@ -426,6 +453,11 @@ class VirtioBlkDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         self._epoch += 1
+        if self._async_backend is not None:
+            self._async_backend.aio_drain()  # DMA in flight finishes before reset
+            for task in self._async_tasks:
+                task.cancel()  # a multi-step request starts nothing more
+            self._async_tasks.clear()
         if self._pending:
             concurrent.futures.wait(list(self._pending))  # DMA in flight finishes before reset
             self._pending.clear()
@@ -444,6 +476,7 @@ class VirtioBlkDevice(VirtioDevice):
         memory = self.memory
         limits = self._limits
         inline = self._executor is None
+        asynchronous = self._async_backend is not None
         pushed = False
         while True:
             chain = queue.pop()
@@ -456,7 +489,9 @@ class VirtioBlkDevice(VirtioDevice):
             except RequestError as exc:
                 self.device_error(f"queue {queue.index}: head {chain.head}: {exc}")
                 return
-            if inline or request.status is not None:
+            if asynchronous and request.status is None and request.type != RequestType.GET_ID:
+                self._submit_async(queue, chain.head, request)
+            elif inline or request.status is not None or asynchronous:
                 status, written = execute(request, self._ctx)
                 self._count(request.type, status)
                 queue.push(chain.head, written)
@@ -481,6 +516,77 @@ class VirtioBlkDevice(VirtioDevice):
             loop.call_soon_threadsafe(self._complete, fut, queue, head, request.type, epoch)
 
         future.add_done_callback(done)
+
+    def _submit_async(self, queue: DeviceVirtqueue, head: int, request: BlkRequest) -> None:
+        """Start ``request`` on the asynchronous backend; :meth:`_async_done` finishes it."""
+        backend = self._async_backend
+        assert backend is not None
+        ctx = self._ctx
+        rtype = request.type
+        memory = self.memory
+        written = 0
+        future: asyncio.Future[None] | asyncio.Task[int]
+        try:
+            # The common requests are one backend operation: its future, no task.
+            if rtype == RequestType.IN:
+                views = [memory.view(a, n) for a, n in request.data]
+                future = backend.aio_readv(request.sector * SECTOR, views)
+                written = request.data_len
+            elif rtype == RequestType.OUT and not ctx.writethrough:
+                views = [memory.view(a, n) for a, n in request.data]
+                future = backend.aio_writev(request.sector * SECTOR, views)
+            elif rtype == RequestType.FLUSH:
+                future = backend.aio_flush()
+            else:
+                task = asyncio.get_running_loop().create_task(_run_async(request, ctx, backend))
+                self._async_tasks.add(task)
+                future = task
+        except OSError as exc:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            future = failed
+        future.add_done_callback(
+            functools.partial(self._async_done, queue, head, request, self._epoch, written)
+        )
+
+    def _async_done(
+        self,
+        queue: DeviceVirtqueue,
+        head: int,
+        request: BlkRequest,
+        epoch: int,
+        written: int,
+        future: asyncio.Future[None] | asyncio.Future[int],
+    ) -> None:
+        if isinstance(future, asyncio.Task):
+            self._async_tasks.discard(future)
+        if epoch != self._epoch or not self.driver_ok:
+            return  # the device was reset meanwhile; the driver already failed this request
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or exc is not None:
+            if isinstance(exc, OSError):
+                log.warning(
+                    "virtio_blk_io_error",
+                    type=request.type,
+                    sector=request.sector,
+                    errno=exc.errno,
+                    error=exc.strerror or str(exc),
+                )
+            else:
+                log.error("virtio_blk_execute_failed", error=repr(exc))
+            status, written = Status.IOERR, 0
+        else:
+            status = Status.OK
+            result = future.result()
+            if result is not None:
+                written = result
+        memory = self.memory
+        memory.buffer[request.status_addr - memory.base] = status
+        self._count(request.type, status)
+        self._completions.append((queue, head, status, written + 1))
+        if not self._completion_scheduled:
+            self._completion_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_completions)
 
     def _complete(
         self,

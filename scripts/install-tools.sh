@@ -7,6 +7,8 @@ packages=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio p
 packages+=(qemu-system-x86 qemu-system-common linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
 # TLS tests make their certificates with the openssl command.
 packages+=(openssl)
+# tests/ceph: a throwaway Ceph cluster (mon + memstore OSD, rbd tool); bench: qemu-nbd's rbd driver.
+packages+=(ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

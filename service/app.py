@@ -18,9 +18,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from device.backends import Backend
+from device.backends import Backend, BackendError
 from device.backends.memory import MemoryBackend
 from device.backends.raw import RawFileBackend
+from device.backends.rbd import RbdBackend, RbdTarget
 from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
 from device.machine import Machine
 from device.memory import GuestMemory
@@ -47,6 +48,17 @@ GiB = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CephOptions:
+    """How vblk reaches a Ceph cluster, for ``backend="rbd"`` disks."""
+
+    conf: str | None = None  # ceph.conf; None: librados's search ($CEPH_CONF, /etc/ceph/ceph.conf)
+    client_id: str = "admin"  # cephx user client.<id>
+    keyring: str | None = None  # None: the keyring ceph.conf names
+    timeout: float = 30.0  # seconds for connecting and for every mon and OSD operation
+    take_over: bool = False  # break a dead owner's exclusive lock (blocklisting it) and serve
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DiskSpec:
     """One exported disk: where its bytes live and how its virtio-blk device looks."""
 
@@ -58,6 +70,10 @@ class DiskSpec:
     num_queues: int = 1
     queue_size: int = 256
     io_mode: IoMode = "inline"
+    pool: str = "rbd"  # backend "rbd": the pool and image (default: the disk's name)
+    rbd_image: str = ""
+    create: bool = False  # backend "rbd": create a missing image with ``size``
+    ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,6 +127,20 @@ def open_backend(spec: DiskSpec) -> Backend:
         spec.path.parent.mkdir(parents=True, exist_ok=True)
         exists = spec.path.exists()
         return RawFileBackend.open(spec.path, size=None if exists else spec.size, read_only=spec.read_only)
+    if spec.backend == "rbd":
+        ceph = spec.ceph
+        target = RbdTarget(
+            pool=spec.pool,
+            image=spec.rbd_image or spec.name,
+            conf_file=ceph.conf,
+            client_id=ceph.client_id,
+            keyring=ceph.keyring,
+            timeout=ceph.timeout,
+            create_size=spec.size if spec.create else None,
+            read_only=spec.read_only,
+            take_over=ceph.take_over,
+        )
+        return RbdBackend.open(target)
     raise ValueError(f"unknown backend {spec.backend!r}")
 
 
@@ -147,7 +177,10 @@ class Service:
         for spec in self.config.disks:
             if vhost_user_socket(spec.backend) is not None:
                 continue  # started below, after the local devices
-            backend = open_backend(spec)
+            if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
+                backend = await asyncio.to_thread(open_backend, spec)
+            else:
+                backend = open_backend(spec)
             if self._wrap_backend is not None:
                 backend = self._wrap_backend(spec, backend)
             blk_config = BlkConfig(
@@ -325,7 +358,11 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
     service = Service(config)
     try:
         async with asyncio.TaskGroup() as group:
-            await service.start()
+            try:
+                await service.start()
+            except BackendError as exc:  # a disk that cannot be opened (or is locked by another vblk)
+                log.error("disk_open_failed", errno=exc.errno, error=exc.strerror or str(exc))
+                return 1
             await service.start_front_ends(inherited)
             log.info(
                 "running",

@@ -15,13 +15,24 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.app import DiskSpec, SecurityConfig, ServiceConfig
+from service.app import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
 from service.security import SecurityConfigError, Tokens
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-DISK_KEYS = ("name", "image", "size", "backend", "read-only", "queues", "queue-size", "io-mode")
-BACKENDS = ("file", "memory")
+DISK_KEYS = (
+    "name",
+    "image",
+    "size",
+    "backend",
+    "read-only",
+    "queues",
+    "queue-size",
+    "io-mode",
+    "pool",
+    "create",
+)
+BACKENDS = ("file", "memory", "rbd")
 IO_MODES = ("inline", "thread")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -113,6 +124,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue-size", 256, _int, "descriptors per virtqueue", "N"),
     Setting("io-mode", "inline", _choice(IO_MODES), "backend I/O on the event loop or in threads", "MODE"),
     Setting("disk", [], list, "a disk: name=N[,image=P][,size=S][,backend=B][,read-only]...", "SPEC"),
+    Setting("ceph-conf", None, str, "ceph.conf for rbd disks (default: $CEPH_CONF, /etc/ceph)", "FILE"),
+    Setting("ceph-id", "admin", str, "cephx user for rbd disks (client.ID)", "ID"),
+    Setting("ceph-keyring", None, str, "keyring for the cephx user (default: ceph.conf's)", "FILE"),
+    Setting("ceph-timeout", 30.0, float, "seconds for every Ceph operation before it fails", "SECONDS"),
+    Setting("take-over", False, parse_bool, "rbd: break a dead vblk's image lock (blocklisting it)"),
     Setting(
         "nbd-listen", ["127.0.0.1:10809"], _listen_list, "NBD TCP listener(s); 'none' for none", "HOST:PORT"
     ),
@@ -224,7 +240,7 @@ def parse_disk(text: str) -> dict[str, str]:
         key, sep, value = item.strip().partition("=")
         if key not in DISK_KEYS:
             raise ValueError(f"unknown disk option {key!r} (known: {', '.join(DISK_KEYS)})")
-        if not sep and key != "read-only":
+        if not sep and key not in ("read-only", "create"):
             raise ValueError(f"disk option {key!r} needs a value")
         options[key] = value if sep else "true"
     if "name" not in options:
@@ -255,6 +271,13 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
         "num_queues": values["queues"],
         "queue_size": values["queue-size"],
         "io_mode": values["io-mode"],
+        "ceph": CephOptions(
+            conf=values["ceph-conf"],
+            client_id=values["ceph-id"],
+            keyring=values["ceph-keyring"],
+            timeout=values["ceph-timeout"],
+            take_over=values["take-over"],
+        ),
     }
     specs: list[dict[str, Any]] = []
     if not values["disk"]:
@@ -275,6 +298,12 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["queue_size"] = int(options["queue-size"])
             if "io-mode" in options:
                 spec["io_mode"] = _choice(IO_MODES)(options["io-mode"])
+            if "pool" in options:
+                spec["pool"] = options["pool"]
+            if "create" in options:
+                spec["create"] = parse_bool(options["create"])
+            if spec["backend"] == "rbd":
+                spec["rbd_image"] = options.get("image", name)
         except ValueError as exc:
             raise ConfigError(f"disk {name}: {exc}") from exc
         specs.append(spec)
@@ -285,6 +314,13 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
         if spec["size"] <= 0 or spec["size"] % 512:
             raise ConfigError(f"disk {name}: size must be a positive multiple of 512")
+        if spec["backend"] == "rbd":
+            if not spec.get("rbd_image"):
+                spec["rbd_image"] = name
+            if not spec.get("pool", "rbd") or "/" in spec.get("pool", "rbd") or "/" in spec["rbd_image"]:
+                raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
+            if spec["ceph"].timeout <= 0:
+                raise ConfigError("ceph-timeout must be positive")
         if not 1 <= spec["num_queues"] <= 64:
             raise ConfigError(f"disk {name}: queues must be 1..64")
         if not 4 <= spec["queue_size"] <= 32768 or spec["queue_size"] & (spec["queue_size"] - 1):

@@ -2,11 +2,13 @@
 
 The bottom of the data path: :mod:`device.blk` executes each virtio-blk request against a
 :class:`Backend`. Backends are synchronous; the device decides whether a call runs inline on
-the event loop or in a worker thread.
+the event loop or in a worker thread. A backend whose storage is remote (Ceph RBD) may also be an
+:class:`AsyncBackend`: the device then starts each request and completes it when its future does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -84,4 +86,41 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the backend (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class AsyncBackend(Backend, Protocol):
+    """Optional: a backend that starts I/O at once and finishes it later, on the running event loop.
+
+    The device drives such a backend with these methods instead of the blocking ones (``io_mode``
+    does not apply), so it has as many requests in flight as its virtqueues hold, without a thread
+    each. Each method only starts the operation and returns a future of the running loop that is
+    done when the operation is, with a :class:`BackendError` on failure; the caller leaves the
+    buffers alone until then. Futures rather than coroutines: the device's hot path adds a done
+    callback to one, with no task per request. Called on the event loop thread only.
+    """
+
+    def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        """Start filling ``buffers`` from ``offset``."""
+        ...
+
+    def aio_writev(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        """Start writing ``buffers`` at ``offset``."""
+        ...
+
+    def aio_flush(self) -> asyncio.Future[None]:
+        """Start making every completed write durable; fails if any earlier write failed."""
+        ...
+
+    def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
+        """Start deallocating a range."""
+        ...
+
+    def aio_write_zeroes(self, offset: int, length: int, may_unmap: bool) -> asyncio.Future[None]:
+        """Start making a range read as zeroes."""
+        ...
+
+    def aio_drain(self) -> None:
+        """Block until no started operation touches its buffers any more (device reset, close)."""
         ...

@@ -1,0 +1,535 @@
+"""Ceph RBD backend: a virtio-blk disk whose sectors live in an RBD image on a Ceph cluster.
+
+Storage backend below :mod:`device.blk`, through the ctypes binding in :mod:`device.backends.ceph`.
+It is an :class:`~device.backends.AsyncBackend`: the device starts librbd aio requests
+(``rbd_aio_readv``/``rbd_aio_writev`` straight from and into guest memory) and returns to the event
+loop; librbd signals finished completions on an eventfd the loop watches, and :meth:`_reap` collects
+them in batches with ``rbd_poll_io_events``. So as many requests are in flight to the cluster as the
+virtqueues hold, and no Python code runs on a librbd thread.
+
+Semantics:
+
+* Writes are acknowledged by the OSDs (vblk turns librbd's cache off): an acknowledged write is on
+  the cluster, and FLUSH is librbd's flush. After any failed write, discard or write-zeroes, every
+  later FLUSH fails too: a FLUSH is never reported successful after a failed write.
+* Client timeouts are always set (``rados_osd_op_timeout`` and friends; Ceph's defaults wait for
+  ever), so a dead cluster turns into ETIMEDOUT, then IOERR at the device.
+* Ownership: a writable image is opened with RBD's exclusive lock held explicitly (librbd does not
+  hand it over on request). Another live owner makes :meth:`RbdBackend.open` fail with EBUSY;
+  ``take_over`` breaks the old owner's lock, which blocklists it (fencing: its writes fail from then
+  on), then takes the lock.
+* The allocation map (NBD BLOCK_STATUS, REST ``/extents``) is read once at open with librbd's diff
+  iteration (``rbd_diff_iterate2``) and then kept up to date by every write, discard and
+  write-zeroes completed here, which the exclusive lock makes the only writer. So answering it
+  never waits for the cluster. Discard and write-zeroes both use librbd's write-zeroes, which
+  deallocates whole objects and zeroes the rest: both read back as zeroes and map as holes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import ctypes
+import dataclasses
+import errno
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from device.backends import BackendError, Extent, ceph
+
+log = structlog.get_logger("vblk.device.rbd")
+
+POLL_BATCH = 64
+DEFAULT_TIMEOUT = 30.0
+
+# The operations the allocation map follows.
+_READ, _WRITE, _FLUSH, _ZERO = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RbdTarget:
+    """Which cluster, as whom, and which image; plus what to do if it is missing or locked."""
+
+    pool: str
+    image: str
+    conf_file: str | None = None  # None: librados's default search (/etc/ceph/ceph.conf, $CEPH_CONF)
+    client_id: str = "admin"
+    keyring: str | None = None
+    timeout: float = DEFAULT_TIMEOUT  # seconds for every mon and OSD operation, and for connecting
+    create_size: int | None = None  # create the image with this size if it does not exist
+    read_only: bool = False
+    take_over: bool = False  # break a (dead) owner's exclusive lock, blocklisting it
+
+    @property
+    def spec(self) -> str:
+        return f"{self.pool}/{self.image}"
+
+    def options(self) -> list[tuple[str, str]]:
+        t = f"{self.timeout:g}"
+        options = [
+            ("client_mount_timeout", t),
+            ("rados_mon_op_timeout", t),
+            ("rados_osd_op_timeout", t),
+            ("rbd_cache", "false"),  # an acknowledged write is on the OSDs; FLUSH errors cannot hide
+            ("log_to_stderr", "false"),
+            ("err_to_stderr", "false"),  # vblk logs failures itself, with the errno
+        ]
+        if self.keyring:
+            options.append(("keyring", self.keyring))
+        return options
+
+
+class ImageLockedError(BackendError):
+    """The image's exclusive lock belongs to another client (another vblk)."""
+
+
+class AllocationMap:
+    """Sorted, disjoint, non-touching ``[start, end)`` runs of allocated bytes; the rest are holes."""
+
+    def __init__(self, runs: Sequence[tuple[int, int]] = ()) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for offset, length in runs:
+            self.set(offset, offset + length, True)
+
+    def set(self, start: int, end: int, allocated: bool) -> None:
+        if end <= start:
+            return
+        starts, ends = self._starts, self._ends
+        i = bisect.bisect_left(ends, start)  # first run ending at or after start (touching counts)
+        j = bisect.bisect_right(starts, end)  # runs from i to j-1 touch or overlap [start, end)
+        if allocated:
+            if i < j:
+                start = min(start, starts[i])
+                end = max(end, ends[j - 1])
+            starts[i:j] = [start]
+            ends[i:j] = [end]
+            return
+        new_starts: list[int] = []
+        new_ends: list[int] = []
+        if i < j:
+            if starts[i] < start:
+                new_starts.append(starts[i])
+                new_ends.append(start)
+            if ends[j - 1] > end:
+                new_starts.append(end)
+                new_ends.append(ends[j - 1])
+        starts[i:j] = new_starts
+        ends[i:j] = new_ends
+
+    def truncate(self, size: int) -> None:
+        self.set(size, max(size, self._ends[-1] if self._ends else size), False)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        i = bisect.bisect_right(self._ends, offset)  # first run ending after offset
+        starts, ends = self._starts, self._ends
+        while pos < end:
+            if i < len(starts) and starts[i] <= pos:
+                stop = min(ends[i], end)
+                out.append(Extent(pos, stop - pos, hole=False, zero=False))
+                i += 1
+            else:
+                stop = min(starts[i], end) if i < len(starts) else end
+                out.append(Extent(pos, stop - pos, hole=True, zero=True))
+            pos = stop
+        return out
+
+    def runs(self) -> list[tuple[int, int]]:
+        return [(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+
+@dataclasses.dataclass(slots=True)
+class _Inflight:
+    future: asyncio.Future[None]
+    completion: int
+    op: int
+    offset: int
+    length: int
+    keep: Any  # the ctypes objects pinning the buffers until librbd is done with them
+
+
+def _as_backend_error(exc: OSError) -> BackendError:
+    return BackendError(exc.errno or errno.EIO, exc.strerror or str(exc))
+
+
+class RbdBackend:
+    """One RBD image, open (and, if writable, exclusively locked) through its own librados client."""
+
+    def __init__(self, target: RbdTarget, rados: ceph.Rados, ioctx: int, image: int) -> None:
+        self.target = target
+        self._rados: ceph.Rados | None = rados
+        self._ioctx: int | None = ioctx
+        self._image: int | None = image
+        self._size = ceph.image_size(image)
+        self._read_only = target.read_only
+        self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
+        self._map = AllocationMap(ceph.diff_extents(image, self._size))
+        self._write_errno: int | None = None  # first failed write; every later flush fails with it
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ceph.check(
+            ceph.libs().rbd.rbd_set_image_notification(image, self._efd, ceph.EVENT_TYPE_EVENTFD),
+            "rbd_set_image_notification",
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[int, _Inflight] = {}
+        self._next_token = 1
+        self._comps = (ctypes.c_void_p * POLL_BATCH)()
+        self.max_inflight = 0  # most aio requests outstanding at once (tests, metrics)
+        self.completed = 0
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, target: RbdTarget) -> RbdBackend:
+        """Connect, open (creating if asked) and lock the image; raises BackendError."""
+        try:
+            rados = ceph.Rados(target.conf_file, target.client_id, target.options())
+        except OSError as exc:
+            raise BackendError(exc.errno or errno.EIO, f"Ceph cluster: {exc.strerror or exc}") from exc
+        ioctx: int | None = None
+        image: int | None = None
+        try:
+            ioctx = rados.open_ioctx(target.pool)
+            try:
+                image = ceph.image_open(ioctx, target.image, target.read_only)
+            except ceph.CephError as exc:
+                if exc.errno != errno.ENOENT or target.create_size is None or target.read_only:
+                    raise
+                ceph.image_create(ioctx, target.image, target.create_size)
+                log.info("rbd_image_created", image=target.spec, size=target.create_size)
+                image = ceph.image_open(ioctx, target.image, target.read_only)
+            if not target.read_only:
+                _lock(image, target, rados)
+            return cls(target, rados, ioctx, image)
+        except BaseException as exc:
+            if image is not None:
+                ceph.libs().rbd.rbd_close(image)
+            if ioctx is not None:
+                ceph.ioctx_destroy(ioctx)
+            rados.shutdown()
+            if isinstance(exc, OSError) and not isinstance(exc, BackendError):
+                raise BackendError(exc.errno or errno.EIO, f"{target.spec}: {exc.strerror}") from exc
+            raise
+
+    # -- Backend --------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def _handle(self) -> int:
+        if self._image is None:
+            raise BackendError(errno.EBADF, f"{self.target.spec} is closed")
+        return self._image
+
+    def _check(self, offset: int, length: int, write: bool) -> None:
+        if write and self._read_only:
+            raise BackendError(errno.EROFS, f"{self.target.spec} is read-only")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {self.target.spec}")
+
+    def _done(self, op: int, offset: int, length: int, result: int) -> None:
+        """Book a finished operation into the allocation map and the failure flag."""
+        if op == _READ:
+            return
+        with self._lock:
+            if result < 0 and op != _FLUSH and self._write_errno is None:
+                self._write_errno = -result
+            if op == _WRITE or (op == _ZERO and result < 0):
+                self._map.set(offset, offset + length, True)  # failed: unknown, so not a hole
+            elif op == _ZERO:
+                self._map.set(offset, offset + length, False)
+
+    def _flush_refused(self) -> BackendError | None:
+        code = self._write_errno
+        if code is None:
+            return None
+        return BackendError(code, f"an earlier write to {self.target.spec} failed: {os.strerror(code)}")
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, False)
+        image = self._handle()
+        for buf in buffers:
+            if not buf.nbytes:
+                continue
+            holder = (ctypes.c_char * buf.nbytes).from_buffer(buf.cast("B") if buf.format != "B" else buf)
+            result = ceph.libs().rbd.rbd_read2(image, offset, buf.nbytes, holder, 0)
+            if result < 0:
+                raise BackendError(-result, f"reading {self.target.spec}: {os.strerror(-result)}")
+            if result < buf.nbytes:
+                ctypes.memset(ctypes.addressof(holder) + result, 0, buf.nbytes - result)
+            offset += buf.nbytes
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, True)
+        image = self._handle()
+        start = offset
+        result = 0
+        try:
+            for buf in buffers:
+                if not buf.nbytes:
+                    continue
+                data = (ctypes.c_char * buf.nbytes).from_buffer_copy(buf)
+                result = ceph.libs().rbd.rbd_write2(image, offset, buf.nbytes, data, 0)
+                if result < 0:
+                    raise BackendError(-result, f"writing {self.target.spec}: {os.strerror(-result)}")
+                offset += buf.nbytes
+        finally:
+            self._done(_WRITE, start, total, min(result, 0))
+
+    def flush(self) -> None:
+        refused = self._flush_refused()
+        if refused is not None:
+            raise refused
+        result = ceph.libs().rbd.rbd_flush(self._handle())
+        if result < 0:
+            raise BackendError(-result, f"flushing {self.target.spec}: {os.strerror(-result)}")
+        refused = self._flush_refused()
+        if refused is not None:
+            raise refused
+
+    def _zero(self, offset: int, length: int) -> None:
+        self._check(offset, length, True)
+        if not length:
+            return
+        result = ceph.libs().rbd.rbd_write_zeroes(self._handle(), offset, length, 0, 0)
+        self._done(_ZERO, offset, length, min(result, 0))
+        if result < 0:
+            raise BackendError(-result, f"zeroing {self.target.spec}: {os.strerror(-result)}")
+
+    def discard(self, offset: int, length: int) -> None:
+        self._zero(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._zero(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length, False)
+        with self._lock:
+            return self._map.extents(offset, length)
+
+    def resize(self, new_size: int) -> None:
+        if new_size <= 0 or new_size % 512:
+            raise ValueError(f"size {new_size} is not a positive multiple of 512")
+        if self._read_only:
+            raise BackendError(errno.EROFS, f"{self.target.spec} is read-only")
+        result = ceph.libs().rbd.rbd_resize(self._handle(), new_size)
+        if result < 0:
+            raise BackendError(-result, f"resizing {self.target.spec}: {os.strerror(-result)}")
+        with self._lock:
+            if new_size < self._size:
+                self._map.truncate(new_size)
+            self._size = new_size
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """No page cache to warm: the data lives on the OSDs."""
+
+    def close(self) -> None:
+        if self._image is None:
+            return
+        try:
+            self.aio_drain()
+        finally:
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(self._efd)
+                except RuntimeError:
+                    pass
+            self._loop = None
+            lib = ceph.libs().rbd
+            result = lib.rbd_close(self._image)
+            if result < 0:
+                log.warning("rbd_close_failed", image=self.target.spec, errno=-result)
+            self._image = None
+            if self._ioctx is not None:
+                ceph.ioctx_destroy(self._ioctx)
+                self._ioctx = None
+            if self._rados is not None:
+                self._rados.shutdown()
+                self._rados = None
+            os.close(self._efd)
+
+    # -- AsyncBackend -----------------------------------------------------------------------------
+
+    def _start(
+        self, op: int, offset: int, length: int, keep: Any, submit: Any, *args: Any
+    ) -> asyncio.Future[None]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            loop.add_reader(self._efd, self._reap)
+        future: asyncio.Future[None] = loop.create_future()
+        if op != _READ and op != _FLUSH and self._read_only:
+            future.set_exception(BackendError(errno.EROFS, f"{self.target.spec} is read-only"))
+            return future
+        image = self._handle()
+        lib = ceph.libs().rbd
+        token = self._next_token
+        self._next_token = token + 1
+        completion = ctypes.c_void_p()
+        result = lib.rbd_aio_create_completion(token, None, ctypes.byref(completion))
+        if result < 0:
+            future.set_exception(BackendError(-result, "rbd_aio_create_completion failed"))
+            return future
+        comp = completion.value
+        assert comp is not None
+        result = submit(image, *args, comp)
+        if result < 0:
+            lib.rbd_aio_release(comp)
+            self._done(op, offset, length, result)
+            future.set_exception(BackendError(-result, f"{self.target.spec}: {os.strerror(-result)}"))
+            return future
+        self._inflight[token] = _Inflight(future, comp, op, offset, length, keep)
+        self.max_inflight = max(self.max_inflight, len(self._inflight))
+        return future
+
+    def _reap(self) -> None:
+        """The eventfd fired: finish every completion librbd has queued (on the loop thread)."""
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        image = self._image
+        if image is None:
+            return
+        lib = ceph.libs().rbd
+        comps = self._comps
+        while True:
+            count = lib.rbd_poll_io_events(image, comps, POLL_BATCH)
+            for i in range(max(count, 0)):
+                comp = comps[i]
+                token = lib.rbd_aio_get_arg(comp)
+                result = lib.rbd_aio_get_return_value(comp)
+                lib.rbd_aio_release(comp)
+                entry = self._inflight.pop(token or 0, None)
+                if entry is None:
+                    continue
+                self.completed += 1
+                self._done(entry.op, entry.offset, entry.length, result)
+                if entry.op == _FLUSH and result >= 0:
+                    refused = self._flush_refused()
+                    if refused is not None:
+                        result = -(refused.errno or errno.EIO)
+                future = entry.future
+                if future.done():
+                    continue
+                if result < 0:
+                    future.set_exception(BackendError(-result, f"{self.target.spec}: {os.strerror(-result)}"))
+                else:
+                    future.set_result(None)
+            if count < POLL_BATCH:
+                return
+
+    def _iovecs(self, buffers: Sequence[memoryview], copy: bool) -> tuple[Any, int, list[Any]]:
+        keep: list[Any] = []
+        iov = (ceph.Iovec * len(buffers))()
+        n = 0
+        for given in buffers:
+            size = given.nbytes
+            if not size:
+                continue
+            buf = given if given.format == "B" and given.ndim == 1 else given.cast("B")
+            if copy and buf.readonly:
+                holder = (ctypes.c_char * size).from_buffer_copy(buf)
+            else:
+                holder = (ctypes.c_char * size).from_buffer(buf)
+            keep.append(holder)
+            iov[n].iov_base = ctypes.addressof(holder)
+            iov[n].iov_len = size
+            n += 1
+        keep.append(iov)
+        return iov, n, keep
+
+    def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, False)
+        iov, count, keep = self._iovecs(buffers, copy=False)
+        return self._start(_READ, offset, total, keep, ceph.libs().rbd.rbd_aio_readv, iov, count, offset)
+
+    def aio_writev(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        total = sum(b.nbytes for b in buffers)
+        self._check(offset, total, True)
+        iov, count, keep = self._iovecs(buffers, copy=True)
+        return self._start(_WRITE, offset, total, keep, ceph.libs().rbd.rbd_aio_writev, iov, count, offset)
+
+    def aio_flush(self) -> asyncio.Future[None]:
+        refused = self._flush_refused()
+        if refused is not None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_exception(refused)
+            return future
+        return self._start(_FLUSH, 0, 0, None, ceph.libs().rbd.rbd_aio_flush)
+
+    def _aio_zero(self, offset: int, length: int) -> asyncio.Future[None]:
+        self._check(offset, length, True)
+        return self._start(_ZERO, offset, length, None, _write_zeroes_args, offset, length)
+
+    def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
+        return self._aio_zero(offset, length)
+
+    def aio_write_zeroes(self, offset: int, length: int, may_unmap: bool) -> asyncio.Future[None]:
+        return self._aio_zero(offset, length)
+
+    def aio_drain(self) -> None:
+        """Block until librbd has finished every started request (then collect them)."""
+        if not self._inflight or self._image is None:
+            return
+        lib = ceph.libs().rbd
+        for entry in list(self._inflight.values()):
+            lib.rbd_aio_wait_for_complete(entry.completion)
+        self._reap()
+
+
+def _write_zeroes_args(image: int, offset: int, length: int, comp: int) -> int:
+    return int(ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0))
+
+
+def _lock(image: int, target: RbdTarget, rados: ceph.Rados) -> None:
+    """Take the image's exclusive lock, breaking a dead owner's if ``take_over``."""
+    lib = ceph.libs().rbd
+    features = ceph.image_features(image)
+    if not features & ceph.RBD_FEATURE_EXCLUSIVE_LOCK:
+        raise BackendError(
+            errno.EINVAL,
+            f"{target.spec} lacks the exclusive-lock feature, which vblk needs to be its only writer "
+            f"(rbd feature enable {target.spec} exclusive-lock)",
+        )
+    owners = ceph.lock_owners(image)
+    if owners and not target.take_over:
+        raise ImageLockedError(
+            errno.EBUSY,
+            f"{target.spec} is in use by {', '.join(owners)}; if that vblk is dead, start with "
+            f"--take-over to break its lock (it is blocklisted)",
+        )
+    for owner in owners:
+        log.warning("rbd_lock_break", image=target.spec, owner=owner, me=rados.address())
+        result = lib.rbd_lock_break(image, ceph.RBD_LOCK_MODE_EXCLUSIVE, owner.encode())
+        if result < 0 and result != -errno.ENOENT:
+            ceph.check(result, f"breaking the lock of {owner} on {target.spec}")
+    result = lib.rbd_lock_acquire(image, ceph.RBD_LOCK_MODE_EXCLUSIVE)
+    if result in (-errno.EROFS, -errno.EBUSY):
+        owners = ceph.lock_owners(image)
+        raise ImageLockedError(
+            errno.EBUSY, f"{target.spec} is in use by {', '.join(owners) or 'another client'}"
+        )
+    ceph.check(result, f"locking {target.spec}")

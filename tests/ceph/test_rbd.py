@@ -1,0 +1,343 @@
+"""vblk on Ceph RBD against a real (throwaway, loopback) cluster: data, allocation map, concurrency,
+ownership and failover, and a cluster that dies under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device.backends import BackendError
+from device.backends.rbd import AllocationMap, ImageLockedError, RbdBackend, RbdTarget
+from service.app import DiskSpec, Service, ServiceConfig
+from tests.ceph.cluster import Cluster
+from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
+from tests.service.conftest import MiB, NbdRig, nbdsh, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rbd_diff(cluster: Cluster, image: str) -> list[tuple[int, int]]:
+    """Allocated runs of an image according to the ``rbd`` tool (merged)."""
+    out = json.loads(cluster.rbd("diff", "--format", "json", f"{cluster.pool}/{image}"))
+    runs: list[tuple[int, int]] = []
+    for entry in sorted(out, key=lambda e: e["offset"]):
+        if entry["exists"] != "true":
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == entry["offset"]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + entry["length"])
+        else:
+            runs.append((entry["offset"], entry["length"]))
+    return runs
+
+
+def test_allocation_map_model() -> None:
+    m = AllocationMap()
+    m.set(4096, 8192, True)
+    m.set(8192, 12288, True)  # touching runs merge
+    m.set(0, 512, True)
+    assert m.runs() == [(0, 512), (4096, 8192)]
+    m.set(5000, 6000, False)  # a hole in the middle splits
+    assert m.runs() == [(0, 512), (4096, 904), (6000, 6288)]
+    m.set(0, 1 << 20, False)
+    assert m.runs() == []
+    m.set(100, 200, True)
+    assert [(e.offset, e.length, e.hole) for e in m.extents(0, 1000)] == [
+        (0, 100, True),
+        (100, 100, False),
+        (200, 800, True),
+    ]
+    m.truncate(150)
+    assert m.runs() == [(100, 50)]
+
+
+async def test_data_written_through_vblk_is_what_rbd_export_reads(
+    nbd_rig: NbdRig, ceph_cluster: Cluster
+) -> None:
+    """Writes over NBD (fio at QD32, then nbdcopy) land in the image: ``rbd export`` reads them back.
+
+    The allocation map vblk keeps matches the one librbd's diff iteration gives a fresh open.
+    """
+    backend = rbd_backend(nbd_rig.service)
+    out = await run(
+        "fio", "--name=qd32", "--ioengine=nbd", f"--uri={nbd_rig.uri()}", "--rw=randwrite",
+        "--bs=4k", "--iodepth=32", "--size=8M", "--offset=16M", "--output-format=json",
+    )  # fmt: skip
+    assert json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]["error"] == 0
+    assert backend.max_inflight >= 16, f"only {backend.max_inflight} requests in flight at QD32"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.urandom(8 * MiB)
+        source = Path(tmp, "in.img")
+        source.write_bytes(data)
+        await run("nbdcopy", "--flush", str(source), nbd_rig.uri())
+        exported = Path(tmp, "export.img")
+        await asyncio.to_thread(ceph_cluster.rbd, "export", f"rbd/{backend.target.image}", str(exported))
+        image = exported.read_bytes()
+        assert len(image) == 64 * MiB
+        assert image[: 8 * MiB] == data
+        over_nbd = Path(tmp, "nbd.img")
+        await run("nbdcopy", nbd_rig.uri(), str(over_nbd))
+        assert over_nbd.read_bytes() == image
+    # Zero a range and trim another; the map and a fresh diff iteration agree.
+    await nbd_rig.service.disks["disk0"].bytes.zero(1 * MiB, 2 * MiB)
+    await nbd_rig.service.disks["disk0"].bytes.discard(4 * MiB, 4 * MiB)
+    ours = [(e.offset, e.length) for e in backend.extents(0, backend.size) if not e.hole]
+    theirs = await asyncio.to_thread(rbd_diff, ceph_cluster, backend.target.image)
+    covered = AllocationMap(theirs)
+    for offset, length in ours:  # everything vblk calls data, librbd calls data too
+        assert all(not e.hole for e in covered.extents(offset, length)), (offset, length, theirs)
+    assert [e.hole for e in backend.extents(4 * MiB, 4 * MiB)] == [True]
+    reopened = await asyncio.to_thread(
+        RbdBackend.open,
+        RbdTarget(
+            "rbd", backend.target.image, str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, read_only=True
+        ),
+    )
+    try:
+        assert reopened.extents(0, reopened.size) == AllocationMap(theirs).extents(0, reopened.size)
+    finally:
+        reopened.close()
+
+
+async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None:
+    name = image_name("locked")
+    options = ceph_options(ceph_cluster)
+    spec = DiskSpec(name="d", backend="rbd", rbd_image=name, size=8 * MiB, create=True, ceph=options)
+    first = Service(ServiceConfig(disks=(spec,), guest_memory=32 * MiB, nbd_listen=()))
+    await first.start()
+    try:
+        second = Service(ServiceConfig(disks=(spec,), guest_memory=32 * MiB, nbd_listen=()))
+        started = time.monotonic()
+        with pytest.raises(ImageLockedError, match="in use by"):
+            await second.start()
+        assert time.monotonic() - started < 5
+        await second.stop()
+        # Read-only opens take no lock and may share the image.
+        ro = Service(
+            ServiceConfig(
+                disks=(DiskSpec(name="d", backend="rbd", rbd_image=name, read_only=True, ceph=options),),
+                guest_memory=32 * MiB,
+                nbd_listen=(),
+            )
+        )
+        await ro.start()
+        await first.disks["d"].bytes.write(0, b"\x5a" * 4096)
+        assert await ro.disks["d"].bytes.read(0, 4096) == b"\x5a" * 4096
+        await ro.stop()
+    finally:
+        await first.stop()
+    with pytest.raises(BackendError):  # a missing image without create= is an error, not a new image
+        RbdBackend.open(RbdTarget("rbd", image_name("missing"), str(ceph_cluster.conf), timeout=5))
+
+
+# -- vblk as a process: failover and a dying cluster ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def vblk_process(directory: Path, name: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    log = (directory / f"{name}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--log-format", "json", *args],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def wait_serving(
+    proc: subprocess.Popen[bytes], socket_path: Path, log: Path, timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vblk exited {proc.returncode}: {log.read_text()[-3000:]}")
+        if socket_path.exists():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"vblk did not start serving: {log.read_text()[-3000:]}")
+
+
+def serve_args(cluster: Cluster, image: str, sock: Path, *extra: str) -> list[str]:
+    return [
+        "--disk", f"name=d,backend=rbd,image={image},size=64M,create",
+        "--ceph-conf", str(cluster.conf), "--ceph-timeout", "5",
+        "--nbd-listen", "none", "--nbd-socket", str(sock), "--http-listen", "none", *extra,
+    ]  # fmt: skip
+
+
+WRITER = """
+import os, sys, time
+h = nbd.NBD()
+h.connect_uri(uri)
+blocks = int(sys.argv[2])
+flushed = 0
+i = 0
+while True:
+    # 8 writes in flight at a time, then a FLUSH: everything before it is acknowledged and durable.
+    cookies = [h.aio_pwrite(bytes([i + k & 0xff]) * 4096, ((i + k) % blocks) * 4096) for k in range(8)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        h.aio_command_completed(c)  # raises if the write failed
+    i += 8
+    h.flush()
+    print(i, flush=True)
+"""
+
+CHECKER = """
+h = nbd.NBD()
+h.connect_uri(uri)
+bad = []
+# Write n went to block n % blocks. Writes from `done` on were not covered by a FLUSH (8 may have
+# been in flight): their blocks may hold either value, so the check covers the blocks before them.
+for n in range(max(0, done - blocks + 8), done):
+    want = bytes([n & 0xff]) * 4096
+    if h.pread(4096, (n % blocks) * 4096) != want:
+        bad.append(n)
+print(len(bad), bad[:10])
+"""
+
+
+async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluster) -> None:
+    """vblk A serves and is SIGKILLed mid-stream; B refuses, then takes over; nothing flushed is lost."""
+    image = image_name("failover")
+    blocks = 2048  # 8 MiB of 4 KiB blocks, rewritten in rounds
+    with tempfile.TemporaryDirectory(prefix="vblk-") as tmp:
+        d = Path(tmp)
+        sock_a, sock_b = d / "a.sock", d / "b.sock"
+        with vblk_process(d, "a", *serve_args(ceph_cluster, image, sock_a)) as a:
+            await wait_serving(a, sock_a, d / "a.log")
+            uri = f"nbd+unix:///d?socket={sock_a}"
+            prelude = "import nbd, sys, errno\nuri = sys.argv[1]\n"
+            writer = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3", "-c", prelude + WRITER, uri, str(blocks),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert writer.stdout is not None
+            flushed = 0
+            try:
+                while flushed < 3000:  # a few rounds over the blocks, then kill mid-stream
+                    line = await asyncio.wait_for(writer.stdout.readline(), 30)
+                    assert line, "the writer stopped"
+                    flushed = int(line)
+                os.killpg(a.pid, signal.SIGKILL)
+                a.wait()
+                rest = await asyncio.wait_for(writer.stdout.read(), 30)
+                for line in rest.split():  # flushes acknowledged just before the kill
+                    flushed = int(line)
+            finally:
+                if writer.returncode is None:
+                    writer.kill()
+                await writer.wait()
+        # B without --take-over: the dead A still owns the lock, so B refuses and exits.
+        with vblk_process(d, "b0", *serve_args(ceph_cluster, image, sock_b)) as b0:
+            returncode = await asyncio.to_thread(b0.wait, 30)
+            assert returncode == 1
+            assert "in use by" in (d / "b0.log").read_text()
+        with vblk_process(d, "b", *serve_args(ceph_cluster, image, sock_b), "--take-over") as b:
+            await wait_serving(b, sock_b, d / "b.log")
+            script = f"done = {flushed}\nblocks = {blocks}\n" + CHECKER
+            checked = await nbdsh(f"nbd+unix:///d?socket={sock_b}", script)
+            assert checked.stdout.startswith("0 "), f"flushed writes lost after {flushed}: {checked.stdout}"
+            blocklist = await asyncio.to_thread(ceph_cluster.ceph, "osd", "blocklist", "ls")
+            assert "127.0.0.1:0/" in blocklist  # A's client is fenced
+            assert "rbd_lock_break" in (d / "b.log").read_text()
+
+
+DYING = """
+import time
+h = nbd.NBD()
+h.connect_uri(uri)
+h.pwrite(b"\\x01" * 65536, 0)
+h.flush()
+print("ready", flush=True)
+sys.stdin.readline()  # the cluster is being killed now
+started = time.monotonic()
+cookies = [h.aio_pwrite(b"\\x02" * 65536, k * 65536) for k in range(32)]
+def name(e):
+    return errno.errorcode.get(e.errno, str(e.errno)) if isinstance(e.errno, int) else e.errno
+errors = []
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    try:
+        h.aio_command_completed(c)
+    except nbd.Error as e:
+        errors.append(name(e))
+try:
+    h.flush()
+    flush = "ok"
+except nbd.Error as e:
+    flush = name(e)
+print(json.dumps({"seconds": time.monotonic() - started, "errors": errors, "flush": flush}), flush=True)
+"""
+
+
+@pytest.fixture
+def dying_cluster() -> Iterator[Cluster]:
+    cluster = Cluster(client_timeout=3)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster) -> None:
+    image = image_name("dying")
+    with tempfile.TemporaryDirectory(prefix="vblk-") as tmp:
+        d = Path(tmp)
+        sock, http = d / "nbd.sock", d / "http.sock"
+        args = serve_args(dying_cluster, image, sock, "--http-socket", str(http))
+        args[args.index("--ceph-timeout") + 1] = "3"
+        with vblk_process(d, "v", *args) as v:
+            await wait_serving(v, sock, d / "v.log")
+            prelude = "import nbd, sys, errno, json\nuri = sys.argv[1]\n"
+            client = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3", "-c", prelude + DYING, f"nbd+unix:///d?socket={sock}",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert client.stdin is not None and client.stdout is not None
+            try:
+                assert (await asyncio.wait_for(client.stdout.readline(), 30)).strip() == b"ready"
+                await asyncio.to_thread(dying_cluster.kill)
+                client.stdin.write(b"go\n")
+                await client.stdin.drain()
+                result = json.loads(await asyncio.wait_for(client.stdout.readline(), 40))
+            finally:
+                if client.returncode is None:
+                    client.kill()
+                await client.wait()
+            assert result["errors"], result  # the writes failed...
+            assert set(result["errors"]) == {"EIO"}, result  # ...with EIO
+            assert result["flush"] == "EIO", result  # and no FLUSH succeeds after them
+            assert result["seconds"] < 25, result
+            # REST: a JSON 5xx, in bounded time.
+            started = time.monotonic()
+            out = await run(
+                "curl", "-sS", "--max-time", "30", "--unix-socket", str(http), "-X", "PUT",
+                "--data-binary", "x" * 512, "http://vblk/v1/disks/d/sectors/8",
+            )  # fmt: skip
+            body = json.loads(out.stdout)
+            assert body["error"] == "io_error", body
+            assert time.monotonic() - started < 25
+            assert v.poll() is None  # the service itself goes on
