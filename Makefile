@@ -17,7 +17,7 @@ run: venv
 	$(BIN)/vblk serve $(ARGS)
 
 tools:
-	@scripts/install-tools.sh
+	@bash scripts/install-tools.sh
 
 typecheck: venv
 	$(BIN)/mypy
