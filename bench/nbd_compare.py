@@ -4,6 +4,11 @@ Not a test. Starts ``vblk serve``, ``nbdkit file``, ``qemu-nbd`` and ``nbdkit py
 ``bench/peer_plugin.py``) on free loopback ports over one raw image, runs fio (``--ioengine=nbd``) and
 nbdcopy against each, round robin, and writes ``bench/results/<timestamp>.json`` and ``.md``.
 ``python -m bench.nbd_compare --help``; quick run: ``--size 256M --runs 1 --runtime 3``.
+
+``--rbd`` runs the Ceph RBD row instead: a throwaway one-mon, one-memstore-OSD cluster on loopback
+(tests/ceph/cluster.py), one filled image, and 4 KiB random read and write at QD32 through vblk
+(``backend=rbd``, fio ``--ioengine=nbd``), through ``qemu-nbd`` with its rbd driver (the peer), and
+straight to the cluster with fio ``--ioengine=rbd`` (the ceiling), one at a time, round robin.
 """
 
 from __future__ import annotations
@@ -872,6 +877,241 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+# -- Ceph RBD row ----------------------------------------------------------------------------------
+
+RBD_WORKLOADS: tuple[Workload, ...] = (
+    Workload("rbd-randread-4k-qd32", "4 KiB random read, QD32", "fio", ("kiops",), "randread", 4 * KiB, 32),
+    Workload(
+        "rbd-randwrite-4k-qd32", "4 KiB random write, QD32", "fio", ("kiops",), "randwrite", 4 * KiB, 32
+    ),
+)
+RBD_CONTENDERS: dict[str, str] = {
+    "vblk": "vblk (rbd backend)",
+    "qemu-nbd": "qemu-nbd (rbd driver)",
+    "fio-rbd": "fio --ioengine=rbd",
+}
+RBD_TARGETS = {"qemu-nbd": 2.0, "fio-rbd": 0.7}  # vblk IOPS ÷ contender IOPS, at least
+RBD_POOL = "rbd"
+RBD_IMAGE = "bench"
+
+
+def rbd_fio_command(workload: Workload, conf: Path, runtime: float, ramp: float, output: Path) -> list[str]:
+    """fio straight to the cluster through librbd (the ceiling): the same job with the rbd engine."""
+    command = [
+        arg
+        for arg in fio_command(workload, "", runtime, ramp, output)
+        if not arg.startswith(("--ioengine=", "--uri="))
+    ]
+    return [*command, "--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}", f"--rbdname={RBD_IMAGE}"]
+
+
+def rbd_server_command(name: str, conf: Path, port: int) -> list[str]:
+    if name == "vblk":
+        return [
+            *vblk_executable(), "serve",
+            "--disk", f"name={EXPORT},backend=rbd,pool={RBD_POOL},image={RBD_IMAGE}",
+            "--ceph-conf", str(conf), "--nbd-listen", f"{HOST}:{port}", "--http-listen", "none",
+            "--log-level", "warning",
+        ]  # fmt: skip
+    # cache=none: librbd's cache off, as vblk runs it (and as the cluster's ceph.conf sets for fio)
+    return [
+        "qemu-nbd", "-t", "--cache=none", "-f", "raw", "-b", HOST, "-p", str(port), "-x", EXPORT,
+        "--shared=16", f"rbd:{RBD_POOL}/{RBD_IMAGE}:conf={conf}:id=admin",
+    ]  # fmt: skip
+
+
+def rbd_run(
+    name: str,
+    workload: Workload,
+    round_index: int,
+    conf: Path,
+    size: int,
+    args: argparse.Namespace,
+    work: Path,
+) -> RunResult:
+    """One contender, one workload: start its server (none for fio-rbd), run fio, stop the server."""
+    output = work / f"fio-rbd-{name}-{workload.key}-{round_index}.json"
+    env = {**os.environ, "CEPH_CONF": str(conf)}
+    server: Server | None = None
+    try:
+        if name == "fio-rbd":
+            command = rbd_fio_command(workload, conf, args.runtime, args.ramp, output)
+        else:
+            kind = ServerKind(
+                name, RBD_CONTENDERS[name], lambda _i, port, _e: rbd_server_command(name, conf, port)
+            )
+            server = Server(kind, work / "unused", size, work)
+            server.start()
+            command = fio_command(workload, server.uri, args.runtime, args.ramp, output)
+        started = time.perf_counter()
+        fio = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            time.sleep(args.ramp)
+            before = server.sample() if server is not None else None
+            out, err = fio.communicate(timeout=args.runtime + args.ramp + 120)
+        finally:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
+        after = server.sample() if server is not None else None
+        if fio.returncode != 0 or not output.exists():
+            raise RuntimeError(f"fio failed ({fio.returncode}) against {name}: {err.strip()} {out}")
+        report = json.loads(output.read_text())
+        output.unlink()
+        result = RunResult(
+            name,
+            workload.key,
+            round_index,
+            command,
+            time.perf_counter() - started,
+            **parse_fio(report, workload),
+        )
+        if before is not None and after is not None:
+            result.server_cpu_s = after.cpu_s - before.cpu_s
+            if result.io_bytes:
+                result.cpu_s_per_gib = result.server_cpu_s / (result.io_bytes / GiB)
+            result.rss_kib, result.hwm_kib = after.rss_kib, after.hwm_kib
+        return result
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def rbd_markdown(results: Sequence[RunResult], env: dict[str, Any], settings: dict[str, Any]) -> str:
+    names = list(RBD_CONTENDERS)
+    by_cell: dict[tuple[str, str], list[RunResult]] = {}
+    for result in results:
+        by_cell.setdefault((result.server, result.workload), []).append(result)
+
+    def median(name: str, workload: Workload, metric: Metric) -> float | None:
+        return median_of(by_cell.get((name, workload.key), []), metric)
+
+    lines = [
+        f"## vblk on Ceph RBD — {settings['timestamp']}",
+        "",
+        "Throwaway cluster on loopback: one mon, one memstore OSD, pool size 1; "
+        f"image {settings['size'] // MiB} MiB, filled; librbd cache off for all three. "
+        f"Median of {settings['runs']} run(s), {settings['runtime']:g} s + {settings['ramp']:g} s ramp, "
+        f"contenders one at a time, round robin. {env['cpu_model']}, {env['nproc']} CPUs "
+        f"(fio, the server and the cluster share them), {env['fio']}, {env['qemu_nbd']}, {env['ceph']}.",
+        "",
+        "Bracketed: vblk ÷ contender.",
+        "",
+        "| workload | metric | " + " | ".join(RBD_CONTENDERS[n] for n in names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    verdicts = []
+    metrics: tuple[Metric, ...] = ("kiops", "clat_mean_us", "cpu_s_per_gib")
+    for workload in RBD_WORKLOADS:
+        for metric in metrics:
+            medians = {n: median(n, workload, metric) for n in names}
+            cells = [_cell(medians[n], medians["vblk"], n != "vblk") for n in names]
+            lines.append(f"| {workload.title} | {METRIC_LABELS[metric]} | " + " | ".join(cells) + " |")
+        vblk = median("vblk", workload, "kiops")
+        for peer, target in RBD_TARGETS.items():
+            theirs = median(peer, workload, "kiops")
+            ratio = vblk / theirs if vblk is not None and theirs else None
+            met = "met" if ratio is not None and ratio >= target else "NOT met"
+            verdicts.append(
+                f"- {workload.title}: vblk ÷ {RBD_CONTENDERS[peer]} = {_fmt(ratio)} (≥ {target:g}x: {met})"
+            )
+    lines += [
+        "",
+        "Server CPU: utime+stime of the vblk or qemu-nbd process over fio's window, librbd's threads "
+        "included (fio rbd runs librbd inside fio: n/a).",
+        "",
+        "Targets:",
+        "",
+        *verdicts,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def rbd_main(args: argparse.Namespace) -> int:
+    """The RBD row: build a cluster, fill an image, measure the three contenders round robin."""
+    from tests.ceph.cluster import Cluster, missing_tools  # noqa: PLC0415 - only this mode needs Ceph
+
+    missing = missing_tools() + [t for t in ("fio", "qemu-nbd", "nbdinfo") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(f"missing: {', '.join(missing)}; run `make tools`")
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    timestamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    env = environment()
+    env["ceph"] = _first_line(["ceph", "--version"])
+    results: list[RunResult] = []
+    size = args.rbd_size
+    settings: dict[str, Any] = {
+        "timestamp": timestamp,
+        "size": size,
+        "runs": args.runs,
+        "runtime": args.runtime,
+        "ramp": args.ramp,
+        "contenders": list(RBD_CONTENDERS),
+        "workloads": [dataclasses.asdict(w) for w in RBD_WORKLOADS],
+        "vblk_revision": env["vblk_git"],
+    }
+    with workspace(args.workdir, args.keep) as work:
+        cluster = Cluster(work / "ceph", client_timeout=60)
+        try:
+            log(f"starting a throwaway Ceph cluster in {cluster.directory}")
+            cluster.start()
+            log(f"cluster up in {cluster.started_in:.1f} s; filling {size // MiB} MiB {RBD_POOL}/{RBD_IMAGE}")
+            cluster.rbd("create", "--size", f"{size // MiB}M", f"{RBD_POOL}/{RBD_IMAGE}")
+            subprocess.run(
+                ["fio", "--name=fill", "--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}",
+                 f"--rbdname={RBD_IMAGE}", "--rw=write", "--bs=4M", "--iodepth=4", f"--size={size}"],
+                env=cluster.env(), check=True, capture_output=True, timeout=600,
+            )  # fmt: skip
+            names = list(RBD_CONTENDERS)
+            for round_index in range(args.runs):
+                order = names[round_index % len(names) :] + names[: round_index % len(names)]
+                for workload in RBD_WORKLOADS:
+                    for name in order:
+                        log(f"round {round_index + 1}/{args.runs} {workload.key} on {name}")
+                        try:
+                            result = rbd_run(name, workload, round_index, cluster.conf, size, args, work)
+                        except (
+                            RuntimeError,
+                            OSError,
+                            ValueError,
+                            KeyError,
+                            subprocess.SubprocessError,
+                        ) as exc:
+                            log(f"  FAILED: {exc}")
+                            results.append(
+                                RunResult(name, workload.key, round_index, [], 0.0, error=str(exc))
+                            )
+                            continue
+                        kiops, cpu = _fmt(result.metric("kiops")), _fmt(result.cpu_s_per_gib)
+                        log(f"  kiops={kiops}, server cpu/GiB={cpu}")
+                        results.append(result)
+        finally:
+            cluster.stop()
+    table = rbd_markdown(results, env, settings)
+    metrics: tuple[Metric, ...] = ("kiops", "clat_mean_us", "cpu_s_per_gib")
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "settings": settings,
+        "environment": env,
+        "medians": {
+            f"{name}/{w.key}": {
+                m: median_of([r for r in results if r.server == name and r.workload == w.key], m)
+                for m in metrics
+            }
+            for name in RBD_CONTENDERS
+            for w in RBD_WORKLOADS
+        },
+        "runs": [dataclasses.asdict(r) for r in results],
+    }
+    json_path = args.out / f"{timestamp}-rbd.json"
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    json_path.with_suffix(".md").write_text(table)
+    sys.stdout.write(table)
+    log(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    return 1 if any(r.error for r in results) else 0
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -912,6 +1152,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, help="where the temporary image goes [system temp dir]")
     parser.add_argument("--keep", action="store_true", help="keep the image and server logs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory [bench/results]")
+    parser.add_argument(
+        "--rbd", action="store_true", help="run the Ceph RBD row (vblk, qemu-nbd, fio rbd) instead"
+    )
+    parser.add_argument("--rbd-size", type=parse_size, default=256 * MiB, help="RBD image size [256M]")
     return parser
 
 
@@ -927,6 +1171,8 @@ def _select(text: str, known: Sequence[Any], what: str) -> list[Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rbd:
+        return rbd_main(args)
     servers: list[ServerKind] = _select(args.servers, SERVERS, "server")
     workloads: list[Workload] = _select(args.workloads, WORKLOADS, "workload")
     if args.runs < 1 or args.size < 16 * MiB or args.size % MiB:

@@ -148,16 +148,6 @@ class AllocationMap:
         return len(self._starts)
 
 
-@dataclasses.dataclass(slots=True)
-class _Inflight:
-    future: asyncio.Future[None]
-    completion: int
-    op: int
-    offset: int
-    length: int
-    keep: Any  # the ctypes objects pinning the buffers until librbd is done with them
-
-
 def _as_backend_error(exc: OSError) -> BackendError:
     return BackendError(exc.errno or errno.EIO, exc.strerror or str(exc))
 
@@ -181,9 +171,16 @@ class RbdBackend:
             "rbd_set_image_notification",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: dict[int, _Inflight] = {}
-        self._next_token = 1
+        # completion pointer -> (future, op, offset, length, objects pinning the buffers)
+        self._inflight: dict[int, tuple[asyncio.Future[None], int, int, int, Any]] = {}
         self._comps = (ctypes.c_void_p * POLL_BATCH)()
+        self._new_comp = ctypes.c_void_p()  # out-parameter, reused: only the loop thread starts I/O
+        self._new_comp_ref = ctypes.byref(self._new_comp)
+        lib = ceph.libs().rbd
+        self._create_completion = lib.rbd_aio_create_completion
+        self._release = lib.rbd_aio_release
+        self._aio_readv = lib.rbd_aio_readv
+        self._aio_writev = lib.rbd_aio_writev
         self.max_inflight = 0  # most aio requests outstanding at once (tests, metrics)
         self.completed = 0
 
@@ -383,24 +380,20 @@ class RbdBackend:
             future.set_exception(BackendError(errno.EROFS, f"{self.target.spec} is read-only"))
             return future
         image = self._handle()
-        lib = ceph.libs().rbd
-        token = self._next_token
-        self._next_token = token + 1
-        completion = ctypes.c_void_p()
-        result = lib.rbd_aio_create_completion(token, None, ctypes.byref(completion))
-        if result < 0:
-            future.set_exception(BackendError(-result, "rbd_aio_create_completion failed"))
+        result = self._create_completion(None, None, self._new_comp_ref)
+        comp = self._new_comp.value
+        if result < 0 or comp is None:
+            future.set_exception(BackendError(-result or errno.ENOMEM, "rbd_aio_create_completion failed"))
             return future
-        comp = completion.value
-        assert comp is not None
         result = submit(image, *args, comp)
         if result < 0:
-            lib.rbd_aio_release(comp)
+            self._release(comp)
             self._done(op, offset, length, result)
             future.set_exception(BackendError(-result, f"{self.target.spec}: {os.strerror(-result)}"))
             return future
-        self._inflight[token] = _Inflight(future, comp, op, offset, length, keep)
-        self.max_inflight = max(self.max_inflight, len(self._inflight))
+        inflight = self._inflight
+        inflight[comp] = (future, op, offset, length, keep)
+        self.max_inflight = max(self.max_inflight, len(inflight))
         return future
 
     def _reap(self) -> None:
@@ -413,24 +406,25 @@ class RbdBackend:
         if image is None:
             return
         lib = ceph.libs().rbd
+        poll, get_result, release = lib.rbd_poll_io_events, lib.rbd_aio_get_return_value, self._release
         comps = self._comps
+        inflight = self._inflight
         while True:
-            count = lib.rbd_poll_io_events(image, comps, POLL_BATCH)
-            for i in range(max(count, 0)):
-                comp = comps[i]
-                token = lib.rbd_aio_get_arg(comp)
-                result = lib.rbd_aio_get_return_value(comp)
-                lib.rbd_aio_release(comp)
-                entry = self._inflight.pop(token or 0, None)
+            count = poll(image, comps, POLL_BATCH)
+            for comp in comps[: max(count, 0)]:
+                result = get_result(comp)
+                release(comp)
+                entry = inflight.pop(comp or 0, None)
                 if entry is None:
                     continue
                 self.completed += 1
-                self._done(entry.op, entry.offset, entry.length, result)
-                if entry.op == _FLUSH and result >= 0:
-                    refused = self._flush_refused()
-                    if refused is not None:
-                        result = -(refused.errno or errno.EIO)
-                future = entry.future
+                future, op, offset, length, _keep = entry
+                if op != _READ:
+                    self._done(op, offset, length, result)
+                    if op == _FLUSH and result >= 0:
+                        refused = self._flush_refused()
+                        if refused is not None:
+                            result = -(refused.errno or errno.EIO)
                 if future.done():
                     continue
                 if result < 0:
@@ -440,37 +434,46 @@ class RbdBackend:
             if count < POLL_BATCH:
                 return
 
-    def _iovecs(self, buffers: Sequence[memoryview], copy: bool) -> tuple[Any, int, list[Any]]:
+    @staticmethod
+    def _iovecs(buffers: Sequence[memoryview], read: bool) -> tuple[Any, int, list[Any], int]:
+        """An iovec array over the buffers (guest memory: no copy), what pins them, and the total.
+
+        Read-only buffers (a caller's ``bytes``) are copied; librbd then only reads them.
+        """
         keep: list[Any] = []
-        iov = (ceph.Iovec * len(buffers))()
-        n = 0
+        iov = (
+            _IOVEC_ARRAYS[len(buffers)] if len(buffers) < len(_IOVEC_ARRAYS) else ceph.Iovec * len(buffers)
+        )()
+        n = total = 0
         for given in buffers:
             size = given.nbytes
             if not size:
                 continue
             buf = given if given.format == "B" and given.ndim == 1 else given.cast("B")
-            if copy and buf.readonly:
-                holder = (ctypes.c_char * size).from_buffer_copy(buf)
+            if buf.readonly:
+                if read:
+                    raise BackendError(errno.EINVAL, "cannot read into a read-only buffer")
+                holder: Any = ctypes.create_string_buffer(bytes(buf), size)
             else:
-                holder = (ctypes.c_char * size).from_buffer(buf)
+                holder = ctypes.c_char.from_buffer(buf)
             keep.append(holder)
-            iov[n].iov_base = ctypes.addressof(holder)
-            iov[n].iov_len = size
+            entry = iov[n]
+            entry.iov_base = ctypes.addressof(holder)
+            entry.iov_len = size
             n += 1
+            total += size
         keep.append(iov)
-        return iov, n, keep
+        return iov, n, keep, total
 
     def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
-        total = sum(b.nbytes for b in buffers)
+        iov, count, keep, total = self._iovecs(buffers, True)
         self._check(offset, total, False)
-        iov, count, keep = self._iovecs(buffers, copy=False)
-        return self._start(_READ, offset, total, keep, ceph.libs().rbd.rbd_aio_readv, iov, count, offset)
+        return self._start(_READ, offset, total, keep, self._aio_readv, iov, count, offset)
 
     def aio_writev(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
-        total = sum(b.nbytes for b in buffers)
+        iov, count, keep, total = self._iovecs(buffers, False)
         self._check(offset, total, True)
-        iov, count, keep = self._iovecs(buffers, copy=True)
-        return self._start(_WRITE, offset, total, keep, ceph.libs().rbd.rbd_aio_writev, iov, count, offset)
+        return self._start(_WRITE, offset, total, keep, self._aio_writev, iov, count, offset)
 
     def aio_flush(self) -> asyncio.Future[None]:
         refused = self._flush_refused()
@@ -494,10 +497,13 @@ class RbdBackend:
         """Block until librbd has finished every started request (then collect them)."""
         if not self._inflight or self._image is None:
             return
-        lib = ceph.libs().rbd
-        for entry in list(self._inflight.values()):
-            lib.rbd_aio_wait_for_complete(entry.completion)
+        wait = ceph.libs().rbd.rbd_aio_wait_for_complete
+        for comp in list(self._inflight):
+            wait(comp)
         self._reap()
+
+
+_IOVEC_ARRAYS = [ceph.Iovec * n for n in range(9)]
 
 
 def _write_zeroes_args(image: int, offset: int, length: int, comp: int) -> int:

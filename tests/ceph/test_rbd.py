@@ -21,6 +21,7 @@ import pytest
 from device.backends import BackendError
 from device.backends.rbd import AllocationMap, ImageLockedError, RbdBackend, RbdTarget
 from service.app import DiskSpec, Service, ServiceConfig
+from service.config import from_sources
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
 from tests.service.conftest import MiB, NbdRig, nbdsh, run
@@ -40,6 +41,15 @@ def rbd_diff(cluster: Cluster, image: str) -> list[tuple[int, int]]:
         else:
             runs.append((entry["offset"], entry["length"]))
     return runs
+
+
+def test_deploy_example_config_is_valid() -> None:
+    config, _values = from_sources({}, environ={}, config_file=REPO / "deploy/ceph/vblk.toml")
+    db, golden = config.disks
+    assert (db.backend, db.pool, db.rbd_image, db.create, db.read_only) == ("rbd", "rbd", "db", True, False)
+    assert (golden.pool, golden.rbd_image, golden.read_only) == ("images", "debian-12", True)
+    assert db.ceph.client_id == "vblk" and db.ceph.timeout == 30.0 and not db.ceph.take_over
+    assert db.ceph.keyring == "/run/credentials/vblk.service/ceph.keyring"
 
 
 def test_allocation_map_model() -> None:
