@@ -53,23 +53,30 @@ def test_deploy_example_config_is_valid() -> None:
 
 
 def test_allocation_map_model() -> None:
-    m = AllocationMap()
+    m = AllocationMap(1 << 20)
+    assert m.block == 4096 and m.runs() == []
     m.set(4096, 8192, True)
-    m.set(8192, 12288, True)  # touching runs merge
-    m.set(0, 512, True)
-    assert m.runs() == [(0, 512), (4096, 8192)]
-    m.set(5000, 6000, False)  # a hole in the middle splits
-    assert m.runs() == [(0, 512), (4096, 904), (6000, 6288)]
-    m.set(0, 1 << 20, False)
-    assert m.runs() == []
-    m.set(100, 200, True)
-    assert [(e.offset, e.length, e.hole) for e in m.extents(0, 1000)] == [
-        (0, 100, True),
-        (100, 100, False),
-        (200, 800, True),
+    m.set(8192, 12288, True)  # neighbouring runs are one
+    m.set(100, 200, True)  # a partly written block is data
+    assert m.runs() == [(0, 12288)]
+    m.set(5000, 9000, False)  # zeroes covering no whole block leave it data
+    assert m.runs() == [(0, 12288)]
+    m.set(1000, 12288, False)  # blocks 1 and 2 are covered whole: holes
+    assert [(e.offset, e.length, e.hole, e.zero) for e in m.extents(0, 20000)] == [
+        (0, 4096, False, False),
+        (4096, 15904, True, True),
     ]
-    m.truncate(150)
-    assert m.runs() == [(100, 50)]
+    assert [(e.offset, e.length) for e in m.extents(100, 50)] == [(100, 50)]
+    m.set((1 << 20) - 100, 1 << 20, True)  # the last block
+    m.resize(1 << 19)
+    assert m.runs() == [(0, 4096)]
+    m.resize(3 << 20)
+    assert m.runs() == [(0, 4096)] and m.size == 3 << 20
+    big = AllocationMap(1 << 40)  # 1 TiB: 64 KiB blocks, a 16 MiB map
+    assert big.block == 65536 and len(big.extents(0, 1 << 40)) == 1
+    odd = AllocationMap(10000, [(0, 10000)])  # a short last block
+    odd.set(8192, 10000, False)
+    assert odd.runs() == [(0, 8192)]
 
 
 async def test_data_written_through_vblk_is_what_rbd_export_reads(
@@ -104,7 +111,7 @@ async def test_data_written_through_vblk_is_what_rbd_export_reads(
     await nbd_rig.service.disks["disk0"].bytes.discard(4 * MiB, 4 * MiB)
     ours = [(e.offset, e.length) for e in backend.extents(0, backend.size) if not e.hole]
     theirs = await asyncio.to_thread(rbd_diff, ceph_cluster, backend.target.image)
-    covered = AllocationMap(theirs)
+    covered = AllocationMap(backend.size, theirs)
     for offset, length in ours:  # everything vblk calls data, librbd calls data too
         assert all(not e.hole for e in covered.extents(offset, length)), (offset, length, theirs)
     assert [e.hole for e in backend.extents(4 * MiB, 4 * MiB)] == [True]
@@ -115,7 +122,9 @@ async def test_data_written_through_vblk_is_what_rbd_export_reads(
         ),
     )
     try:
-        assert reopened.extents(0, reopened.size) == AllocationMap(theirs).extents(0, reopened.size)
+        assert reopened.extents(0, reopened.size) == AllocationMap(reopened.size, theirs).extents(
+            0, reopened.size
+        )
     finally:
         reopened.close()
 
