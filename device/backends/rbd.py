@@ -152,10 +152,6 @@ class AllocationMap:
         return [(e.offset, e.length) for e in self.extents(0, self.size) if not e.hole]
 
 
-def _as_backend_error(exc: OSError) -> BackendError:
-    return BackendError(exc.errno or errno.EIO, exc.strerror or str(exc))
-
-
 class RbdBackend:
     """One RBD image, open (and, if writable, exclusively locked) through its own librados client."""
 
@@ -164,7 +160,10 @@ class RbdBackend:
         self._rados: ceph.Rados | None = rados
         self._ioctx: int | None = ioctx
         self._image: int | None = image
-        self._size = ceph.image_size(image)
+        size = ceph.image_size(image)
+        self._size = size - size % 512  # a virtio-blk disk is whole sectors; a tail is left out
+        if self._size != size:
+            log.warning("rbd_image_size_not_sectors", image=target.spec, size=size, served=self._size)
         self._read_only = target.read_only
         self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
         self._map = AllocationMap(self._size, ceph.diff_extents(image, self._size))

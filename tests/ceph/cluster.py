@@ -222,8 +222,12 @@ class Cluster:
 
     def _spawn(self, name: str, *argv: str) -> None:
         log = (self.directory / "log" / f"{name}.stderr").open("wb")
+        # If this process dies without stop() (a killed test run), the daemons die with it. The
+        # signal follows the thread that started them: call start() from the main thread.
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         self.procs[name] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            [*prefix, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
         log.close()
 
