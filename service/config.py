@@ -114,7 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
         "backend",
         "file",
         parse_backend,
-        "storage backend: file, memory, or vhost-user:SOCKET (a vhost-user-blk back end's device)",
+        "storage backend: file, memory, rbd (a Ceph RBD image; see --disk pool=,image=), "
+        "or vhost-user:SOCKET (a vhost-user-blk back end's device)",
         "KIND",
     ),
     Setting("image", "disk.img", str, "raw image file (created sparse if missing)", "PATH"),
