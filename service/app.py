@@ -314,6 +314,15 @@ class Service:
                     await asyncio.wait_for(disk.driver.flush(), timeout)
                 except (OSError, TimeoutError) as exc:
                     log.error("flush_failed", disk=disk.spec.name, error=str(exc) or type(exc).__name__)
+            stats = disk.driver.statistics()
+            # Every descriptor should be back: anything else is a request lost on the way out.
+            log.info(
+                "disk_stopped",
+                disk=disk.spec.name,
+                requests_inflight=stats.requests_inflight,
+                free_descriptors=[q.free_descriptors for q in stats.queues],
+                queue_sizes=[q.size for q in stats.queues],
+            )
         await self.guest.close()
         for _spec, device in self._devices:
             device.close()

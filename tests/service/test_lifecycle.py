@@ -114,6 +114,8 @@ async def test_sigterm_under_load_keeps_every_acknowledged_write() -> None:
         events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
         names = [e["event"] for e in events]
         assert "signal" in names and names[-1] == "stopped"
+        stopped = next(e for e in events if e["event"] == "disk_stopped")  # nothing leaked at exit
+        assert stopped["requests_inflight"] == 0 and stopped["free_descriptors"] == stopped["queue_sizes"]
         connection = next(e for e in events if e["event"] == "nbd_connection")
         assert connection["by_command"]["write"] >= len(acked)
         assert connection["export"] == "a" and connection["peer"]
