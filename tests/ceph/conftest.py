@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from device.backends import ceph
 from device.backends.rbd import RbdBackend
-from service.app import CephOptions, DiskSpec, Service, ServiceConfig
+from service.app import CephOptions, DiskSpec, Service
 from tests.ceph.cluster import Cluster
-from tests.service.conftest import MiB, NbdRig
+from tests.service.conftest import MiB, NbdRig, serving
 
 CLIENT_TIMEOUT = 10.0  # seconds: every Ceph operation of the tests' clients fails after this
 _names = itertools.count()
@@ -64,33 +62,18 @@ def rbd_backend(service: Service, disk: str = "disk0") -> RbdBackend:
 @pytest.fixture
 async def nbd_rig(ceph_cluster: Cluster) -> AsyncIterator[NbdRig]:
     """The service rig of tests/service, with both disks on RBD images of their own."""
-    directory = tempfile.mkdtemp(prefix="vblk-")
-    socket_path = f"{directory}/nbd.sock"
     ro_image = image_name("ro")
     await asyncio.to_thread(create_image, ceph_cluster, ro_image, 1 * MiB)
     options = ceph_options(ceph_cluster)
-    config = ServiceConfig(
-        disks=(
-            DiskSpec(
-                name="disk0",
-                backend="rbd",
-                rbd_image=image_name("disk0"),
-                size=64 * MiB,
-                create=True,
-                ceph=options,
-            ),
-            DiskSpec(name="ro", backend="rbd", rbd_image=ro_image, read_only=True, ceph=options),
+    async with serving(
+        DiskSpec(
+            name="disk0",
+            backend="rbd",
+            rbd_image=image_name("disk0"),
+            size=64 * MiB,
+            create=True,
+            ceph=options,
         ),
-        guest_memory=128 * MiB,
-        nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
-        http_listen=("127.0.0.1:0",),
-    )
-    service = Service(config)
-    await service.start()
-    await service.start_front_ends()
-    port = int(service.nbd_addresses[1].rsplit(":", 1)[1])
-    try:
-        yield NbdRig(service, socket_path, port, service.http_addresses[0])
-    finally:
-        await service.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        DiskSpec(name="ro", backend="rbd", rbd_image=ro_image, read_only=True, ceph=options),
+    ) as rig:
+        yield rig

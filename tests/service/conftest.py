@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -62,25 +63,32 @@ class NbdRig:
         return f"nbd://127.0.0.1:{self.tcp_port}/{export}"
 
 
-@pytest.fixture
-async def nbd_rig() -> AsyncIterator[NbdRig]:
+@contextlib.asynccontextmanager
+async def serving(*disks: DiskSpec) -> AsyncIterator[NbdRig]:
+    """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too."""
     directory = tempfile.mkdtemp(prefix="vblk-")  # short: unix socket paths max out at 108
     socket_path = f"{directory}/nbd.sock"
     config = ServiceConfig(
-        disks=(
-            DiskSpec(name="disk0", backend="memory", size=64 * MiB),
-            DiskSpec(name="ro", backend="memory", size=1 * MiB, read_only=True),
-        ),
+        disks=disks,
         guest_memory=128 * MiB,
         nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
         http_listen=("127.0.0.1:0",),
     )
     service = Service(config)
-    await service.start()
-    await service.start_front_ends()
-    port = int(service.nbd_addresses[1].rsplit(":", 1)[1])
     try:
+        await service.start()
+        await service.start_front_ends()
+        port = int(service.nbd_addresses[1].rsplit(":", 1)[1])
         yield NbdRig(service, socket_path, port, service.http_addresses[0])
     finally:
         await service.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def nbd_rig() -> AsyncIterator[NbdRig]:
+    async with serving(
+        DiskSpec(name="disk0", backend="memory", size=64 * MiB),
+        DiskSpec(name="ro", backend="memory", size=1 * MiB, read_only=True),
+    ) as rig:
+        yield rig
