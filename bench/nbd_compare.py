@@ -272,18 +272,12 @@ def vblk_metrics_url(extra: int) -> str | None:
     return f"http://{HOST}:{extra}/metrics" if VBLK.http_listen else None
 
 
+def _nbdkit(port: int, *plugin: str) -> list[str]:
+    return ["nbdkit", "--foreground", "--exit-with-parent", "-i", HOST, "-p", str(port), *plugin]
+
+
 def nbdkit_file_command(image: Path, port: int, _extra: int) -> list[str]:
-    return [
-        "nbdkit",
-        "--foreground",
-        "--exit-with-parent",
-        "-i",
-        HOST,
-        "-p",
-        str(port),
-        "file",
-        f"file={image}",
-    ]
+    return _nbdkit(port, "file", f"file={image}")
 
 
 def qemu_nbd_command(image: Path, port: int, _extra: int) -> list[str]:
@@ -306,18 +300,7 @@ def qemu_nbd_command(image: Path, port: int, _extra: int) -> list[str]:
 
 
 def nbdkit_python_command(image: Path, port: int, _extra: int) -> list[str]:
-    return [
-        "nbdkit",
-        "--foreground",
-        "--exit-with-parent",
-        "-i",
-        HOST,
-        "-p",
-        str(port),
-        "python",
-        str(PEER_PLUGIN),
-        f"file={image}",
-    ]
+    return _nbdkit(port, "python", str(PEER_PLUGIN), f"file={image}")
 
 
 SERVERS: tuple[ServerKind, ...] = (
