@@ -159,10 +159,9 @@ class Channel(asyncio.BufferedProtocol):
     # -- protocol callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.task is not None:  # the TLS layer announcing itself after start_tls
-            self.transport = cast(asyncio.Transport, transport)
-            return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.task is not None:  # the TLS layer announcing itself after start_tls
+            return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -311,8 +310,7 @@ class Channel(asyncio.BufferedProtocol):
         """Upgrade this connection to TLS as the server; this protocol keeps receiving, decrypted."""
         assert self.transport is not None
         self._flush()  # the STARTTLS reply goes out in the clear, before the handshake
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
+        transport = await self._loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
         )
         if transport is None:
@@ -335,12 +333,12 @@ class Channel(asyncio.BufferedProtocol):
         return self._eof and (self.transport is None or self.transport.is_closing())
 
     async def drain(self) -> None:
-        if self._eof and (self.transport is None or self.transport.is_closing()):
-            raise ConnectionResetError("connection lost")
         # Re-check after every wake-up: resume_writing wakes all waiters, and the first one to
         # write may pause the transport again before the others run.
+        if self.closed:
+            raise ConnectionResetError("connection lost")
         while self.paused:
-            if self._eof and (self.transport is None or self.transport.is_closing()):
+            if self.closed:
                 raise ConnectionResetError("connection lost")
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
@@ -497,7 +495,6 @@ class _Connection:
     def __init__(self, server: NbdServer, channel: Channel) -> None:
         self.server = server
         self.channel = channel
-        self.writer = channel
         self.codec = p.ServerConnection(
             server._catalog, shutting_down=server.closing, tls=server.tls.mode if server.tls else "off"
         )
@@ -530,7 +527,7 @@ class _Connection:
         started = time.monotonic()
         reason = "disconnect"
         try:
-            self.writer.write(self.codec.greeting())
+            self.channel.write(self.codec.greeting())
             if await asyncio.wait_for(self._negotiate(), self.limits.negotiation_timeout):
                 self._arm_idle_watchdog()
                 await self._transmission()
@@ -589,12 +586,12 @@ class _Connection:
     def _arm_idle_watchdog(self) -> None:
         idle = self.limits.idle_timeout
         if idle > 0:
-            loop = asyncio.get_running_loop()
+            loop = self.channel.loop
             self._last_active = loop.time()
             self._idle_timer = loop.call_later(idle, self._idle_check)
 
     def _idle_check(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.channel.loop
         idle = self.limits.idle_timeout
         quiet = loop.time() - self._last_active
         if self.tasks or quiet < idle:
@@ -616,7 +613,7 @@ class _Connection:
             if channel.closed:
                 raise ConnectionResetError("connection lost")
             return
-        loop = asyncio.get_running_loop()
+        loop = channel.loop
         deadline = loop.time() + self.limits.send_timeout
         # The check and the caller's write happen in one step of the loop, so another reply
         # woken by the same resume_writing cannot slip in between.
@@ -633,7 +630,7 @@ class _Connection:
             event = codec.next_event()
             out = codec.data_to_send()
             if out:
-                self.writer.write(out)
+                self.channel.write(out)
                 await self._send_credit()
             if event is p.NEED_DATA:
                 if not await self._fill():
@@ -746,15 +743,15 @@ class _Connection:
     def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
         self.errors += 1
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
-            self.writer.write(p.encode_error_chunk(request.cookie, error, message))
+            self.channel.write(p.encode_error_chunk(request.cookie, error, message))
         else:
-            self.writer.write(p.encode_simple_reply(request.cookie, error))
+            self.channel.write(p.encode_simple_reply(request.cookie, error))
 
     def _send_ok(self, request: p.Request) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
-            self.writer.write(p.encode_done(request.cookie))
+            self.channel.write(p.encode_done(request.cookie))
         else:
-            self.writer.write(p.encode_simple_reply(request.cookie))
+            self.channel.write(p.encode_simple_reply(request.cookie))
 
     # -- execution ----------------------------------------------------------------------------
 
@@ -805,13 +802,15 @@ class _Connection:
     def _send_read(self, request: p.Request, export: NbdExport, data: bytes) -> None:
         # ``data`` is a copy: the DMA buffer went back to the allocator before we waited to send.
         if not self.structured:
-            self.writer.write(p.encode_simple_reply(request.cookie))
-            self.writer.write(data)
+            self.channel.write(p.encode_simple_reply(request.cookie))
+            self.channel.write(data)
         elif request.length >= SPARSE_READ_MIN and not request.flags & _DF:
             self._send_sparse(request, export, memoryview(data))
         else:
-            self.writer.write(p.encode_offset_data(request.cookie, request.offset, request.length, done=True))
-            self.writer.write(data)
+            self.channel.write(
+                p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
+            )
+            self.channel.write(data)
         self.bytes_read += request.length
 
     def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
@@ -825,7 +824,7 @@ class _Connection:
                 runs.append((extent.offset, extent.length, extent.hole))
         if sum(length for _, length, _ in runs) != request.length:
             runs = [(request.offset, request.length, False)]  # a map that does not cover: send data
-        write = self.writer.write
+        write = self.channel.write
         for i, (offset, length, hole) in enumerate(runs):
             done = i == len(runs) - 1
             if hole:
@@ -865,5 +864,5 @@ class _Connection:
         if request.flags & _REQ_ONE:
             pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
         for context_id in self.meta_contexts:
-            self.writer.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
-        self.writer.write(p.encode_done(request.cookie))
+            self.channel.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
+        self.channel.write(p.encode_done(request.cookie))
