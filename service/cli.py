@@ -19,7 +19,16 @@ import uvloop
 from device.backends.raw import RawFileBackend
 from service import logs
 from service.app import DiskSpec, serve
-from service.config import SETTINGS, ConfigError, from_sources, parse_bool, parse_disk, parse_size
+from service.config import (
+    SETTINGS,
+    ConfigError,
+    check_queues,
+    check_size,
+    from_sources,
+    parse_bool,
+    parse_disk,
+    parse_size,
+)
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\
@@ -113,11 +122,11 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _vhost_user(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.size % 512:
-        print(f"vblk: size must be a positive multiple of 512, not {args.size}", file=sys.stderr)
-        return 2
-    if not 1 <= args.queues <= 64 or args.queue_size < 4 or args.queue_size & (args.queue_size - 1):
-        print("vblk: --queues is 1..64, --queue-size a power of two >= 4", file=sys.stderr)
+    try:
+        check_size("vhost-user", args.size)
+        check_queues("vhost-user", args.queues, args.queue_size)
+    except ConfigError as exc:
+        print(f"vblk: {exc}", file=sys.stderr)
         return 2
     disk = DiskSpec(
         name="vhost-user",
@@ -136,8 +145,10 @@ def _vhost_user(args: argparse.Namespace) -> int:
 
 
 def _create_image(path: Path, size: int) -> int:
-    if size <= 0 or size % 512:
-        print(f"vblk: size must be a positive multiple of 512, not {size}", file=sys.stderr)
+    try:
+        check_size(str(path), size)
+    except ConfigError as exc:
+        print(f"vblk: {exc}", file=sys.stderr)
         return 2
     if path.exists():
         print(f"vblk: {path} exists; not overwriting it", file=sys.stderr)

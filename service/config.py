@@ -261,6 +261,18 @@ def _disk_table(table: Mapping[str, Any]) -> dict[str, str]:
     return options
 
 
+def check_size(what: str, size: int) -> None:
+    if size <= 0 or size % 512:
+        raise ConfigError(f"{what}: size must be a positive multiple of 512, not {size}")
+
+
+def check_queues(what: str, queues: int, queue_size: int) -> None:
+    if not 1 <= queues <= 64:
+        raise ConfigError(f"{what}: queues must be 1..64")
+    if not 4 <= queue_size <= 32768 or queue_size & (queue_size - 1):
+        raise ConfigError(f"{what}: queue-size must be a power of two in 4..32768")
+
+
 _DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -313,8 +325,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
         name = spec["name"]
         if not _DISK_NAME.fullmatch(name):
             raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
-        if spec["size"] <= 0 or spec["size"] % 512:
-            raise ConfigError(f"disk {name}: size must be a positive multiple of 512")
+        check_size(f"disk {name}", spec["size"])
         if spec["backend"] == "rbd":
             if not spec.get("rbd_image"):
                 spec["rbd_image"] = name
@@ -322,10 +333,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
             if spec["ceph"].timeout <= 0:
                 raise ConfigError("ceph-timeout must be positive")
-        if not 1 <= spec["num_queues"] <= 64:
-            raise ConfigError(f"disk {name}: queues must be 1..64")
-        if not 4 <= spec["queue_size"] <= 32768 or spec["queue_size"] & (spec["queue_size"] - 1):
-            raise ConfigError(f"disk {name}: queue-size must be a power of two in 4..32768")
+        check_queues(f"disk {name}", spec["num_queues"], spec["queue_size"])
         disks.append(DiskSpec(**spec))
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
