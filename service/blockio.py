@@ -45,9 +45,6 @@ class EdgeLocks:
                 if not lock.locked() and not getattr(lock, "_waiters", None):
                     self._locks.pop(key, None)
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 def aligned(offset: int, length: int) -> tuple[int, int]:
     """The sector-aligned byte range ``[start, end)`` covering ``[offset, offset+length)``."""

@@ -281,9 +281,7 @@ class RestApi:
         try:
             byte_range = parse_range(request.headers.get("Range"), size)
         except RangeNotSatisfiableError as exc:
-            raise ApiError(
-                416, "range_not_satisfiable", str(exc), {"Content-Range": f"bytes */{size}"}
-            ) from exc
+            raise _unsatisfiable(disk, str(exc)) from exc
         response = web.StreamResponse(status=200 if byte_range is None else 206)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Content-Type"] = "application/octet-stream"

@@ -815,7 +815,7 @@ class _Connection:
 
     def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
         """Structured READ reply: OFFSET_HOLE chunks for unallocated runs, OFFSET_DATA for the rest."""
-        extents = export.backend.extents(request.offset, request.length)
+        extents = export.disk.extents(request.offset, request.length)
         runs: list[tuple[int, int, bool]] = []  # offset, length, hole
         for extent in extents:
             if runs and runs[-1][2] == extent.hole:
@@ -849,7 +849,7 @@ class _Connection:
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
-        extents = export.backend.extents(request.offset, request.length)
+        extents = export.disk.extents(request.offset, request.length)
         pairs: list[tuple[int, int]] = []
         for extent in extents:
             flags = (NBD_STATE_HOLE if extent.hole else 0) | (NBD_STATE_ZERO if extent.zero else 0)
