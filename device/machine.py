@@ -6,14 +6,13 @@ plays firmware at plug time (assigns BAR addresses in an MMIO window below 4 GiB
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import dataclasses
 import itertools
 
 from device.memory import GuestMemory
 from device.pci import Bar, PciBus, PciFunction
-from device.platform import InterruptHandler
+from device.platform import InterruptHandler, RunningLoop
 from device.spec import pci
 
 MMIO_WINDOW_BASE = 0xE000_0000
@@ -29,10 +28,10 @@ class InterruptStatistics:
 
 
 class LocalApic:
-    """Receives MSI writes and runs the handler of the vector on the event loop (soon, not inline).
+    """Receives MSI writes and runs the handler of the vector as deferred work (soon, not inline).
 
-    Delivering on the next loop iteration is what makes an interrupt asynchronous: a device
-    raising one never runs driver code on its own stack.
+    Delivering through the loop's :class:`~device.platform.WorkQueue` is what makes an
+    interrupt asynchronous: a device raising one never runs driver code on its own stack.
     """
 
     def __init__(self) -> None:
@@ -40,7 +39,7 @@ class LocalApic:
         self._free = list(range(LAST_VECTOR, FIRST_VECTOR - 1, -1))
         self.statistics = InterruptStatistics()
         self.delivered_by_vector: dict[int, int] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = RunningLoop()
 
     def allocate_vector(self, handler: InterruptHandler) -> tuple[int, int]:
         if not self._free:
@@ -61,14 +60,7 @@ class LocalApic:
         self.statistics.delivered += 1
         vector = data & 0xFF
         self.delivered_by_vector[vector] = self.delivered_by_vector.get(vector, 0) + 1
-        self._event_loop().call_soon(handler)
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+        self._running.work().defer(handler)
 
 
 class Machine:

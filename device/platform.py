@@ -7,8 +7,11 @@ implements them (:mod:`device.machine`); the driver only ever sees these types.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -105,3 +108,83 @@ def memory_barrier() -> None:
     """
     _FENCE.acquire()
     _FENCE.release()
+
+
+class WorkQueue:
+    """Deferred work of one event loop: the bottom halves of the machine, run in one pass.
+
+    :meth:`defer` never runs the work on the caller's stack (a device raising an interrupt
+    never runs driver code inline); it queues it, and a single handle on the loop runs the
+    queue until it is empty, work queued meanwhile included. So a chain of deferred steps
+    (a batched kick, the device processing its queue, the MSI, the driver's completion
+    handler, a reply leaving) takes one pass of the event loop instead of one per step, and
+    every pass costs a poll system call and the loop's own bookkeeping.
+    """
+
+    __slots__ = ("_loop", "_queue", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = collections.deque()
+        self._scheduled = False
+
+    def defer(self, work: Callable[..., object], *args: object) -> None:
+        self._queue.append((work, args))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                work, args = queue.popleft()
+                try:
+                    work(*args)
+                except Exception as exc:  # one broken step must not starve the others
+                    self._loop.call_exception_handler(
+                        {"message": f"exception in deferred work {work!r}", "exception": exc}
+                    )
+        finally:
+            self._scheduled = False
+            if queue:  # left by a BaseException: run the rest on the next pass
+                self._scheduled = True
+                self._loop.call_soon(self._run)
+
+
+_work_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkQueue] = weakref.WeakKeyDictionary()
+
+
+def work_queue(loop: asyncio.AbstractEventLoop) -> WorkQueue:
+    """The deferred-work queue of ``loop`` (one per loop, shared by devices, drivers and front ends)."""
+    queue = _work_queues.get(loop)
+    if queue is None:
+        queue = _work_queues[loop] = WorkQueue(loop)
+    return queue
+
+
+class RunningLoop:
+    """The running event loop and its work queue, looked up once per loop.
+
+    ``asyncio.get_running_loop()`` costs a ``getpid()`` system call in CPython 3.11; objects
+    on the data path keep one of these instead of asking on every request.
+    """
+
+    __slots__ = ("_loop", "_work")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work: WorkQueue | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+            self._work = None
+        return loop
+
+    def work(self) -> WorkQueue:
+        work = self._work
+        if work is None or self._loop is None or self._loop.is_closed():
+            work = self._work = work_queue(self.loop())
+        return work

@@ -7,7 +7,6 @@ violation sets DEVICE_NEEDS_RESET, raises a configuration-change interrupt and s
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sys
 from typing import Protocol
@@ -15,6 +14,7 @@ from typing import Protocol
 import structlog
 
 from device.memory import GuestMemory
+from device.platform import RunningLoop
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED,
@@ -86,7 +86,7 @@ class VirtioDevice:
         self.queues = [self.queue_type(memory, i, queue_max_size) for i in range(num_queues)]
         self.transport: Transport | None = None
         self.stats = DeviceStatistics()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = RunningLoop()
         self.config_generation = 0
         self.broken_reason: str | None = None
         self._scheduled: set[int] = set()
@@ -121,7 +121,7 @@ class VirtioDevice:
         """Write the device-specific configuration structure (only driver-writable fields)."""
 
     def process_queue(self, queue: DeviceVirtqueue) -> None:
-        """Handle available buffers of ``queue`` (called on the event loop after a kick)."""
+        """Handle available buffers of ``queue`` (deferred work after a kick)."""
         raise NotImplementedError
 
     # -- driver-facing state machine ------------------------------------------------------------
@@ -201,14 +201,7 @@ class VirtioDevice:
             return
         if index not in self._scheduled:
             self._scheduled.add(index)
-            self._event_loop().call_soon(self._run_queue, queue)
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+            self._running.work().defer(self._run_queue, queue)
 
     def _run_queue(self, queue: DeviceVirtqueue) -> None:
         self._scheduled.discard(queue.index)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import ClassVar
 
 import structlog
 
-from device.platform import memory_barrier
+from device.platform import RunningLoop, memory_barrier
 from device.spec import virtio_blk as vb
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -32,7 +33,7 @@ from device.spec.virtio import (
 from device.spec.virtio_blk import RequestType, Status
 from driver.dma import DmaAllocator, DmaBuffer
 from driver.transport import TransportError, VirtioTransport
-from driver.virtqueue import DriverVirtqueue, QueueBrokenError
+from driver.virtqueue import Completion, DriverVirtqueue, QueueBrokenError
 
 log = structlog.get_logger("vblk.driver.blk")
 
@@ -209,6 +210,55 @@ class _Request:
             self.future.set_exception(exc)
 
 
+# Told once when a request started with :meth:`VirtioBlk.start_io` ends: None, or why it failed.
+IoCallback = Callable[[BaseException | None], None]
+
+
+class _CallbackRequest:
+    """The token of a chain started by :meth:`VirtioBlk.start_io`: no future, no task.
+
+    The interrupt handler calls the owner's callback directly, so a front end that can answer
+    from the completion (an NBD READ or WRITE reply) costs no coroutine switch at all.
+    """
+
+    __slots__ = ("blk", "callback", "nbytes", "pinned", "rtype", "sector", "started", "status_view")
+
+    def __init__(
+        self,
+        blk: VirtioBlk,
+        rtype: int,
+        sector: int,
+        status_view: memoryview,
+        pinned: DmaBuffer,
+        nbytes: int,
+        started: float,
+        callback: IoCallback,
+    ) -> None:
+        self.blk = blk
+        self.rtype = rtype
+        self.sector = sector
+        self.status_view = status_view
+        self.pinned = pinned
+        self.nbytes = nbytes
+        self.started = started
+        self.callback = callback
+        pinned.pin()
+
+    def complete(self, written: int) -> None:
+        del written  # virtio-blk's answer is the status byte
+        self.pinned.unpin()
+        blk = self.blk
+        status = self.status_view[0]
+        error = None if status == Status.OK else blk._status_error(self.rtype, status, self.sector)
+        blk._retire(self.rtype, status, self.started, self.nbytes)
+        self.callback(error)
+
+    def fail(self, exc: BaseException) -> None:
+        self.pinned.unpin()
+        self.blk._retire(self.rtype, None, self.started, self.nbytes)
+        self.callback(exc)
+
+
 class VirtioBlk:
     """One virtio-blk device, driven through its transport only (a PCI function on the
     platform, or a vhost-user back end); ``dma`` allocates in the RAM the device sees."""
@@ -258,7 +308,7 @@ class VirtioBlk:
         self._io_weighted = 0.0
         self._retired = {"kicks": 0, "kicks_suppressed": 0, "interrupts": 0, "completed": 0}
         self.capacity_listeners: list[Callable[[int], None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = RunningLoop()
 
     # -- properties ------------------------------------------------------------------------
 
@@ -519,11 +569,9 @@ class VirtioBlk:
         Waits for the device while it is being reset, and for free descriptors while the
         ring is full: a request is never dropped for lack of space.
         """
-        op = _OP_NAMES[rtype]
         started = time.perf_counter()
         self._account_io(started, 1)
-        status_name = "ok"
-        segments = len(data) + 2
+        status: int | None = None
         try:
             while True:
                 if self._closed:
@@ -531,58 +579,110 @@ class VirtioBlk:
                 if not self._ready.is_set():
                     await self._ready.wait()
                     continue
-                queues = self.queues
-                queue = queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
+                queue = self._pick_queue()
                 try:
-                    await queue.reserve(queue.descriptors_for(segments))
+                    await queue.reserve(queue.descriptors_for(len(data) + 2))
                 except QueueBrokenError:
                     continue
                 # No await from here to add(): the reserved descriptors stay ours.
-                head = queue.next_head
-                slots = self._slots[queue.index]
-                slot_gpa = slots.gpa + head * SLOT_SIZE
-                _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
-                status_view = self._status_views[queue.index][head]
-                status_view[0] = 0xFF
-                future: asyncio.Future[int] = self._event_loop().create_future()
-                request = _Request(future, status_view, pinned)
-                header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
-                status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
-                if data_in:
-                    queue.add([header], [*data, status_buf], request)
-                else:
-                    queue.add([header, *data], [status_buf], request)
+                future: asyncio.Future[int] = self._running.loop().create_future()
+                self._add(
+                    queue, rtype, sector, data, data_in, functools.partial(_Request, future, pinned=pinned)
+                )
                 status = await future
                 break
             if status != Status.OK:
-                status_name = _STATUS_NAMES.get(status, "bad_status")
-                if status == Status.UNSUPP:
-                    raise BlkUnsupportedError(f"{self.name}: {op} not supported by the device")
-                raise BlkIOError(f"{self.name}: {op} of sector {sector} failed (status {status})")
+                raise self._status_error(rtype, status, sector)
+        except asyncio.CancelledError:
+            status = -1
+            raise
+        finally:
+            self._retire(rtype, status, started, nbytes)
+
+    def start_io(self, rtype: int, sector: int, buffer: DmaBuffer, length: int, callback: IoCallback) -> bool:
+        """Start a one-segment read (IN) or write (OUT) now, if nothing would make it wait.
+
+        Returns False, having done nothing, when the request would have to wait (device being
+        reset, no free descriptors or others already waiting for them) or needs splitting
+        (longer than ``size_max``); the caller then takes the awaitable path. Otherwise the
+        chain is on the ring and ``callback`` is told its outcome once, from the interrupt.
+        """
+        if self._closed or not self._ready.is_set() or length > self._size_max or length <= 0:
+            return False
+        if rtype == RequestType.OUT and self.features >> vb.VIRTIO_BLK_F_RO & 1:
+            return False  # the awaitable path raises BlkReadOnlyError
+        queue = self._pick_queue()
+        if not queue.can_add(queue.descriptors_for(3)):
+            return False
+        started = time.perf_counter()
+        self._account_io(started, 1)
+        self._add(
+            queue,
+            rtype,
+            sector,
+            [(buffer.gpa, length)],
+            rtype == RequestType.IN,
+            lambda view: _CallbackRequest(self, rtype, sector, view, buffer, length, started, callback),
+        )
+        return True
+
+    def _pick_queue(self) -> DriverVirtqueue:
+        queues = self.queues
+        return queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
+
+    def _add(
+        self,
+        queue: DriverVirtqueue,
+        rtype: int,
+        sector: int,
+        data: list[tuple[int, int]],
+        data_in: bool,
+        token: Callable[[memoryview], Completion],
+    ) -> None:
+        """Write the header into the next head's slot and publish the chain with its token.
+
+        ``token`` is made from the chain's status byte; the descriptors must be free.
+        """
+        head = queue.next_head
+        slots = self._slots[queue.index]
+        slot_gpa = slots.gpa + head * SLOT_SIZE
+        _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
+        status_view = self._status_views[queue.index][head]
+        status_view[0] = 0xFF
+        header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
+        status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
+        if data_in:
+            queue.add([header], [*data, status_buf], token(status_view))
+        else:
+            queue.add([header, *data], [status_buf], token(status_view))
+
+    def _status_error(self, rtype: int, status: int, sector: int) -> BlkError:
+        op = _OP_NAMES[rtype]
+        if status == Status.UNSUPP:
+            return BlkUnsupportedError(f"{self.name}: {op} not supported by the device")
+        return BlkIOError(f"{self.name}: {op} of sector {sector} failed (status {status})")
+
+    def _retire(self, rtype: int, status: int | None, started: float, nbytes: int) -> None:
+        """Count a finished request: ``status`` is the device's byte, None for a reset, -1 cancelled."""
+        if status == Status.OK:
+            name = "ok"
             if rtype == RequestType.IN:
                 self._bytes_read += nbytes
             elif rtype == RequestType.OUT:
                 self._bytes_written += nbytes
-        except BlkResetError:
-            status_name = "reset"
-            raise
-        except asyncio.CancelledError:
-            status_name = "cancelled"
-            raise
-        finally:
-            key = (op, status_name)
-            self._requests[key] = self._requests.get(key, 0) + 1
-            now = time.perf_counter()
-            self._account_io(now, -1)
-            if self.observer is not None:
-                self.observer(op, status_name, now - started, nbytes)
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+        elif status is None:
+            name = "reset"
+        elif status == -1:
+            name = "cancelled"
+        else:
+            name = _STATUS_NAMES.get(status, "bad_status")
+        op = _OP_NAMES[rtype]
+        key = (op, name)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        now = time.perf_counter()
+        self._account_io(now, -1)
+        if self.observer is not None:
+            self.observer(op, name, now - started, nbytes)
 
     def _account_io(self, now: float, delta: int) -> None:
         """Advance busy time and in-flight-weighted time to ``now``, then change the count."""

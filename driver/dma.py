@@ -96,6 +96,10 @@ class DmaAllocator:
         self.free_bytes -= 1 << order
         return DmaBuffer(self, self.start + offset, size, order)
 
+    def try_allocate(self, size: int) -> DmaBuffer | None:
+        """:meth:`allocate`, but None while others wait for memory (they were first)."""
+        return None if self._waiters else self.allocate(size)
+
     async def allocate_wait(self, size: int) -> DmaBuffer:
         """Like :meth:`allocate` but waits for memory to be freed instead of returning None."""
         while True:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from device.platform import GuestRam, store_u16
+from device.platform import GuestRam, RunningLoop, store_u16
 from device.spec.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
@@ -109,7 +109,7 @@ class DriverVirtqueue:
         self._kick_scheduled = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.broken = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = RunningLoop()
         # Statistics.
         self.kicks = 0
         self.kicks_suppressed = 0
@@ -145,7 +145,7 @@ class DriverVirtqueue:
             raise QueueBrokenError(f"queue {self.index} is broken")
         if self.num_free >= descriptors and not self._waiters:
             return
-        waiter: asyncio.Future[None] = self._event_loop().create_future()
+        waiter: asyncio.Future[None] = self._running.loop().create_future()
         self._waiters.append(waiter)
         try:
             while True:
@@ -154,7 +154,7 @@ class DriverVirtqueue:
                     raise QueueBrokenError(f"queue {self.index} is broken")
                 if self.num_free >= descriptors:
                     return
-                fresh: asyncio.Future[None] = self._event_loop().create_future()
+                fresh: asyncio.Future[None] = self._running.loop().create_future()
                 self._waiters[self._waiters.index(waiter)] = fresh  # keep our place in line
                 waiter = fresh
         finally:
@@ -162,6 +162,13 @@ class DriverVirtqueue:
                 self._waiters.remove(waiter)
             if waiter.done() and not waiter.cancelled():
                 self._wake()  # pass the wake-up on if we leave without using it
+
+    def can_add(self, descriptors: int) -> bool:
+        """Whether a chain of ``descriptors`` may be added now without :meth:`reserve`.
+
+        Not while others wait for descriptors: they were first.
+        """
+        return not self.broken and self.num_free >= descriptors and not self._waiters
 
     def _wake(self) -> None:
         if self._waiters and self.num_free:
@@ -241,15 +248,8 @@ class DriverVirtqueue:
             self.kick()  # the event index window would otherwise wrap
         elif not self._kick_scheduled:
             self._kick_scheduled = True
-            self._event_loop().call_soon(self.kick)
+            self._running.work().defer(self.kick)
         return head
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once: ``get_running_loop`` costs a getpid() system call."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     def kick(self) -> None:
         """Notify the device of everything published since the last kick, if it wants to know."""

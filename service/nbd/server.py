@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import functools
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -22,6 +23,8 @@ from typing import Any, cast
 import structlog
 
 from device.backends import Backend
+from device.platform import work_queue
+from device.spec.virtio_blk import RequestType
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
 from service.blockio import ByteDisk
@@ -34,6 +37,8 @@ _connection_ids = itertools.count(1)
 _COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
 _DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
 _NO_HOLE, _REQ_ONE = int(CommandFlag.NO_HOLE), int(CommandFlag.REQ_ONE)
+_READ, _WRITE = int(Command.READ), int(Command.WRITE)
+_IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 
 SECTOR = 512
 READ_CHUNK = 256 * 1024
@@ -124,6 +129,33 @@ def _errno_of(exc: BaseException) -> Errno:
 
 
 _RECEIVE_BUFFER = memoryview(bytearray(READ_CHUNK))
+_IOV_MAX = 1024
+
+
+def _writev(fd: int, chunks: list[bytes | memoryview]) -> list[bytes]:
+    """Write ``chunks`` to the non-blocking socket ``fd``; returns copies of what was not sent.
+
+    Errors other than a full socket are left to the transport: it meets them again when it
+    writes the rest, and reports them the usual way (connection_lost).
+    """
+    start = 0
+    while start < len(chunks):
+        batch = chunks[start : start + _IOV_MAX]
+        try:
+            sent = os.writev(fd, batch)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = -1
+        if sent < 0:
+            return [bytes(chunk) for chunk in chunks[start:]]
+        for i, chunk in enumerate(batch):
+            size = len(chunk)
+            if sent < size:
+                return [bytes(memoryview(chunk)[sent:]), *(bytes(c) for c in chunks[start + i + 1 :])]
+            sent -= size
+        start += _IOV_MAX
+    return []
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -150,11 +182,14 @@ class Channel(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._out: list[bytes | memoryview] = []  # written, not yet handed to the transport
         self._out_bytes = 0
+        self._owned: list[DmaBuffer] = []  # buffers ``_out`` points into, freed once it is sent
+        self._fd = -1  # the socket, written directly while the transport holds nothing unsent
         self._flush_scheduled = False
         self.task: asyncio.Task[None] | None = None
         # Made by the loop's protocol factory, so the loop is running; looked up once because
         # get_running_loop() costs a getpid() system call.
         self._loop = asyncio.get_running_loop()
+        self._work = work_queue(self._loop)
 
     # -- protocol callbacks ------------------------------------------------------------------
 
@@ -166,6 +201,8 @@ class Channel(asyncio.BufferedProtocol):
         sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            self._fd = sock.fileno()
         self.task = self._loop.create_task(self._handler(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -195,6 +232,8 @@ class Channel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
         self._out_bytes = 0
+        self._fd = -1
+        self._free_owned()
         self._eof = True
         self._target = None
         self._wake()
@@ -271,7 +310,9 @@ class Channel(asyncio.BufferedProtocol):
         """Queue ``data``; everything queued in one pass of the event loop leaves in one writev.
 
         Replies finished together (a batch of completions from one interrupt) then cost one
-        system call instead of two each (header and payload).
+        system call instead of two each (header and payload). ``data`` may be a view of a DMA
+        buffer handed to :meth:`hold`: READ replies go from guest memory to the socket
+        without a copy.
         """
         if self.transport is None or self.transport.is_closing():
             return
@@ -279,17 +320,42 @@ class Channel(asyncio.BufferedProtocol):
         self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._work.defer(self._flush)  # after the completions being handled now
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self._out:
             return
         out, self._out, self._out_bytes = self._out, [], 0
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self._fd >= 0 and not transport.get_write_buffer_size():
+                # Nothing queued in the transport: the socket is ours to write, in order. What
+                # the kernel does not take now is copied and queued (the views must not outlive
+                # their DMA buffers, and the transport would keep them).
+                rest = _writev(self._fd, out)
+                if rest:
+                    transport.writelines(rest)
+            elif self._owned:
+                transport.writelines([bytes(c) if isinstance(c, memoryview) else c for c in out])
+            else:
+                transport.writelines(out)
+        self._free_owned()
         if not self._paused:
             self._release_drain_waiters()
+
+    def hold(self, buffer: DmaBuffer) -> None:
+        """Free ``buffer`` once what is queued now has left (its views are in the queue)."""
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self._owned.append(buffer)
+        else:
+            buffer.free()
+
+    def _free_owned(self) -> None:
+        if self._owned:
+            for buffer in self._owned:
+                buffer.free()
+            self._owned.clear()
 
     def _release_drain_waiters(self) -> None:
         for waiter in self._drain_waiters:
@@ -316,6 +382,7 @@ class Channel(asyncio.BufferedProtocol):
         if transport is None:
             raise ConnectionResetError("connection lost during the TLS handshake")
         self.transport = transport
+        self._fd = -1  # bytes go through the TLS layer from now on
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     @property
@@ -457,6 +524,14 @@ class _ByteBudget:
         self.available = limit
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
+    def try_acquire(self, amount: int) -> int:
+        """:meth:`acquire` without waiting: the amount held, or -1 if it would have to wait."""
+        amount = min(amount, self.limit)
+        if not self._waiters and self.available >= amount:
+            self.available -= amount
+            return amount
+        return -1
+
     async def acquire(self, amount: int) -> int:
         amount = min(amount, self.limit)  # one request may always run alone
         if not self._waiters and self.available >= amount:
@@ -501,7 +576,10 @@ class _Connection:
         self.peer = channel.peer()
         self.tasks: set[asyncio.Task[None]] = set()
         self.limits = server.limits
-        self.slots = asyncio.Semaphore(self.limits.max_inflight)
+        # Requests read and not yet answered (tasks and callback requests alike), and a future
+        # the transmission loop (or the end of the connection) waits on for one to finish.
+        self.inflight = 0
+        self._finished: asyncio.Future[None] | None = None
         self.budget = _ByteBudget(self.limits.max_inflight_bytes)
         self.export: NbdExport | None = None
         self.structured = False
@@ -549,6 +627,8 @@ class _Connection:
                 self._idle_timer.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            while self.inflight:  # callback requests end when the driver answers or resets
+                await self._wait_finished()
             self.channel.close()
             log.info(
                 "nbd_connection",
@@ -594,9 +674,9 @@ class _Connection:
         loop = self.channel.loop
         idle = self.limits.idle_timeout
         quiet = loop.time() - self._last_active
-        if self.tasks or quiet < idle:
+        if self.inflight or quiet < idle:
             self._idle_timer = loop.call_later(
-                max(idle - quiet, 0.05) if not self.tasks else idle, self._idle_check
+                max(idle - quiet, 0.05) if not self.inflight else idle, self._idle_check
             )
             return
         self._idle_expired = True
@@ -697,28 +777,176 @@ class _Connection:
                 self._send_error(event, error, f"request refused: {error.name}")
                 await self._send_credit()
                 continue
-            payload: DmaBuffer | None = None
-            await self.slots.acquire()
+            command = event.command
+            while self.inflight >= self.limits.max_inflight:
+                await self._wait_finished()
+            self.inflight += 1
             held = 0
+            payload: DmaBuffer | None = None
             try:
-                if event.command in (Command.READ, Command.WRITE):
-                    held = await self.budget.acquire(event.length)
-                if event.command == Command.WRITE:
+                if command in (_READ, _WRITE):
+                    held = self.budget.try_acquire(event.length)
+                    if held < 0:
+                        held = 0
+                        held = await self.budget.acquire(event.length)
+                if command == _WRITE:
                     payload = await self._receive_payload(event)
             except BaseException:
-                self.budget.release(held)
-                self.slots.release()
+                self._finish(held)
                 raise
+            # The common requests start straight on the ring and answer from the interrupt.
+            if command == _READ:
+                if self._start_read(event, export, held):
+                    continue
+            elif command == _WRITE and not event.flags & _FUA:
+                assert payload is not None
+                if self._start_write(event, export, payload, held):
+                    continue
             task = self.channel.loop.create_task(self._execute(event, export, payload))
             self.tasks.add(task)
             task.add_done_callback(functools.partial(self._task_done, held))
 
+    def _finish(self, held: int) -> None:
+        """A request is answered (or abandoned): its slot and payload bytes are free again."""
+        self.budget.release(held)
+        self.inflight -= 1
+        finished = self._finished
+        if finished is not None and not finished.done():
+            finished.set_result(None)
+
+    async def _wait_finished(self) -> None:
+        self._finished = finished = self.channel.loop.create_future()
+        try:
+            await finished
+        finally:
+            self._finished = None
+
     def _task_done(self, held: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        self.budget.release(held)
-        self.slots.release()
+        self._finish(held)
         if not task.cancelled() and task.exception() is not None:
             log.error("nbd_request_crashed", error=repr(task.exception()))
+
+    # -- the fast path: no task, answered from the completion ---------------------------------
+
+    def _start_read(self, request: p.Request, export: NbdExport, held: int) -> bool:
+        """Start a READ on the ring now; False if it would have to wait (then a task does it)."""
+        offset, length = request.offset, request.length
+        start = offset - offset % SECTOR
+        end = -(-(offset + length) // SECTOR) * SECTOR
+        driver = export.driver
+        buffer = driver.dma.try_allocate(end - start)
+        if buffer is None:
+            return False
+        done = functools.partial(
+            self._read_done, request, export, buffer, offset - start, held, self.channel.loop.time()
+        )
+        if not driver.start_io(_IN, start // SECTOR, buffer, end - start, done):
+            buffer.free()
+            return False
+        self.requests["read"] += 1
+        return True
+
+    def _read_done(
+        self,
+        request: p.Request,
+        export: NbdExport,
+        buffer: DmaBuffer,
+        head: int,
+        held: int,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        view = None if error is not None else buffer.view[head : head + request.length]
+        self._answer(request, export, "read", started, held, error, view, buffer)
+
+    def _start_write(self, request: p.Request, export: NbdExport, payload: DmaBuffer, held: int) -> bool:
+        """Start an aligned WRITE (no FUA) on the ring now; False if it would have to wait."""
+        offset, length = request.offset, request.length
+        if offset % SECTOR or length % SECTOR:
+            return False  # the edges need read-modify-write under ByteDisk's locks
+        done = functools.partial(self._write_done, request, export, payload, held, self.channel.loop.time())
+        if not export.driver.start_io(_OUT, offset // SECTOR, payload, length, done):
+            return False
+        self.requests["write"] += 1
+        return True
+
+    def _write_done(
+        self,
+        request: p.Request,
+        export: NbdExport,
+        payload: DmaBuffer,
+        held: int,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        payload.free()
+        if error is None:
+            self.bytes_written += request.length
+        self._answer(request, export, "write", started, held, error, None, None)
+
+    def _answer(
+        self,
+        request: p.Request,
+        export: NbdExport,
+        name: str,
+        started: float,
+        held: int,
+        error: BaseException | None,
+        data: memoryview | None,
+        buffer: DmaBuffer | None,
+    ) -> None:
+        """Reply to a fast-path request from its completion (``buffer`` is freed once sent)."""
+        if self.server.on_request is not None:
+            self.server.on_request(export.name, name, self.channel.loop.time() - started)
+        failure: tuple[Errno, str] | None = None
+        if error is not None:
+            log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(error))
+            failure = (_errno_of(error), str(error))
+        channel = self.channel
+        if channel.paused or channel.closed:  # rare: wait for the client in a task
+            task = channel.loop.create_task(self._answer_later(request, export, failure, data, buffer))
+            self.tasks.add(task)
+            task.add_done_callback(functools.partial(self._task_done, held))
+            return
+        self._reply(request, export, failure, data, buffer)
+        self._finish(held)
+
+    async def _answer_later(
+        self,
+        request: p.Request,
+        export: NbdExport,
+        failure: tuple[Errno, str] | None,
+        data: memoryview | None,
+        buffer: DmaBuffer | None,
+    ) -> None:
+        try:
+            await self._send_credit()
+        except ConnectionError:
+            if buffer is not None:
+                buffer.free()
+            return
+        self._reply(request, export, failure, data, buffer)
+
+    def _reply(
+        self,
+        request: p.Request,
+        export: NbdExport,
+        failure: tuple[Errno, str] | None,
+        data: memoryview | bytes | None,
+        buffer: DmaBuffer | None,
+    ) -> None:
+        """The whole reply at once, never a half-sent success; ``buffer`` backs ``data``."""
+        if failure is not None:
+            self._send_error(request, *failure)
+        elif data is not None:
+            self._send_read(request, export, data)
+        elif request.command == Command.BLOCK_STATUS:
+            self._block_status(request, export)
+        else:
+            self._send_ok(request)
+        if buffer is not None:
+            self.channel.hold(buffer)
 
     async def _receive_payload(self, request: p.Request) -> DmaBuffer:
         """Read a WRITE payload into a DMA buffer laid out for the aligned sector range."""
@@ -789,23 +1017,15 @@ class _Connection:
             await self._send_credit()
         except ConnectionError:
             return
-        # Everything is in hand: the whole reply goes out at once, never a half-sent success.
-        if error is not None:
-            self._send_error(request, *error)
-        elif data is not None:
-            self._send_read(request, export, data)
-        elif request.command == Command.BLOCK_STATUS:
-            self._block_status(request, export)
-        else:
-            self._send_ok(request)
+        self._reply(request, export, error, data, None)
 
-    def _send_read(self, request: p.Request, export: NbdExport, data: bytes) -> None:
-        # ``data`` is a copy: the DMA buffer went back to the allocator before we waited to send.
+    def _send_read(self, request: p.Request, export: NbdExport, data: bytes | memoryview) -> None:
+        # ``data`` is a copy, or a view of a DMA buffer the channel holds until it is sent.
         if not self.structured:
             self.channel.write(p.encode_simple_reply(request.cookie))
             self.channel.write(data)
         elif request.length >= SPARSE_READ_MIN and not request.flags & _DF:
-            self._send_sparse(request, export, memoryview(data))
+            self._send_sparse(request, export, data if isinstance(data, memoryview) else memoryview(data))
         else:
             self.channel.write(
                 p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
