@@ -198,11 +198,16 @@ class ServerConnection:
         return GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed received bytes; a ``bytearray`` may be adopted as the buffer (no copy), so the
+        caller must not use it afterwards."""
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
             data = data[n:]
-        self._in += data
+        if not self._in and type(data) is bytearray:
+            self._in = data
+        else:
+            self._in += data
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -221,7 +226,8 @@ class ServerConnection:
         (straight into guest memory) and then calls :meth:`payload_done`.
         """
         n = min(len(dest), len(self._in), self._payload_pending)
-        dest[:n] = self._in[:n]
+        with memoryview(self._in) as received:
+            dest[:n] = received[:n]
         del self._in[:n]
         self._payload_pending -= n
         return n

@@ -171,8 +171,7 @@ class Channel(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         # Shared by every connection of the loop: buffer_updated copies out of it at once.
         self._recv = _RECEIVE_BUFFER
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._pending = bytearray()  # received, not yet read: handed whole to the reader
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._target: memoryview | None = None
@@ -217,9 +216,8 @@ class Channel(asyncio.BufferedProtocol):
                 self._target = None
                 self._wake()
             return
-        self._chunks.append(bytes(self._recv[:nbytes]))
-        self._buffered += nbytes
-        if self._buffered > MAX_BUFFERED and self.transport is not None and not self._reading_paused:
+        self._pending += self._recv[:nbytes]
+        if len(self._pending) > MAX_BUFFERED and self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -263,15 +261,16 @@ class Channel(asyncio.BufferedProtocol):
 
     # -- the connection's side -------------------------------------------------------------
 
-    async def read(self) -> bytes:
-        """The bytes received so far (at least one), or b"" at end of stream."""
-        while not self._chunks:
+    async def read(self) -> bytearray:
+        """The bytes received so far (at least one), or empty at end of stream.
+
+        The buffer is the caller's from then on (the codec adopts it without copying).
+        """
+        while not self._pending:
             if self._eof:
-                return b""
+                return bytearray()
             await self._wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
+        data, self._pending = self._pending, bytearray()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -280,15 +279,12 @@ class Channel(asyncio.BufferedProtocol):
     async def readinto_exactly(self, view: memoryview) -> None:
         """Fill ``view`` from the stream (the kernel writes into it directly)."""
         pos = 0
-        while self._chunks and pos < len(view):  # bytes that arrived before we armed
-            chunk = self._chunks.popleft()
-            take = min(len(chunk), len(view) - pos)
-            view[pos : pos + take] = chunk[:take]
-            self._buffered -= len(chunk)
-            if take < len(chunk):
-                self._chunks.appendleft(chunk[take:])
-                self._buffered += len(chunk) - take
-            pos += take
+        pending = self._pending
+        if pending:  # bytes that arrived before we armed
+            pos = min(len(pending), len(view))
+            with memoryview(pending) as head:
+                view[:pos] = head[:pos]
+            del pending[:pos]
         if pos == len(view):
             return
         if self._eof:
@@ -370,7 +366,7 @@ class Channel(asyncio.BufferedProtocol):
     @property
     def buffered(self) -> int:
         """Bytes received and not yet read."""
-        return self._buffered
+        return len(self._pending)
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
         """Upgrade this connection to TLS as the server; this protocol keeps receiving, decrypted."""

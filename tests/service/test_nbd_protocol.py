@@ -200,3 +200,41 @@ def test_fuzzed_options_always_answered(opts: list[tuple[int, bytes]]) -> None:
         got = replies(out)
         assert got and all(r[0] == opt for r in got)
         assert got[-1][1] == Reply.ACK or got[-1][1] & (1 << 31)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    writes=st.lists(st.binary(min_size=1, max_size=600), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=12),
+    adopt=st.booleans(),
+)
+def test_requests_and_payloads_survive_any_split_whether_fed_as_bytes_or_adopted(
+    writes: list[bytes], cuts: list[int], adopt: bool
+) -> None:
+    stream = b"".join(
+        struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Command.WRITE, i, 512 * i, len(w)) + w
+        for i, w in enumerate(writes)
+    )
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    pieces = [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    conn = negotiated()
+    got: list[tuple[int, bytes]] = []
+    current: tuple[int, bytearray, int] | None = None  # cookie, payload, still missing
+    for piece in pieces:
+        conn.receive_data(bytearray(piece) if adopt else piece)  # an adopted buffer is not reused
+        while True:
+            if current is not None:
+                cookie, payload, missing = current
+                dest = memoryview(payload)[len(payload) - missing :]
+                missing -= conn.take_payload(dest)
+                current = (cookie, payload, missing)
+                if missing:
+                    break
+                got.append((cookie, bytes(payload)))
+                current = None
+            event = conn.next_event()
+            if event is p.NEED_DATA:
+                break
+            assert isinstance(event, p.Request)
+            current = (event.cookie, bytearray(event.length), event.length)
+    assert got == list(enumerate(writes))
