@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 
@@ -216,7 +217,7 @@ def test_requests_and_payloads_survive_any_split_whether_fed_as_bytes_or_adopted
         for i, w in enumerate(writes)
     )
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    pieces = [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
     conn = negotiated()
     got: list[tuple[int, bytes]] = []
     current: tuple[int, bytearray, int] | None = None  # cookie, payload, still missing
