@@ -145,6 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle-timeout", 600.0, float, "seconds an NBD client may idle; 0 for ever", "SECONDS"),
     Setting("send-timeout", 60.0, float, "seconds a reply waits for a client that does not read", "SECONDS"),
     Setting("max-inflight", 128, _int, "NBD requests in flight per connection", "N"),
+    Setting("nbd-poll-us", 50.0, float, "busy-poll for a client's next request after its last reply", "US"),
     Setting(
         "tls", "off", _choice(("off", "on", "require")), "NBD TLS (STARTTLS): off, on or require", "MODE"
     ),
@@ -354,6 +355,8 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
     for key in ("negotiation-timeout", "send-timeout"):
         if values[key] <= 0:
             raise ConfigError(f"{key} must be positive")
+    if not 0 <= values["nbd-poll-us"] <= 10_000:
+        raise ConfigError("nbd-poll-us must be in 0..10000 (microseconds)")
     for address in (*nbd, *http):
         if not address.startswith("unix:"):
             host, sep, port = address.rpartition(":")
@@ -388,6 +391,7 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
             idle_timeout=values["idle-timeout"],
             send_timeout=values["send-timeout"],
             max_inflight=values["max-inflight"],
+            poll_us=values["nbd-poll-us"],
         ),
     )
 

@@ -65,6 +65,10 @@ class NbdLimits:
     send_timeout: float = 60.0  # seconds a reply may wait for a client that does not read
     max_inflight: int = 128  # requests per connection before the server stops reading more
     max_inflight_bytes: int = 64 << 20  # READ and WRITE payload bytes per connection in flight
+    # Microseconds of busy polling for the next request after answering a client that has
+    # nothing left in flight (QEMU's poll-max-ns): a queue-depth-1 client finds the server
+    # awake instead of paying a wake-up per request. 0: never poll.
+    poll_us: float = 50.0
 
 
 MAX_EXTENTS = 1 << 16
@@ -166,8 +170,9 @@ class Channel(asyncio.BufferedProtocol):
     straight into the DMA buffer the virtqueue will point at: no intermediate bytes.
     """
 
-    def __init__(self, handler: Callable[[Channel], Coroutine[Any, Any, None]]) -> None:
+    def __init__(self, handler: Callable[[Channel], Coroutine[Any, Any, None]], poll: float = 0.0) -> None:
         self._handler = handler
+        self._poll_seconds = poll
         self.transport: asyncio.Transport | None = None
         # Shared by every connection of the loop: buffer_updated copies out of it at once.
         self._recv = _RECEIVE_BUFFER
@@ -183,6 +188,7 @@ class Channel(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._owned: list[DmaBuffer] = []  # buffers ``_out`` points into, freed once it is sent
         self._fd = -1  # the socket, written directly while the transport holds nothing unsent
+        self._poll_next = False
         self._flush_scheduled = False
         self.task: asyncio.Task[None] | None = None
         # Made by the loop's protocol factory, so the loop is running; looked up once because
@@ -339,6 +345,38 @@ class Channel(asyncio.BufferedProtocol):
         self._free_owned()
         if not self._paused:
             self._release_drain_waiters()
+        if self._poll_next:
+            self._poll_next = False
+            self._poll()
+
+    def poll_after_flush(self) -> None:
+        """After the next flush, wait a moment for the client's next request by polling.
+
+        For a client that waits for each reply before it asks again (queue depth 1): the
+        loop does not go to sleep between the reply and the next request, so the request
+        finds the process awake. Like QEMU's adaptive polling (``poll-max-ns``).
+        """
+        if self._poll_seconds > 0 and self._fd >= 0 and self._target is None:
+            self._poll_next = True
+
+    def _poll(self) -> None:
+        if self._pending or self._eof or self._waiter is None:
+            return
+        fd = self._fd
+        deadline = time.perf_counter() + self._poll_seconds
+        while True:
+            buffer = self.get_buffer(-1)
+            try:
+                n = os.readv(fd, [buffer])
+            except (BlockingIOError, InterruptedError):
+                if time.perf_counter() < deadline:
+                    continue
+                return
+            except OSError:
+                return  # the transport meets the error too, and reports it
+            if n:
+                self.buffer_updated(n)
+            return  # end of stream: the transport sees it too
 
     def hold(self, buffer: DmaBuffer) -> None:
         """Free ``buffer`` once what is queued now has left (its views are in the queue)."""
@@ -453,7 +491,7 @@ class NbdServer:
         return len(self._connections)
 
     def _protocol(self) -> Channel:
-        return Channel(self._accept)
+        return Channel(self._accept, poll=self.limits.poll_us / 1e6)
 
     async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
@@ -907,6 +945,8 @@ class _Connection:
             return
         self._reply(request, export, failure, data, buffer)
         self._finish(held)
+        if not self.inflight:
+            channel.poll_after_flush()
 
     async def _answer_later(
         self,

@@ -64,6 +64,7 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
         ({}, {"VBLK_DISK": "name=../x"}, "", "disk name"),
         ({}, {"VBLK_HTTP_LISTEN": "localhost"}, "", "HOST:PORT"),
         ({}, {}, "nbd-listen = [", "config file"),
+        ({}, {"VBLK_NBD_POLL_US": "-1"}, "", "nbd-poll-us"),
     ],
 )
 def test_bad_settings_name_their_source(
