@@ -824,7 +824,9 @@ class _Connection:
                         held = 0
                         held = await self.budget.acquire(event.length)
                 if command == _WRITE:
-                    payload = await self._receive_payload(event)
+                    payload = self._take_payload(event, export)
+                    if payload is None:
+                        payload = await self._receive_payload(event)
             except BaseException:
                 self._finish(held)
                 raise
@@ -983,6 +985,21 @@ class _Connection:
             self._send_ok(request)
         if buffer is not None:
             self.channel.hold(buffer)
+
+    def _take_payload(self, request: p.Request, export: NbdExport) -> DmaBuffer | None:
+        """:meth:`_receive_payload` without waiting, when the whole payload is already here."""
+        length = request.length
+        if self.codec.buffered < length:
+            return None
+        offset = request.offset
+        start = offset - offset % SECTOR
+        buffer = export.driver.dma.try_allocate(-(-(offset + length) // SECTOR) * SECTOR - start)
+        if buffer is None:
+            return None
+        head = offset - start
+        with buffer.view[head : head + length] as view:
+            self.codec.take_payload(view)
+        return buffer
 
     async def _receive_payload(self, request: p.Request) -> DmaBuffer:
         """Read a WRITE payload into a DMA buffer laid out for the aligned sector range."""
