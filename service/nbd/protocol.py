@@ -283,10 +283,10 @@ class ServerConnection:
             self.state = State.CLOSED
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         del self._in[: REQUEST.size]
-        if command == Command.DISC:
+        if command == _C_DISC:
             self.state = State.CLOSED
             return Disconnect()
-        if command == Command.WRITE:
+        if command == _C_WRITE:
             self._payload_pending = length
         return Request(cookie, command, flags, offset, length)
 
@@ -587,6 +587,16 @@ _ALLOWED_FLAGS: dict[int, int] = {
 }
 
 
+# Command members bound once: an IntEnum member lookup on its class costs ~100 ns.
+_C_BLOCK_STATUS = Command.BLOCK_STATUS
+_C_DISC = Command.DISC
+_C_FLUSH = Command.FLUSH
+_C_READ = Command.READ
+_C_TRIM = Command.TRIM
+_C_WRITE = Command.WRITE
+_C_WRITE_ZEROES = Command.WRITE_ZEROES
+
+
 _DF = int(CommandFlag.DF)  # plain ints: IntFlag arithmetic builds a new Flag object every time
 
 
@@ -606,17 +616,17 @@ def validate(
         return Errno.EINVAL
     if request.flags & _DF and not structured:
         return Errno.EINVAL
-    is_write = command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+    is_write = command in (_C_WRITE, _C_TRIM, _C_WRITE_ZEROES)
     if is_write and export.read_only:
         return Errno.EPERM
-    if command == Command.FLUSH:
+    if command == _C_FLUSH:
         return None if request.offset == 0 and request.length == 0 else Errno.EINVAL
     if request.length == 0:
         return Errno.EINVAL
-    if command in (Command.READ, Command.WRITE) and request.length > export.max_block_size:
-        return Errno.EOVERFLOW if command == Command.READ else Errno.EINVAL
+    if command in (_C_READ, _C_WRITE) and request.length > export.max_block_size:
+        return Errno.EOVERFLOW if command == _C_READ else Errno.EINVAL
     if request.offset + request.length > export.size:
-        return Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
-    if command == Command.BLOCK_STATUS and not meta_contexts:
+        return Errno.ENOSPC if command in (_C_WRITE, _C_WRITE_ZEROES) else Errno.EINVAL
+    if command == _C_BLOCK_STATUS and not meta_contexts:
         return Errno.EINVAL
     return None

@@ -38,6 +38,7 @@ _COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
 _DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
 _NO_HOLE, _REQ_ONE = int(CommandFlag.NO_HOLE), int(CommandFlag.REQ_ONE)
 _READ, _WRITE = int(Command.READ), int(Command.WRITE)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 
 SECTOR = 512
@@ -979,7 +980,7 @@ class _Connection:
             self._send_error(request, *failure)
         elif data is not None:
             self._send_read(request, export, data)
-        elif request.command == Command.BLOCK_STATUS:
+        elif request.command == _BLOCK_STATUS:
             self._block_status(request, export)
         else:
             self._send_ok(request)
@@ -1023,13 +1024,13 @@ class _Connection:
 
     def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
         self.errors += 1
-        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+        if self.structured and request.command in (_READ, _BLOCK_STATUS):
             self.channel.write(p.encode_error_chunk(request.cookie, error, message))
         else:
             self.channel.write(p.encode_simple_reply(request.cookie, error))
 
     def _send_ok(self, request: p.Request) -> None:
-        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+        if self.structured and request.command in (_READ, _BLOCK_STATUS):
             self.channel.write(p.encode_done(request.cookie))
         else:
             self.channel.write(p.encode_simple_reply(request.cookie))
