@@ -3,6 +3,7 @@
 Driver layer, top: the service's front ends call it. Each request is a chain of a
 16-byte header, data buffers and a status byte; the coroutine awaits a future that the
 queue's interrupt handler resolves, where the article's thread slept in ``suspend_thread()``.
+:meth:`VirtioBlk.start_io` is the same without the coroutine: a callback told from the handler.
 """
 
 from __future__ import annotations

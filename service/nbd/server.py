@@ -2,7 +2,9 @@
 
 Service layer. Only moves bytes and schedules work: negotiation and framing live in
 :mod:`service.nbd.protocol`; every data request goes through the disk's virtqueues.
-Requests are pipelined: each runs in its own task and replies go out as they complete.
+Requests are pipelined and replies go out as they complete: a READ or aligned WRITE starts on
+the ring straight from the parser and is answered from its completion callback; the other
+requests (and any that would have to wait) each run in a task.
 """
 
 from __future__ import annotations
