@@ -168,10 +168,11 @@ class Service:
         self.ssl_context = security.context()
         self.tokens = Tokens.load(security.tokens_file) if security.tokens_file is not None else None
 
-    def _nbd_counts(self) -> tuple[int, int, int]:
-        if self.nbd is None:
-            return 0, 0, 0
-        return self.nbd.connections, self.nbd.connections_total, self.nbd.refused_total
+    def _nbd_counts(self) -> tuple[int, int, int, int, int]:
+        nbd = self.nbd
+        if nbd is None:
+            return 0, 0, 0, 0, 0
+        return nbd.connections, nbd.connections_total, nbd.refused_total, nbd.polls.hits, nbd.polls.misses
 
     async def start(self) -> None:
         for spec in self.config.disks:

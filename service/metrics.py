@@ -23,8 +23,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from service.app import Disk
 
-# NBD connections: open now, accepted, refused.
-NbdCounts = Callable[[], tuple[int, int, int]]
+# NBD connections: open now, accepted, refused; polls for a next request that found one, that did not.
+NbdCounts = Callable[[], tuple[int, int, int, int, int]]
 
 VERSION = "0.1.0"
 
@@ -192,7 +192,7 @@ class _DiskCollector(Collector):
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
         yield from (resets, needs_reset, config_irqs)
-        current, total, refused_total = self._nbd()
+        current, total, refused_total, poll_hits, poll_misses = self._nbd()
         connections = g("vblk_nbd_connections", "NBD connections open now")
         connections.add_metric([], current)
         yield connections
@@ -202,6 +202,14 @@ class _DiskCollector(Collector):
         refused = c("vblk_nbd_connections_refused", "NBD connections closed at once: max-connections")
         refused.add_metric([], refused_total)
         yield refused
+        polls = c(
+            "vblk_nbd_polls",
+            "busy polls for a client's next request (--nbd-poll-us), by whether one came in time",
+            labels=["result"],
+        )
+        polls.add_metric(["hit"], poll_hits)
+        polls.add_metric(["miss"], poll_misses)
+        yield polls
         info = g("vblk_build_info", "vblk version", labels=["version"])
         info.add_metric([VERSION], 1)
         yield info

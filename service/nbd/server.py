@@ -165,6 +165,14 @@ def _writev(fd: int, chunks: list[bytes | memoryview]) -> list[bytes]:
     return []
 
 
+@dataclasses.dataclass(slots=True)
+class PollCounts:
+    """Busy polls for a client's next request: how many found one in time, how many did not."""
+
+    hits: int = 0
+    misses: int = 0
+
+
 class Channel(asyncio.BufferedProtocol):
     """A connection's bytes: framing bytes are buffered, WRITE payloads land in guest memory.
 
@@ -173,9 +181,15 @@ class Channel(asyncio.BufferedProtocol):
     straight into the DMA buffer the virtqueue will point at: no intermediate bytes.
     """
 
-    def __init__(self, handler: Callable[[Channel], Coroutine[Any, Any, None]], poll: float = 0.0) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Channel], Coroutine[Any, Any, None]],
+        poll: float = 0.0,
+        poll_counts: PollCounts | None = None,
+    ) -> None:
         self._handler = handler
         self._poll_seconds = poll
+        self._poll_counts = poll_counts if poll_counts is not None else PollCounts()
         self.transport: asyncio.Transport | None = None
         # Shared by every connection of the loop: buffer_updated copies out of it at once.
         self._recv = _RECEIVE_BUFFER
@@ -374,10 +388,12 @@ class Channel(asyncio.BufferedProtocol):
             except (BlockingIOError, InterruptedError):
                 if time.perf_counter() < deadline:
                     continue
+                self._poll_counts.misses += 1
                 return
             except OSError:
                 return  # the transport meets the error too, and reports it
             if n:
+                self._poll_counts.hits += 1
                 self.buffer_updated(n)
             return  # end of stream: the transport sees it too
 
@@ -481,6 +497,7 @@ class NbdServer:
         self.tls = tls
         self.limits = limits or NbdLimits()
         self.refused_total = 0
+        self.polls = PollCounts()
         self.default_export = default_export if default_export is not None else next(iter(exports), None)
         self._catalog = _Catalog(exports, self.default_export)
         self._servers: list[asyncio.Server] = []
@@ -494,7 +511,7 @@ class NbdServer:
         return len(self._connections)
 
     def _protocol(self) -> Channel:
-        return Channel(self._accept, poll=self.limits.poll_us / 1e6)
+        return Channel(self._accept, poll=self.limits.poll_us / 1e6, poll_counts=self.polls)
 
     async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()

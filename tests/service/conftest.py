@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.app import DiskSpec, Service, ServiceConfig
+from service.nbd.server import NbdLimits
 
 MiB = 1 << 20
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where `import nbd` (python3-libnbd) lives
@@ -64,7 +65,7 @@ class NbdRig:
 
 
 @contextlib.asynccontextmanager
-async def serving(*disks: DiskSpec) -> AsyncIterator[NbdRig]:
+async def serving(*disks: DiskSpec, nbd_limits: NbdLimits | None = None) -> AsyncIterator[NbdRig]:
     """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too."""
     directory = tempfile.mkdtemp(prefix="vblk-")  # short: unix socket paths max out at 108
     socket_path = f"{directory}/nbd.sock"
@@ -73,6 +74,7 @@ async def serving(*disks: DiskSpec) -> AsyncIterator[NbdRig]:
         guest_memory=128 * MiB,
         nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
         http_listen=("127.0.0.1:0",),
+        nbd_limits=nbd_limits or NbdLimits(),
     )
     service = Service(config)
     try:

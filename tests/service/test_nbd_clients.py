@@ -6,7 +6,9 @@ import json
 import os
 import tempfile
 
-from tests.service.conftest import MiB, NbdRig, nbdsh, run
+from service.app import DiskSpec
+from service.nbd.server import NbdLimits
+from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 
 
 async def test_nbdinfo_reports_size_flags_and_block_sizes(nbd_rig: NbdRig) -> None:
@@ -385,3 +387,28 @@ h.shutdown()
 print("ok")
 """
     assert (await nbdsh(nbd_rig.uri(), script)).stdout.strip() == "ok"
+
+
+async def test_busy_polling_catches_a_queue_depth_one_client_and_can_be_turned_off() -> None:
+    script = """
+h = nbd.NBD()
+h.connect_uri(uri)
+data = bytes(range(256)) * 16
+for i in range(40):
+    h.pwrite(data, i * 4096)
+    assert h.pread(4096, i * 4096) == data
+h.shutdown()
+"""
+    disk = DiskSpec(name="disk0", backend="memory", size=4 * MiB)
+    # A generous window: a client that asks again at once is caught by the poll.
+    async with serving(disk, nbd_limits=NbdLimits(poll_us=10_000)) as rig:
+        await nbdsh(rig.uri(), script)
+        assert rig.service.nbd is not None
+        polls = rig.service.nbd.polls
+        assert polls.hits >= 40, polls  # 80 requests, each answered with nothing else in flight
+        metrics = await run("curl", "-sf", f"{rig.base_url}/metrics")
+        assert f'vblk_nbd_polls_total{{result="hit"}} {float(polls.hits)}' in metrics.stdout
+    async with serving(disk, nbd_limits=NbdLimits(poll_us=0)) as rig:
+        await nbdsh(rig.uri(), script)
+        assert rig.service.nbd is not None
+        assert (rig.service.nbd.polls.hits, rig.service.nbd.polls.misses) == (0, 0)
