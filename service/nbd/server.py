@@ -188,7 +188,9 @@ class Channel(asyncio.BufferedProtocol):
         poll_counts: PollCounts | None = None,
     ) -> None:
         self._handler = handler
-        self._poll_seconds = poll
+        self._poll_max = poll  # the longest window (--nbd-poll-us)
+        self._poll_window = poll  # this client's window now: adapts to how fast it asks again
+        self._polled_until = 0.0  # when the last poll gave up; 0: none pending
         self._poll_counts = poll_counts if poll_counts is not None else PollCounts()
         self.transport: asyncio.Transport | None = None
         # Shared by every connection of the loop: buffer_updated copies out of it at once.
@@ -233,6 +235,8 @@ class Channel(asyncio.BufferedProtocol):
         return self._recv
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._polled_until:
+            self._adapt_poll()
         if self._target is not None:
             self._target_pos += nbytes
             if self._target_pos >= len(self._target):
@@ -371,24 +375,34 @@ class Channel(asyncio.BufferedProtocol):
 
         For a client that waits for each reply before it asks again (queue depth 1): the
         loop does not go to sleep between the reply and the next request, so the request
-        finds the process awake. Like QEMU's adaptive polling (``poll-max-ns``).
+        finds the process awake. The window adapts per client, as QEMU's adaptive polling
+        (``poll-max-ns``) does: a request that arrives soon after a poll gave up doubles
+        it (up to the maximum); one that arrives much later halves it, down to no polling
+        at all for clients too slow to catch, so they cost the loop nothing.
         """
-        if self._poll_seconds > 0 and self._fd >= 0 and self._target is None:
+        if self._poll_max > 0 and self._fd >= 0 and self._target is None:
             self._poll_next = True
 
     def _poll(self) -> None:
         if self._pending or self._eof or self._waiter is None:
             return
+        window = self._poll_window
+        start = time.perf_counter()
+        if window <= 0:
+            self._polled_until = start  # not polling: learn from when the request comes
+            return
         fd = self._fd
-        deadline = time.perf_counter() + self._poll_seconds
+        deadline = start + window
         while True:
             buffer = self.get_buffer(-1)
             try:
                 n = os.readv(fd, [buffer])
             except (BlockingIOError, InterruptedError):
-                if time.perf_counter() < deadline:
+                now = time.perf_counter()
+                if now < deadline:
                     continue
                 self._poll_counts.misses += 1
+                self._polled_until = now
                 return
             except OSError:
                 return  # the transport meets the error too, and reports it
@@ -396,6 +410,17 @@ class Channel(asyncio.BufferedProtocol):
                 self._poll_counts.hits += 1
                 self.buffer_updated(n)
             return  # end of stream: the transport sees it too
+
+    def _adapt_poll(self) -> None:
+        """Data came through the event loop after a poll gave up: resize the window."""
+        late = time.perf_counter() - self._polled_until
+        self._polled_until = 0.0
+        poll_max = self._poll_max
+        if late < poll_max:  # a longer window would have caught it
+            self._poll_window = min(poll_max, max(2 * self._poll_window, poll_max / 64))
+        else:
+            window = self._poll_window / 2
+            self._poll_window = window if window >= poll_max / 64 else 0.0
 
     def hold(self, buffer: DmaBuffer) -> None:
         """Free ``buffer`` once what is queued now has left (its views are in the queue)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.nbd.server import _writev
+from service.nbd.server import Channel, PollCounts, _writev
 
 
 def _drain(sock: socket.socket) -> bytes:
@@ -61,3 +63,51 @@ def test_a_closed_peer_leaves_everything_to_the_transport() -> None:
         assert b"".join(rest) == b"headerpayload"
     finally:
         a.close()
+
+
+async def _echo_rounds(window_us: float, client_delay: float, rounds: int) -> tuple[Channel, PollCounts]:
+    """A channel that answers each byte and then polls; a client that waits ``client_delay``."""
+    loop = asyncio.get_running_loop()
+    server_sock, client_sock = socket.socketpair()
+    counts = PollCounts()
+    channels: list[Channel] = []
+
+    async def handler(channel: Channel) -> None:
+        while data := await channel.read():
+            channel.write(bytes(data))
+            channel.poll_after_flush()
+
+    def make() -> Channel:
+        channel = Channel(handler, poll=window_us / 1e6, poll_counts=counts)
+        channels.append(channel)
+        return channel
+
+    await loop.connect_accepted_socket(make, server_sock)
+
+    def client() -> None:
+        for _ in range(rounds):
+            client_sock.sendall(b"r")
+            assert client_sock.recv(1) == b"r"
+            time.sleep(client_delay)
+        client_sock.close()
+
+    await asyncio.to_thread(client)
+    for _ in range(100):
+        if channels[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    return channels[0], counts
+
+
+async def test_a_client_that_asks_again_at_once_is_caught_by_the_poll() -> None:
+    channel, counts = await _echo_rounds(window_us=20_000, client_delay=0, rounds=20)
+    assert counts.hits >= 15, counts
+    assert channel._poll_window == channel._poll_max
+
+
+async def test_a_client_too_slow_to_catch_stops_costing_polls() -> None:
+    channel, counts = await _echo_rounds(window_us=2_000, client_delay=0.03, rounds=20)
+    # 2 ms, 1 ms, ... down to nothing: after a handful of misses the channel stops polling.
+    assert counts.hits == 0
+    assert counts.misses <= 8, counts
+    assert channel._poll_window == 0
