@@ -20,7 +20,18 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
 from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
-from device.spec.virtio_blk import RequestType, Status
+from device.spec.virtio_blk import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    Status,
+)
 from device.spec.virtio_pci import VIRTIO_ID_BLOCK
 from device.virtio import VirtioDevice
 from device.virtio_pci import VirtioPciFunction
@@ -28,16 +39,6 @@ from device.virtqueue import DescriptorChain, DeviceVirtqueue
 
 log = structlog.get_logger("vblk.device.blk")
 
-# Enum members bound once: looking one up on its class costs ~100 ns, per request.
-_T_DISCARD = RequestType.DISCARD
-_T_FLUSH = RequestType.FLUSH
-_T_GET_ID = RequestType.GET_ID
-_T_IN = RequestType.IN
-_T_OUT = RequestType.OUT
-_T_WRITE_ZEROES = RequestType.WRITE_ZEROES
-_S_IOERR = Status.IOERR
-_S_OK = Status.OK
-_S_UNSUPP = Status.UNSUPP
 
 SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
 IoMode = Literal["inline", "thread"]
@@ -171,12 +172,12 @@ def parse_request(chain: DescriptorChain, memory: GuestMemory, limits: Limits) -
         raise RequestError("request without a writable status byte")
     last_addr, last_len = writable[-1]
     status_addr = last_addr + last_len - 1
-    if rtype in (_T_IN, _T_GET_ID):
+    if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
         data = writable[:-1]
         if last_len > 1:
             data = [*data, (last_addr, last_len - 1)]
         data_len = sum(length for _, length in data)
-    elif rtype in (_T_OUT, _T_DISCARD, _T_WRITE_ZEROES):
+    elif rtype in (VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
         data, data_len = _skip(readable, vb.VIRTIO_BLK_OUTHDR_SIZE)
     else:
         data, data_len = [], 0
@@ -187,43 +188,43 @@ def parse_request(chain: DescriptorChain, memory: GuestMemory, limits: Limits) -
 
 def _check(request: BlkRequest, memory: GuestMemory, limits: Limits) -> Status | None:
     rtype = request.type
-    if rtype in (_T_IN, _T_OUT):
-        if rtype == _T_OUT and limits.read_only:
-            return _S_IOERR
+    if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+        if rtype == VIRTIO_BLK_T_OUT and limits.read_only:
+            return VIRTIO_BLK_S_IOERR
         if request.data_len % SECTOR:
-            return _S_IOERR
+            return VIRTIO_BLK_S_IOERR
         if not _in_range(request.sector, request.data_len // SECTOR, limits.capacity):
-            return _S_IOERR
+            return VIRTIO_BLK_S_IOERR
         return None
-    if rtype == _T_FLUSH:
-        return None if limits.flush else _S_UNSUPP
-    if rtype == _T_GET_ID:
+    if rtype == VIRTIO_BLK_T_FLUSH:
+        return None if limits.flush else VIRTIO_BLK_S_UNSUPP
+    if rtype == VIRTIO_BLK_T_GET_ID:
         return None
-    if rtype in (_T_DISCARD, _T_WRITE_ZEROES):
-        discard = rtype == _T_DISCARD
+    if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+        discard = rtype == VIRTIO_BLK_T_DISCARD
         if not (limits.discard if discard else limits.write_zeroes):
-            return _S_UNSUPP
+            return VIRTIO_BLK_S_UNSUPP
         if limits.read_only:
-            return _S_IOERR
+            return VIRTIO_BLK_S_IOERR
         seg_size = vb.VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE
         max_seg = limits.max_discard_seg if discard else limits.max_write_zeroes_seg
         max_sectors = limits.max_discard_sectors if discard else limits.max_write_zeroes_sectors
         if request.data_len == 0 or request.data_len % seg_size:
-            return _S_IOERR
+            return VIRTIO_BLK_S_IOERR
         if request.data_len // seg_size > max_seg:
-            return _S_IOERR
+            return VIRTIO_BLK_S_IOERR
         raw = _gather(memory, request.data, request.data_len)
         allowed_flags = 0 if discard else vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         for seg_sector, num_sectors, flags in vb.VIRTIO_BLK_DISCARD_WRITE_ZEROES.iter_unpack(raw):
             if flags & ~allowed_flags:
-                return _S_UNSUPP
+                return VIRTIO_BLK_S_UNSUPP
             if num_sectors > max_sectors or not _in_range(seg_sector, num_sectors, limits.capacity):
-                return _S_IOERR
+                return VIRTIO_BLK_S_IOERR
             if seg_sector % limits.sector_alignment or num_sectors % limits.sector_alignment:
-                return _S_IOERR
+                return VIRTIO_BLK_S_IOERR
             request.segments.append((seg_sector, num_sectors, flags))
         return None
-    return _S_UNSUPP
+    return VIRTIO_BLK_S_UNSUPP
 
 
 @dataclasses.dataclass(slots=True)
@@ -244,7 +245,7 @@ def execute(request: BlkRequest, ctx: ExecContext) -> tuple[Status, int]:
     if status is None:
         try:
             written = _run(request, ctx)
-            status = _S_OK
+            status = VIRTIO_BLK_S_OK
         except OSError as exc:
             log.warning(
                 "virtio_blk_io_error",
@@ -253,7 +254,7 @@ def execute(request: BlkRequest, ctx: ExecContext) -> tuple[Status, int]:
                 errno=exc.errno,
                 error=exc.strerror or str(exc),
             )
-            status = _S_IOERR
+            status = VIRTIO_BLK_S_IOERR
             written = 0
     ctx.memory.buffer[request.status_addr - ctx.memory.base] = status
     return status, written + 1
@@ -263,18 +264,18 @@ def _run(request: BlkRequest, ctx: ExecContext) -> int:
     memory = ctx.memory
     backend = ctx.backend
     rtype = request.type
-    if rtype == _T_IN:
+    if rtype == VIRTIO_BLK_T_IN:
         backend.readv(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
         return request.data_len
-    if rtype == _T_OUT:
+    if rtype == VIRTIO_BLK_T_OUT:
         backend.writev(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
         if ctx.writethrough:
             backend.flush()
         return 0
-    if rtype == _T_FLUSH:
+    if rtype == VIRTIO_BLK_T_FLUSH:
         backend.flush()
         return 0
-    if rtype == _T_GET_ID:
+    if rtype == VIRTIO_BLK_T_GET_ID:
         ident = ctx.serial.ljust(vb.VIRTIO_BLK_ID_BYTES, b"\0")
         written = 0
         for addr, length in request.data:
@@ -283,7 +284,7 @@ def _run(request: BlkRequest, ctx: ExecContext) -> int:
             written += take
         return written
     for sector, num_sectors, flags in request.segments:
-        if rtype == _T_DISCARD:
+        if rtype == VIRTIO_BLK_T_DISCARD:
             backend.discard(sector * SECTOR, num_sectors * SECTOR)
         else:
             unmap = bool(flags & vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and ctx.may_unmap
@@ -297,21 +298,21 @@ async def _run_async(request: BlkRequest, ctx: ExecContext, backend: AsyncBacken
     """:func:`_run` against an :class:`AsyncBackend`: awaits each backend operation in turn."""
     memory = ctx.memory
     rtype = request.type
-    if rtype == _T_IN:
+    if rtype == VIRTIO_BLK_T_IN:
         await backend.aio_readv(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
         return request.data_len
-    if rtype == _T_OUT:
+    if rtype == VIRTIO_BLK_T_OUT:
         await backend.aio_writev(request.sector * SECTOR, [memory.view(a, n) for a, n in request.data])
-    elif rtype == _T_GET_ID:
+    elif rtype == VIRTIO_BLK_T_GET_ID:
         return _run(request, ctx)
-    elif rtype != _T_FLUSH:
+    elif rtype != VIRTIO_BLK_T_FLUSH:
         for sector, num_sectors, flags in request.segments:
-            if rtype == _T_DISCARD:
+            if rtype == VIRTIO_BLK_T_DISCARD:
                 await backend.aio_discard(sector * SECTOR, num_sectors * SECTOR)
             else:
                 unmap = bool(flags & vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and ctx.may_unmap
                 await backend.aio_write_zeroes(sector * SECTOR, num_sectors * SECTOR, unmap)
-    if rtype == _T_FLUSH or ctx.writethrough:
+    if rtype == VIRTIO_BLK_T_FLUSH or ctx.writethrough:
         await backend.aio_flush()
     return 0
 
@@ -500,7 +501,7 @@ class VirtioBlkDevice(VirtioDevice):
             except RequestError as exc:
                 self.device_error(f"queue {queue.index}: head {chain.head}: {exc}")
                 return
-            if asynchronous and request.status is None and request.type != _T_GET_ID:
+            if asynchronous and request.status is None and request.type != VIRTIO_BLK_T_GET_ID:
                 self._submit_async(queue, chain.head, request)
             elif inline or request.status is not None or asynchronous:
                 status, written = execute(request, self._ctx)
@@ -539,14 +540,14 @@ class VirtioBlkDevice(VirtioDevice):
         future: asyncio.Future[None] | asyncio.Task[int]
         try:
             # The common requests are one backend operation: its future, no task.
-            if rtype == _T_IN:
+            if rtype == VIRTIO_BLK_T_IN:
                 views = [memory.view(a, n) for a, n in request.data]
                 future = backend.aio_readv(request.sector * SECTOR, views)
                 written = request.data_len
-            elif rtype == _T_OUT and not ctx.writethrough:
+            elif rtype == VIRTIO_BLK_T_OUT and not ctx.writethrough:
                 views = [memory.view(a, n) for a, n in request.data]
                 future = backend.aio_writev(request.sector * SECTOR, views)
-            elif rtype == _T_FLUSH:
+            elif rtype == VIRTIO_BLK_T_FLUSH:
                 future = backend.aio_flush()
             else:
                 task = asyncio.get_running_loop().create_task(_run_async(request, ctx, backend))
@@ -585,9 +586,9 @@ class VirtioBlkDevice(VirtioDevice):
                 )
             else:
                 log.error("virtio_blk_execute_failed", error=repr(exc))
-            status, written = _S_IOERR, 0
+            status, written = VIRTIO_BLK_S_IOERR, 0
         else:
-            status = _S_OK
+            status = VIRTIO_BLK_S_OK
             result = future.result()
             if result is not None:
                 written = result
@@ -613,7 +614,7 @@ class VirtioBlkDevice(VirtioDevice):
         exc = fut.exception()
         if exc is not None:  # execute() maps OSError; anything else is a device bug
             log.error("virtio_blk_execute_failed", error=repr(exc))
-            status, written = _S_IOERR, 1
+            status, written = VIRTIO_BLK_S_IOERR, 1
         else:
             status, written = fut.result()
         self._count(rtype, status)

@@ -31,23 +31,25 @@ from device.spec.virtio import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 )
-from device.spec.virtio_blk import RequestType, Status
+from device.spec.virtio_blk import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    RequestType,
+    Status,
+)
 from driver.dma import DmaAllocator, DmaBuffer
 from driver.transport import TransportError, VirtioTransport
 from driver.virtqueue import Completion, DriverVirtqueue, QueueBrokenError
 
 log = structlog.get_logger("vblk.driver.blk")
 
-# Enum members bound once: looking one up on its class costs ~100 ns, per request.
-_T_DISCARD = RequestType.DISCARD
-_T_FLUSH = RequestType.FLUSH
-_T_GET_ID = RequestType.GET_ID
-_T_IN = RequestType.IN
-_T_OUT = RequestType.OUT
-_T_WRITE_ZEROES = RequestType.WRITE_ZEROES
-_S_IOERR = Status.IOERR
-_S_OK = Status.OK
-_S_UNSUPP = Status.UNSUPP
 
 SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
 SLOT_SIZE = 32  # per-head request header (16 bytes) + status byte, padded
@@ -99,13 +101,13 @@ class BlkError(OSError):
 class BlkIOError(BlkError):
     """The device answered VIRTIO_BLK_S_IOERR (out of range, misaligned, media error)."""
 
-    status = _S_IOERR
+    status = VIRTIO_BLK_S_IOERR
 
 
 class BlkUnsupportedError(BlkError):
     """The device answered VIRTIO_BLK_S_UNSUPP (type or flag not supported or negotiated)."""
 
-    status = _S_UNSUPP
+    status = VIRTIO_BLK_S_UNSUPP
     default_errno = errno.EOPNOTSUPP
 
 
@@ -261,7 +263,7 @@ class _CallbackRequest:
         self.pinned.unpin()
         blk = self.blk
         status = self.status_view[0]
-        error = None if status == _S_OK else blk._status_error(self.rtype, status, self.sector)
+        error = None if status == VIRTIO_BLK_S_OK else blk._status_error(self.rtype, status, self.sector)
         blk._retire(self.rtype, status, self.started, self.nbytes)
         self.callback(error)
 
@@ -603,7 +605,7 @@ class VirtioBlk:
                 )
                 status = await future
                 break
-            if status != _S_OK:
+            if status != VIRTIO_BLK_S_OK:
                 raise self._status_error(rtype, status, sector)
         except asyncio.CancelledError:
             status = -1
@@ -621,7 +623,7 @@ class VirtioBlk:
         """
         if self._closed or not self._ready.is_set() or length > self._size_max or length <= 0:
             return False
-        if rtype == _T_OUT and self.features >> vb.VIRTIO_BLK_F_RO & 1:
+        if rtype == VIRTIO_BLK_T_OUT and self.features >> vb.VIRTIO_BLK_F_RO & 1:
             return False  # the awaitable path raises BlkReadOnlyError
         queue = self._pick_queue()
         if not queue.can_add(queue.descriptors_for(3)):
@@ -633,7 +635,7 @@ class VirtioBlk:
             rtype,
             sector,
             [(buffer.gpa, length)],
-            rtype == _T_IN,
+            rtype == VIRTIO_BLK_T_IN,
             lambda view: _CallbackRequest(self, rtype, sector, view, buffer, length, started, callback),
         )
         return True
@@ -670,17 +672,17 @@ class VirtioBlk:
 
     def _status_error(self, rtype: int, status: int, sector: int) -> BlkError:
         op = _OP_NAMES[rtype]
-        if status == _S_UNSUPP:
+        if status == VIRTIO_BLK_S_UNSUPP:
             return BlkUnsupportedError(f"{self.name}: {op} not supported by the device")
         return BlkIOError(f"{self.name}: {op} of sector {sector} failed (status {status})")
 
     def _retire(self, rtype: int, status: int | None, started: float, nbytes: int) -> None:
         """Count a finished request: ``status`` is the device's byte, None for a reset, -1 cancelled."""
-        if status == _S_OK:
+        if status == VIRTIO_BLK_S_OK:
             name = "ok"
-            if rtype == _T_IN:
+            if rtype == VIRTIO_BLK_T_IN:
                 self._bytes_read += nbytes
-            elif rtype == _T_OUT:
+            elif rtype == VIRTIO_BLK_T_OUT:
                 self._bytes_written += nbytes
         elif status is None:
             name = "reset"
@@ -713,7 +715,7 @@ class VirtioBlk:
         length = buffer.size if length is None else length
         if length <= 0 or length > buffer.size:
             raise ValueError("length must be in 1..buffer.size")
-        await self._io(_T_IN, sector, buffer, length)
+        await self._io(VIRTIO_BLK_T_IN, sector, buffer, length)
 
     async def write_from(
         self, sector: int, buffer: DmaBuffer, length: int | None = None, *, fua: bool = False
@@ -724,7 +726,7 @@ class VirtioBlk:
         length = buffer.size if length is None else length
         if length <= 0 or length > buffer.size:
             raise ValueError("length must be in 1..buffer.size")
-        await self._io(_T_OUT, sector, buffer, length)
+        await self._io(VIRTIO_BLK_T_OUT, sector, buffer, length)
         if fua:
             await self.flush()
 
@@ -732,7 +734,7 @@ class VirtioBlk:
         """One request per ``max_transfer`` bytes, each split into ``size_max`` segments."""
         size_max = self._size_max
         chunk = self._chunk
-        data_in = rtype == _T_IN
+        data_in = rtype == VIRTIO_BLK_T_IN
         if length <= size_max:  # the common case: one request, one data segment
             await self._submit(
                 rtype, sector, [(buffer.gpa, length)], data_in=data_in, nbytes=length, pinned=(buffer,)
@@ -787,7 +789,7 @@ class VirtioBlk:
         """Make every completed write durable (a no-op without a write cache)."""
         if not self.has_feature(vb.VIRTIO_BLK_F_FLUSH):
             return  # the device is write-through (5.2.6.2)
-        await self._submit(_T_FLUSH, 0, [], data_in=False)
+        await self._submit(VIRTIO_BLK_T_FLUSH, 0, [], data_in=False)
 
     async def get_id(self) -> str:
         """The device's serial (VIRTIO_BLK_T_GET_ID, at most 20 bytes)."""
@@ -795,7 +797,7 @@ class VirtioBlk:
         try:
             buffer.view[:] = bytes(vb.VIRTIO_BLK_ID_BYTES)
             await self._submit(
-                _T_GET_ID,
+                VIRTIO_BLK_T_GET_ID,
                 0,
                 [(buffer.gpa, vb.VIRTIO_BLK_ID_BYTES)],
                 data_in=True,
@@ -809,7 +811,7 @@ class VirtioBlk:
         """Deallocate ``sectors`` sectors at ``sector`` (VIRTIO_BLK_T_DISCARD)."""
         geometry = self._geometry()
         await self._segmented(
-            _T_DISCARD,
+            VIRTIO_BLK_T_DISCARD,
             vb.VIRTIO_BLK_F_DISCARD,
             sector,
             sectors,
@@ -823,7 +825,7 @@ class VirtioBlk:
         geometry = self._geometry()
         flags = vb.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
         await self._segmented(
-            _T_WRITE_ZEROES,
+            VIRTIO_BLK_T_WRITE_ZEROES,
             vb.VIRTIO_BLK_F_WRITE_ZEROES,
             sector,
             sectors,
