@@ -176,7 +176,7 @@ def parse_request(chain: DescriptorChain, memory: GuestMemory, limits: Limits) -
         data = writable[:-1]
         if last_len > 1:
             data = [*data, (last_addr, last_len - 1)]
-        data_len = sum(length for _, length in data)
+        data_len = data[0][1] if len(data) == 1 else sum(length for _, length in data)
     elif rtype in (VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
         data, data_len = _skip(readable, vb.VIRTIO_BLK_OUTHDR_SIZE)
     else:

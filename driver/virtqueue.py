@@ -197,21 +197,27 @@ class DriverVirtqueue:
         buf = self._buf
         head = self._free_head
         if needed == 1 and total > 1:
-            # One ring descriptor pointing at this head's indirect table.
+            # One ring descriptor pointing at this head's indirect table, written in place.
             assert self._indirect is not None
-            table_gpa = self._indirect.gpa + head * self.indirect_max * 16
-            table = self.memory.view(table_gpa, total * 16)
+            table = self._indirect.view
+            base = head * self.indirect_max * 16
+            table_gpa = self._indirect.gpa + base
+            last = total - 1
             i = 0
             for addr, length in out_bufs:
-                _desc_pack(table, 16 * i, addr, length, VIRTQ_DESC_F_NEXT, i + 1)
+                if i < last:
+                    _desc_pack(table, base + 16 * i, addr, length, VIRTQ_DESC_F_NEXT, i + 1)
+                else:
+                    _desc_pack(table, base + 16 * i, addr, length, 0, 0)
                 i += 1
             for addr, length in in_bufs:
-                _desc_pack(table, 16 * i, addr, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, i + 1)
+                if i < last:
+                    _desc_pack(
+                        table, base + 16 * i, addr, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, i + 1
+                    )
+                else:
+                    _desc_pack(table, base + 16 * i, addr, length, VIRTQ_DESC_F_WRITE, 0)
                 i += 1
-            # Last entry: clear NEXT.
-            addr, length, flags, _ = VIRTQ_DESC.unpack_from(table, 16 * (total - 1))
-            _desc_pack(table, 16 * (total - 1), addr, length, flags & ~VIRTQ_DESC_F_NEXT, 0)
-            table.release()
             _desc_pack(buf, 16 * head, table_gpa, total * 16, VIRTQ_DESC_F_INDIRECT, 0)
             tail = head
         else:

@@ -111,7 +111,7 @@ class RawFileBackend:
             raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {self.path}")
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
+        total = buffers[0].nbytes if len(buffers) == 1 else sum(b.nbytes for b in buffers)
         self._check(offset, total, False)
         if len(buffers) <= IOV_MAX:  # the common case: one system call, no context manager
             try:
@@ -134,7 +134,7 @@ class RawFileBackend:
                 pending = _advance(pending, n)
 
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
+        total = buffers[0].nbytes if len(buffers) == 1 else sum(b.nbytes for b in buffers)
         self._check(offset, total, True)
         if len(buffers) <= IOV_MAX:
             try:
