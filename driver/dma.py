@@ -12,6 +12,8 @@ import collections
 from device.platform import GuestRam
 
 MIN_ORDER = 9  # 512 bytes
+QUICK_MAX_ORDER = 16  # blocks up to 64 KiB go back to a per-size list first
+QUICK_LENGTH = 64  # blocks kept per size before frees merge with their buddies again
 
 
 class DmaBuffer:
@@ -71,6 +73,9 @@ class DmaAllocator:
                 self._free[order].add(offset)
                 offset += 1 << order
         self.free_bytes = offset
+        # Recently freed small blocks, unmerged: the next allocation of that size takes one
+        # back without splitting a larger block (and the free without merging it again).
+        self._quick: list[list[int]] = [[] for _ in range(QUICK_MAX_ORDER + 1)]
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @staticmethod
@@ -84,17 +89,36 @@ class DmaAllocator:
         order = self._order_for(size)
         if order > self.max_order:
             raise ValueError(f"allocation of {size} bytes exceeds the DMA region")
+        if order <= QUICK_MAX_ORDER and self._quick[order]:
+            offset = self._quick[order].pop()
+        else:
+            found = self._find(order)
+            if found < 0 and self._merge_quick():
+                found = self._find(order)
+            if found < 0:
+                return None
+            offset = self._free[found].pop()
+            while found > order:  # split, keeping the lower half
+                found -= 1
+                self._free[found].add(offset + (1 << found))
+        self.free_bytes -= 1 << order
+        return DmaBuffer(self, self.start + offset, size, order)
+
+    def _find(self, order: int) -> int:
+        """The smallest order at or above ``order`` with a free block, or -1."""
         found = order
         while found <= self.max_order and not self._free[found]:
             found += 1
-        if found > self.max_order:
-            return None
-        offset = self._free[found].pop()
-        while found > order:  # split, keeping the lower half
-            found -= 1
-            self._free[found].add(offset + (1 << found))
-        self.free_bytes -= 1 << order
-        return DmaBuffer(self, self.start + offset, size, order)
+        return found if found <= self.max_order else -1
+
+    def _merge_quick(self) -> bool:
+        """Give the unmerged small blocks back to the buddy lists; True if there were any."""
+        merged = False
+        for order, quick in enumerate(self._quick):
+            while quick:
+                self._merge(quick.pop(), order)
+                merged = True
+        return merged
 
     def try_allocate(self, size: int) -> DmaBuffer | None:
         """:meth:`allocate`, but None while others wait for memory (they were first)."""
@@ -117,6 +141,17 @@ class DmaAllocator:
     def _release(self, gpa: int, order: int) -> None:
         offset = gpa - self.start
         self.free_bytes += 1 << order
+        if order <= QUICK_MAX_ORDER and len(self._quick[order]) < QUICK_LENGTH:
+            self._quick[order].append(offset)
+        else:
+            self._merge(offset, order)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _merge(self, offset: int, order: int) -> None:
+        """Free the block, merging it with its buddy as far up as they are both free."""
         while order < self.max_order:
             buddy = offset ^ (1 << order)
             if buddy not in self._free[order]:
@@ -125,7 +160,3 @@ class DmaAllocator:
             offset = min(offset, buddy)
             order += 1
         self._free[order].add(offset)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
