@@ -70,6 +70,7 @@ class _Libs:
                 "rados_create": (c_int, [p(c_void_p), c_char_p]),
                 "rados_conf_read_file": (c_int, [c_void_p, c_char_p]),
                 "rados_conf_set": (c_int, [c_void_p, c_char_p, c_char_p]),
+                "rados_conf_get": (c_int, [c_void_p, c_char_p, c_char_p, c_size_t]),
                 "rados_connect": (c_int, [c_void_p]),
                 "rados_shutdown": (None, [c_void_p]),
                 "rados_ioctx_create": (c_int, [c_void_p, c_char_p, p(c_void_p)]),
@@ -162,6 +163,12 @@ class Rados:
         except BaseException:
             self.shutdown()
             raise
+
+    def conf_get(self, key: str) -> str:
+        """This client's value of a Ceph option (``rbd_cache`` → ``"true"``)."""
+        buf = ctypes.create_string_buffer(4096)
+        check(libs().rados.rados_conf_get(self.handle, key.encode(), buf, len(buf)), f"reading {key}")
+        return buf.value.decode()
 
     def open_ioctx(self, pool: str) -> int:
         ioctx = c_void_p()

@@ -9,9 +9,20 @@ virtqueues hold, and no Python code runs on a librbd thread.
 
 Semantics:
 
-* Writes are acknowledged by the OSDs (vblk turns librbd's cache off): an acknowledged write is on
-  the cluster, and FLUSH is librbd's flush. After any failed write, discard or write-zeroes, every
-  later FLUSH fails too: a FLUSH is never reported successful after a failed write.
+* Cache (``RbdTarget.cache``, the disk's ``cache=`` option). ``none`` (the default): librbd's cache
+  is off, so a write is acknowledged by the OSDs and is on the cluster. ``writeback``: librbd's
+  writeback cache (``rbd_cache_policy=writeback``, the ObjectCacher), the mode QEMU runs with
+  ``cache=writeback``: a write is acknowledged once it is in the cache, and FLUSH (librbd's flush)
+  writes every dirty byte back and fails if any of it fails; a failed write-back stays dirty and
+  makes every FLUSH fail until it is written. So an acknowledged FLUSH covers every write
+  acknowledged before it in both modes. The cache is write-back from the start
+  (``rbd_cache_writethrough_until_flush=false``): the device is write-through itself (a flush
+  after every write) for a driver that did not negotiate VIRTIO_BLK_F_FLUSH or that turned the
+  write cache off. librbd's default policy, ``writearound``, is never used: it reports a write's
+  failure only to a FLUSH that was waiting for that write, so a FLUSH sent after the failed write
+  had finished succeeds.
+* After any failed write, discard, write-zeroes or FLUSH, every later FLUSH fails too: a FLUSH is
+  never reported successful after a failed write.
 * Client timeouts are always set (``rados_osd_op_timeout`` and friends; Ceph's defaults wait for
   ever), so a dead cluster turns into ETIMEDOUT, then IOERR at the device.
 * Ownership: a writable image is opened with RBD's exclusive lock held explicitly (librbd does not
@@ -44,6 +55,8 @@ log = structlog.get_logger("vblk.device.rbd")
 
 POLL_BATCH = 64
 DEFAULT_TIMEOUT = 30.0
+CACHE_MODES = ("none", "writeback")
+DEFAULT_CACHE = "none"
 
 # The operations the allocation map follows.
 _READ, _WRITE, _FLUSH, _ZERO = 0, 1, 2, 3
@@ -62,6 +75,11 @@ class RbdTarget:
     create_size: int | None = None  # create the image with this size if it does not exist
     read_only: bool = False
     take_over: bool = False  # break a (dead) owner's exclusive lock, blocklisting it
+    cache: str = DEFAULT_CACHE  # "none": librbd's cache off; "writeback": its writeback cache
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
 
     @property
     def spec(self) -> str:
@@ -73,10 +91,17 @@ class RbdTarget:
             ("client_mount_timeout", t),
             ("rados_mon_op_timeout", t),
             ("rados_osd_op_timeout", t),
-            ("rbd_cache", "false"),  # an acknowledged write is on the OSDs; FLUSH errors cannot hide
             ("log_to_stderr", "false"),
             ("err_to_stderr", "false"),  # vblk logs failures itself, with the errno
         ]
+        if self.cache == "writeback":
+            options += [
+                ("rbd_cache", "true"),
+                ("rbd_cache_policy", "writeback"),  # not writearound: it can lose a write's error
+                ("rbd_cache_writethrough_until_flush", "false"),  # the device does write-through
+            ]
+        else:
+            options.append(("rbd_cache", "false"))  # an acknowledged write is on the OSDs
         if self.keyring:
             options.append(("keyring", self.keyring))
         return options
@@ -231,6 +256,12 @@ class RbdBackend:
     def read_only(self) -> bool:
         return self._read_only
 
+    def option(self, key: str) -> str:
+        """The value of a Ceph option for this image's client (``rbd_cache_policy``)."""
+        if self._rados is None:
+            raise BackendError(errno.EBADF, f"{self.target.spec} is closed")
+        return self._rados.conf_get(key)
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)
@@ -251,8 +282,8 @@ class RbdBackend:
         if op == _READ:
             return
         with self._lock:
-            if result < 0 and op != _FLUSH and self._write_errno is None:
-                self._write_errno = -result
+            if result < 0 and self._write_errno is None:
+                self._write_errno = -result  # a failed FLUSH too: the cache may have lost the data
             if op == _WRITE or (op == _ZERO and result < 0):
                 self._map.set(offset, offset + length, True)  # failed: unknown, so not a hole
             elif op == _ZERO:
@@ -302,6 +333,7 @@ class RbdBackend:
         if refused is not None:
             raise refused
         result = ceph.libs().rbd.rbd_flush(self._handle())
+        self._done(_FLUSH, 0, 0, min(result, 0))
         if result < 0:
             raise BackendError(-result, f"flushing {self.target.spec}: {os.strerror(-result)}")
         refused = self._flush_refused()
