@@ -147,7 +147,13 @@ class Rados:
         conf_file: str | None,
         client_id: str = "admin",
         options: Sequence[tuple[str, str]] = (),
+        defaults: Sequence[tuple[str, str, str]] = (),
     ) -> None:
+        """Read ``conf_file``, set ``options`` over it, and connect.
+
+        ``defaults`` are ``(key, ceph_default, value)``: ``key`` becomes ``value`` unless the
+        configuration already changed it from Ceph's own default.
+        """
         lib = libs().rados
         handle = c_void_p()
         check(lib.rados_create(ctypes.byref(handle), client_id.encode()), "rados_create")
@@ -159,6 +165,9 @@ class Rados:
             )
             for key, value in options:
                 check(lib.rados_conf_set(self.handle, key.encode(), value.encode()), f"setting {key}")
+            for key, ceph_default, value in defaults:
+                if self.conf_get(key) == ceph_default:
+                    check(lib.rados_conf_set(self.handle, key.encode(), value.encode()), f"setting {key}")
             check(lib.rados_connect(self.handle), "connecting to the Ceph cluster")
         except BaseException:
             self.shutdown()

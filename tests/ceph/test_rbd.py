@@ -81,11 +81,25 @@ def test_cache_option_is_what_librbd_runs_with(ceph_cluster: Cluster, cache: str
     backend = RbdBackend.open(target)
     try:
         settings = {k: backend.option(k) for k in ("rbd_cache", "rbd_cache_policy")}
+        assert backend.option("librados_thread_count") == "1"  # vblk's default: one completion thread
         if cache == "none":  # the cluster's ceph.conf says nothing else matters here
             assert settings["rbd_cache"] == "false"
         else:  # write-back from the first write, with the ObjectCacher (not writearound)
             assert settings == {"rbd_cache": "true", "rbd_cache_policy": "writeback"}
             assert backend.option("rbd_cache_writethrough_until_flush") == "false"
+    finally:
+        backend.close()
+
+
+def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(
+        ceph_cluster.conf.read_text().replace("[client]\n", "[client]\nlibrados thread count = 3\n")
+    )
+    target = RbdTarget("rbd", image_name("tuned"), str(conf), timeout=CLIENT_TIMEOUT, create_size=MiB)
+    backend = RbdBackend.open(target)
+    try:
+        assert backend.option("librados_thread_count") == "3"
     finally:
         backend.close()
 
