@@ -91,6 +91,22 @@ def test_cache_option_is_what_librbd_runs_with(ceph_cluster: Cluster, cache: str
         backend.close()
 
 
+def test_librbd_threads_are_batch_threads_and_the_caller_is_not(ceph_cluster: Cluster) -> None:
+    before = set(os.listdir("/proc/self/task"))
+    target = RbdTarget(
+        "rbd", image_name("sched"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=MiB
+    )
+    backend = RbdBackend.open(target)
+    try:
+        started = set(os.listdir("/proc/self/task")) - before
+        assert len(started) >= 3  # the messenger, the aio dispatch and completion thread, timers...
+        policies = {os.sched_getscheduler(int(tid)) for tid in started}
+        assert policies == {os.SCHED_BATCH}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the opening thread is itself again
+    finally:
+        backend.close()
+
+
 def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path) -> None:
     conf = tmp_path / "ceph.conf"
     conf.write_text(
