@@ -568,9 +568,9 @@ def _batch_threads() -> Iterator[None]:
     woken by every request the event loop starts. As normal threads they preempt the event loop
     on the spot, one request at a time; as batch threads they do not preempt on wake-up, so the
     loop starts the whole batch of requests it has first and they pick them up together. On the
-    2-CPU machine that is 10-25% less CPU per 4 KiB request and 1.3-1.5x the write IOPS. Only a
-    hint: where the policy cannot be set (a seccomp filter without ``@resources``), nothing
-    changes.
+    2-CPU machine that is 14-25% less CPU per 4 KiB request (QD32 reads 6.1k -> 8.2k IOPS,
+    writes 3.1k -> 3.4k). Only a hint: where the policy cannot be set (a seccomp filter without
+    ``@resources``), nothing changes.
     """
     try:
         policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
