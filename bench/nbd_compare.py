@@ -8,7 +8,8 @@ nbdcopy against each, round robin, and writes ``bench/results/<timestamp>.json``
 ``--rbd`` runs the Ceph RBD row instead: a throwaway one-mon, one-memstore-OSD cluster on loopback
 (tests/ceph/cluster.py), one filled image, and 4 KiB random read and write at QD32 through vblk
 (``backend=rbd``, fio ``--ioengine=nbd``), through ``qemu-nbd`` with its rbd driver (the peer), and
-straight to the cluster with fio ``--ioengine=rbd`` (the ceiling), one at a time, round robin.
+straight to the cluster with fio ``--ioengine=rbd`` (the ceiling), one at a time, round robin; all
+three with librbd's cache off, then all three with its writeback cache (``--rbd-cache``).
 """
 
 from __future__ import annotations
@@ -184,10 +185,11 @@ class ServerKind:
 
 
 def vblk_executable() -> list[str]:
-    """``vblk`` from this venv, or ``python -m service.cli`` when running an exported revision."""
-    script = Path(sys.executable).parent / "vblk"
-    if VBLK.source is None and script.exists():
-        return [str(script)]
+    """``python -m service.cli``, run in :func:`vblk_cwd_env`'s directory: that tree's vblk.
+
+    Not the venv's ``vblk`` script: an editable install points it at whichever checkout was
+    installed, which need not be the tree being measured.
+    """
     return [sys.executable, "-m", "service.cli"]
 
 
@@ -868,14 +870,52 @@ RBD_WORKLOADS: tuple[Workload, ...] = (
         "rbd-randwrite-4k-qd32", "4 KiB random write, QD32", "fio", ("kiops",), "randwrite", 4 * KiB, 32
     ),
 )
-RBD_CONTENDERS: dict[str, str] = {
-    "vblk": "vblk (rbd backend)",
-    "qemu-nbd": "qemu-nbd (rbd driver)",
-    "fio-rbd": "fio --ioengine=rbd",
+RBD_CACHES: dict[str, str] = {
+    "none": "librbd cache off",
+    "writeback": "librbd writeback cache (rbd_cache_policy=writeback, write-back from the first write)",
 }
-RBD_TARGETS = {"qemu-nbd": 2.0, "fio-rbd": 0.7}  # vblk IOPS ÷ contender IOPS, at least
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RbdContender:
+    """One column of the RBD row: a tool and the librbd cache mode it runs with."""
+
+    key: str  # the results' server name
+    tool: str  # "vblk", "qemu-nbd" or "fio-rbd"
+    cache: str  # a key of RBD_CACHES
+    title: str
+
+
+RBD_CONTENDERS: tuple[RbdContender, ...] = (
+    RbdContender("vblk", "vblk", "none", "vblk (rbd backend, cache=none)"),
+    RbdContender("qemu-nbd", "qemu-nbd", "none", "qemu-nbd (rbd driver, --cache=none)"),
+    RbdContender("fio-rbd", "fio-rbd", "none", "fio --ioengine=rbd (rbd_cache=false)"),
+    RbdContender("vblk-wb", "vblk", "writeback", "vblk (rbd backend, cache=writeback)"),
+    RbdContender("qemu-nbd-wb", "qemu-nbd", "writeback", "qemu-nbd (rbd driver, --cache=writeback)"),
+    RbdContender("fio-rbd-wb", "fio-rbd", "writeback", "fio --ioengine=rbd (rbd_cache=true)"),
+)
+RBD_TARGETS = {"qemu-nbd": 2.0, "fio-rbd": 0.7}  # vblk IOPS ÷ contender IOPS (same cache mode), at least
 RBD_POOL = "rbd"
 RBD_IMAGE = "bench"
+# The [client] section of the cluster's ceph.conf (tests/ceph/cluster.py), and what the writeback
+# contenders get instead: the same cache for all three (qemu-nbd sets rbd_cache itself from
+# --cache; fio never flushes, so write-through-until-flush would keep the cache write-through).
+RBD_CLIENT_NONE = "[client]\nrbd cache = false\n"
+RBD_CLIENT_WRITEBACK = (
+    "[client]\nrbd cache = true\nrbd cache policy = writeback\nrbd cache writethrough until flush = false\n"
+)
+
+
+def rbd_conf(conf: Path, cache: str, work: Path) -> Path:
+    """The ceph.conf a contender with this cache mode runs with (the cluster's, or a copy)."""
+    if cache == "none":
+        return conf
+    text = conf.read_text()
+    if RBD_CLIENT_NONE not in text:
+        raise RuntimeError(f"{conf} has no [client] section with the cache off to replace")
+    path = work / f"ceph-{cache}.conf"
+    path.write_text(text.replace(RBD_CLIENT_NONE, RBD_CLIENT_WRITEBACK))
+    return path
 
 
 def rbd_fio_command(workload: Workload, conf: Path, runtime: float, ramp: float, output: Path) -> list[str]:
@@ -888,23 +928,24 @@ def rbd_fio_command(workload: Workload, conf: Path, runtime: float, ramp: float,
     return [*command, "--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}", f"--rbdname={RBD_IMAGE}"]
 
 
-def rbd_server_command(name: str, conf: Path, port: int) -> list[str]:
-    if name == "vblk":
+def rbd_server_command(contender: RbdContender, conf: Path, port: int) -> list[str]:
+    if contender.tool == "vblk":
         return [
             *vblk_executable(), "serve",
-            "--disk", f"name={EXPORT},backend=rbd,pool={RBD_POOL},image={RBD_IMAGE}",
+            "--disk",
+            f"name={EXPORT},backend=rbd,pool={RBD_POOL},image={RBD_IMAGE},cache={contender.cache}",
             "--ceph-conf", str(conf), "--nbd-listen", f"{HOST}:{port}", "--http-listen", "none",
             "--log-level", "warning",
         ]  # fmt: skip
-    # cache=none: librbd's cache off, as vblk runs it (and as the cluster's ceph.conf sets for fio)
+    # --cache=none: librbd's cache off; --cache=writeback: on (QEMU sets rbd_cache from it)
     return [
-        "qemu-nbd", "-t", "--cache=none", "-f", "raw", "-b", HOST, "-p", str(port), "-x", EXPORT,
-        "--shared=16", f"rbd:{RBD_POOL}/{RBD_IMAGE}:conf={conf}:id=admin",
+        "qemu-nbd", "-t", f"--cache={contender.cache}", "-f", "raw", "-b", HOST, "-p", str(port),
+        "-x", EXPORT, "--shared=16", f"rbd:{RBD_POOL}/{RBD_IMAGE}:conf={conf}:id=admin",
     ]  # fmt: skip
 
 
 def rbd_run(
-    name: str,
+    contender: RbdContender,
     workload: Workload,
     round_index: int,
     conf: Path,
@@ -913,15 +954,19 @@ def rbd_run(
     work: Path,
 ) -> RunResult:
     """One contender, one workload: start its server (none for fio-rbd), run fio, stop the server."""
+    name = contender.key
     output = work / f"fio-rbd-{name}-{workload.key}-{round_index}.json"
+    conf = rbd_conf(conf, contender.cache, work)
     env = {**os.environ, "CEPH_CONF": str(conf)}
     server: Server | None = None
     try:
-        if name == "fio-rbd":
+        if contender.tool == "fio-rbd":
             command = rbd_fio_command(workload, conf, args.runtime, args.ramp, output)
         else:
             kind = ServerKind(
-                name, RBD_CONTENDERS[name], lambda _i, port, _e: rbd_server_command(name, conf, port)
+                contender.tool,
+                contender.title,
+                lambda _i, port, _e: rbd_server_command(contender, conf, port),
             )
             server = Server(kind, work / "unused", size, work)
             server.start()
@@ -961,49 +1006,70 @@ def rbd_run(
 
 
 def rbd_markdown(results: Sequence[RunResult], env: dict[str, Any], settings: dict[str, Any]) -> str:
-    names = list(RBD_CONTENDERS)
     by_cell: dict[tuple[str, str], list[RunResult]] = {}
     for result in results:
         by_cell.setdefault((result.server, result.workload), []).append(result)
 
-    def median(name: str, workload: Workload, metric: Metric) -> float | None:
-        return median_of(by_cell.get((name, workload.key), []), metric)
+    def median(key: str, workload: Workload, metric: Metric) -> float | None:
+        return median_of(by_cell.get((key, workload.key), []), metric)
 
+    caches = [c for c in RBD_CACHES if c in settings["caches"]]
     lines = [
         f"## vblk on Ceph RBD — {settings['timestamp']}",
         "",
         "Throwaway cluster on loopback: one mon, one memstore OSD, pool size 1; "
-        f"image {settings['size'] // MiB} MiB, filled; librbd cache off for all three. "
+        f"image {settings['size'] // MiB} MiB, filled. "
         f"Median of {settings['runs']} run(s), {settings['runtime']:g} s + {settings['ramp']:g} s ramp, "
         f"contenders one at a time, round robin. {env['cpu_model']}, {env['nproc']} CPUs "
         f"(fio, the server and the cluster share them), {env['fio']}, {env['qemu_nbd']}, {env['ceph']}.",
         "",
-        "Bracketed: vblk ÷ contender.",
-        "",
-        "| workload | metric | " + " | ".join(RBD_CONTENDERS[n] for n in names) + " |",
-        "|---|---|" + "---:|" * len(names),
+        "Each table compares like with like: the three contenders run librbd with the same cache. "
+        "Bracketed: vblk ÷ contender. fio never sends a FLUSH.",
     ]
     verdicts = []
     metrics: tuple[Metric, ...] = ("kiops", "clat_mean_us", "cpu_s_per_gib")
-    for workload in RBD_WORKLOADS:
-        for metric in metrics:
-            medians = {n: median(n, workload, metric) for n in names}
-            cells = [_cell(medians[n], medians["vblk"], n != "vblk") for n in names]
-            lines.append(f"| {workload.title} | {METRIC_LABELS[metric]} | " + " | ".join(cells) + " |")
-        vblk = median("vblk", workload, "kiops")
-        for peer, target in RBD_TARGETS.items():
-            theirs = median(peer, workload, "kiops")
+    for cache in caches:
+        contenders = [c for c in RBD_CONTENDERS if c.cache == cache]
+        vblk_key = next(c.key for c in contenders if c.tool == "vblk")
+        lines += [
+            "",
+            f"### {RBD_CACHES[cache]}",
+            "",
+            "| workload | metric | " + " | ".join(c.title for c in contenders) + " |",
+            "|---|---|" + "---:|" * len(contenders),
+        ]
+        for workload in RBD_WORKLOADS:
+            for metric in metrics:
+                medians = {c.key: median(c.key, workload, metric) for c in contenders}
+                cells = [_cell(medians[c.key], medians[vblk_key], c.tool != "vblk") for c in contenders]
+                lines.append(f"| {workload.title} | {METRIC_LABELS[metric]} | " + " | ".join(cells) + " |")
+            vblk = median(vblk_key, workload, "kiops")
+            for peer in contenders:
+                target = RBD_TARGETS.get(peer.tool)
+                if target is None:
+                    continue
+                theirs = median(peer.key, workload, "kiops")
+                ratio = vblk / theirs if vblk is not None and theirs else None
+                met = "met" if ratio is not None and ratio >= target else "NOT met"
+                verdicts.append(
+                    f"- {RBD_CACHES[cache].split(' (')[0]}, {workload.title}: vblk ÷ {peer.title} = "
+                    f"{_fmt(ratio)} (≥ {target:g}x: {met})"
+                )
+    if len(caches) > 1:
+        for workload in RBD_WORKLOADS:
+            vblk = median("vblk-wb", workload, "kiops")
+            theirs = median("fio-rbd", workload, "kiops")
             ratio = vblk / theirs if vblk is not None and theirs else None
-            met = "met" if ratio is not None and ratio >= target else "NOT met"
             verdicts.append(
-                f"- {workload.title}: vblk ÷ {RBD_CONTENDERS[peer]} = {_fmt(ratio)} (≥ {target:g}x: {met})"
+                f"- not like with like, {workload.title}: vblk with its writeback cache ÷ "
+                f"fio --ioengine=rbd with the cache off = {_fmt(ratio)}"
             )
     lines += [
         "",
         "Server CPU: utime+stime of the vblk or qemu-nbd process over fio's window, librbd's threads "
         "included (fio rbd runs librbd inside fio: n/a).",
         "",
-        "Targets:",
+        "Targets (issue 9: at least 2x qemu-nbd's IOPS and 0.7x fio's direct rbd IOPS):",
         "",
         *verdicts,
     ]
@@ -1024,13 +1090,15 @@ def rbd_main(args: argparse.Namespace) -> int:
     env["ceph"] = _first_line(["ceph", "--version"])
     results: list[RunResult] = []
     size = args.rbd_size
+    contenders = [c for c in RBD_CONTENDERS if c.cache in args.rbd_cache]
     settings: dict[str, Any] = {
         "timestamp": timestamp,
         "size": size,
         "runs": args.runs,
         "runtime": args.runtime,
         "ramp": args.ramp,
-        "contenders": list(RBD_CONTENDERS),
+        "contenders": [dataclasses.asdict(c) for c in contenders],
+        "caches": args.rbd_cache,
         "workloads": [dataclasses.asdict(w) for w in RBD_WORKLOADS],
         "vblk_revision": env["vblk_git"],
     }
@@ -1046,14 +1114,15 @@ def rbd_main(args: argparse.Namespace) -> int:
                  f"--rbdname={RBD_IMAGE}", "--rw=write", "--bs=4M", "--iodepth=4", f"--size={size}"],
                 env=cluster.env(), check=True, capture_output=True, timeout=600,
             )  # fmt: skip
-            names = list(RBD_CONTENDERS)
             for round_index in range(args.runs):
-                order = names[round_index % len(names) :] + names[: round_index % len(names)]
+                shift = round_index % len(contenders)
+                order = contenders[shift:] + contenders[:shift]
                 for workload in RBD_WORKLOADS:
-                    for name in order:
+                    for contender in order:
+                        name = contender.key
                         log(f"round {round_index + 1}/{args.runs} {workload.key} on {name}")
                         try:
-                            result = rbd_run(name, workload, round_index, cluster.conf, size, args, work)
+                            result = rbd_run(contender, workload, round_index, cluster.conf, size, args, work)
                         except (
                             RuntimeError,
                             OSError,
@@ -1082,7 +1151,7 @@ def rbd_main(args: argparse.Namespace) -> int:
                 m: median_of([r for r in results if r.server == name and r.workload == w.key], m)
                 for m in metrics
             }
-            for name in RBD_CONTENDERS
+            for name in (c.key for c in contenders)
             for w in RBD_WORKLOADS
         },
         "runs": [dataclasses.asdict(r) for r in results],
@@ -1139,6 +1208,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rbd", action="store_true", help="run the Ceph RBD row (vblk, qemu-nbd, fio rbd) instead"
     )
     parser.add_argument("--rbd-size", type=parse_size, default=256 * MiB, help="RBD image size [256M]")
+    parser.add_argument(
+        "--rbd-cache",
+        type=lambda text: [c for c in text.split(",") if c],
+        default=list(RBD_CACHES),
+        help="librbd cache modes to compare, each with all three contenders [none,writeback]",
+    )
     return parser
 
 
@@ -1155,6 +1230,9 @@ def _select(text: str, known: Sequence[Any], what: str) -> list[Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rbd:
+        unknown = [c for c in args.rbd_cache if c not in RBD_CACHES]
+        if unknown or not args.rbd_cache:
+            raise SystemExit(f"--rbd-cache: choose from {', '.join(RBD_CACHES)} (not {', '.join(unknown)})")
         return rbd_main(args)
     servers: list[ServerKind] = _select(args.servers, SERVERS, "server")
     workloads: list[Workload] = _select(args.workloads, WORKLOADS, "workload")

@@ -21,7 +21,7 @@ from aiohttp import web
 from device.backends import Backend, BackendError
 from device.backends.memory import MemoryBackend
 from device.backends.raw import RawFileBackend
-from device.backends.rbd import RbdBackend, RbdTarget
+from device.backends.rbd import DEFAULT_CACHE, RbdBackend, RbdTarget
 from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
 from device.machine import Machine
 from device.memory import GuestMemory
@@ -73,6 +73,7 @@ class DiskSpec:
     pool: str = "rbd"  # backend "rbd": the pool and image (default: the disk's name)
     rbd_image: str = ""
     create: bool = False  # backend "rbd": create a missing image with ``size``
+    cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 
 
@@ -139,6 +140,7 @@ def open_backend(spec: DiskSpec) -> Backend:
             create_size=spec.size if spec.create else None,
             read_only=spec.read_only,
             take_over=ceph.take_over,
+            cache=spec.cache,
         )
         return RbdBackend.open(target)
     raise ValueError(f"unknown backend {spec.backend!r}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from device.backends.rbd import CACHE_MODES
 from service.app import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
 from service.security import SecurityConfigError, Tokens
@@ -31,6 +32,7 @@ DISK_KEYS = (
     "io-mode",
     "pool",
     "create",
+    "cache",
 )
 BACKENDS = ("file", "memory", "rbd")
 IO_MODES = ("inline", "thread")
@@ -316,8 +318,16 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["pool"] = options["pool"]
             if "create" in options:
                 spec["create"] = parse_bool(options["create"])
+            if "cache" in options:
+                if options["cache"] not in CACHE_MODES:
+                    raise ValueError(
+                        f"cache must be one of {', '.join(CACHE_MODES)}, not {options['cache']!r}"
+                    )
+                spec["cache"] = options["cache"]
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
+            elif "cache" in options:
+                raise ValueError("cache= is an rbd disk's option (librbd's cache)")
         except ValueError as exc:
             raise ConfigError(f"disk {name}: {exc}") from exc
         specs.append(spec)

@@ -70,6 +70,7 @@ class _Libs:
                 "rados_create": (c_int, [p(c_void_p), c_char_p]),
                 "rados_conf_read_file": (c_int, [c_void_p, c_char_p]),
                 "rados_conf_set": (c_int, [c_void_p, c_char_p, c_char_p]),
+                "rados_conf_get": (c_int, [c_void_p, c_char_p, c_char_p, c_size_t]),
                 "rados_connect": (c_int, [c_void_p]),
                 "rados_shutdown": (None, [c_void_p]),
                 "rados_ioctx_create": (c_int, [c_void_p, c_char_p, p(c_void_p)]),
@@ -146,7 +147,13 @@ class Rados:
         conf_file: str | None,
         client_id: str = "admin",
         options: Sequence[tuple[str, str]] = (),
+        defaults: Sequence[tuple[str, str, str]] = (),
     ) -> None:
+        """Read ``conf_file``, set ``options`` over it, and connect.
+
+        ``defaults`` are ``(key, ceph_default, value)``: ``key`` becomes ``value`` unless the
+        configuration already changed it from Ceph's own default.
+        """
         lib = libs().rados
         handle = c_void_p()
         check(lib.rados_create(ctypes.byref(handle), client_id.encode()), "rados_create")
@@ -158,10 +165,19 @@ class Rados:
             )
             for key, value in options:
                 check(lib.rados_conf_set(self.handle, key.encode(), value.encode()), f"setting {key}")
+            for key, ceph_default, value in defaults:
+                if self.conf_get(key) == ceph_default:
+                    check(lib.rados_conf_set(self.handle, key.encode(), value.encode()), f"setting {key}")
             check(lib.rados_connect(self.handle), "connecting to the Ceph cluster")
         except BaseException:
             self.shutdown()
             raise
+
+    def conf_get(self, key: str) -> str:
+        """This client's value of a Ceph option (``rbd_cache`` → ``"true"``)."""
+        buf = ctypes.create_string_buffer(4096)
+        check(libs().rados.rados_conf_get(self.handle, key.encode(), buf, len(buf)), f"reading {key}")
+        return buf.value.decode()
 
     def open_ioctx(self, pool: str) -> int:
         ioctx = c_void_p()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from device.backends import ceph
-from device.backends.rbd import RbdBackend
+from device.backends.rbd import CACHE_MODES, RbdBackend
 from service.app import CephOptions, DiskSpec, Service
 from tests.ceph.cluster import Cluster
 from tests.service.conftest import MiB, NbdRig, serving
@@ -59,9 +59,12 @@ def rbd_backend(service: Service, disk: str = "disk0") -> RbdBackend:
     return backend
 
 
-@pytest.fixture
-async def nbd_rig(ceph_cluster: Cluster) -> AsyncIterator[NbdRig]:
-    """The service rig of tests/service, with both disks on RBD images of their own."""
+@pytest.fixture(params=CACHE_MODES)
+async def nbd_rig(ceph_cluster: Cluster, request: pytest.FixtureRequest) -> AsyncIterator[NbdRig]:
+    """The service rig of tests/service, with both disks on RBD images of their own.
+
+    Once with librbd's cache off and once with its writeback cache (the ``cache=`` disk option).
+    """
     ro_image = image_name("ro")
     await asyncio.to_thread(create_image, ceph_cluster, ro_image, 1 * MiB)
     options = ceph_options(ceph_cluster)
@@ -72,8 +75,11 @@ async def nbd_rig(ceph_cluster: Cluster) -> AsyncIterator[NbdRig]:
             rbd_image=image_name("disk0"),
             size=64 * MiB,
             create=True,
+            cache=request.param,
             ceph=options,
         ),
-        DiskSpec(name="ro", backend="rbd", rbd_image=ro_image, read_only=True, ceph=options),
+        DiskSpec(
+            name="ro", backend="rbd", rbd_image=ro_image, read_only=True, cache=request.param, ceph=options
+        ),
     ) as rig:
         yield rig
