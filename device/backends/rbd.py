@@ -309,6 +309,22 @@ class RbdBackend:
             elif op == _ZERO:
                 self._map.set(offset, offset + length, False)
 
+    def _distrust(self, op: int, offset: int, length: int) -> None:
+        """Booking a finished operation failed: answer it EIO and assume the worst of its range.
+
+        The range counts as data (a map that says hole where there is data makes copies skip
+        it), and the failure flag is set, so no later FLUSH reports success.
+        """
+        if op == _READ:
+            return
+        with self._lock:
+            if self._write_errno is None:
+                self._write_errno = errno.EIO
+            try:
+                self._map.set(offset, offset + length, True)
+            except Exception:  # the map itself is broken: call every block data
+                self._map = AllocationMap(self._size, [(0, self._size)])
+
     def _flush_refused(self) -> BackendError | None:
         code = self._write_errno
         if code is None:
@@ -473,12 +489,17 @@ class RbdBackend:
                     continue
                 self.completed += 1
                 future, op, offset, length, _keep = entry
-                if op != _READ:
-                    self._done(op, offset, length, result)
-                    if op == _FLUSH and result >= 0:
-                        refused = self._flush_refused()
-                        if refused is not None:
-                            result = -(refused.errno or errno.EIO)
+                try:
+                    if op != _READ:
+                        self._done(op, offset, length, result)
+                        if op == _FLUSH and result >= 0:
+                            refused = self._flush_refused()
+                            if refused is not None:
+                                result = -(refused.errno or errno.EIO)
+                except Exception as exc:  # never strand the rest of the batch, nor this request
+                    log.error("rbd_completion_failed", op=op, offset=offset, length=length, error=repr(exc))
+                    self._distrust(op, offset, length)
+                    result = -errno.EIO
                 if future.done():
                     continue
                 if result < 0:

@@ -20,6 +20,7 @@ import pytest
 
 from device.backends import BackendError
 from device.backends.rbd import CACHE_MODES, AllocationMap, ImageLockedError, RbdBackend, RbdTarget
+from driver.blk import BlkIOError
 from service.app import DiskSpec, Service, ServiceConfig
 from service.config import ConfigError, from_sources
 from tests.ceph.cluster import Cluster
@@ -440,3 +441,38 @@ async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster,
             assert body["error"] == "io_error", body
             assert time.monotonic() - started < 25
             assert v.poll() is None  # the service itself goes on
+
+
+async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_batch_goes_on(
+    nbd_rig: NbdRig,
+) -> None:
+    backend = rbd_backend(nbd_rig.service)
+    disk = nbd_rig.service.disks["disk0"].bytes
+    book = backend._done
+    calls = 0
+
+    def broken_once(op: int, offset: int, length: int, result: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bookkeeping failure")
+        book(op, offset, length, result)
+
+    await disk.discard(0, 1 * MiB)
+    backend._done = broken_once  # type: ignore[method-assign]
+    results = await asyncio.wait_for(  # a stranded completion would hang here
+        asyncio.gather(
+            *(disk.write(i * 4096, bytes([i + 1]) * 4096) for i in range(16)), return_exceptions=True
+        ),
+        30,
+    )
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(results[failed[0]], BlkIOError), results
+    for i in range(len(results)):  # every other write of the batch completed and landed
+        if i not in failed:
+            assert await disk.read(i * 4096, 4096) == bytes([i + 1]) * 4096
+    # The failed write's range counts as data, and no FLUSH reports success after it.
+    assert not any(e.hole for e in backend.extents(failed[0] * 4096, 4096))
+    with pytest.raises(BlkIOError):
+        await disk.flush()
+    assert nbd_rig.service.disks["disk0"].driver.ready  # the disk serves on
