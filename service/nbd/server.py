@@ -384,7 +384,8 @@ class Channel(asyncio.BufferedProtocol):
             self._poll_next = True
 
     def _poll(self) -> None:
-        if self._pending or self._eof or self._waiter is None:
+        transport = self.transport
+        if self._pending or self._eof or self._waiter is None or transport is None or transport.is_closing():
             return
         window = self._poll_window
         start = time.perf_counter()
