@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 
 class BackendError(OSError):
     """A backend operation failed; ``errno`` says why (EIO, ENOSPC, EROFS, ...)."""
+
+
+def check_access(what: object, size: int, read_only: bool, offset: int, length: int, write: bool) -> None:
+    """Refuse a write to a read-only backend (EROFS) or a range outside ``[0, size)`` (EINVAL).
+
+    ``what`` names the backend in the message (its path, its image, ...).
+    """
+    if write and read_only:
+        raise BackendError(errno.EROFS, f"{what} is read-only")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {what}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import errno
 import threading
 from collections.abc import Sequence
 
-from device.backends import BackendError, Extent
+from device.backends import BackendError, Extent, check_access
 
 CHUNK = 64 * 1024
 
@@ -35,10 +35,7 @@ class MemoryBackend:
         return self._read_only
 
     def _check(self, offset: int, length: int, write: bool) -> None:
-        if write and self._read_only:
-            raise BackendError(errno.EROFS, "memory backend is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside the disk")
+        check_access("memory backend", self._size, self._read_only, offset, length, write)
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from device.backends import BackendError, Extent
+from device.backends import BackendError, Extent, check_access
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -105,10 +105,7 @@ class RawFileBackend:
         return self._fd
 
     def _check(self, offset: int, length: int, write: bool) -> None:
-        if write and self._read_only:
-            raise BackendError(errno.EROFS, f"{self.path} is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {self.path}")
+        check_access(self.path, self._size, self._read_only, offset, length, write)
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = buffers[0].nbytes if len(buffers) == 1 else sum(b.nbytes for b in buffers)

@@ -50,7 +50,7 @@ from typing import Any
 
 import structlog
 
-from device.backends import BackendError, Extent, ceph
+from device.backends import BackendError, Extent, ceph, check_access
 
 log = structlog.get_logger("vblk.device.rbd")
 
@@ -292,10 +292,7 @@ class RbdBackend:
         return self._image
 
     def _check(self, offset: int, length: int, write: bool) -> None:
-        if write and self._read_only:
-            raise BackendError(errno.EROFS, f"{self.target.spec} is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise BackendError(errno.EINVAL, f"range [{offset}, +{length}) outside {self.target.spec}")
+        check_access(self.target.spec, self._size, self._read_only, offset, length, write)
 
     def _done(self, op: int, offset: int, length: int, result: int) -> None:
         """Book a finished operation into the allocation map and the failure flag."""
