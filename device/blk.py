@@ -238,6 +238,16 @@ class ExecContext:
     may_unmap: bool
 
 
+def _log_io_error(request: BlkRequest, exc: OSError) -> None:
+    log.warning(
+        "virtio_blk_io_error",
+        type=request.type,
+        sector=request.sector,
+        errno=exc.errno,
+        error=exc.strerror or str(exc),
+    )
+
+
 def execute(request: BlkRequest, ctx: ExecContext) -> tuple[Status, int]:
     """Run ``request``; returns its status and the bytes written into the chain (incl. status)."""
     status = request.status
@@ -247,13 +257,7 @@ def execute(request: BlkRequest, ctx: ExecContext) -> tuple[Status, int]:
             written = _run(request, ctx)
             status = VIRTIO_BLK_S_OK
         except OSError as exc:
-            log.warning(
-                "virtio_blk_io_error",
-                type=request.type,
-                sector=request.sector,
-                errno=exc.errno,
-                error=exc.strerror or str(exc),
-            )
+            _log_io_error(request, exc)
             status = VIRTIO_BLK_S_IOERR
             written = 0
     ctx.memory.buffer[request.status_addr - ctx.memory.base] = status
@@ -577,13 +581,7 @@ class VirtioBlkDevice(VirtioDevice):
         exc = None if future.cancelled() else future.exception()
         if future.cancelled() or exc is not None:
             if isinstance(exc, OSError):
-                log.warning(
-                    "virtio_blk_io_error",
-                    type=request.type,
-                    sector=request.sector,
-                    errno=exc.errno,
-                    error=exc.strerror or str(exc),
-                )
+                _log_io_error(request, exc)
             else:
                 log.error("virtio_blk_execute_failed", error=repr(exc))
             status, written = VIRTIO_BLK_S_IOERR, 0
