@@ -29,7 +29,7 @@ from device.platform import work_queue
 from device.spec.virtio_blk import RequestType
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
-from service.blockio import ByteDisk
+from service.blockio import ByteDisk, aligned
 from service.nbd import protocol as p
 from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
 
@@ -914,8 +914,7 @@ class _Connection:
     def _start_read(self, request: p.Request, export: NbdExport, held: int) -> bool:
         """Start a READ on the ring now; False if it would have to wait (then a task does it)."""
         offset, length = request.offset, request.length
-        start = offset - offset % SECTOR
-        end = -(-(offset + length) // SECTOR) * SECTOR
+        start, end = aligned(offset, length)
         driver = export.driver
         buffer = driver.dma.try_allocate(end - start)
         if buffer is None:
@@ -1038,8 +1037,8 @@ class _Connection:
         if self.codec.buffered < length:
             return None
         offset = request.offset
-        start = offset - offset % SECTOR
-        buffer = export.driver.dma.try_allocate(-(-(offset + length) // SECTOR) * SECTOR - start)
+        start, end = aligned(offset, length)
+        buffer = export.driver.dma.try_allocate(end - start)
         if buffer is None:
             return None
         head = offset - start
