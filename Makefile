@@ -5,13 +5,23 @@ BIN := $(VENV)/bin
 
 .PHONY: run test venv tools lint typecheck pytest bench clean
 
-$(BIN)/vblk: pyproject.toml
+# The request path mypyc compiles (pyproject.toml [tool.vblk] compiled, setup.py).
+COMPILED := $(shell sed -n '/^compiled = \[/,/^\]/p' pyproject.toml | grep -o '[a-z_/]*\.py')
+STAMP := $(VENV)/.compiled
+
+# pip builds the package in place (editable), compiling the request path unless VBLK_COMPILE=0.
+$(BIN)/vblk: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip setuptools
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(STAMP)
+
+# Recompiled in place when a compiled module's source changes.
+$(STAMP): $(BIN)/vblk $(COMPILED)
+	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
-venv: $(BIN)/vblk
+venv: $(BIN)/vblk $(STAMP)
 
 run: venv
 	$(BIN)/vblk serve $(ARGS)
@@ -29,7 +39,7 @@ lint: venv
 pytest: venv
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: venv tools typecheck lint pytest
+test: tools venv typecheck lint pytest
 
 bench: venv
 	$(BIN)/python -m bench.virtio_micro
@@ -41,4 +51,5 @@ bench-nbd: venv
 	$(BIN)/python -m bench.nbd_compare $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -name '*.so' -not -path './.git/*' -delete

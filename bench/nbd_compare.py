@@ -203,21 +203,36 @@ def vblk_cwd_env() -> tuple[Path, dict[str, str] | None]:
 
 
 def export_revision(revision: str, destination: Path) -> str:
-    """Extract ``device/ driver/ service/`` of a git revision into ``destination``; returns its hash."""
+    """Extract ``device/ driver/ service/`` of a git revision into ``destination``; returns its hash.
+
+    A revision with a ``setup.py`` is built there as ``make`` builds the working tree (its
+    request path compiled in place), so that it is measured as it would run.
+    """
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", f"{revision}^{{commit}}"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
+    build = ["setup.py", "pyproject.toml", "README.md"]
+    probe = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}:setup.py"], check=False)
+    has_setup = probe.returncode == 0
+    paths = ["device", "driver", "service", *(build if has_setup else [])]
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "device", "driver", "service"],
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths],
         capture_output=True,
         check=True,
     ).stdout
     destination.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
         tar.extractall(destination, filter="data")
+    if has_setup:
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=destination,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return commit
 
 

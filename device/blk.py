@@ -14,6 +14,7 @@ import functools
 from typing import Literal
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.backends import AsyncBackend, Backend
 from device.machine import Machine
@@ -327,6 +328,7 @@ def _geometry(capacity: int) -> tuple[int, int, int]:
     return min(capacity // (heads * sectors), 0xFFFF), heads, sectors
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it
 class VirtioBlkDevice(VirtioDevice):
     """A virtio-blk device (device id 2) serving one backend."""
 

@@ -10,6 +10,8 @@ import mmap
 import os
 import struct
 
+from mypy_extensions import mypyc_attr
+
 from device.platform import GuestMemoryError
 
 DEFAULT_BASE = 0x4000_0000  # 1 GiB: never 0, so that address bugs show
@@ -19,6 +21,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it
 class GuestMemory:
     """Guest RAM of ``size`` bytes at guest-physical ``base`` (both page aligned)."""
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Protocol
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.memory import GuestMemory
 from device.platform import RunningLoop
@@ -52,6 +54,7 @@ class DeviceStatistics:
     interrupts_by_vector: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # so that VirtioBlkDevice can allow them
 class VirtioDevice:
     """State every virtio device has; subclasses implement :meth:`process_queue`.
 
@@ -64,8 +67,9 @@ class VirtioDevice:
     """
 
     device_id = 0
-    #: The virtqueue implementation (a transport may need a stricter one).
-    queue_type: type[DeviceVirtqueue] = DeviceVirtqueue
+    #: The virtqueue implementation (a transport may need a stricter one). Read from the
+    #: class of the instance: a subclass defined in interpreted code may override it.
+    queue_type: ClassVar[type[DeviceVirtqueue]] = DeviceVirtqueue
 
     def __init__(
         self,
@@ -83,12 +87,16 @@ class VirtioDevice:
         self.memory = memory
         self.device_features = device_features | (1 << VIRTIO_F_VERSION_1)
         self.transitional = transitional
-        self.queues = [self.queue_type(memory, i, queue_max_size) for i in range(num_queues)]
+        queue_type = type(self).queue_type
+        self.queues = [queue_type(memory, i, queue_max_size) for i in range(num_queues)]
         self.transport: Transport | None = None
         self.stats = DeviceStatistics()
         self._running = RunningLoop()
         self.config_generation = 0
         self.broken_reason: str | None = None
+        #: Called with the reason each time the device sets DEVICE_NEEDS_RESET (after the
+        #: status is set, before the driver is notified).
+        self.error_listeners: list[Callable[[str], None]] = []
         self._scheduled: set[int] = set()
         self._reset_state()
 
@@ -244,6 +252,8 @@ class VirtioDevice:
         if not self.legacy:  # legacy devices have no DEVICE_NEEDS_RESET: they just stop
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
         self.on_reset()
+        for listener in self.error_listeners:
+            listener(reason)
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             self.stats.config_interrupts += 1
             if self.transport is not None:

@@ -11,6 +11,8 @@ import dataclasses
 import struct
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from device.memory import GuestMemory
 from device.platform import GuestMemoryError, store_u16
 from device.spec.virtio import (
@@ -52,6 +54,7 @@ class DescriptorChain:
     writable: list[tuple[int, int]]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it
 class DeviceVirtqueue:
     """One split virtqueue as the device sees it, configured through the transport registers."""
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.platform import RunningLoop, memory_barrier
 from device.spec import virtio_blk as vb
@@ -88,6 +89,7 @@ _OP_NAMES = {int(k): v for k, v in OPERATIONS.items()}
 _OUTHDR_PACK = vb.VIRTIO_BLK_OUTHDR.pack_into
 
 
+@mypyc_attr(native_class=False)
 class BlkError(OSError):
     """A virtio-blk request failed; ``status`` is the device's status byte (if it answered)."""
 
@@ -98,12 +100,14 @@ class BlkError(OSError):
         super().__init__(self.default_errno, message)
 
 
+@mypyc_attr(native_class=False)
 class BlkIOError(BlkError):
     """The device answered VIRTIO_BLK_S_IOERR (out of range, misaligned, media error)."""
 
     status = VIRTIO_BLK_S_IOERR
 
 
+@mypyc_attr(native_class=False)
 class BlkUnsupportedError(BlkError):
     """The device answered VIRTIO_BLK_S_UNSUPP (type or flag not supported or negotiated)."""
 
@@ -111,10 +115,12 @@ class BlkUnsupportedError(BlkError):
     default_errno = errno.EOPNOTSUPP
 
 
+@mypyc_attr(native_class=False)
 class BlkResetError(BlkError):
     """The device was reset while the request was in flight; its outcome is unknown."""
 
 
+@mypyc_attr(native_class=False)
 class BlkReadOnlyError(BlkError):
     """A write to a device that offered VIRTIO_BLK_F_RO; never sent."""
 
@@ -585,7 +591,6 @@ class VirtioBlk:
         """
         started = time.perf_counter()
         self._account_io(started, 1)
-        status: int | None = None
         try:
             while True:
                 if self._closed:
@@ -605,13 +610,15 @@ class VirtioBlk:
                 )
                 status = await future
                 break
-            if status != VIRTIO_BLK_S_OK:
-                raise self._status_error(rtype, status, sector)
         except asyncio.CancelledError:
-            status = -1
+            self._retire(rtype, -1, started, nbytes)
             raise
-        finally:
-            self._retire(rtype, status, started, nbytes)
+        except BaseException:
+            self._retire(rtype, None, started, nbytes)  # reset, or the driver closed
+            raise
+        self._retire(rtype, status, started, nbytes)
+        if status != VIRTIO_BLK_S_OK:
+            raise self._status_error(rtype, status, sector)
 
     def start_io(self, rtype: int, sector: int, buffer: DmaBuffer, length: int, callback: IoCallback) -> bool:
         """Start a one-segment read (IN) or write (OUT) now, if nothing would make it wait.

@@ -2,7 +2,9 @@
 # Installs the real client tools vblk's tests talk to (Debian packages).
 # As root it installs what is missing; otherwise it says what a root user must install.
 set -euo pipefail
-packages=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio prometheus chromium curl systemd python3-yaml)
+# setup.py compiles the request path with mypyc: a C compiler and Python's headers.
+packages=(gcc libc6-dev python3-dev)
+packages+=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio prometheus chromium curl systemd python3-yaml)
 # tests/e2e: Debian's kernel under QEMU (TCG) with a busybox initramfs, formatting vblk disks.
 packages+=(qemu-system-x86 qemu-system-common linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
 # TLS tests make their certificates with the openssl command.

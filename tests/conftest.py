@@ -16,8 +16,17 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
+from tests.build import REPO, stale_sources
 
 MiB = 1 << 20
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test old compiled code: a module edited since ``make`` compiled it."""
+    stale = stale_sources()
+    if stale:
+        names = ", ".join(str(path.relative_to(REPO)) for path in stale)
+        pytest.exit(f"{names} changed since they were compiled: run `make venv`", returncode=2)
 
 
 @dataclasses.dataclass

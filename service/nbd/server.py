@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, cast
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.backends import Backend
 from device.platform import work_queue
@@ -543,7 +544,9 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(self._protocol, host, port, reuse_address=True)
         self._servers.append(server)
-        return [sock.getsockname()[:2] for sock in server.sockets]
+        # Typeshed says a tuple, uvloop gives a list: read it untyped (compiled code checks types).
+        sockets: Sequence[socket.socket] = cast(Any, server).sockets
+        return [sock.getsockname()[:2] for sock in sockets]
 
     async def listen_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -642,6 +645,7 @@ class _IdleError(Exception):
     """The client sent nothing for ``idle_timeout`` seconds with nothing in flight."""
 
 
+@mypyc_attr(native_class=False)
 class _SendTimeoutError(ConnectionError):
     """The client did not read its replies for ``send_timeout`` seconds."""
 

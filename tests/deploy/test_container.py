@@ -85,6 +85,11 @@ def test_multi_stage_build_copies_only_the_installed_venv() -> None:
             for source in sources:
                 assert (REPO / source).exists(), source
     assert any(k == "RUN" and "pip install ." in a for k, a in build)
+    # mypyc compiles the request path at pip install: the build stage has setup.py and a
+    # compiler, and fails if the result is not compiled.
+    build_runs = " ".join(a for k, a in build if k == "RUN")
+    assert "gcc" in build_runs and "m.compiled()" in build_runs
+    assert any(k == "COPY" and "setup.py" in a.split() for k, a in build)
 
 
 def test_final_stage_runs_vblk_unprivileged_on_all_addresses_with_a_volume() -> None:

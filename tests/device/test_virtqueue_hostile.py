@@ -273,18 +273,10 @@ def _notify(rig: Rig, queue: int = 0) -> None:
     rig.machine.mmio_write(bar + NOTIFY_OFFSET + NOTIFY_OFF_MULTIPLIER * queue, 2, queue)
 
 
-def _spy_device_errors(
-    device: VirtioDevice, ring: RingWriter, monkeypatch: pytest.MonkeyPatch
-) -> list[tuple[str, int, int]]:
-    """Record (reason, status afterwards, used idx) for every device_error call."""
+def _spy_device_errors(device: VirtioDevice, ring: RingWriter) -> list[tuple[str, int, int]]:
+    """Record (reason, status, used idx) each time the device sets DEVICE_NEEDS_RESET."""
     seen: list[tuple[str, int, int]] = []
-    original = device.device_error
-
-    def spy(reason: str) -> None:
-        original(reason)
-        seen.append((reason, device.status, ring.used_idx))
-
-    monkeypatch.setattr(device, "device_error", spy)
+    device.error_listeners.append(lambda reason: seen.append((reason, device.status, ring.used_idx)))
     return seen
 
 
@@ -295,9 +287,7 @@ def _record_loop_errors() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_hostile_ring_needs_reset_once_and_driver_recovers(
-    case: Case, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_hostile_ring_needs_reset_once_and_driver_recovers(case: Case) -> None:
     loop_errors = _record_loop_errors()
     rig = await make_rig(**case.rig)
     try:
@@ -307,7 +297,7 @@ async def test_hostile_ring_needs_reset_once_and_driver_recovers(
         ring = RingWriter.of(queue)
         assert queue.active and ring.avail_idx == queue.last_avail_idx == 1
         used_before = ring.used_idx
-        seen = _spy_device_errors(rig.device, ring, monkeypatch)
+        seen = _spy_device_errors(rig.device, ring)
 
         case.build(Hostile(rig, ring))
         _notify(rig)
