@@ -45,13 +45,18 @@ class VirtqueueError(Exception):
     """The driver broke a rule of the split virtqueue; the device must stop and need a reset."""
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, init=False)  # one per request: a compiled __init__
 class DescriptorChain:
     """A validated chain: its head and its readable then writable ``(gpa, length)`` buffers."""
 
     head: int
     readable: list[tuple[int, int]]
     writable: list[tuple[int, int]]
+
+    def __init__(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it

@@ -243,7 +243,7 @@ class Service:
             metrics = self.metrics
             self.nbd = NbdServer(
                 exports,
-                on_request=lambda disk, op, seconds: metrics.observe_request("nbd", disk, op, seconds),
+                on_request=metrics.frontend_observer("nbd"),
                 limits=self.config.nbd_limits,
                 tls=(
                     NbdTls(self.config.security.tls, self.ssl_context)

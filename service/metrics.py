@@ -10,7 +10,6 @@ HTTP request counts are observed per request. Names follow Prometheus convention
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from prometheus_client.registry import Collector
 import device.virtqueue
 import driver.blk
 import service.nbd.server
+from service.latency import FrontendObserver, LatencyHistogram, VirtioObserver
 
 if TYPE_CHECKING:
     from service.app import Disk
@@ -39,60 +39,9 @@ def compiled() -> bool:
     return all(not (m.__file__ or ".py").endswith(".py") for m in modules)
 
 
-# From 50 µs (an in-memory read) to 10 s (a stuck backend).
-LATENCY_BUCKETS = (
-    50e-6,
-    100e-6,
-    250e-6,
-    500e-6,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    10e-3,
-    25e-3,
-    50e-3,
-    100e-3,
-    250e-3,
-    500e-3,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-
-
 def _le(upper: float) -> str:
     """A bucket bound as Prometheus writes it (``0.0005``, ``1.0``, ``+Inf``)."""
     return "+Inf" if upper == math.inf else repr(float(upper))
-
-
-class LatencyHistogram:
-    """A histogram over :data:`LATENCY_BUCKETS` that costs one bisect per observation.
-
-    prometheus-client's Histogram takes a lock and walks the buckets on every observation;
-    vblk observes twice per request on one event loop thread, so a plain list of counts,
-    read by the collector at scrape time, does the same job for a fraction of the cost.
-    """
-
-    __slots__ = ("count", "counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for upper, count in zip((*LATENCY_BUCKETS, math.inf), self.counts, strict=True):
-            running += count
-            buckets.append((_le(upper), running))
-        return buckets
 
 
 class _HistogramCollector(Collector):
@@ -114,7 +63,8 @@ class _HistogramCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
         for labels, histogram in sorted(self._histograms.items()):
-            family.add_metric(list(labels), histogram.cumulative(), histogram.sum)
+            buckets = [(_le(upper), count) for upper, count in histogram.cumulative()]
+            family.add_metric(list(labels), buckets, histogram.sum)
         yield family
 
 
@@ -261,18 +211,13 @@ class Metrics:
             registry=self.registry,
         )
 
-    def virtio_observer(self, disk: str) -> Callable[[str, str, float, int], None]:
-        """The driver's per-request hook for ``disk`` (label lookups cached per operation)."""
-        children: dict[str, LatencyHistogram] = {}
-        histograms = self.virtio_latency
+    def virtio_observer(self, disk: str) -> VirtioObserver:
+        """The driver's per-request hook for ``disk``."""
+        return VirtioObserver(disk, self.virtio_latency)
 
-        def observe(op: str, status: str, seconds: float, nbytes: int) -> None:
-            child = children.get(op)
-            if child is None:
-                child = children[op] = histograms.setdefault((disk, op), LatencyHistogram())
-            child.observe(seconds)
-
-        return observe
+    def frontend_observer(self, frontend: str) -> FrontendObserver:
+        """A front end's per-request hook, called with (disk, operation, seconds)."""
+        return FrontendObserver(frontend, self.frontend_latency)
 
     def observe_request(self, frontend: str, disk: str, op: str, seconds: float) -> None:
         key = (disk, op, frontend)

@@ -38,7 +38,7 @@ from device.spec.virtio import (
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import OPERATIONS
 from driver.virtqueue import DriverVirtqueue
-from service.metrics import LATENCY_BUCKETS, LatencyHistogram
+from service.latency import LATENCY_BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
     from device.platform import GuestRam

@@ -134,7 +134,9 @@ class Aborted:
     reason: str
 
 
-@dataclasses.dataclass(slots=True)  # not frozen: one per request, and frozen __init__ is slower
+# One per request: not frozen, and __init__ written out (init=False) so that it is compiled
+# with this module (a dataclass's generated methods run interpreted).
+@dataclasses.dataclass(slots=True, init=False)
 class Request:
     """One transmission request. For WRITE, ``length`` payload bytes follow: take or skip them."""
 
@@ -143,6 +145,13 @@ class Request:
     flags: int
     offset: int
     length: int
+
+    def __init__(self, cookie: int, command: int, flags: int, offset: int, length: int) -> None:
+        self.cookie = cookie
+        self.command = command
+        self.flags = flags
+        self.offset = offset
+        self.length = length
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
