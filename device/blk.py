@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-from typing import Literal
+from typing import Final, Literal
 
 import structlog
 from mypy_extensions import mypyc_attr
@@ -31,7 +31,6 @@ from device.spec.virtio_blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
-    Status,
 )
 from device.spec.virtio_pci import VIRTIO_ID_BLOCK
 from device.virtio import VirtioDevice
@@ -41,7 +40,7 @@ from device.virtqueue import DescriptorChain, DeviceVirtqueue
 log = structlog.get_logger("vblk.device.blk")
 
 
-SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
+SECTOR: Final = vb.VIRTIO_BLK_SECTOR_SIZE
 IoMode = Literal["inline", "thread"]
 
 
@@ -105,7 +104,7 @@ class BlkRequest:
     data_len: int
     status_addr: int
     segments: list[tuple[int, int, int]]
-    status: Status | None
+    status: int | None
 
     def __init__(
         self, type: int, sector: int, data: list[tuple[int, int]], data_len: int, status_addr: int
@@ -200,7 +199,7 @@ def parse_request(chain: DescriptorChain, memory: GuestMemory, limits: Limits) -
     return request
 
 
-def _check(request: BlkRequest, memory: GuestMemory, limits: Limits) -> Status | None:
+def _check(request: BlkRequest, memory: GuestMemory, limits: Limits) -> int | None:
     rtype = request.type
     if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
         if rtype == VIRTIO_BLK_T_OUT and limits.read_only:
@@ -262,7 +261,7 @@ def _log_io_error(request: BlkRequest, exc: OSError) -> None:
     )
 
 
-def execute(request: BlkRequest, ctx: ExecContext) -> tuple[Status, int]:
+def execute(request: BlkRequest, ctx: ExecContext) -> tuple[int, int]:
     """Run ``request``; returns its status and the bytes written into the chain (incl. status)."""
     status = request.status
     written = 0
@@ -380,8 +379,8 @@ class VirtioBlkDevice(VirtioDevice):
         self.writeback = int(config.writeback)
         self.requests: dict[tuple[int, int], int] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: set[concurrent.futures.Future[tuple[Status, int]]] = set()
-        self._completions: list[tuple[DeviceVirtqueue, int, Status, int]] = []
+        self._pending: set[concurrent.futures.Future[tuple[int, int]]] = set()
+        self._completions: list[tuple[DeviceVirtqueue, int, int, int]] = []
         self._completion_scheduled = False
         self._epoch = 0
         self._limits = self._make_limits()
@@ -532,8 +531,8 @@ class VirtioBlkDevice(VirtioDevice):
         if pushed:
             self.interrupt_queue(queue)
 
-    def _count(self, rtype: int, status: Status) -> None:
-        key = (rtype, int(status))
+    def _count(self, rtype: int, status: int) -> None:
+        key = (rtype, status)
         self.requests[key] = self.requests.get(key, 0) + 1
 
     def _submit(self, queue: DeviceVirtqueue, head: int, request: BlkRequest) -> None:
@@ -543,7 +542,7 @@ class VirtioBlkDevice(VirtioDevice):
         future = self._executor.submit(execute, request, self._ctx)
         self._pending.add(future)
 
-        def done(fut: concurrent.futures.Future[tuple[Status, int]]) -> None:
+        def done(fut: concurrent.futures.Future[tuple[int, int]]) -> None:
             loop.call_soon_threadsafe(self._complete, fut, queue, head, request.type, epoch)
 
         future.add_done_callback(done)
@@ -615,7 +614,7 @@ class VirtioBlkDevice(VirtioDevice):
 
     def _complete(
         self,
-        fut: concurrent.futures.Future[tuple[Status, int]],
+        fut: concurrent.futures.Future[tuple[int, int]],
         queue: DeviceVirtqueue,
         head: int,
         rtype: int,

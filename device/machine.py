@@ -9,16 +9,17 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+from typing import Final
 
 from device.memory import GuestMemory
 from device.pci import Bar, PciBus, PciFunction
 from device.platform import InterruptHandler, RunningLoop
 from device.spec import pci
 
-MMIO_WINDOW_BASE = 0xE000_0000
-MMIO_WINDOW_END = 0xFEC0_0000
-FIRST_VECTOR = 0x30  # below are exceptions and legacy IRQs on x86
-LAST_VECTOR = 0xEF
+MMIO_WINDOW_BASE: Final = 0xE000_0000
+MMIO_WINDOW_END: Final = 0xFEC0_0000
+FIRST_VECTOR: Final = 0x30  # below are exceptions and legacy IRQs on x86
+LAST_VECTOR: Final = 0xEF
 
 
 @dataclasses.dataclass(slots=True)

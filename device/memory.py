@@ -9,16 +9,17 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
 from device.platform import GuestMemoryError
 
-DEFAULT_BASE = 0x4000_0000  # 1 GiB: never 0, so that address bugs show
-_U64_MAX = (1 << 64) - 1
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+DEFAULT_BASE: Final = 0x4000_0000  # 1 GiB: never 0, so that address bugs show
+_U64_MAX: Final = (1 << 64) - 1
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<I")
+_U64: Final = struct.Struct("<Q")
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it

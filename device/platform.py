@@ -13,7 +13,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 InterruptHandler = Callable[[], None]
 
@@ -74,8 +74,8 @@ class Platform(Protocol):
     def mmio_write(self, address: int, size: int, value: int) -> None: ...
 
 
-_FENCE = threading.Lock()
-_SWAP = sys.byteorder != "little"
+_FENCE: Final = threading.Lock()
+_SWAP: Final = sys.byteorder != "little"
 
 
 def store_u16(buffer: memoryview, offset: int, value: int) -> None:

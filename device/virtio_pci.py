@@ -6,6 +6,8 @@ MSI-X table and PBA; BAR 4 holds the common, ISR, device-specific and notify str
 
 from __future__ import annotations
 
+from typing import Final
+
 from device.pci import Bar, MsixBar, PciFunction
 from device.spec import pci
 from device.spec import virtio_pci as vp
@@ -13,15 +15,15 @@ from device.spec.virtio import VIRTIO_MSI_NO_VECTOR
 from device.virtio import VirtioDevice
 from device.virtqueue import DeviceVirtqueue
 
-MSIX_BAR = 1
-VIRTIO_BAR = 4
-COMMON_OFFSET = 0x0000
-ISR_OFFSET = 0x1000
-DEVICE_OFFSET = 0x2000
-NOTIFY_OFFSET = 0x3000
-NOTIFY_OFF_MULTIPLIER = 4
-REGION_SIZE = 0x1000
-MSIX_PBA_OFFSET = 0x800
+MSIX_BAR: Final = 1
+VIRTIO_BAR: Final = 4
+COMMON_OFFSET: Final = 0x0000
+ISR_OFFSET: Final = 0x1000
+DEVICE_OFFSET: Final = 0x2000
+NOTIFY_OFFSET: Final = 0x3000
+NOTIFY_OFF_MULTIPLIER: Final = 4
+REGION_SIZE: Final = 0x1000
+MSIX_PBA_OFFSET: Final = 0x800
 
 
 class VirtioPciFunction(PciFunction):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -34,11 +35,11 @@ from device.spec.virtio import (
     used_ring_size,
 )
 
-_U16 = struct.Struct("<H")
-_desc_unpack = VIRTQ_DESC.unpack_from
-_u16_unpack = _U16.unpack_from
-_u16_pack = _U16.pack_into
-_used_pack = VIRTQ_USED_ELEM.pack_into
+_U16: Final = struct.Struct("<H")
+_desc_unpack = VIRTQ_DESC.unpack_from  # not Final: tests/device/ring.py counts the reads through it
+_u16_unpack: Final = _U16.unpack_from
+_u16_pack: Final = _U16.pack_into
+_used_pack: Final = VIRTQ_USED_ELEM.pack_into
 
 
 class VirtqueueError(Exception):

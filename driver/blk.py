@@ -15,7 +15,7 @@ import functools
 import itertools
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import structlog
 from mypy_extensions import mypyc_attr
@@ -52,13 +52,13 @@ from driver.virtqueue import Completion, DriverVirtqueue, QueueBrokenError
 log = structlog.get_logger("vblk.driver.blk")
 
 
-SECTOR = vb.VIRTIO_BLK_SECTOR_SIZE
-SLOT_SIZE = 32  # per-head request header (16 bytes) + status byte, padded
-DEFAULT_MAX_TRANSFER = 4 << 20
-REINIT_RETRY_FIRST = 0.05  # seconds before re-initialising a device that could not be reached
-REINIT_RETRY_MAX = 2.0
+SECTOR: Final = vb.VIRTIO_BLK_SECTOR_SIZE
+SLOT_SIZE: Final = 32  # per-head request header (16 bytes) + status byte, padded
+DEFAULT_MAX_TRANSFER: Final = 4 << 20
+REINIT_RETRY_FIRST: Final = 0.05  # seconds before re-initialising a device that could not be reached
+REINIT_RETRY_MAX: Final = 2.0
 
-SUPPORTED_FEATURES = (
+SUPPORTED_FEATURES: Final = (
     1 << VIRTIO_F_VERSION_1
     | 1 << VIRTIO_F_INDIRECT_DESC
     | 1 << VIRTIO_F_EVENT_IDX
@@ -75,9 +75,9 @@ SUPPORTED_FEATURES = (
     | 1 << vb.VIRTIO_BLK_F_WRITE_ZEROES
 )
 
-_STATUS_NAMES = {int(s): s.name.lower() for s in Status}
+_STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}
 
-OPERATIONS = {
+OPERATIONS: Final = {
     RequestType.IN: "read",
     RequestType.OUT: "write",
     RequestType.FLUSH: "flush",
@@ -85,15 +85,15 @@ OPERATIONS = {
     RequestType.DISCARD: "discard",
     RequestType.WRITE_ZEROES: "write_zeroes",
 }
-_OP_NAMES = {int(k): v for k, v in OPERATIONS.items()}
-_OUTHDR_PACK = vb.VIRTIO_BLK_OUTHDR.pack_into
+_OP_NAMES: Final = {int(k): v for k, v in OPERATIONS.items()}
+_OUTHDR_PACK: Final = vb.VIRTIO_BLK_OUTHDR.pack_into
 
 
 @mypyc_attr(native_class=False)
 class BlkError(OSError):
     """A virtio-blk request failed; ``status`` is the device's status byte (if it answered)."""
 
-    status: ClassVar[Status | None] = None
+    status: ClassVar[int | None] = None
     default_errno: ClassVar[int] = errno.EIO
 
     def __init__(self, message: str) -> None:

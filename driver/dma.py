@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Final
 
 from device.platform import GuestRam
 
-MIN_ORDER = 9  # 512 bytes
-QUICK_MAX_ORDER = 16  # blocks up to 64 KiB go back to a per-size list first
-QUICK_LENGTH = 64  # blocks kept per size before frees merge with their buddies again
+MIN_ORDER: Final = 9  # 512 bytes
+QUICK_MAX_ORDER: Final = 16  # blocks up to 64 KiB go back to a per-size list first
+QUICK_LENGTH: Final = 64  # blocks kept per size before frees merge with their buddies again
 
 
 class DmaBuffer:

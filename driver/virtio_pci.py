@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Final
 
 import structlog
 
@@ -224,7 +225,7 @@ class VirtioPciTransport:
         self._vectors.clear()
 
 
-NO_VECTOR = VIRTIO_MSI_NO_VECTOR
+NO_VECTOR: Final = VIRTIO_MSI_NO_VECTOR
 
 
 class PciTransport:

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import struct
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from device.platform import GuestRam, RunningLoop, store_u16
 from device.spec.virtio import (
@@ -30,11 +30,11 @@ from device.spec.virtio import (
 )
 from driver.dma import DmaAllocator, DmaBuffer
 
-_U16 = struct.Struct("<H")
-_u16_pack = _U16.pack_into
-_u16_unpack = _U16.unpack_from
-_desc_pack = VIRTQ_DESC.pack_into
-_used_unpack = VIRTQ_USED_ELEM.unpack_from
+_U16: Final = struct.Struct("<H")
+_u16_pack: Final = _U16.pack_into
+_u16_unpack: Final = _U16.unpack_from
+_desc_pack: Final = VIRTQ_DESC.pack_into
+_used_unpack: Final = VIRTQ_USED_ELEM.unpack_from
 
 
 class Completion(Protocol):

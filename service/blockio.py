@@ -11,14 +11,13 @@ each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from typing import Final
 
 from device.backends import Backend, Extent
 from driver.blk import VirtioBlk
 from driver.dma import DmaBuffer
 
-SECTOR = 512
+SECTOR: Final = 512
 
 
 class EdgeLocks:
@@ -27,23 +26,42 @@ class EdgeLocks:
     def __init__(self) -> None:
         self._locks: dict[int, asyncio.Lock] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
-        """Hold the sectors containing byte ``start`` and byte ``end - 1``."""
-        keys = sorted({start // SECTOR, (end - 1) // SECTOR})
-        locks = [self._locks.setdefault(key, asyncio.Lock()) for key in keys]
-        acquired: list[asyncio.Lock] = []
+    def hold(self, start: int, end: int) -> EdgeHold:
+        """Hold the sectors containing byte ``start`` and byte ``end - 1`` (``async with``)."""
+        return EdgeHold(self._locks, sorted({start // SECTOR, (end - 1) // SECTOR}))
+
+
+class EdgeHold:
+    """The held edge sectors of one write: an async context manager from :meth:`EdgeLocks.hold`.
+
+    A class rather than an ``asynccontextmanager`` generator so that it compiles (see setup.py).
+    """
+
+    def __init__(self, locks: dict[int, asyncio.Lock], keys: list[int]) -> None:
+        self._all = locks
+        self._keys = keys
+        self._locks = [locks.setdefault(key, asyncio.Lock()) for key in keys]
+        self._acquired: list[asyncio.Lock] = []
+
+    async def __aenter__(self) -> None:
         try:
-            for lock in locks:
+            for lock in self._locks:
                 await lock.acquire()
-                acquired.append(lock)
-            yield
-        finally:
-            for key, lock in zip(keys, locks, strict=False):
-                if lock in acquired:
-                    lock.release()
-                if not lock.locked() and not getattr(lock, "_waiters", None):
-                    self._locks.pop(key, None)
+                self._acquired.append(lock)
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        for key, lock in zip(self._keys, self._locks, strict=True):
+            if lock in self._acquired:
+                lock.release()
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._all.pop(key, None)
+        self._acquired.clear()
 
 
 def aligned(offset: int, length: int) -> tuple[int, int]:

@@ -13,17 +13,18 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 from device.backends import BackendError, Extent, check_access
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-ZERO_CHUNK = 1 << 20
-IOV_MAX = 1024
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+ZERO_CHUNK: Final = 1 << 20
+IOV_MAX: Final = 1024
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
+_libc: Final = ctypes.CDLL(None, use_errno=True)
+_fallocate: Final = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
 

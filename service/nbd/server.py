@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import structlog
 from mypy_extensions import mypyc_attr
@@ -35,19 +35,19 @@ from service.nbd import protocol as p
 from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
 
 log = structlog.get_logger("vblk.nbd")
-_connection_ids = itertools.count(1)
+_connection_ids: Final = itertools.count(1)
 # Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
-_COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
+_COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
 _DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
 _NO_HOLE, _REQ_ONE = int(CommandFlag.NO_HOLE), int(CommandFlag.REQ_ONE)
 _READ, _WRITE = int(Command.READ), int(Command.WRITE)
-_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
 _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 
-SECTOR = 512
-READ_CHUNK = 256 * 1024
-MAX_BUFFERED = 4 * READ_CHUNK  # unparsed bytes before the transport stops reading
-WRITE_HIGH_WATER = 1 << 20  # unsent reply bytes before replies wait (plus one reply at most)
+SECTOR: Final = 512
+READ_CHUNK: Final = 256 * 1024
+MAX_BUFFERED: Final = 4 * READ_CHUNK  # unparsed bytes before the transport stops reading
+WRITE_HIGH_WATER: Final = 1 << 20  # unsent reply bytes before replies wait (plus one reply at most)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,8 +75,8 @@ class NbdLimits:
     poll_us: float = 50.0
 
 
-MAX_EXTENTS = 1 << 16
-SPARSE_READ_MIN = 64 * 1024  # structured reads this long report holes instead of zeroes
+MAX_EXTENTS: Final = 1 << 16
+SPARSE_READ_MIN: Final = 64 * 1024  # structured reads this long report holes instead of zeroes
 
 
 @dataclasses.dataclass(slots=True)
@@ -136,8 +136,8 @@ def _errno_of(exc: BaseException) -> Errno:
     return Errno.EIO
 
 
-_RECEIVE_BUFFER = memoryview(bytearray(READ_CHUNK))
-_IOV_MAX = 1024
+_RECEIVE_BUFFER: Final = memoryview(bytearray(READ_CHUNK))
+_IOV_MAX: Final = 1024
 
 
 def _writev(fd: int, chunks: list[bytes | memoryview]) -> list[bytes]:
