@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
+
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from driver.blk import BlkIOError
+from service.latency import LATENCY_BUCKETS, LatencyHistogram
 from tests.service.conftest import NbdRig, nbdsh
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -119,3 +124,13 @@ async def test_http_requests_and_openmetrics(nbd_rig: NbdRig) -> None:
     assert delta("vblk_request_duration_seconds_count", **http_writes) == 1
     assert delta("vblk_written_bytes_total", disk="disk0") == 1024
     assert total(after, "vblk_build_info") == 1
+
+
+@given(st.floats(min_value=0, max_value=100, allow_nan=False))
+def test_latency_histogram_buckets_as_bisect_left(seconds: float) -> None:
+    """An observation lands in the first bucket whose bound is at least it (``le``), else +Inf."""
+    histogram = LatencyHistogram()
+    histogram.observe(seconds)
+    [index] = [i for i, n in enumerate(histogram.counts) if n]
+    assert index == bisect.bisect_left(LATENCY_BUCKETS, seconds)
+    assert histogram.count == 1 and histogram.sum == seconds
