@@ -33,7 +33,7 @@ LATENCY_BUCKETS: Final = (
 
 
 class LatencyHistogram:
-    """A histogram over :data:`LATENCY_BUCKETS` that costs one bisect per observation.
+    """A histogram over :data:`LATENCY_BUCKETS` that costs a few compares per observation.
 
     prometheus-client's Histogram takes a lock and walks the buckets on every observation;
     vblk observes twice per request on one event loop thread, so a plain list of counts,

@@ -188,6 +188,7 @@ class Metrics:
         self.registry.register(_DiskCollector(disks, nbd))
         self.virtio_latency: dict[tuple[str, str], LatencyHistogram] = {}  # (disk, op)
         self.frontend_latency: dict[tuple[str, str, str], LatencyHistogram] = {}  # (disk, op, frontend)
+        self._frontends: dict[str, FrontendObserver] = {}
         self.registry.register(
             _HistogramCollector(
                 "vblk_virtio_request_duration_seconds",
@@ -217,14 +218,13 @@ class Metrics:
 
     def frontend_observer(self, frontend: str) -> FrontendObserver:
         """A front end's per-request hook, called with (disk, operation, seconds)."""
-        return FrontendObserver(frontend, self.frontend_latency)
+        observer = self._frontends.get(frontend)
+        if observer is None:
+            observer = self._frontends[frontend] = FrontendObserver(frontend, self.frontend_latency)
+        return observer
 
     def observe_request(self, frontend: str, disk: str, op: str, seconds: float) -> None:
-        key = (disk, op, frontend)
-        child = self.frontend_latency.get(key)
-        if child is None:
-            child = self.frontend_latency[key] = LatencyHistogram()
-        child.observe(seconds)
+        self.frontend_observer(frontend)(disk, op, seconds)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for (OpenMetrics or text 0.0.4)."""
