@@ -377,7 +377,7 @@ class VirtioBlkDevice(VirtioDevice):
             transitional=config.transitional,
         )
         self.writeback = int(config.writeback)
-        self.requests: dict[tuple[int, int], int] = {}
+        self._requests: dict[int, dict[int, int]] = {}  # type -> status -> count
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: set[concurrent.futures.Future[tuple[int, int]]] = set()
         self._completions: list[tuple[DeviceVirtqueue, int, int, int]] = []
@@ -531,9 +531,16 @@ class VirtioBlkDevice(VirtioDevice):
         if pushed:
             self.interrupt_queue(queue)
 
+    @property
+    def requests(self) -> dict[tuple[int, int], int]:
+        """Requests answered, by (type, status)."""
+        return {(t, s): n for t, statuses in self._requests.items() for s, n in statuses.items()}
+
     def _count(self, rtype: int, status: int) -> None:
-        key = (rtype, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        statuses = self._requests.get(rtype)
+        if statuses is None:
+            statuses = self._requests[rtype] = {}
+        statuses[status] = statuses.get(status, 0) + 1
 
     def _submit(self, queue: DeviceVirtqueue, head: int, request: BlkRequest) -> None:
         assert self._executor is not None

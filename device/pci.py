@@ -72,6 +72,10 @@ class PciFunction:
         self._msix_cap = 0
         self._msix_table: bytearray = bytearray()
         self._msix_pending: list[bool] = []
+        # Per vector, the (address, data) an interrupt sends now, or None if it cannot be sent
+        # straight away (MSI-X off, masked, no bus mastering): decoded once, not per interrupt.
+        # None as a whole until decoded again after a write that may change it.
+        self._msix_routes: list[tuple[int, int] | None] | None = None
         self.msi_sink: MsiSink | None = None
 
     # -- configuration space helpers -------------------------------------------------------
@@ -131,6 +135,7 @@ class PciFunction:
             ctrl = i * pci.PCI_MSIX_ENTRY_SIZE + pci.PCI_MSIX_ENTRY_VECTOR_CTRL
             self._msix_table[ctrl] = pci.PCI_MSIX_ENTRY_CTRL_MASKBIT
         self._msix_pending = [False] * entries
+        self._msix_routes = None
         self._msix_table_offset = table_offset
         self._msix_pba_offset = pba_offset
 
@@ -149,6 +154,7 @@ class PciFunction:
             byte = (value >> (8 * i)) & 0xFF
             mask = self._wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+        self._msix_routes = None
         self._update_bar_addresses()
         if self._msix_cap and self._msix_control() != old_msix:
             self._msix_deliver_pending()
@@ -182,8 +188,28 @@ class PciFunction:
         ctrl = vector * pci.PCI_MSIX_ENTRY_SIZE + pci.PCI_MSIX_ENTRY_VECTOR_CTRL
         return bool(self._msix_table[ctrl] & pci.PCI_MSIX_ENTRY_CTRL_MASKBIT)
 
+    def _decode_msix_routes(self) -> list[tuple[int, int] | None]:
+        routes: list[tuple[int, int] | None] = []
+        live = self.msix_enabled and self.bus_master
+        for vector in range(self.msix_entries):
+            if live and not self._msix_masked(vector):
+                routes.append(self._msix_message(vector))
+            else:
+                routes.append(None)
+        self._msix_routes = routes
+        return routes
+
     def msix_notify(self, vector: int) -> bool:
         """Raise MSI-X ``vector``; returns False if it could only be left pending (or is invalid)."""
+        routes = self._msix_routes
+        if routes is None:
+            routes = self._decode_msix_routes()
+        if 0 <= vector < len(routes):
+            route = routes[vector]
+            sink = self.msi_sink
+            if route is not None and sink is not None:  # the common case: enabled, unmasked
+                sink(route[0], route[1])
+                return True
         if not self.msix_enabled or not 0 <= vector < self.msix_entries:
             return False
         if self._msix_masked(vector):
@@ -192,10 +218,15 @@ class PciFunction:
         self._msix_send(vector)
         return True
 
-    def _msix_send(self, vector: int) -> None:
+    def _msix_message(self, vector: int) -> tuple[int, int]:
+        """The (address, data) pair of ``vector``'s table entry."""
         base = vector * pci.PCI_MSIX_ENTRY_SIZE
         address = int.from_bytes(self._msix_table[base : base + 8], "little")
         data = int.from_bytes(self._msix_table[base + 8 : base + 12], "little")
+        return address, data
+
+    def _msix_send(self, vector: int) -> None:
+        address, data = self._msix_message(vector)
         if self.msi_sink is not None and self.bus_master:
             self.msi_sink(address, data)
 
@@ -229,6 +260,7 @@ class PciFunction:
         if rel < 0 or rel + size > len(self._msix_table) or offset >= self._msix_pba_offset:
             return  # PBA is read-only
         self._msix_table[rel : rel + size] = value.to_bytes(size, "little")
+        self._msix_routes = None
         vector = rel // pci.PCI_MSIX_ENTRY_SIZE
         # Unmasking sends a pending message, but only while MSI-X is enabled: a disabled
         # function sends none (enabling it later delivers what is still pending).

@@ -316,7 +316,7 @@ class VirtioBlk:
         self._ready = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
         self._closed = False
-        self._requests: dict[tuple[str, str], int] = {}
+        self._requests: dict[str, dict[str, int]] = {}  # operation -> outcome -> count
         self._bytes_read = 0
         self._bytes_written = 0
         self._resets = 0
@@ -637,19 +637,29 @@ class VirtioBlk:
             return False
         started = time.perf_counter()
         self._account_io(started, 1)
-        self._add(
-            queue,
-            rtype,
-            sector,
-            [(buffer.gpa, length)],
-            rtype == VIRTIO_BLK_T_IN,
-            lambda view: _CallbackRequest(self, rtype, sector, view, buffer, length, started, callback),
-        )
+        # _add's work, written out for the one-segment case: no token factory, no list copies.
+        slot_gpa, status_view = self._header(queue, rtype, sector)
+        token = _CallbackRequest(self, rtype, sector, status_view, buffer, length, started, callback)
+        header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
+        status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
+        if rtype == VIRTIO_BLK_T_IN:
+            queue.add([header], [(buffer.gpa, length), status_buf], token)
+        else:
+            queue.add([header, (buffer.gpa, length)], [status_buf], token)
         return True
 
     def _pick_queue(self) -> DriverVirtqueue:
         queues = self.queues
         return queues[next(self._next_queue) % len(queues)] if len(queues) > 1 else queues[0]
+
+    def _header(self, queue: DriverVirtqueue, rtype: int, sector: int) -> tuple[int, memoryview]:
+        """Write the request header into the next head's slot; its address and status byte."""
+        head = queue.next_head
+        slots = self._slots[queue.index]
+        _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
+        status_view = self._status_views[queue.index][head]
+        status_view[0] = 0xFF
+        return slots.gpa + head * SLOT_SIZE, status_view
 
     def _add(
         self,
@@ -664,12 +674,7 @@ class VirtioBlk:
 
         ``token`` is made from the chain's status byte; the descriptors must be free.
         """
-        head = queue.next_head
-        slots = self._slots[queue.index]
-        slot_gpa = slots.gpa + head * SLOT_SIZE
-        _OUTHDR_PACK(slots.view, head * SLOT_SIZE, rtype, 0, sector)
-        status_view = self._status_views[queue.index][head]
-        status_view[0] = 0xFF
+        slot_gpa, status_view = self._header(queue, rtype, sector)
         header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
         status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
         if data_in:
@@ -698,8 +703,10 @@ class VirtioBlk:
         else:
             name = _STATUS_NAMES.get(status, "bad_status")
         op = _OP_NAMES[rtype]
-        key = (op, name)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        outcomes = self._requests.get(op)
+        if outcomes is None:
+            outcomes = self._requests[op] = {}
+        outcomes[name] = outcomes.get(name, 0) + 1
         now = time.perf_counter()
         self._account_io(now, -1)
         if self.observer is not None:
@@ -908,7 +915,9 @@ class VirtioBlk:
             requests_inflight=self._active,
             io_time=self._io_time,
             io_time_weighted=self._io_weighted,
-            requests=dict(self._requests),
+            requests={
+                (op, name): n for op, outcomes in self._requests.items() for name, n in outcomes.items()
+            },
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
             resets=self._resets,

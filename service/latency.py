@@ -11,7 +11,9 @@ import math
 from typing import Final
 
 # From 50 µs (an in-memory read) to 10 s (a stuck backend).
-LATENCY_BUCKETS: Final = (
+# A variable-length tuple type on purpose: compiled, a fixed-length tuple of floats would be a C
+# struct, and indexing it with a variable boxes every member each time.
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     50e-6,
     100e-6,
     250e-6,
@@ -46,11 +48,11 @@ class LatencyHistogram:
         self.count = 0
 
     def observe(self, seconds: float) -> None:
-        # bisect_left by hand: compiled, it compares doubles and boxes nothing, and most
-        # requests land in the first few buckets.
+        # bisect_left by hand: most requests land in the first few buckets.
+        bounds = LATENCY_BUCKETS
         i = 0
-        n = len(LATENCY_BUCKETS)
-        while i < n and LATENCY_BUCKETS[i] < seconds:
+        n = len(bounds)
+        while i < n and bounds[i] < seconds:
             i += 1
         self.counts[i] += 1
         self.sum += seconds
@@ -87,10 +89,17 @@ class FrontendObserver:
     def __init__(self, frontend: str, histograms: dict[tuple[str, str, str], LatencyHistogram]) -> None:
         self._frontend = frontend
         self._histograms = histograms
+        self._children: dict[str, dict[str, LatencyHistogram]] = {}  # disk, op: no tuple per request
 
     def __call__(self, disk: str, op: str, seconds: float) -> None:
-        key = (disk, op, self._frontend)
-        child = self._histograms.get(key)
+        self.observe(disk, op, seconds)
+
+    def observe(self, disk: str, op: str, seconds: float) -> None:
+        """Count one request of ``op`` on ``disk`` that took ``seconds`` (a native call, unboxed)."""
+        by_op = self._children.get(disk)
+        if by_op is None:
+            by_op = self._children[disk] = {}
+        child = by_op.get(op)
         if child is None:
-            child = self._histograms[key] = LatencyHistogram()
+            child = by_op[op] = self._histograms.setdefault((disk, op, self._frontend), LatencyHistogram())
         child.observe(seconds)

@@ -31,6 +31,7 @@ from device.spec.virtio_blk import RequestType
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
 from service.blockio import ByteDisk, aligned
+from service.latency import FrontendObserver
 from service.nbd import protocol as p
 from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
 
@@ -516,7 +517,7 @@ class NbdServer:
         exports: Mapping[str, NbdExport],
         *,
         default_export: str | None = None,
-        on_request: Callable[[str, str, float], None] | None = None,
+        on_request: FrontendObserver | None = None,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
     ) -> None:
@@ -673,7 +674,9 @@ class _Connection:
         self._last_active = 0.0
         self._idle_expired = False
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.requests: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[str] = collections.Counter()  # the task path's
+        self._fast_reads = 0  # READs and WRITEs the fast path started (not in ``requests``)
+        self._fast_writes = 0
         self.errors = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -714,13 +717,14 @@ class _Connection:
             while self.inflight:  # callback requests end when the driver answers or resets
                 await self._wait_finished()
             self.channel.close()
+            by_command = self.requests + collections.Counter(read=self._fast_reads, write=self._fast_writes)
             log.info(
                 "nbd_connection",
                 export=self.export.name if self.export is not None else None,
                 reason=reason,
                 seconds=round(time.monotonic() - started, 6),
-                requests=sum(self.requests.values()),
-                by_command=dict(self.requests),
+                requests=sum(by_command.values()),
+                by_command=dict(by_command),
                 errors=self.errors,
                 bytes_read=self.bytes_read,
                 bytes_written=self.bytes_written,
@@ -929,7 +933,7 @@ class _Connection:
         if not driver.start_io(_IN, start // SECTOR, buffer, end - start, done):
             buffer.free()
             return False
-        self.requests["read"] += 1
+        self._fast_reads += 1
         return True
 
     def _read_done(
@@ -953,7 +957,7 @@ class _Connection:
         done = functools.partial(self._write_done, request, export, payload, held, time.perf_counter())
         if not export.driver.start_io(_OUT, offset // SECTOR, payload, length, done):
             return False
-        self.requests["write"] += 1
+        self._fast_writes += 1
         return True
 
     def _write_done(
@@ -982,8 +986,9 @@ class _Connection:
         buffer: DmaBuffer | None,
     ) -> None:
         """Reply to a fast-path request from its completion (``buffer`` is freed once sent)."""
-        if self.server.on_request is not None:
-            self.server.on_request(export.name, name, time.perf_counter() - started)
+        on_request = self.server.on_request
+        if on_request is not None:
+            on_request.observe(export.name, name, time.perf_counter() - started)
         failure: tuple[Errno, str] | None = None
         if error is not None:
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(error))
@@ -1112,8 +1117,9 @@ class _Connection:
         finally:
             if payload is not None:
                 payload.free()
-        if self.server.on_request is not None:
-            self.server.on_request(export.name, name, time.perf_counter() - started)
+        on_request = self.server.on_request
+        if on_request is not None:
+            on_request.observe(export.name, name, time.perf_counter() - started)
         try:
             await self._send_credit()
         except ConnectionError:
