@@ -533,6 +533,37 @@ async def test_msix_vector_mask_leaves_the_vector_pending_and_unmask_delivers(be
     assert bench.pending() == 0
 
 
+async def test_msix_changes_after_a_message_was_sent_apply_to_the_next_one(bench: PciBench) -> None:
+    # The function keeps each vector's message decoded between interrupts: every write that
+    # could change it (table entry, vector mask, function mask, bus mastering) must count.
+    bench.start()
+    fired: list[int] = []
+    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
+    bench.route(0, fired)
+    bench.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+    await _config_change(bench)
+    assert fired == [0]
+    bench.mask(0, True)
+    await _config_change(bench)
+    assert fired == [0] and bench.pending() == 1
+    bench.mask(0, False)
+    await _config_change(bench)
+    assert fired == [0, 0, 0] and bench.pending() == 0  # the pending one, then the new one
+    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE | pci.PCI_MSIX_FLAGS_MASKALL)
+    await _config_change(bench)
+    assert fired == [0, 0, 0] and bench.pending() == 1
+    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
+    await _config_change(bench)
+    assert fired == [0] * 5
+    moved: list[int] = []
+    bench.route(0, moved)  # a new address and data for the same entry
+    await _config_change(bench)
+    assert fired == [0] * 5 and moved == [0]
+    bench.cfg_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_MEMORY)
+    await _config_change(bench)
+    assert moved == [0]
+
+
 async def test_no_msix_message_while_msix_is_disabled(bench: PciBench) -> None:
     bench.start()
     fired: list[int] = []
