@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Final, Literal
 
 import structlog
@@ -41,6 +42,8 @@ log = structlog.get_logger("vblk.device.blk")
 
 
 SECTOR: Final = vb.VIRTIO_BLK_SECTOR_SIZE
+# Typed with what it returns (struct says Any), so compiled code uses the fields as integers.
+_OUTHDR_UNPACK: Final[Callable[[memoryview, int], tuple[int, int, int]]] = vb.VIRTIO_BLK_OUTHDR.unpack_from
 IoMode = Literal["inline", "thread"]
 
 
@@ -170,7 +173,7 @@ def parse_request(chain: DescriptorChain, memory: GuestMemory, limits: Limits) -
     """
     readable = chain.readable
     if readable and readable[0][1] >= vb.VIRTIO_BLK_OUTHDR_SIZE:
-        rtype, _ioprio, sector = vb.VIRTIO_BLK_OUTHDR.unpack_from(
+        rtype, _ioprio, sector = _OUTHDR_UNPACK(
             memory.buffer, memory.offset(readable[0][0], vb.VIRTIO_BLK_OUTHDR_SIZE)
         )
     else:

@@ -36,8 +36,11 @@ from device.spec.virtio import (
 )
 
 _U16: Final = struct.Struct("<H")
-_desc_unpack = VIRTQ_DESC.unpack_from  # not Final: tests/device/ring.py counts the reads through it
-_u16_unpack: Final = _U16.unpack_from
+# The unpackers typed with what they return (struct says Any): compiled code then compares and
+# adds the fields as machine integers instead of through generic number objects.
+_desc_unpack: Callable[[memoryview, int], tuple[int, int, int, int]] = VIRTQ_DESC.unpack_from
+# (not Final: tests/device/ring.py counts the reads through it)
+_u16_unpack: Final[Callable[[memoryview, int], tuple[int]]] = _U16.unpack_from
 _u16_pack: Final = _U16.pack_into
 _used_pack: Final = VIRTQ_USED_ELEM.pack_into
 

@@ -32,9 +32,11 @@ from driver.dma import DmaAllocator, DmaBuffer
 
 _U16: Final = struct.Struct("<H")
 _u16_pack: Final = _U16.pack_into
-_u16_unpack: Final = _U16.unpack_from
+# The unpackers typed with what they return (struct says Any), so compiled code uses the fields
+# as machine integers.
+_u16_unpack: Final[Callable[[memoryview, int], tuple[int]]] = _U16.unpack_from
 _desc_pack: Final = VIRTQ_DESC.pack_into
-_used_unpack: Final = VIRTQ_USED_ELEM.unpack_from
+_used_unpack: Final[Callable[[memoryview, int], tuple[int, int]]] = VIRTQ_USED_ELEM.unpack_from
 
 
 class Completion(Protocol):

@@ -106,6 +106,8 @@ class RawFileBackend:
         return self._fd
 
     def _check(self, offset: int, length: int, write: bool) -> None:
+        if offset >= 0 and length >= 0 and offset + length <= self._size and not (write and self._read_only):
+            return  # the common case, without a call into interpreted code
         check_access(self.path, self._size, self._read_only, offset, length, write)
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:

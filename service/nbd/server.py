@@ -39,11 +39,16 @@ log = structlog.get_logger("vblk.nbd")
 _connection_ids: Final = itertools.count(1)
 # Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
 _COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
-_DF, _FUA = int(CommandFlag.DF), int(CommandFlag.FUA)
-_NO_HOLE, _REQ_ONE = int(CommandFlag.NO_HOLE), int(CommandFlag.REQ_ONE)
-_READ, _WRITE = int(Command.READ), int(Command.WRITE)
+# Final, each: compiled code reads a Final int as a constant, any other global from a dict.
+_DF: Final = int(CommandFlag.DF)
+_FUA: Final = int(CommandFlag.FUA)
+_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
+_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
+_READ: Final = int(Command.READ)
+_WRITE: Final = int(Command.WRITE)
 _BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
-_IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
+_IN: Final = int(RequestType.IN)
+_OUT: Final = int(RequestType.OUT)
 
 SECTOR: Final = 512
 READ_CHUNK: Final = 256 * 1024
