@@ -94,6 +94,16 @@ def store_u16(buffer: memoryview, offset: int, value: int) -> None:
     buffer[offset : offset + 2].cast("H")[0] = value
 
 
+def store_u16_word(words: memoryview, offset: int, value: int) -> None:
+    """:func:`store_u16` through a view already cast to ``H`` (``offset`` in bytes, even).
+
+    For a ring its owner stores to on every request: no view is made per store.
+    """
+    if _SWAP:
+        value = ((value & 0xFF) << 8) | (value >> 8)
+    words[offset >> 1] = value
+
+
 def memory_barrier() -> None:
     """A full memory barrier (Linux ``mb()``): every store before it is visible to other CPUs
     before any load after it is performed.

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
-from device.platform import GuestRam, RunningLoop, store_u16
+from device.platform import GuestRam, RunningLoop, store_u16_word
 from device.spec.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
@@ -90,6 +90,7 @@ class DriverVirtqueue:
         self.avail_addr = ring.gpa + avail_off
         self.used_addr = ring.gpa + used_off
         self._buf = ring.view
+        self._words = ring.view.cast("H")  # the 16-bit fields the device reads, stored whole
         self._avail_off = avail_off
         self._used_off = used_off
         self._indirect: DmaBuffer | None = None
@@ -248,7 +249,9 @@ class DriverVirtqueue:
         avail_off = self._avail_off
         _u16_pack(buf, avail_off + 4 + 2 * (self._avail_idx & (self.size - 1)), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        store_u16(buf, avail_off + 2, self._avail_idx)  # never torn: the device may be reading it
+        store_u16_word(
+            self._words, avail_off + 2, self._avail_idx
+        )  # never torn: the device may be reading it
         self._num_added += 1
         if self._waiters:
             self._wake()
@@ -290,13 +293,14 @@ class DriverVirtqueue:
         if self.broken:
             return
         buf = self._buf
+        words = self._words
         used_off = self._used_off
         avail_off = self._avail_off
         size_mask = self.size - 1
         tokens = self._tokens
         while True:
             if not self.event_idx:
-                store_u16(buf, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
+                store_u16_word(words, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
             used_idx = _u16_unpack(buf, used_off + 2)[0]
             last = self._last_used_idx
             if ((used_idx - last) & 0xFFFF) > self.size:
@@ -317,9 +321,9 @@ class DriverVirtqueue:
             self._last_used_idx = last
             # Re-enable, then re-check: a completion published meanwhile would raise no interrupt.
             if self.event_idx:
-                store_u16(buf, avail_off + 4 + 2 * self.size, last)
+                store_u16_word(words, avail_off + 4 + 2 * self.size, last)
             else:
-                store_u16(buf, avail_off, 0)
+                store_u16_word(words, avail_off, 0)
             if self.barrier is not None:
                 self.barrier()  # used_event / flags visible before the used index is re-read
             if _u16_unpack(buf, used_off + 2)[0] == last:
@@ -387,6 +391,7 @@ class DriverVirtqueue:
 
     def free(self) -> None:
         """Release the ring memory (only after the device is reset)."""
+        self._words.release()
         self._buf.release()
         self._ring.free()
         if self._indirect is not None:
