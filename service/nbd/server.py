@@ -37,6 +37,7 @@ from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, Comma
 
 log = structlog.get_logger("vblk.nbd")
 _connection_ids: Final = itertools.count(1)
+_perf_counter: Final = time.perf_counter  # bound once: compiled, ``time.perf_counter`` is a lookup
 # Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
 _COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
 # Final, each: compiled code reads a Final int as a constant, any other global from a dict.
@@ -395,7 +396,7 @@ class Channel(asyncio.BufferedProtocol):
         if self._pending or self._eof or self._waiter is None or transport is None or transport.is_closing():
             return
         window = self._poll_window
-        start = time.perf_counter()
+        start = _perf_counter()
         if window <= 0:
             self._polled_until = start  # not polling: learn from when the request comes
             return
@@ -406,7 +407,7 @@ class Channel(asyncio.BufferedProtocol):
             try:
                 n = os.readv(fd, [buffer])
             except (BlockingIOError, InterruptedError):
-                now = time.perf_counter()
+                now = _perf_counter()
                 if now < deadline:
                     continue
                 self._poll_counts.misses += 1
@@ -421,7 +422,7 @@ class Channel(asyncio.BufferedProtocol):
 
     def _adapt_poll(self) -> None:
         """Data came through the event loop after a poll gave up: resize the window."""
-        late = time.perf_counter() - self._polled_until
+        late = _perf_counter() - self._polled_until
         self._polled_until = 0.0
         poll_max = self._poll_max
         if late < poll_max:  # a longer window would have caught it
@@ -933,7 +934,7 @@ class _Connection:
         if buffer is None:
             return False
         done = functools.partial(
-            self._read_done, request, export, buffer, offset - start, held, time.perf_counter()
+            self._read_done, request, export, buffer, offset - start, held, _perf_counter()
         )
         if not driver.start_io(_IN, start // SECTOR, buffer, end - start, done):
             buffer.free()
@@ -959,7 +960,7 @@ class _Connection:
         offset, length = request.offset, request.length
         if offset % SECTOR or length % SECTOR:
             return False  # the edges need read-modify-write under ByteDisk's locks
-        done = functools.partial(self._write_done, request, export, payload, held, time.perf_counter())
+        done = functools.partial(self._write_done, request, export, payload, held, _perf_counter())
         if not export.driver.start_io(_OUT, offset // SECTOR, payload, length, done):
             return False
         self._fast_writes += 1
@@ -993,7 +994,7 @@ class _Connection:
         """Reply to a fast-path request from its completion (``buffer`` is freed once sent)."""
         on_request = self.server.on_request
         if on_request is not None:
-            on_request.observe(export.name, name, time.perf_counter() - started)
+            on_request.observe(export.name, name, _perf_counter() - started)
         failure: tuple[Errno, str] | None = None
         if error is not None:
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(error))
@@ -1096,7 +1097,7 @@ class _Connection:
     # -- execution ----------------------------------------------------------------------------
 
     async def _execute(self, request: p.Request, export: NbdExport, payload: DmaBuffer | None) -> None:
-        started = time.perf_counter()  # uvloop's loop.time() advances once per pass, in ms
+        started = _perf_counter()  # uvloop's loop.time() advances once per pass, in ms
         name = _COMMAND_NAMES.get(request.command, "unknown")
         self.requests[name] += 1
         data: bytes | None = None
@@ -1124,7 +1125,7 @@ class _Connection:
                 payload.free()
         on_request = self.server.on_request
         if on_request is not None:
-            on_request.observe(export.name, name, time.perf_counter() - started)
+            on_request.observe(export.name, name, _perf_counter() - started)
         try:
             await self._send_credit()
         except ConnectionError:
