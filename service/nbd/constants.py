@@ -111,27 +111,44 @@ class TransmissionFlag(enum.IntFlag):
     SEND_FAST_ZERO = 1 << 11
 
 
+# NBD_CMD_* and NBD_CMD_FLAG_* as plain literal ints as well as enums: compiled code inlines a
+# Final literal and compares it as a machine word, where an enum member is an object.
+NBD_CMD_READ: Final = 0
+NBD_CMD_WRITE: Final = 1
+NBD_CMD_DISC: Final = 2
+NBD_CMD_FLUSH: Final = 3
+NBD_CMD_TRIM: Final = 4
+NBD_CMD_CACHE: Final = 5
+NBD_CMD_WRITE_ZEROES: Final = 6
+NBD_CMD_BLOCK_STATUS: Final = 7
+NBD_CMD_FLAG_FUA: Final = 1
+NBD_CMD_FLAG_NO_HOLE: Final = 2
+NBD_CMD_FLAG_DF: Final = 4
+NBD_CMD_FLAG_REQ_ONE: Final = 8
+NBD_CMD_FLAG_FAST_ZERO: Final = 16
+
+
 class Command(enum.IntEnum):
     """NBD_CMD_*: transmission-phase request types."""
 
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    CACHE = 5
-    WRITE_ZEROES = 6
-    BLOCK_STATUS = 7
+    READ = NBD_CMD_READ
+    WRITE = NBD_CMD_WRITE
+    DISC = NBD_CMD_DISC
+    FLUSH = NBD_CMD_FLUSH
+    TRIM = NBD_CMD_TRIM
+    CACHE = NBD_CMD_CACHE
+    WRITE_ZEROES = NBD_CMD_WRITE_ZEROES
+    BLOCK_STATUS = NBD_CMD_BLOCK_STATUS
 
 
 class CommandFlag(enum.IntFlag):
     """NBD_CMD_FLAG_*: request flags."""
 
-    FUA = 1 << 0
-    NO_HOLE = 1 << 1
-    DF = 1 << 2
-    REQ_ONE = 1 << 3
-    FAST_ZERO = 1 << 4
+    FUA = NBD_CMD_FLAG_FUA
+    NO_HOLE = NBD_CMD_FLAG_NO_HOLE
+    DF = NBD_CMD_FLAG_DF
+    REQ_ONE = NBD_CMD_FLAG_REQ_ONE
+    FAST_ZERO = NBD_CMD_FLAG_FAST_ZERO
 
 
 class ChunkType(enum.IntEnum):

@@ -23,6 +23,14 @@ from service.nbd.constants import (
     MAX_PAYLOAD,
     MAX_STRING,
     MIN_BLOCK_SIZE,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
     NBD_FLAG_C_FIXED_NEWSTYLE,
     NBD_FLAG_C_NO_ZEROES,
     NBD_FLAG_FIXED_NEWSTYLE,
@@ -295,10 +303,10 @@ class ServerConnection:
             self.state = State.CLOSED
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         del self._in[:_REQUEST_SIZE]
-        if command == _C_DISC:
+        if command == NBD_CMD_DISC:
             self.state = State.CLOSED
             return Disconnect()
-        if command == _C_WRITE:
+        if command == NBD_CMD_WRITE:
             self._payload_pending = length
         return Request(cookie, command, flags, offset, length)
 
@@ -599,20 +607,6 @@ _ALLOWED_FLAGS: Final[dict[int, int]] = {
 }
 
 
-# Command values as plain ints, bound once: compiled, an int compares as a machine word, where an
-# IntEnum member goes through a rich comparison (and a lookup on its class costs ~100 ns).
-_C_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
-_C_DISC: Final = int(Command.DISC)
-_C_FLUSH: Final = int(Command.FLUSH)
-_C_READ: Final = int(Command.READ)
-_C_TRIM: Final = int(Command.TRIM)
-_C_WRITE: Final = int(Command.WRITE)
-_C_WRITE_ZEROES: Final = int(Command.WRITE_ZEROES)
-
-
-_DF: Final = int(CommandFlag.DF)  # plain ints: IntFlag arithmetic builds a new Flag object every time
-
-
 def validate(
     request: Request, export: Export, *, structured: bool, meta_contexts: dict[int, str]
 ) -> Errno | None:
@@ -627,19 +621,19 @@ def validate(
         return Errno.EINVAL
     if request.flags & ~allowed:
         return Errno.EINVAL
-    if request.flags & _DF and not structured:
+    if request.flags & NBD_CMD_FLAG_DF and not structured:
         return Errno.EINVAL
-    is_write = command in (_C_WRITE, _C_TRIM, _C_WRITE_ZEROES)
+    is_write = command in (NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES)
     if is_write and export.read_only:
         return Errno.EPERM
-    if command == _C_FLUSH:
+    if command == NBD_CMD_FLUSH:
         return None if request.offset == 0 and request.length == 0 else Errno.EINVAL
     if request.length == 0:
         return Errno.EINVAL
-    if command in (_C_READ, _C_WRITE) and request.length > export.max_block_size:
-        return Errno.EOVERFLOW if command == _C_READ else Errno.EINVAL
+    if command in (NBD_CMD_READ, NBD_CMD_WRITE) and request.length > export.max_block_size:
+        return Errno.EOVERFLOW if command == NBD_CMD_READ else Errno.EINVAL
     if request.offset + request.length > export.size:
-        return Errno.ENOSPC if command in (_C_WRITE, _C_WRITE_ZEROES) else Errno.EINVAL
-    if command == _C_BLOCK_STATUS and not meta_contexts:
+        return Errno.ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else Errno.EINVAL
+    if command == NBD_CMD_BLOCK_STATUS and not meta_contexts:
         return Errno.EINVAL
     return None

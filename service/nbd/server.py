@@ -27,29 +27,31 @@ from mypy_extensions import mypyc_attr
 
 from device.backends import Backend
 from device.platform import work_queue
-from device.spec.virtio_blk import RequestType
+from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
 from service.blockio import ByteDisk, aligned
 from service.latency import FrontendObserver
 from service.nbd import protocol as p
-from service.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command, CommandFlag, Errno
+from service.nbd.constants import (
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    Command,
+    Errno,
+)
 
 log = structlog.get_logger("vblk.nbd")
 _connection_ids: Final = itertools.count(1)
 _perf_counter: Final = time.perf_counter  # bound once: compiled, ``time.perf_counter`` is a lookup
 # Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
 _COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
-# Final, each: compiled code reads a Final int as a constant, any other global from a dict.
-_DF: Final = int(CommandFlag.DF)
-_FUA: Final = int(CommandFlag.FUA)
-_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
-_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
-_READ: Final = int(Command.READ)
-_WRITE: Final = int(Command.WRITE)
-_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
-_IN: Final = int(RequestType.IN)
-_OUT: Final = int(RequestType.OUT)
 
 SECTOR: Final = 512
 READ_CHUNK: Final = 256 * 1024
@@ -878,12 +880,12 @@ class _Connection:
             held = 0
             payload: DmaBuffer | None = None
             try:
-                if command in (_READ, _WRITE):
+                if command in (NBD_CMD_READ, NBD_CMD_WRITE):
                     held = self.budget.try_acquire(event.length)
                     if held < 0:
                         held = 0
                         held = await self.budget.acquire(event.length)
-                if command == _WRITE:
+                if command == NBD_CMD_WRITE:
                     payload = self._take_payload(event, export)
                     if payload is None:
                         payload = await self._receive_payload(event)
@@ -891,10 +893,10 @@ class _Connection:
                 self._finish(held)
                 raise
             # The common requests start straight on the ring and answer from the interrupt.
-            if command == _READ:
+            if command == NBD_CMD_READ:
                 if self._start_read(event, export, held):
                     continue
-            elif command == _WRITE and not event.flags & _FUA:
+            elif command == NBD_CMD_WRITE and not event.flags & NBD_CMD_FLAG_FUA:
                 assert payload is not None
                 if self._start_write(event, export, payload, held):
                     continue
@@ -936,7 +938,7 @@ class _Connection:
         done = functools.partial(
             self._read_done, request, export, buffer, offset - start, held, _perf_counter()
         )
-        if not driver.start_io(_IN, start // SECTOR, buffer, end - start, done):
+        if not driver.start_io(VIRTIO_BLK_T_IN, start // SECTOR, buffer, end - start, done):
             buffer.free()
             return False
         self._fast_reads += 1
@@ -961,7 +963,7 @@ class _Connection:
         if offset % SECTOR or length % SECTOR:
             return False  # the edges need read-modify-write under ByteDisk's locks
         done = functools.partial(self._write_done, request, export, payload, held, _perf_counter())
-        if not export.driver.start_io(_OUT, offset // SECTOR, payload, length, done):
+        if not export.driver.start_io(VIRTIO_BLK_T_OUT, offset // SECTOR, payload, length, done):
             return False
         self._fast_writes += 1
         return True
@@ -1039,7 +1041,7 @@ class _Connection:
             self._send_error(request, *failure)
         elif data is not None:
             self._send_read(request, export, data)
-        elif request.command == _BLOCK_STATUS:
+        elif request.command == NBD_CMD_BLOCK_STATUS:
             self._block_status(request, export)
         else:
             self._send_ok(request)
@@ -1083,13 +1085,13 @@ class _Connection:
 
     def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
         self.errors += 1
-        if self.structured and request.command in (_READ, _BLOCK_STATUS):
+        if self.structured and request.command in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS):
             self.channel.write(p.encode_error_chunk(request.cookie, error, message))
         else:
             self.channel.write(p.encode_simple_reply(request.cookie, error))
 
     def _send_ok(self, request: p.Request) -> None:
-        if self.structured and request.command in (_READ, _BLOCK_STATUS):
+        if self.structured and request.command in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS):
             self.channel.write(p.encode_done(request.cookie))
         else:
             self.channel.write(p.encode_simple_reply(request.cookie))
@@ -1137,7 +1139,7 @@ class _Connection:
         if not self.structured:
             self.channel.write(p.encode_simple_reply(request.cookie))
             self.channel.write(data)
-        elif request.length >= SPARSE_READ_MIN and not request.flags & _DF:
+        elif request.length >= SPARSE_READ_MIN and not request.flags & NBD_CMD_FLAG_DF:
             self._send_sparse(request, export, data if isinstance(data, memoryview) else memoryview(data))
         else:
             self.channel.write(
@@ -1168,17 +1170,17 @@ class _Connection:
                 write(data[rel : rel + length])
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
-        fua = bool(request.flags & _FUA)
+        fua = bool(request.flags & NBD_CMD_FLAG_FUA)
         await export.disk.write_buffer(request.offset, request.length, buffer, fua=fua)
         self.bytes_written += request.length
 
     async def _trim(self, request: p.Request, export: NbdExport) -> None:
-        fua = bool(request.flags & _FUA)
+        fua = bool(request.flags & NBD_CMD_FLAG_FUA)
         await export.disk.discard(request.offset, request.length, fua=fua)
 
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
-        unmap = not request.flags & _NO_HOLE
-        fua = bool(request.flags & _FUA)
+        unmap = not request.flags & NBD_CMD_FLAG_NO_HOLE
+        fua = bool(request.flags & NBD_CMD_FLAG_FUA)
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
@@ -1194,7 +1196,7 @@ class _Connection:
                 break
         if not pairs:
             pairs = [(request.length, 0)]
-        if request.flags & _REQ_ONE:
+        if request.flags & NBD_CMD_FLAG_REQ_ONE:
             pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
         for context_id in self.meta_contexts:
             self.channel.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
