@@ -185,6 +185,15 @@ class PciBench:
     def pending(self) -> int:
         return self.machine.mmio_read(self.msix_pba, 8)
 
+    def config_vector(self, control: int = pci.PCI_MSIX_FLAGS_ENABLE, *, masked: bool = False) -> list[int]:
+        """Start, set the MSI-X ``control``, route config changes to entry 0; what it fires."""
+        self.start()
+        fired: list[int] = []
+        self.msix_control(control)
+        self.route(0, fired, masked=masked)
+        self.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+        return fired
+
 
 @pytest.fixture
 def bench() -> PciBench:
@@ -500,11 +509,7 @@ async def _config_change(bench: PciBench) -> None:
 
 
 async def test_msix_function_mask_leaves_the_vector_pending_and_unmask_delivers(bench: PciBench) -> None:
-    bench.start()
-    fired: list[int] = []
-    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE | pci.PCI_MSIX_FLAGS_MASKALL)
-    bench.route(0, fired)
-    bench.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+    fired = bench.config_vector(pci.PCI_MSIX_FLAGS_ENABLE | pci.PCI_MSIX_FLAGS_MASKALL)
     await _config_change(bench)
     assert fired == [] and bench.pending() == 1
     bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
@@ -536,11 +541,7 @@ async def test_msix_vector_mask_leaves_the_vector_pending_and_unmask_delivers(be
 async def test_msix_changes_after_a_message_was_sent_apply_to_the_next_one(bench: PciBench) -> None:
     # The function keeps each vector's message decoded between interrupts: every write that
     # could change it (table entry, vector mask, function mask, bus mastering) must count.
-    bench.start()
-    fired: list[int] = []
-    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
-    bench.route(0, fired)
-    bench.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+    fired = bench.config_vector()
     await _config_change(bench)
     assert fired == [0]
     bench.mask(0, True)
@@ -565,11 +566,7 @@ async def test_msix_changes_after_a_message_was_sent_apply_to_the_next_one(bench
 
 
 async def test_no_msix_message_while_msix_is_disabled(bench: PciBench) -> None:
-    bench.start()
-    fired: list[int] = []
-    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
-    bench.route(0, fired, masked=True)
-    bench.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+    fired = bench.config_vector(masked=True)
     await _config_change(bench)
     assert bench.pending() == 1
     bench.msix_control(0)  # MSI-X off: the function must not send MSI-X messages
@@ -583,11 +580,7 @@ async def test_no_msix_message_while_msix_is_disabled(bench: PciBench) -> None:
 
 
 async def test_bus_master_off_means_no_interrupt_messages(bench: PciBench) -> None:
-    bench.start()
-    fired: list[int] = []
-    bench.msix_control(pci.PCI_MSIX_FLAGS_ENABLE)
-    bench.route(0, fired)
-    bench.common_write(vp.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+    fired = bench.config_vector()
     bench.cfg_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_MEMORY)
     await _config_change(bench)
     assert fired == []
