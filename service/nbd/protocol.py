@@ -546,9 +546,13 @@ def _parse_meta_context_request(data: bytes) -> tuple[str, list[str]] | None:
 # -- transmission replies -------------------------------------------------------------------------
 
 
+# Bound once (Final): compiled, ``SIMPLE_REPLY.pack`` would be a global and a method lookup.
+_pack_simple_reply: Final = SIMPLE_REPLY.pack
+
+
 def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
     """A simple reply header; a successful READ's data follows it."""
-    return SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+    return _pack_simple_reply(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
 
 
 def encode_chunk(cookie: int, chunk_type: int, length: int, *, done: bool) -> bytes:
@@ -563,9 +567,16 @@ _ERROR: Final = struct.Struct(">IH")
 _EXTENT: Final = struct.Struct(">II")
 
 
+# A READ reply's chunk header and offset in one pack (STRUCTURED_REPLY's fields, then the offset):
+# it is built for every structured READ.
+_pack_offset_data: Final = struct.Struct(">IHHQIQ").pack
+_OFFSET_DATA: Final = int(ChunkType.OFFSET_DATA)
+
+
 def encode_offset_data(cookie: int, offset: int, data_len: int, *, done: bool) -> bytes:
     """Header of an OFFSET_DATA chunk; ``data_len`` data bytes follow it."""
-    return encode_chunk(cookie, ChunkType.OFFSET_DATA, 8 + data_len, done=done) + _OFFSET.pack(offset)
+    flags = NBD_REPLY_FLAG_DONE if done else 0
+    return _pack_offset_data(NBD_STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, 8 + data_len, offset)
 
 
 def encode_offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
