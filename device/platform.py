@@ -89,9 +89,7 @@ def store_u16(buffer: memoryview, offset: int, value: int) -> None:
     are naturally aligned). Loads need nothing: ``struct``'s little-endian ``H`` reads with a
     single 2-byte memcpy on little-endian hosts.
     """
-    if _SWAP:
-        value = ((value & 0xFF) << 8) | (value >> 8)
-    buffer[offset : offset + 2].cast("H")[0] = value
+    store_u16_word(buffer[offset : offset + 2].cast("H"), 0, value)
 
 
 def store_u16_word(words: memoryview, offset: int, value: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -315,7 +314,7 @@ class VirtioBlk:
         self._chunk = SECTOR
         self._next_queue = itertools.count()
         self._ready = asyncio.Event()  # for waiters; _is_ready mirrors it for the hot path
-        self._is_ready = False
+        self._is_ready = False  # (both set by _set_ready only)
         self._recovering: asyncio.Task[None] | None = None
         self._closed = False
         self._requests: dict[str, dict[str, int]] = {}  # operation -> outcome -> count
@@ -434,8 +433,7 @@ class VirtioBlk:
         limit = min(self._max_transfer_limit, self._size_max * self._seg_limit)
         self._chunk = max(SECTOR, limit - limit % SECTOR)
         t.add_status(VIRTIO_CONFIG_S_DRIVER_OK)
-        self._ready.set()
-        self._is_ready = True
+        self._set_ready(True)
         log.info(
             "virtio_blk_ready",
             device=self.name,
@@ -515,8 +513,7 @@ class VirtioBlk:
     def _start_recovery(self, reason: str) -> None:
         if self._recovering is not None or self._closed:
             return
-        self._ready.clear()
-        self._is_ready = False
+        self._set_ready(False)
         self._recovering = asyncio.get_running_loop().create_task(self._recover(reason))
 
     async def _recover(self, reason: str) -> None:
@@ -570,8 +567,7 @@ class VirtioBlk:
         self._closed = True
         if self._recovering is not None:
             await asyncio.gather(self._recovering, return_exceptions=True)
-        self._ready.clear()
-        self._is_ready = False
+        self._set_ready(False)
         try:
             self._teardown(BlkResetError(f"{self.name}: driver closed"))
         finally:
@@ -610,9 +606,8 @@ class VirtioBlk:
                     continue
                 # No await from here to add(): the reserved descriptors stay ours.
                 future: asyncio.Future[int] = self._running.loop().create_future()
-                self._add(
-                    queue, rtype, sector, data, data_in, functools.partial(_Request, future, pinned=pinned)
-                )
+                slot_gpa, status_view = self._header(queue, rtype, sector)
+                self._add(queue, slot_gpa, data, data_in, _Request(future, status_view, pinned))
                 status = await future
                 break
         except asyncio.CancelledError:
@@ -642,16 +637,17 @@ class VirtioBlk:
             return False
         started = _perf_counter()
         self._account_io(started, 1)
-        # _add's work, written out for the one-segment case: no token factory, no list copies.
         slot_gpa, status_view = self._header(queue, rtype, sector)
         token = _CallbackRequest(self, rtype, sector, status_view, buffer, length, started, callback)
-        header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
-        status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
-        if rtype == VIRTIO_BLK_T_IN:
-            queue.add([header], [(buffer.gpa, length), status_buf], token)
-        else:
-            queue.add([header, (buffer.gpa, length)], [status_buf], token)
+        self._add(queue, slot_gpa, [(buffer.gpa, length)], rtype == VIRTIO_BLK_T_IN, token)
         return True
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+        self._is_ready = ready
 
     def _pick_queue(self) -> DriverVirtqueue:
         queues = self.queues
@@ -669,23 +665,21 @@ class VirtioBlk:
     def _add(
         self,
         queue: DriverVirtqueue,
-        rtype: int,
-        sector: int,
+        slot_gpa: int,
         data: list[tuple[int, int]],
         data_in: bool,
-        token: Callable[[memoryview], Completion],
+        token: Completion,
     ) -> None:
-        """Write the header into the next head's slot and publish the chain with its token.
+        """Publish the chain: the header :meth:`_header` wrote at ``slot_gpa``, ``data``, the status.
 
-        ``token`` is made from the chain's status byte; the descriptors must be free.
+        The descriptors must be free; ``token`` is made from the status byte :meth:`_header` gave.
         """
-        slot_gpa, status_view = self._header(queue, rtype, sector)
         header = (slot_gpa, vb.VIRTIO_BLK_OUTHDR_SIZE)
         status_buf = (slot_gpa + vb.VIRTIO_BLK_OUTHDR_SIZE, 1)
         if data_in:
-            queue.add([header], [*data, status_buf], token(status_view))
+            queue.add([header], [*data, status_buf], token)
         else:
-            queue.add([header, *data], [status_buf], token(status_view))
+            queue.add([header, *data], [status_buf], token)
 
     def _status_error(self, rtype: int, status: int, sector: int) -> BlkError:
         op = _OP_NAMES[rtype]

@@ -249,9 +249,8 @@ class DriverVirtqueue:
         avail_off = self._avail_off
         _u16_pack(buf, avail_off + 4 + 2 * (self._avail_idx & (self.size - 1)), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        store_u16_word(
-            self._words, avail_off + 2, self._avail_idx
-        )  # never torn: the device may be reading it
+        # Never torn: the device may be reading it.
+        store_u16_word(self._words, avail_off + 2, self._avail_idx)
         self._num_added += 1
         if self._waiters:
             self._wake()

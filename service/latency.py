@@ -91,9 +91,6 @@ class FrontendObserver:
         self._histograms = histograms
         self._children: dict[str, dict[str, LatencyHistogram]] = {}  # disk, op: no tuple per request
 
-    def __call__(self, disk: str, op: str, seconds: float) -> None:
-        self.observe(disk, op, seconds)
-
     def observe(self, disk: str, op: str, seconds: float) -> None:
         """Count one request of ``op`` on ``disk`` that took ``seconds`` (a native call, unboxed)."""
         by_op = self._children.get(disk)

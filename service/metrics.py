@@ -217,14 +217,14 @@ class Metrics:
         return VirtioObserver(disk, self.virtio_latency)
 
     def frontend_observer(self, frontend: str) -> FrontendObserver:
-        """A front end's per-request hook, called with (disk, operation, seconds)."""
+        """A front end's per-request hook: its ``observe(disk, operation, seconds)``."""
         observer = self._frontends.get(frontend)
         if observer is None:
             observer = self._frontends[frontend] = FrontendObserver(frontend, self.frontend_latency)
         return observer
 
     def observe_request(self, frontend: str, disk: str, op: str, seconds: float) -> None:
-        self.frontend_observer(frontend)(disk, op, seconds)
+        self.frontend_observer(frontend).observe(disk, op, seconds)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for (OpenMetrics or text 0.0.4)."""

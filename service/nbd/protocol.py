@@ -569,7 +569,7 @@ _EXTENT: Final = struct.Struct(">II")
 
 # A READ reply's chunk header and offset in one pack (STRUCTURED_REPLY's fields, then the offset):
 # it is built for every structured READ.
-_pack_offset_data: Final = struct.Struct(">IHHQIQ").pack
+_pack_offset_data: Final = struct.Struct(STRUCTURED_REPLY.format + "Q").pack
 _OFFSET_DATA: Final = int(ChunkType.OFFSET_DATA)
 
 

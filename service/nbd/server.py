@@ -982,6 +982,12 @@ class _Connection:
             self.bytes_written += request.length
         self._answer(request, export, "write", started, held, error, None, None)
 
+    def _observe(self, export: NbdExport, name: str, started: float) -> None:
+        """Feed the front end's latency histogram with a request that started at ``started``."""
+        on_request = self.server.on_request
+        if on_request is not None:
+            on_request.observe(export.name, name, _perf_counter() - started)
+
     def _answer(
         self,
         request: p.Request,
@@ -994,9 +1000,7 @@ class _Connection:
         buffer: DmaBuffer | None,
     ) -> None:
         """Reply to a fast-path request from its completion (``buffer`` is freed once sent)."""
-        on_request = self.server.on_request
-        if on_request is not None:
-            on_request.observe(export.name, name, _perf_counter() - started)
+        self._observe(export, name, started)
         failure: tuple[Errno, str] | None = None
         if error is not None:
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(error))
@@ -1125,9 +1129,7 @@ class _Connection:
         finally:
             if payload is not None:
                 payload.free()
-        on_request = self.server.on_request
-        if on_request is not None:
-            on_request.observe(export.name, name, _perf_counter() - started)
+        self._observe(export, name, started)
         try:
             await self._send_credit()
         except ConnectionError:
