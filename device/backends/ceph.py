@@ -110,6 +110,8 @@ class _Libs:
                 "rbd_set_image_notification": (c_int, [c_void_p, c_int, c_int]),
                 "rbd_poll_io_events": (c_int, [c_void_p, p(c_void_p), c_int]),
                 "rbd_aio_create_completion": (c_int, [c_void_p, c_void_p, p(c_void_p)]),
+                "rbd_aio_read": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
+                "rbd_aio_write": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
                 "rbd_aio_readv": (c_int, [c_void_p, p(Iovec), c_int, c_uint64, c_void_p]),
                 "rbd_aio_writev": (c_int, [c_void_p, p(Iovec), c_int, c_uint64, c_void_p]),
                 "rbd_aio_flush": (c_int, [c_void_p, c_void_p]),

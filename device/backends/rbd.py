@@ -46,9 +46,10 @@ import errno
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.backends import BackendError, Extent, ceph, check_access
 
@@ -118,10 +119,12 @@ class RbdTarget:
         return [("librados_thread_count", "2", "1")]
 
 
+@mypyc_attr(native_class=False)
 class ImageLockedError(BackendError):
     """The image's exclusive lock belongs to another client (another vblk)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests inject failures
 class AllocationMap:
     """Which blocks of an image hold data: one byte per block, 1 = data, 0 = hole (reads zeroes).
 
@@ -218,8 +221,12 @@ class RbdBackend:
         lib = ceph.libs().rbd
         self._create_completion = lib.rbd_aio_create_completion
         self._release = lib.rbd_aio_release
+        self._aio_read = lib.rbd_aio_read
+        self._aio_write = lib.rbd_aio_write
         self._aio_readv = lib.rbd_aio_readv
         self._aio_writev = lib.rbd_aio_writev
+        self._poll = lib.rbd_poll_io_events
+        self._get_result = lib.rbd_aio_get_return_value
         self.max_inflight = 0  # most aio requests outstanding at once (tests, metrics)
         self.completed = 0
 
@@ -292,6 +299,8 @@ class RbdBackend:
         return self._image
 
     def _check(self, offset: int, length: int, write: bool) -> None:
+        if offset >= 0 and length >= 0 and offset + length <= self._size and not (write and self._read_only):
+            return  # the common case, without a call into interpreted code
         check_access(self.target.spec, self._size, self._read_only, offset, length, write)
 
     def _done(self, op: int, offset: int, length: int, result: int) -> None:
@@ -414,9 +423,10 @@ class RbdBackend:
         try:
             self.aio_drain()
         finally:
-            if self._loop is not None and not self._loop.is_closed():
+            loop: Any = self._loop  # uvloop's remove_reader returns None, not asyncio's bool
+            if loop is not None and not loop.is_closed():
                 try:
-                    self._loop.remove_reader(self._efd)
+                    loop.remove_reader(self._efd)
                 except RuntimeError:
                     pass
             self._loop = None
@@ -435,24 +445,33 @@ class RbdBackend:
 
     # -- AsyncBackend -----------------------------------------------------------------------------
 
-    def _start(
-        self, op: int, offset: int, length: int, keep: Any, submit: Any, *args: Any
-    ) -> asyncio.Future[None]:
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        """The running loop; on first use, it starts watching the completion eventfd."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
             loop.add_reader(self._efd, self._reap)
-        future: asyncio.Future[None] = loop.create_future()
-        if op != _READ and op != _FLUSH and self._read_only:
-            future.set_exception(BackendError(errno.EROFS, f"{self.target.spec} is read-only"))
-            return future
-        image = self._handle()
-        result = self._create_completion(None, None, self._new_comp_ref)
-        comp = self._new_comp.value
+        return loop
+
+    def _completion(self) -> int:
+        """A new librbd completion, with no callback: it is collected through the eventfd."""
+        result: int = self._create_completion(None, None, self._new_comp_ref)
+        comp: int | None = self._new_comp.value
         if result < 0 or comp is None:
-            future.set_exception(BackendError(-result or errno.ENOMEM, "rbd_aio_create_completion failed"))
-            return future
-        result = submit(image, *args, comp)
+            raise BackendError(-result or errno.ENOMEM, "rbd_aio_create_completion failed")
+        return comp
+
+    def _started(
+        self,
+        future: asyncio.Future[None],
+        comp: int,
+        result: int,
+        op: int,
+        offset: int,
+        length: int,
+        keep: Any,
+    ) -> asyncio.Future[None]:
+        """Track a request librbd accepted (``result`` 0) until :meth:`_reap`, or fail it now."""
         if result < 0:
             self._release(comp)
             self._done(op, offset, length, result)
@@ -472,31 +491,33 @@ class RbdBackend:
         image = self._image
         if image is None:
             return
-        lib = ceph.libs().rbd
-        poll, get_result, release = lib.rbd_poll_io_events, lib.rbd_aio_get_return_value, self._release
+        poll, get_result, release = self._poll, self._get_result, self._release
         comps = self._comps
         inflight = self._inflight
         while True:
-            count = poll(image, comps, POLL_BATCH)
-            for comp in comps[: max(count, 0)]:
-                result = get_result(comp)
+            count: int = poll(image, comps, POLL_BATCH)
+            for i in range(count):
+                comp: int | None = comps[i]
+                result: int = get_result(comp)
                 release(comp)
                 entry = inflight.pop(comp or 0, None)
                 if entry is None:
                     continue
                 self.completed += 1
                 future, op, offset, length, _keep = entry
-                try:
-                    if op != _READ:
+                if op != _READ:
+                    try:
                         self._done(op, offset, length, result)
                         if op == _FLUSH and result >= 0:
                             refused = self._flush_refused()
                             if refused is not None:
                                 result = -(refused.errno or errno.EIO)
-                except Exception as exc:  # never strand the rest of the batch, nor this request
-                    log.error("rbd_completion_failed", op=op, offset=offset, length=length, error=repr(exc))
-                    self._distrust(op, offset, length)
-                    result = -errno.EIO
+                    except Exception as exc:  # never strand the rest of the batch, nor this request
+                        log.error(
+                            "rbd_completion_failed", op=op, offset=offset, length=length, error=repr(exc)
+                        )
+                        self._distrust(op, offset, length)
+                        result = -errno.EIO
                 if future.done():
                     continue
                 if result < 0:
@@ -527,10 +548,10 @@ class RbdBackend:
                     raise BackendError(errno.EINVAL, "cannot read into a read-only buffer")
                 holder: Any = ctypes.create_string_buffer(bytes(buf), size)
             else:
-                holder = ctypes.c_char.from_buffer(buf)
+                holder = _c_char.from_buffer(buf)
             keep.append(holder)
             entry = iov[n]
-            entry.iov_base = ctypes.addressof(holder)
+            entry.iov_base = _addressof(holder)
             entry.iov_len = size
             n += 1
             total += size
@@ -538,26 +559,62 @@ class RbdBackend:
         return iov, n, keep, total
 
     def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        image = self._handle()
+        future: asyncio.Future[None] = self._attach().create_future()
+        result: int
+        if len(buffers) == 1:
+            buf = buffers[0]
+            length = buf.nbytes
+            if length and buf.format == "B" and buf.ndim == 1 and not buf.readonly:
+                # The common request, one guest buffer: rbd_aio_read into it, no iovec array.
+                self._check(offset, length, False)
+                holder = _c_char.from_buffer(buf)
+                comp = self._completion()
+                result = self._aio_read(image, offset, length, _addressof(holder), comp)
+                return self._started(future, comp, result, _READ, offset, length, holder)
         iov, count, keep, total = self._iovecs(buffers, True)
         self._check(offset, total, False)
-        return self._start(_READ, offset, total, keep, self._aio_readv, iov, count, offset)
+        comp = self._completion()
+        result = self._aio_readv(image, iov, count, offset, comp)
+        return self._started(future, comp, result, _READ, offset, total, keep)
 
     def aio_writev(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        image = self._handle()
+        future: asyncio.Future[None] = self._attach().create_future()
+        result: int
+        if len(buffers) == 1:
+            buf = buffers[0]
+            length = buf.nbytes
+            if length and buf.format == "B" and buf.ndim == 1 and not buf.readonly:
+                self._check(offset, length, True)
+                holder = _c_char.from_buffer(buf)
+                comp = self._completion()
+                result = self._aio_write(image, offset, length, _addressof(holder), comp)
+                return self._started(future, comp, result, _WRITE, offset, length, holder)
         iov, count, keep, total = self._iovecs(buffers, False)
         self._check(offset, total, True)
-        return self._start(_WRITE, offset, total, keep, self._aio_writev, iov, count, offset)
+        comp = self._completion()
+        result = self._aio_writev(image, iov, count, offset, comp)
+        return self._started(future, comp, result, _WRITE, offset, total, keep)
 
     def aio_flush(self) -> asyncio.Future[None]:
+        image = self._handle()
+        future: asyncio.Future[None] = self._attach().create_future()
         refused = self._flush_refused()
         if refused is not None:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_exception(refused)
             return future
-        return self._start(_FLUSH, 0, 0, None, ceph.libs().rbd.rbd_aio_flush)
+        comp = self._completion()
+        result: int = ceph.libs().rbd.rbd_aio_flush(image, comp)
+        return self._started(future, comp, result, _FLUSH, 0, 0, None)
 
     def _aio_zero(self, offset: int, length: int) -> asyncio.Future[None]:
+        image = self._handle()
+        future: asyncio.Future[None] = self._attach().create_future()
         self._check(offset, length, True)
-        return self._start(_ZERO, offset, length, None, _write_zeroes_args, offset, length)
+        comp = self._completion()
+        result: int = ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
+        return self._started(future, comp, result, _ZERO, offset, length, None)
 
     def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
         return self._aio_zero(offset, length)
@@ -576,6 +633,8 @@ class RbdBackend:
 
 
 _IOVEC_ARRAYS = [ceph.Iovec * n for n in range(9)]
+_c_char: Final = ctypes.c_char
+_addressof: Final = ctypes.addressof
 
 
 @contextlib.contextmanager
@@ -601,10 +660,6 @@ def _batch_threads() -> Iterator[None]:
         yield
     finally:
         os.sched_setscheduler(0, policy, param)
-
-
-def _write_zeroes_args(image: int, offset: int, length: int, comp: int) -> int:
-    return int(ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0))
 
 
 def _lock(image: int, target: RbdTarget, rados: ceph.Rados) -> None:

@@ -448,18 +448,21 @@ async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_bat
 ) -> None:
     backend = rbd_backend(nbd_rig.service)
     disk = nbd_rig.service.disks["disk0"].bytes
-    book = backend._done
-    calls = 0
+    armed = False
 
-    def broken_once(op: int, offset: int, length: int, result: int) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("injected bookkeeping failure")
-        book(op, offset, length, result)
+    class BrokenOnce(AllocationMap):
+        """Once armed, the allocation map fails to book the first write it is told of."""
+
+        def set(self, start: int, end: int, allocated: bool) -> None:
+            nonlocal armed
+            if armed:
+                armed = False
+                raise RuntimeError("injected bookkeeping failure")
+            super().set(start, end, allocated)
 
     await disk.discard(0, 1 * MiB)
-    backend._done = broken_once  # type: ignore[method-assign]
+    backend._map = BrokenOnce(backend.size, backend._map.runs(), backend._map.block)
+    armed = True
     results = await asyncio.wait_for(  # a stranded completion would hang here
         asyncio.gather(
             *(disk.write(i * 4096, bytes([i + 1]) * 4096) for i in range(16)), return_exceptions=True
