@@ -21,7 +21,7 @@ from aiohttp import web
 from device.backends import Backend, BackendError
 from device.backends.memory import MemoryBackend
 from device.backends.raw import RawFileBackend
-from device.backends.rbd import DEFAULT_CACHE, RbdBackend, RbdTarget
+from device.backends.rbd import DEFAULT_CACHE, RbdBackend, RbdTarget, batch_thread
 from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
 from device.machine import Machine
 from device.memory import GuestMemory
@@ -169,6 +169,10 @@ class Service:
         security = config.security
         self.ssl_context = security.context()
         self.tokens = Tokens.load(security.tokens_file) if security.tokens_file is not None else None
+        # With an RBD disk the event loop thread runs SCHED_BATCH (device.backends.rbd.batch_thread):
+        # it and librbd's threads hand every request back and forth, and as batch threads none of
+        # them preempts another on wake-up, so each takes what has queued up. This switches it back.
+        self._restore_sched: Callable[[], None] | None = None
 
     def _nbd_counts(self) -> tuple[int, int, int, int, int]:
         nbd = self.nbd
@@ -182,6 +186,10 @@ class Service:
                 continue  # started below, after the local devices
             if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
                 backend = await asyncio.to_thread(open_backend, spec)
+                if self._restore_sched is None:
+                    self._restore_sched = batch_thread()
+                    if self._restore_sched is not None:
+                        log.info("event_loop_sched_batch", reason="rbd disk")
             else:
                 backend = open_backend(spec)
             if self._wrap_backend is not None:
@@ -331,6 +339,9 @@ class Service:
             device.close()
             device.backend.close()
         self.memory.close()
+        if self._restore_sched is not None:
+            self._restore_sched()
+            self._restore_sched = None
         log.info("stopped")
 
 

@@ -45,7 +45,7 @@ import dataclasses
 import errno
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import structlog
@@ -637,6 +637,32 @@ _c_char: Final = ctypes.c_char
 _addressof: Final = ctypes.addressof
 
 
+def batch_thread(*, over_any: bool = False) -> Callable[[], None] | None:
+    """Switch the calling thread to ``SCHED_BATCH``; returns a function that switches it back.
+
+    Threads the caller starts from then on inherit the policy. Returns None when nothing changed:
+    the thread is batch already, the policy cannot be set (not Linux, or a seccomp filter without
+    ``@resources``: only logged), or the thread runs a policy other than the default
+    ``SCHED_OTHER`` and not ``over_any`` (a policy given from outside, by ``chrt`` or systemd's
+    ``CPUSchedulingPolicy``, is left alone).
+    """
+    tid = threading.get_native_id()
+    try:
+        policy, param = os.sched_getscheduler(tid), os.sched_getparam(tid)
+        if policy == os.SCHED_BATCH or (policy != os.SCHED_OTHER and not over_any):
+            return None
+        os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        log.info("rbd_sched_batch_unavailable", error=str(exc))
+        return None
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):  # the thread is gone
+            os.sched_setscheduler(tid, policy, param)
+
+    return restore
+
+
 @contextlib.contextmanager
 def _batch_threads() -> Iterator[None]:
     """Run the block with the calling thread ``SCHED_BATCH``; threads it starts inherit that.
@@ -646,20 +672,14 @@ def _batch_threads() -> Iterator[None]:
     on the spot, one request at a time; as batch threads they do not preempt on wake-up, so the
     loop starts the whole batch of requests it has first and they pick them up together. On the
     2-CPU machine that is 14-25% less CPU per 4 KiB request (QD32 reads 6.1k -> 8.2k IOPS,
-    writes 3.1k -> 3.4k). Only a hint: where the policy cannot be set (a seccomp filter without
-    ``@resources``), nothing changes.
+    writes 3.1k -> 3.4k). Only a hint: where the policy cannot be set, nothing changes.
     """
-    try:
-        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
-        log.info("rbd_sched_batch_unavailable", error=str(exc))
-        yield
-        return
+    restore = batch_thread(over_any=True)
     try:
         yield
     finally:
-        os.sched_setscheduler(0, policy, param)
+        if restore is not None:
+            restore()
 
 
 def _lock(image: int, target: RbdTarget, rados: ceph.Rados) -> None:

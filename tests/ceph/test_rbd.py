@@ -5,6 +5,7 @@ ownership and failover, and a cluster that dies under load.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +21,20 @@ from pathlib import Path
 import pytest
 
 from device.backends import BackendError
-from device.backends.rbd import CACHE_MODES, AllocationMap, ImageLockedError, RbdBackend, RbdTarget
+from device.backends.rbd import (
+    CACHE_MODES,
+    AllocationMap,
+    ImageLockedError,
+    RbdBackend,
+    RbdTarget,
+    batch_thread,
+)
 from driver.blk import BlkIOError
 from service.app import DiskSpec, Service, ServiceConfig
 from service.config import ConfigError, from_sources
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
-from tests.service.conftest import MiB, NbdRig, nbdsh, run
+from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,6 +115,45 @@ def test_librbd_threads_are_batch_threads_and_the_caller_is_not(ceph_cluster: Cl
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the opening thread is itself again
     finally:
         backend.close()
+
+
+def test_batch_thread_switches_a_default_thread_and_leaves_a_chosen_policy_alone() -> None:
+    def in_a_thread() -> list[object]:
+        tid = threading.get_native_id()
+        seen: list[object] = [os.sched_getscheduler(tid)]
+        restore = batch_thread()
+        assert restore is not None
+        seen.append(os.sched_getscheduler(tid))
+        assert batch_thread() is None  # batch already: nothing to undo twice
+        restore()
+        seen.append(os.sched_getscheduler(tid))
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))  # as chrt -i would
+        seen.append(batch_thread())
+        seen.append(os.sched_getscheduler(tid))
+        return seen
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(in_a_thread).result()
+    assert seen == [os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER, None, os.SCHED_IDLE]
+
+
+async def test_event_loop_runs_batch_while_an_rbd_disk_is_served(ceph_cluster: Cluster) -> None:
+    tid = threading.get_native_id()
+    assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+    spec = DiskSpec(
+        name="disk0",
+        backend="rbd",
+        rbd_image=image_name("loop"),
+        size=MiB,
+        create=True,
+        ceph=ceph_options(ceph_cluster),
+    )
+    async with serving(spec) as rig:
+        assert os.sched_getscheduler(tid) == os.SCHED_BATCH
+        disk = rig.service.disks["disk0"].bytes
+        await disk.write(0, b"b" * 4096)
+        assert await disk.read(0, 4096) == b"b" * 4096
+    assert os.sched_getscheduler(tid) == os.SCHED_OTHER  # stopping switched it back
 
 
 def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path) -> None:
