@@ -11,6 +11,8 @@ packages+=(qemu-system-x86 qemu-system-common linux-image-amd64 busybox-static n
 packages+=(openssl)
 # tests/ceph: a throwaway Ceph cluster (mon + memstore OSD, rbd tool); bench: qemu-nbd's rbd driver.
 packages+=(ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
+# vblk serve preloads tcmalloc when it serves an RBD disk (--malloc auto).
+packages+=(libtcmalloc-minimal4)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

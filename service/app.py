@@ -30,7 +30,7 @@ from driver.guest import Guest
 from service import systemd
 from service.blockio import ByteDisk
 from service.http.api import build_app
-from service.metrics import Metrics, compiled
+from service.metrics import Metrics, allocator, compiled
 from service.nbd.protocol import TlsMode
 from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
 from service.security import SecurityConfigError, Tokens, server_context
@@ -394,6 +394,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
                 nbd=service.nbd_addresses,
                 http=service.http_addresses,
                 compiled=compiled(),
+                malloc=allocator(),
             )
             systemd.notify(f"READY=1\nSTATUS=serving {len(service.disks)} disk(s)")
             group.create_task(stop.wait(), name="vblk-until-signalled")

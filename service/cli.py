@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes.util
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import uvloop
 
 from device.backends.raw import RawFileBackend
 from service import logs
-from service.app import DiskSpec, serve
+from service.app import DiskSpec, ServiceConfig, serve
 from service.config import (
     SETTINGS,
     ConfigError,
@@ -183,6 +184,35 @@ def _info(path: Path) -> int:
     return 0
 
 
+TCMALLOC = "tcmalloc_minimal"
+
+
+def _preload_tcmalloc(config: ServiceConfig, choice: str) -> None:
+    """With an RBD disk, start this process over with tcmalloc preloaded (if installed).
+
+    librbd allocates and frees several buffers of a few KiB per request, on its own threads and
+    on the event loop's; glibc's malloc serves those from its bins, consolidating on the way,
+    while tcmalloc keeps them in per-thread caches (QEMU builds with ``--enable-tcmalloc`` for the
+    same reason, and Ceph's daemons link it). On the 2-CPU machine: 4 KiB QD32 reads through an
+    RBD disk 20.9k -> 22.1k IOPS at 38.5 -> 34.8 us of vblk CPU per request. Not when
+    ``LD_PRELOAD`` names an allocator already (tcmalloc after this exec, jemalloc...), nor with
+    ``--malloc system``. ``os.execv`` keeps the pid, the open descriptors (systemd's sockets)
+    and the environment.
+    """
+    if not any(disk.backend == "rbd" for disk in config.disks):
+        return
+    preload = os.environ.get("LD_PRELOAD", "")
+    if choice != "auto" or "malloc" in preload:
+        return
+    library = ctypes.util.find_library(TCMALLOC)
+    if library is None:
+        return  # not installed (libtcmalloc-minimal4): glibc's malloc then
+    os.environ["LD_PRELOAD"] = f"{library} {preload}".strip()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, values = from_sources(flags, config_file=args.config)
     except ConfigError as exc:
         parser.error(str(exc))
+    if argv is None:  # the process's own command line, which an exec can repeat
+        _preload_tcmalloc(config, values["malloc"])
     logs.configure(values["log-level"], values["log-format"])
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config))

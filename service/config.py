@@ -133,6 +133,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ceph-timeout", 30.0, float, "seconds for every Ceph operation before it fails", "SECONDS"),
     Setting("take-over", False, parse_bool, "rbd: break a dead vblk's image lock (blocklisting it)"),
     Setting(
+        "malloc",
+        "auto",
+        _choice(("auto", "system")),
+        "auto: preload tcmalloc when a disk is rbd and it is installed; system: the C library's",
+        "KIND",
+    ),
+    Setting(
         "nbd-listen", ["127.0.0.1:10809"], _listen_list, "NBD TCP listener(s); 'none' for none", "HOST:PORT"
     ),
     Setting("nbd-socket", None, str, "also serve NBD on this unix socket", "PATH"),

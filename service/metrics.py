@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -37,6 +38,18 @@ def compiled() -> bool:
     """Whether the request path runs compiled (setup.py builds it with mypyc by default)."""
     modules = (device.virtqueue, driver.blk, service.nbd.server)
     return all(not (m.__file__ or ".py").endswith(".py") for m in modules)
+
+
+def allocator() -> str:
+    """Which malloc this process runs: ``tcmalloc``, ``jemalloc`` or ``glibc``."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
 
 
 def _le(upper: float) -> str:

@@ -354,6 +354,27 @@ print(len(bad), bad[:10])
 """
 
 
+@pytest.mark.parametrize("choice", ["auto", "system"])
+async def test_vblk_serving_rbd_runs_tcmalloc_unless_told_not_to(
+    ceph_cluster: Cluster, tmp_path: Path, choice: str
+) -> None:
+    sock = tmp_path / "nbd.sock"
+    args = serve_args(ceph_cluster, image_name("malloc"), sock, "--malloc", choice)
+    with vblk_process(tmp_path, "v", *args) as proc:
+        await wait_serving(proc, sock, tmp_path / "v.log")
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()  # the same pid after the exec
+        running = next(
+            json.loads(line) for line in (tmp_path / "v.log").read_text().splitlines() if '"running"' in line
+        )
+        script = "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'm' * 4096, 0)\n"
+        script += "assert h.pread(4096, 0) == b'm' * 4096\n"
+        await nbdsh(f"nbd+unix:///d?socket={sock}", script)  # it serves
+    if choice == "auto":
+        assert "libtcmalloc_minimal" in maps and running["malloc"] == "tcmalloc", running
+    else:
+        assert "libtcmalloc" not in maps and running["malloc"] == "glibc", running
+
+
 @pytest.mark.parametrize("cache", CACHE_MODES)
 async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluster, cache: str) -> None:
     """vblk A serves and is SIGKILLed mid-stream; B refuses, then takes over; nothing flushed is lost.
