@@ -558,7 +558,9 @@ class RbdBackend:
         keep.append(iov)
         return iov, n, keep, total
 
-    def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+    def _transfer(self, op: int, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        """Start reading into (``op`` ``_READ``) or writing from (``_WRITE``) ``buffers``."""
+        write = op == _WRITE
         image = self._handle()
         future: asyncio.Future[None] = self._attach().create_future()
         result: int
@@ -566,36 +568,26 @@ class RbdBackend:
             buf = buffers[0]
             length = buf.nbytes
             if length and buf.format == "B" and buf.ndim == 1 and not buf.readonly:
-                # The common request, one guest buffer: rbd_aio_read into it, no iovec array.
-                self._check(offset, length, False)
+                # The common request, one guest buffer: librbd reads into it or writes from it
+                # (rbd_aio_read/rbd_aio_write), with no iovec array.
+                self._check(offset, length, write)
                 holder = _c_char.from_buffer(buf)
                 comp = self._completion()
-                result = self._aio_read(image, offset, length, _addressof(holder), comp)
-                return self._started(future, comp, result, _READ, offset, length, holder)
-        iov, count, keep, total = self._iovecs(buffers, True)
-        self._check(offset, total, False)
+                one = self._aio_write if write else self._aio_read
+                result = one(image, offset, length, _addressof(holder), comp)
+                return self._started(future, comp, result, op, offset, length, holder)
+        iov, count, keep, total = self._iovecs(buffers, not write)
+        self._check(offset, total, write)
         comp = self._completion()
-        result = self._aio_readv(image, iov, count, offset, comp)
-        return self._started(future, comp, result, _READ, offset, total, keep)
+        many = self._aio_writev if write else self._aio_readv
+        result = many(image, iov, count, offset, comp)
+        return self._started(future, comp, result, op, offset, total, keep)
+
+    def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        return self._transfer(_READ, offset, buffers)
 
     def aio_writev(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
-        image = self._handle()
-        future: asyncio.Future[None] = self._attach().create_future()
-        result: int
-        if len(buffers) == 1:
-            buf = buffers[0]
-            length = buf.nbytes
-            if length and buf.format == "B" and buf.ndim == 1 and not buf.readonly:
-                self._check(offset, length, True)
-                holder = _c_char.from_buffer(buf)
-                comp = self._completion()
-                result = self._aio_write(image, offset, length, _addressof(holder), comp)
-                return self._started(future, comp, result, _WRITE, offset, length, holder)
-        iov, count, keep, total = self._iovecs(buffers, False)
-        self._check(offset, total, True)
-        comp = self._completion()
-        result = self._aio_writev(image, iov, count, offset, comp)
-        return self._started(future, comp, result, _WRITE, offset, total, keep)
+        return self._transfer(_WRITE, offset, buffers)
 
     def aio_flush(self) -> asyncio.Future[None]:
         image = self._handle()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -154,6 +155,34 @@ async def test_event_loop_runs_batch_while_an_rbd_disk_is_served(ceph_cluster: C
         await disk.write(0, b"b" * 4096)
         assert await disk.read(0, 4096) == b"b" * 4096
     assert os.sched_getscheduler(tid) == os.SCHED_OTHER  # stopping switched it back
+
+
+async def test_aio_transfers_one_buffer_several_and_read_only_ones(ceph_cluster: Cluster) -> None:
+    target = RbdTarget(
+        "rbd", image_name("aio"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=MiB
+    )
+    backend = await asyncio.to_thread(RbdBackend.open, target)
+    try:
+        ram = bytearray(4 * 4096)
+        view = memoryview(ram)
+        ram[:4096] = b"a" * 4096
+        await backend.aio_writev(0, [view[:4096]])  # one guest buffer: rbd_aio_write
+        ram[4096:12288] = b"b" * 4096 + b"c" * 4096
+        await backend.aio_writev(4096, [view[4096:8192], view[8192:12288]])  # several: an iovec array
+        await backend.aio_writev(12288, [memoryview(b"d" * 4096)])  # read-only: written from a copy
+        ram[:] = bytes(len(ram))
+        await backend.aio_readv(0, [view[:4096]])
+        await backend.aio_readv(4096, [view[4096:6144], view[6144:12288], view[12288:]])
+        assert ram == b"a" * 4096 + b"b" * 4096 + b"c" * 4096 + b"d" * 4096
+        with pytest.raises(BackendError) as refused:
+            backend.aio_readv(0, [memoryview(bytes(4096))])  # nowhere to put the data
+        assert refused.value.errno == errno.EINVAL
+        with pytest.raises(BackendError) as outside:
+            backend.aio_readv(MiB - 512, [view[:4096]])
+        assert outside.value.errno == errno.EINVAL
+        assert backend.completed == 5 and backend.inflight == 0
+    finally:
+        backend.close()
 
 
 def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path) -> None:
