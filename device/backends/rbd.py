@@ -55,13 +55,16 @@ from device.backends import BackendError, Extent, ceph, check_access
 
 log = structlog.get_logger("vblk.device.rbd")
 
-POLL_BATCH = 64
+POLL_BATCH: Final = 64
 DEFAULT_TIMEOUT = 30.0
 CACHE_MODES = ("none", "writeback")
 DEFAULT_CACHE = "none"
 
 # The operations the allocation map follows.
-_READ, _WRITE, _FLUSH, _ZERO = 0, 1, 2, 3
+_READ: Final = 0
+_WRITE: Final = 1
+_FLUSH: Final = 2
+_ZERO: Final = 3
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
