@@ -457,7 +457,11 @@ class RbdBackend:
         return loop
 
     def _completion(self) -> int:
-        """A new librbd completion, with no callback: it is collected through the eventfd."""
+        """A new librbd completion, with no callback: it is collected through the eventfd.
+
+        Attaches to the running loop first, so no request starts that nothing would collect.
+        """
+        self._attach()
         result: int = self._create_completion(None, None, self._new_comp_ref)
         comp: int | None = self._new_comp.value
         if result < 0 or comp is None:
@@ -465,16 +469,11 @@ class RbdBackend:
         return comp
 
     def _started(
-        self,
-        future: asyncio.Future[None],
-        comp: int,
-        result: int,
-        op: int,
-        offset: int,
-        length: int,
-        keep: Any,
+        self, comp: int, result: int, op: int, offset: int, length: int, keep: Any
     ) -> asyncio.Future[None]:
-        """Track a request librbd accepted (``result`` 0) until :meth:`_reap`, or fail it now."""
+        """The future of a request librbd accepted (``result`` 0), tracked until :meth:`_reap`
+        finishes it; or of one it refused, failed now."""
+        future: asyncio.Future[None] = self._attach().create_future()
         if result < 0:
             self._release(comp)
             self._done(op, offset, length, result)
@@ -565,7 +564,6 @@ class RbdBackend:
         """Start reading into (``op`` ``_READ``) or writing from (``_WRITE``) ``buffers``."""
         write = op == _WRITE
         image = self._handle()
-        future: asyncio.Future[None] = self._attach().create_future()
         result: int
         if len(buffers) == 1:
             buf = buffers[0]
@@ -578,13 +576,13 @@ class RbdBackend:
                 comp = self._completion()
                 one = self._aio_write if write else self._aio_read
                 result = one(image, offset, length, _addressof(holder), comp)
-                return self._started(future, comp, result, op, offset, length, holder)
+                return self._started(comp, result, op, offset, length, holder)
         iov, count, keep, total = self._iovecs(buffers, not write)
         self._check(offset, total, write)
         comp = self._completion()
         many = self._aio_writev if write else self._aio_readv
         result = many(image, iov, count, offset, comp)
-        return self._started(future, comp, result, op, offset, total, keep)
+        return self._started(comp, result, op, offset, total, keep)
 
     def aio_readv(self, offset: int, buffers: Sequence[memoryview]) -> asyncio.Future[None]:
         return self._transfer(_READ, offset, buffers)
@@ -594,22 +592,21 @@ class RbdBackend:
 
     def aio_flush(self) -> asyncio.Future[None]:
         image = self._handle()
-        future: asyncio.Future[None] = self._attach().create_future()
         refused = self._flush_refused()
         if refused is not None:
+            future: asyncio.Future[None] = self._attach().create_future()
             future.set_exception(refused)
             return future
         comp = self._completion()
         result: int = ceph.libs().rbd.rbd_aio_flush(image, comp)
-        return self._started(future, comp, result, _FLUSH, 0, 0, None)
+        return self._started(comp, result, _FLUSH, 0, 0, None)
 
     def _aio_zero(self, offset: int, length: int) -> asyncio.Future[None]:
         image = self._handle()
-        future: asyncio.Future[None] = self._attach().create_future()
         self._check(offset, length, True)
         comp = self._completion()
         result: int = ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
-        return self._started(future, comp, result, _ZERO, offset, length, None)
+        return self._started(comp, result, _ZERO, offset, length, None)
 
     def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
         return self._aio_zero(offset, length)
