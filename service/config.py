@@ -349,8 +349,9 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["rbd_image"] = name
             if not spec.get("pool", "rbd") or "/" in spec.get("pool", "rbd") or "/" in spec["rbd_image"]:
                 raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
-            if spec["ceph"].timeout <= 0:
-                raise ConfigError("ceph-timeout must be positive")
+            timeout = spec["ceph"].timeout
+            if timeout <= 0 or timeout != int(timeout):
+                raise ConfigError(f"ceph-timeout must be a whole number of seconds (at least 1): {timeout:g}")
         check_queues(f"disk {name}", spec["num_queues"], spec["queue_size"])
         disks.append(DiskSpec(**spec))
     names = [d.name for d in disks]

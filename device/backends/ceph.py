@@ -34,6 +34,7 @@ RBD_LOCK_MODE_EXCLUSIVE = 0
 RBD_FEATURE_EXCLUSIVE_LOCK = 1 << 2
 RBD_FEATURE_OBJECT_MAP = 1 << 3
 RBD_FEATURE_FAST_DIFF = 1 << 4
+RBD_WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0  # keep the zeroed range allocated (write-same)
 
 
 class Iovec(ctypes.Structure):

@@ -29,11 +29,16 @@ Semantics:
   hand it over on request). Another live owner makes :meth:`RbdBackend.open` fail with EBUSY;
   ``take_over`` breaks the old owner's lock, which blocklists it (fencing: its writes fail from then
   on), then takes the lock.
-* The allocation map (NBD BLOCK_STATUS, REST ``/extents``) is read once at open with librbd's diff
-  iteration (``rbd_diff_iterate2``) and then kept up to date by every write, discard and
-  write-zeroes completed here, which the exclusive lock makes the only writer. So answering it
-  never waits for the cluster. Discard and write-zeroes both use librbd's write-zeroes, which
-  deallocates whole objects and zeroes the rest: both read back as zeroes and map as holes.
+* The allocation map (NBD BLOCK_STATUS, REST ``/extents``) of a writable image is read once at
+  open with librbd's diff iteration (``rbd_diff_iterate2``) and then kept up to date by every
+  write, discard and write-zeroes completed here, which the exclusive lock makes the only writer.
+  So answering it never waits for the cluster. A read-only client holds no lock and others may
+  write under it, so its map calls every block data: a hole it reported could hide data written
+  since, and NBD clients would read that as zeroes.
+* Discard, and write-zeroes that may unmap, use librbd's write-zeroes, which deallocates whole
+  objects and zeroes the rest: they read back as zeroes and map as holes. Write-zeroes that must
+  not unmap (virtio-blk without the UNMAP flag, NBD ``NO_HOLE``) asks librbd to keep the range
+  allocated (``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION``, a write-same of zeroes): it maps as data.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -64,7 +70,8 @@ DEFAULT_CACHE = "none"
 _READ: Final = 0
 _WRITE: Final = 1
 _FLUSH: Final = 2
-_ZERO: Final = 3
+_ZERO: Final = 3  # zeroes that may deallocate (discard, write-zeroes with unmap)
+_ZERO_KEEP: Final = 4  # zeroes that stay allocated (write-zeroes without unmap)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,13 +98,14 @@ class RbdTarget:
         return f"{self.pool}/{self.image}"
 
     def options(self) -> list[tuple[str, str]]:
-        t = f"{self.timeout:g}"
+        t = str(math.ceil(self.timeout))  # Ceph's timeouts are whole seconds ("2.5" is EINVAL)
         options = [
             ("client_mount_timeout", t),
             ("rados_mon_op_timeout", t),
             ("rados_osd_op_timeout", t),
             ("log_to_stderr", "false"),
             ("err_to_stderr", "false"),  # vblk logs failures itself, with the errno
+            ("rbd_blocklist_on_break_lock", "true"),  # --take-over fences the old owner, always
         ]
         if self.cache == "writeback":
             options += [
@@ -208,7 +216,9 @@ class RbdBackend:
             log.warning("rbd_image_size_not_sectors", image=target.spec, size=size, served=self._size)
         self._read_only = target.read_only
         self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
-        self._map = AllocationMap(self._size, ceph.diff_extents(image, self._size))
+        # Read-only: no lock, so others may write under this client, and a hole could be stale.
+        runs = [(0, self._size)] if target.read_only else ceph.diff_extents(image, self._size)
+        self._map = AllocationMap(self._size, runs)
         self._write_errno: int | None = None  # first failed write; every later flush fails with it
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         ceph.check(
@@ -313,7 +323,7 @@ class RbdBackend:
         with self._lock:
             if result < 0 and self._write_errno is None:
                 self._write_errno = -result  # a failed FLUSH too: the cache may have lost the data
-            if op == _WRITE or (op == _ZERO and result < 0):
+            if op in (_WRITE, _ZERO_KEEP) or (op == _ZERO and result < 0):
                 self._map.set(offset, offset + length, True)  # failed: unknown, so not a hole
             elif op == _ZERO:
                 self._map.set(offset, offset + length, False)
@@ -385,20 +395,21 @@ class RbdBackend:
         if refused is not None:
             raise refused
 
-    def _zero(self, offset: int, length: int) -> None:
+    def _zero(self, offset: int, length: int, unmap: bool) -> None:
         self._check(offset, length, True)
         if not length:
             return
-        result = ceph.libs().rbd.rbd_write_zeroes(self._handle(), offset, length, 0, 0)
-        self._done(_ZERO, offset, length, min(result, 0))
+        flags = 0 if unmap else ceph.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        result = ceph.libs().rbd.rbd_write_zeroes(self._handle(), offset, length, flags, 0)
+        self._done(_ZERO if unmap else _ZERO_KEEP, offset, length, min(result, 0))
         if result < 0:
             raise BackendError(-result, f"zeroing {self.target.spec}: {os.strerror(-result)}")
 
     def discard(self, offset: int, length: int) -> None:
-        self._zero(offset, length)
+        self._zero(offset, length, True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._zero(offset, length)
+        self._zero(offset, length, may_unmap)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length, False)
@@ -601,18 +612,19 @@ class RbdBackend:
         result: int = ceph.libs().rbd.rbd_aio_flush(image, comp)
         return self._started(comp, result, _FLUSH, 0, 0, None)
 
-    def _aio_zero(self, offset: int, length: int) -> asyncio.Future[None]:
+    def _aio_zero(self, offset: int, length: int, unmap: bool) -> asyncio.Future[None]:
         image = self._handle()
         self._check(offset, length, True)
         comp = self._completion()
-        result: int = ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
-        return self._started(comp, result, _ZERO, offset, length, None)
+        flags = 0 if unmap else ceph.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        result: int = ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, flags, 0)
+        return self._started(comp, result, _ZERO if unmap else _ZERO_KEEP, offset, length, None)
 
     def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
-        return self._aio_zero(offset, length)
+        return self._aio_zero(offset, length, True)
 
     def aio_write_zeroes(self, offset: int, length: int, may_unmap: bool) -> asyncio.Future[None]:
-        return self._aio_zero(offset, length)
+        return self._aio_zero(offset, length, may_unmap)
 
     def aio_drain(self) -> None:
         """Block until librbd has finished every started request (then collect them)."""

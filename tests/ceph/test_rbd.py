@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -77,6 +78,16 @@ def test_cache_option_is_an_rbd_disk_option() -> None:
         disks("name=d,backend=file,cache=writeback")
     with pytest.raises(ValueError, match="cache"):
         RbdTarget("rbd", "x", cache="unsafe")
+
+
+def test_ceph_timeout_is_whole_seconds() -> None:
+    """Ceph's client timeouts are whole seconds: librados refuses "2.5" (EINVAL) at connect."""
+    for bad in ("2.5", "0", "-1"):
+        with pytest.raises(ConfigError, match="whole number of seconds"):
+            from_sources({"disk": ["name=a,backend=rbd"]}, environ={"VBLK_CEPH_TIMEOUT": bad})
+    config, _values = from_sources({"disk": ["name=a,backend=rbd"]}, environ={"VBLK_CEPH_TIMEOUT": "7"})
+    assert config.disks[0].ceph.timeout == 7
+    assert ("rados_osd_op_timeout", "3") in RbdTarget("rbd", "x", timeout=2.5).options()  # rounded up
 
 
 @pytest.mark.parametrize("cache", CACHE_MODES)
@@ -230,7 +241,8 @@ async def test_data_written_through_vblk_is_what_rbd_export_reads(
 ) -> None:
     """Writes over NBD (fio at QD32, then nbdcopy) land in the image: ``rbd export`` reads them back.
 
-    The allocation map vblk keeps matches the one librbd's diff iteration gives a fresh open.
+    The allocation map vblk keeps agrees with librbd's: no data where librbd's diff iteration has
+    none, and above all no hole where the image holds anything but zeroes (a copy would skip it).
     """
     backend = rbd_backend(nbd_rig.service)
     out = await run(
@@ -261,18 +273,75 @@ async def test_data_written_through_vblk_is_what_rbd_export_reads(
     for offset, length in ours:  # everything vblk calls data, librbd calls data too
         assert all(not e.hole for e in covered.extents(offset, length)), (offset, length, theirs)
     assert [e.hole for e in backend.extents(4 * MiB, 4 * MiB)] == [True]
-    reopened = await asyncio.to_thread(
-        RbdBackend.open,
-        RbdTarget(
-            "rbd", backend.target.image, str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, read_only=True
-        ),
+    # The other way round, what matters: wherever vblk says hole, the image reads zeroes.
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp, "export.img")
+        await asyncio.to_thread(ceph_cluster.rbd, "export", f"rbd/{backend.target.image}", str(exported))
+        image = exported.read_bytes()
+    holes = [e for e in backend.extents(0, backend.size) if e.hole]
+    assert holes and ours
+    for e in holes:
+        assert image[e.offset : e.offset + e.length].count(0) == e.length, (e, ours)
+
+
+async def test_a_fresh_open_maps_exactly_what_was_written(ceph_cluster: Cluster) -> None:
+    """A writable open reads the map from the cluster: the runs written, zeroed and trimmed before."""
+    target = RbdTarget(
+        "rbd", image_name("fresh"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=32 * MiB
     )
+    backend = await asyncio.to_thread(RbdBackend.open, target)
     try:
-        assert reopened.extents(0, reopened.size) == AllocationMap(reopened.size, theirs).extents(
-            0, reopened.size
-        )
+        await backend.aio_writev(1 * MiB, [memoryview(bytearray(b"a" * 12288))])
+        await backend.aio_writev(9 * MiB + 4096, [memoryview(bytearray(b"b" * 65536))])
+        await backend.aio_writev(16 * MiB, [memoryview(bytearray(b"c" * (8 * MiB)))])
+        await backend.aio_discard(20 * MiB, 4 * MiB)  # a whole object: deallocated
+        await backend.aio_write_zeroes(16 * MiB, 4 * MiB, False)  # zeroes kept allocated
     finally:
-        reopened.close()
+        await asyncio.to_thread(backend.close)
+    written = [(1 * MiB, 12288), (9 * MiB + 4096, 65536), (16 * MiB, 4 * MiB)]
+    untouched = [(4 * MiB, 4 * MiB), (12 * MiB, 4 * MiB), (20 * MiB, 12 * MiB)]  # whole 4 MiB objects
+    reopened = await asyncio.to_thread(RbdBackend.open, target)
+    try:
+        # librbd reports an object's data from the object's start: the map may err towards data
+        # inside a written object, never towards a hole.
+        for offset, length in written:
+            assert all(not e.hole for e in reopened.extents(offset, length)), reopened._map.runs()
+        for offset, length in untouched:
+            assert [e.hole for e in reopened.extents(offset, length)] == [True], reopened._map.runs()
+    finally:
+        await asyncio.to_thread(reopened.close)
+    # A read-only client takes no lock, so others may write under it: it calls every block data.
+    read_only = dataclasses.replace(target, read_only=True, create_size=None)
+    shared = await asyncio.to_thread(RbdBackend.open, read_only)
+    try:
+        everything = [(e.offset, e.length, e.hole) for e in shared.extents(0, shared.size)]
+        assert everything == [(0, 32 * MiB, False)]
+    finally:
+        await asyncio.to_thread(shared.close)
+
+
+async def test_write_zeroes_unmaps_only_when_allowed(nbd_rig: NbdRig, ceph_cluster: Cluster) -> None:
+    """NBD write-zeroes with NO_HOLE keeps the range allocated in the image; without it, it may not."""
+    backend = rbd_backend(nbd_rig.service)
+    script = (
+        "h = nbd.NBD()\nh.connect_uri(uri)\n"
+        "h.pwrite(b'\\x7f' * (8 << 20), 32 << 20)\n"
+        "h.zero(4 << 20, 32 << 20, nbd.CMD_FLAG_NO_HOLE)\n"
+        "h.zero(4 << 20, 36 << 20)\n"
+        "h.flush()\n"
+        "assert h.pread(8 << 20, 32 << 20) == bytes(8 << 20)\n"
+    )
+    await nbdsh(nbd_rig.uri(), script)
+    assert [(e.offset, e.length, e.hole) for e in backend.extents(32 * MiB, 8 * MiB)] == [
+        (32 * MiB, 4 * MiB, False),
+        (36 * MiB, 4 * MiB, True),
+    ]
+    runs = await asyncio.to_thread(rbd_diff, ceph_cluster, backend.target.image)
+    theirs = AllocationMap(backend.size, runs)
+    assert [(e.offset, e.length, e.hole) for e in theirs.extents(32 * MiB, 8 * MiB)] == [
+        (32 * MiB, 4 * MiB, False),
+        (36 * MiB, 4 * MiB, True),
+    ]
 
 
 async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None:
@@ -299,6 +368,11 @@ async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None
         await ro.start()
         await first.disks["d"].bytes.write(0, b"\x5a" * 4096)
         assert await ro.disks["d"].bytes.read(0, 4096) == b"\x5a" * 4096
+        # Data written after the read-only client opened is data to it: not a hole that NBD
+        # clients would read as zeroes (sparse READ replies, BLOCK_STATUS) and copies would skip.
+        await first.disks["d"].bytes.write(2 * MiB, b"\x6b" * 131072)
+        assert not any(e.hole for e in ro.disks["d"].bytes.extents(2 * MiB, 131072))
+        assert await ro.disks["d"].bytes.read(2 * MiB, 131072) == b"\x6b" * 131072
         await ro.stop()
     finally:
         await first.stop()
@@ -418,6 +492,7 @@ async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluste
         sock_a, sock_b = d / "a.sock", d / "b.sock"
         with vblk_process(d, "a", *serve_args(ceph_cluster, image, sock_a, cache=cache)) as a:
             await wait_serving(a, sock_a, d / "a.log")
+            address_a = await asyncio.to_thread(watcher_address, ceph_cluster, image)
             uri = f"nbd+unix:///d?socket={sock_a}"
             prelude = "import nbd, sys, errno\nuri = sys.argv[1]\n"
             writer = await asyncio.create_subprocess_exec(
@@ -451,8 +526,57 @@ async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluste
             checked = await nbdsh(f"nbd+unix:///d?socket={sock_b}", script)
             assert checked.stdout.startswith("0 "), f"flushed writes lost after {flushed}: {checked.stdout}"
             blocklist = await asyncio.to_thread(ceph_cluster.ceph, "osd", "blocklist", "ls")
-            assert "127.0.0.1:0/" in blocklist  # A's client is fenced
+            assert address_a in blocklist.split(), (address_a, blocklist)  # A's client is fenced
             assert "rbd_lock_break" in (d / "b.log").read_text()
+
+
+def watcher_address(cluster: Cluster, image: str) -> str:
+    """The address of the one client watching ``image`` (its owner, as the blocklist names it)."""
+    watchers = json.loads(cluster.rbd("status", "--format", "json", f"{cluster.pool}/{image}"))["watchers"]
+    assert len(watchers) == 1, watchers
+    address: str = watchers[0]["address"]
+    return address
+
+
+FENCED = """
+import time
+h = nbd.NBD()
+h.connect_uri(uri)
+started = time.monotonic()
+outcome = []
+for step in (lambda: h.pwrite(b"\\x0f" * 4096, 8192), h.flush):
+    try:
+        step()
+        outcome.append("ok")
+    except nbd.Error as e:
+        outcome.append(errno.errorcode.get(e.errno, str(e.errno)) if isinstance(e.errno, int) else e.errno)
+print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - started}))
+"""
+
+
+async def test_take_over_fences_a_live_owner(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """B takes over while A still runs (a partition, a hung host): A is blocklisted, so its next
+    write and FLUSH fail with EIO, A itself goes on running, and B has what A flushed."""
+    image = image_name("fence")
+    sock_a, sock_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    uri_a, uri_b = f"nbd+unix:///d?socket={sock_a}", f"nbd+unix:///d?socket={sock_b}"
+    with vblk_process(tmp_path, "a", *serve_args(ceph_cluster, image, sock_a)) as a:
+        await wait_serving(a, sock_a, tmp_path / "a.log")
+        address_a = await asyncio.to_thread(watcher_address, ceph_cluster, image)
+        await nbdsh(uri_a, "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'A' * 4096, 0)\nh.flush()\n")
+        with vblk_process(tmp_path, "b", *serve_args(ceph_cluster, image, sock_b), "--take-over") as b:
+            await wait_serving(b, sock_b, tmp_path / "b.log")
+            blocklist = await asyncio.to_thread(ceph_cluster.ceph, "osd", "blocklist", "ls")
+            assert address_a in blocklist.split(), (address_a, blocklist)
+            fenced = await nbdsh(uri_a, "import json\n" + FENCED)
+            result = json.loads(fenced.stdout)
+            assert result["outcome"] == ["EIO", "EIO"], result
+            assert result["seconds"] < 20, result
+            assert a.poll() is None  # A serves on (its writes fail), it does not crash
+            script = "h = nbd.NBD()\nh.connect_uri(uri)\nassert h.pread(4096, 0) == b'A' * 4096\n"
+            script += "assert h.pread(4096, 8192) == bytes(4096)\n"  # A's fenced write never landed
+            script += "h.pwrite(b'B' * 4096, 0)\nh.flush()\n"
+            await nbdsh(uri_b, script)
 
 
 DYING = """
@@ -462,9 +586,15 @@ h.connect_uri(uri)
 h.pwrite(b"\\x01" * 65536, 0)
 h.flush()
 print("ready", flush=True)
-sys.stdin.readline()  # the cluster is being killed now
+sys.stdin.readline()
 started = time.monotonic()
-cookies = [h.aio_pwrite(b"\\x02" * 65536, k * 65536) for k in range(32)]
+cookies = []
+while time.monotonic() - started < 1.5:  # 32 writes in flight all along: the kill lands among them
+    while h.aio_in_flight() < 32:
+        cookies.append(h.aio_pwrite(b"\\x02" * 65536, (len(cookies) % 64) * 65536))
+        if len(cookies) == 256:  # 224 done: writes flow to the OSD
+            print("writing", flush=True)  # the test kills the cluster now
+    h.poll(-1)
 def name(e):
     return errno.errorcode.get(e.errno, str(e.errno)) if isinstance(e.errno, int) else e.errno
 errors = []
@@ -482,7 +612,13 @@ for _ in range(2):
         flushes.append("ok")
     except nbd.Error as e:
         flushes.append(name(e))
-print(json.dumps({"seconds": time.monotonic() - started, "errors": errors, "flushes": flushes}), flush=True)
+try:
+    h.pread(65536, 0)  # on the dead cluster's OSD (librbd skips objects it knows do not exist)
+    read = "ok"
+except nbd.Error as e:
+    read = name(e)
+print(json.dumps({"seconds": time.monotonic() - started, "writes": len(cookies), "errors": errors,
+                  "flushes": flushes, "read": read}), flush=True)
 """
 
 
@@ -516,28 +652,37 @@ async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster,
             assert client.stdin is not None and client.stdout is not None
             try:
                 assert (await asyncio.wait_for(client.stdout.readline(), 30)).strip() == b"ready"
-                await asyncio.to_thread(dying_cluster.kill)
                 client.stdin.write(b"go\n")
                 await client.stdin.drain()
+                assert (await asyncio.wait_for(client.stdout.readline(), 30)).strip() == b"writing"
+                await asyncio.to_thread(dying_cluster.kill)  # with 32 writes in flight
                 result = json.loads(await asyncio.wait_for(client.stdout.readline(), 40))
             finally:
                 if client.returncode is None:
                     client.kill()
                 await client.wait()
+            assert result["writes"] >= 256, result  # writes were flowing when the cluster died
             if cache == "none":
-                assert result["errors"], result  # the writes failed...
+                assert result["errors"], result  # the writes in flight and after failed...
             assert set(result["errors"]) <= {"EIO"}, result  # ...with EIO
             assert result["flushes"] == ["EIO", "EIO"], result  # and no FLUSH succeeds after them
+            if cache == "none":  # (the writeback cache may hold the block)
+                assert result["read"] == "EIO", result  # nor does a read the OSD has to serve
             assert result["seconds"] < 25, result
-            # REST: a JSON 5xx, in bounded time.
-            started = time.monotonic()
-            out = await run(
-                "curl", "-sS", "--max-time", "30", "--unix-socket", str(http), "-X", "PUT",
-                "--data-binary", "x" * 512, "http://vblk/v1/disks/d/sectors/8",
-            )  # fmt: skip
-            body = json.loads(out.stdout)
-            assert body["error"] == "io_error", body
-            assert time.monotonic() - started < 25
+            # REST: a JSON 5xx for a write, and for a read the OSD has to serve, in bounded time.
+            requests = [("PUT", "http://vblk/v1/disks/d/sectors/8", ["--data-binary", "x" * 512])]
+            if cache == "none":
+                requests.append(("GET", "http://vblk/v1/disks/d/sectors/0?count=8", []))
+            for method, url, data in requests:
+                started = time.monotonic()
+                out = await run(
+                    "curl", "-sS", "--max-time", "30", "--unix-socket", str(http), "-X", method, *data,
+                    "-o", str(d / "body.json"), "-w", "%{http_code}", url,
+                )  # fmt: skip
+                body = json.loads((d / "body.json").read_text())
+                status = int(out.stdout)
+                assert 500 <= status < 600 and body["error"] == "io_error", (method, status, body)
+                assert time.monotonic() - started < 25
             assert v.poll() is None  # the service itself goes on
 
 

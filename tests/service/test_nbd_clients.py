@@ -111,7 +111,7 @@ async def test_nbdinfo_map_after_trim_and_zero(nbd_rig: NbdRig) -> None:
         "-c",
         "discard 0 1M",
         "-c",
-        "write -z 1M 64k",
+        "write -z -u 1M 64k",  # -u: the server may unmap (without it, qemu sends NO_HOLE)
         nbd_rig.uri(),
     )
     out = (await run("nbdinfo", "--map", "--json", nbd_rig.uri())).stdout
