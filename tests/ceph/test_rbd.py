@@ -478,6 +478,44 @@ async def test_vblk_serving_rbd_runs_tcmalloc_unless_told_not_to(
         assert "libtcmalloc" not in maps and running["malloc"] == "glibc", running
 
 
+# Runs the rest of its command line with what systemd's ``MemoryDenyWriteExecute=yes`` does, by
+# the kernel's own switch (``PR_SET_MDWE``, Linux 6.3+; kept across exec): no mapping may be
+# writable and executable at once.
+DENY_WRITE_EXECUTE = """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0):  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    sys.exit("PR_SET_MDWE: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+async def test_vblk_serves_rbd_where_memory_cannot_be_writable_and_executable(
+    ceph_cluster: Cluster, tmp_path: Path
+) -> None:
+    """deploy/systemd's unit sets MemoryDenyWriteExecute=yes. The RBD path makes a ctypes
+    callback at open (the diff iteration), which libffi must build without a W+X mapping."""
+    sock = tmp_path / "nbd.sock"
+    launch = [sys.executable, "-c", DENY_WRITE_EXECUTE]
+    probe = "import mmap\ntry:\n    mmap.mmap(-1, 4096, prot=7)\nexcept OSError:\n    print('denied')\n"
+    denied = subprocess.run([*launch, "-c", probe], capture_output=True, text=True, check=True)
+    assert denied.stdout.strip() == "denied", denied  # the switch is on in what it starts
+    log = (tmp_path / "v.log").open("wb")
+    proc = subprocess.Popen(
+        [*launch, "-m", "service.cli", "serve", *serve_args(ceph_cluster, image_name("mdwe"), sock)],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    try:
+        await wait_serving(proc, sock, tmp_path / "v.log")
+        script = "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'x' * 65536, 0)\nh.flush()\n"
+        script += "assert h.pread(65536, 0) == b'x' * 65536\n"
+        await nbdsh(f"nbd+unix:///d?socket={sock}", script)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, (tmp_path / "v.log").read_text()[-2000:]  # and it stopped cleanly
+
+
 @pytest.mark.parametrize("cache", CACHE_MODES)
 async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluster, cache: str) -> None:
     """vblk A serves and is SIGKILLed mid-stream; B refuses, then takes over; nothing flushed is lost.
