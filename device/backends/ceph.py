@@ -271,8 +271,12 @@ def lock_owners(image: int) -> list[str]:
         lib.rbd_lock_get_owners_cleanup(owners, count)
 
 
-def diff_extents(image: int, length: int) -> list[tuple[int, int]]:
-    """Allocated ``(offset, length)`` runs of the image's head, from librbd's diff iteration."""
+def diff_extents(image: int, length: int, whole_object: bool = False) -> list[tuple[int, int]]:
+    """Allocated ``(offset, length)`` runs of the image's head, from librbd's diff iteration.
+
+    ``whole_object``: whole objects, which librbd answers from the object map when the image has
+    fast-diff (no request per object); otherwise it asks the OSDs about every object.
+    """
     found: list[tuple[int, int]] = []
 
     def collect(offset: int, size: int, exists: int, _arg: int | None) -> int:
@@ -284,6 +288,9 @@ def diff_extents(image: int, length: int) -> list[tuple[int, int]]:
         return 0
 
     callback = DIFF_CALLBACK(collect)
-    check(libs().rbd.rbd_diff_iterate2(image, None, 0, length, 1, 0, callback, None), "rbd_diff_iterate2")
+    check(
+        libs().rbd.rbd_diff_iterate2(image, None, 0, length, 1, int(whole_object), callback, None),
+        "rbd_diff_iterate2",
+    )
     found.sort()
     return found

@@ -30,7 +30,8 @@ Semantics:
   ``take_over`` breaks the old owner's lock, which blocklists it (fencing: its writes fail from then
   on), then takes the lock.
 * The allocation map (NBD BLOCK_STATUS, REST ``/extents``) of a writable image is read once at
-  open with librbd's diff iteration (``rbd_diff_iterate2``) and then kept up to date by every
+  open with librbd's diff iteration (``rbd_diff_iterate2``; whole objects from the object map
+  when the image has fast-diff) and then kept up to date by every
   write, discard and write-zeroes completed here, which the exclusive lock makes the only writer.
   So answering it never waits for the cluster. A read-only client holds no lock and others may
   write under it, so its map calls every block data: a hole it reported could hide data written
@@ -217,7 +218,9 @@ class RbdBackend:
         self._read_only = target.read_only
         self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
         # Read-only: no lock, so others may write under this client, and a hole could be stale.
-        runs = [(0, self._size)] if target.read_only else ceph.diff_extents(image, self._size)
+        # With fast-diff, whole objects from the object map: one query, not one per object.
+        fast_diff = bool(ceph.image_features(image) & ceph.RBD_FEATURE_FAST_DIFF)
+        runs = [(0, self._size)] if target.read_only else ceph.diff_extents(image, self._size, fast_diff)
         self._map = AllocationMap(self._size, runs)
         self._write_errno: int | None = None  # first failed write; every later flush fails with it
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from device.backends import BackendError
+from device.backends import BackendError, ceph
 from device.backends.rbd import (
     CACHE_MODES,
     AllocationMap,
@@ -308,6 +308,9 @@ async def test_a_fresh_open_maps_exactly_what_was_written(ceph_cluster: Cluster)
             assert all(not e.hole for e in reopened.extents(offset, length)), reopened._map.runs()
         for offset, length in untouched:
             assert [e.hole for e in reopened.extents(offset, length)] == [True], reopened._map.runs()
+        # The image has fast-diff (Ceph's default features): whole objects, from the object map.
+        assert ceph.image_features(reopened._handle()) & ceph.RBD_FEATURE_FAST_DIFF
+        assert reopened._map.runs() == [(0, 4 * MiB), (8 * MiB, 4 * MiB), (16 * MiB, 4 * MiB)]
     finally:
         await asyncio.to_thread(reopened.close)
     # A read-only client takes no lock, so others may write under it: it calls every block data.
