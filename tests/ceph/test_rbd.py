@@ -571,6 +571,35 @@ async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluste
             assert "rbd_lock_break" in (d / "b.log").read_text()
 
 
+async def test_least_privilege_user_of_the_deploy_recipe_serves_and_takes_over(
+    ceph_cluster: Cluster, tmp_path: Path
+) -> None:
+    """deploy/ceph/README.md's cephx user (``profile rbd``, no admin key) is enough to create,
+    serve, and take over a dead owner's image, blocklisting it."""
+    keyring = tmp_path / "ceph.client.vblkuser.keyring"
+    await asyncio.to_thread(
+        ceph_cluster.ceph, "auth", "get-or-create", "client.vblkuser",
+        "mon", "profile rbd", "osd", f"profile rbd pool={ceph_cluster.pool}", "-o", str(keyring),
+    )  # fmt: skip
+    image = image_name("cephx")
+    user = ["--ceph-id", "vblkuser", "--ceph-keyring", str(keyring)]
+    sock_a, sock_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    with vblk_process(tmp_path, "a", *serve_args(ceph_cluster, image, sock_a), *user) as a:
+        await wait_serving(a, sock_a, tmp_path / "a.log")
+        address_a = await asyncio.to_thread(watcher_address, ceph_cluster, image)
+        script = "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'u' * 4096, 0)\nh.flush()\n"
+        await nbdsh(f"nbd+unix:///d?socket={sock_a}", script)
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+    args_b = [*serve_args(ceph_cluster, image, sock_b), *user, "--take-over"]
+    with vblk_process(tmp_path, "b", *args_b) as b:
+        await wait_serving(b, sock_b, tmp_path / "b.log")
+        script = "h = nbd.NBD()\nh.connect_uri(uri)\nassert h.pread(4096, 0) == b'u' * 4096\n"
+        await nbdsh(f"nbd+unix:///d?socket={sock_b}", script)
+        blocklist = await asyncio.to_thread(ceph_cluster.ceph, "osd", "blocklist", "ls")
+        assert address_a in blocklist.split(), (address_a, blocklist)
+
+
 def watcher_address(cluster: Cluster, image: str) -> str:
     """The address of the one client watching ``image`` (its owner, as the blocklist names it)."""
     watchers = json.loads(cluster.rbd("status", "--format", "json", f"{cluster.pool}/{image}"))["watchers"]
