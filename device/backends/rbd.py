@@ -26,9 +26,10 @@ Semantics:
 * Client timeouts are always set (``rados_osd_op_timeout`` and friends; Ceph's defaults wait for
   ever), so a dead cluster turns into ETIMEDOUT, then IOERR at the device.
 * Ownership: a writable image is opened with RBD's exclusive lock held explicitly (librbd does not
-  hand it over on request). Another live owner makes :meth:`RbdBackend.open` fail with EBUSY;
-  ``take_over`` breaks the old owner's lock, which blocklists it (fencing: its writes fail from then
-  on), then takes the lock.
+  hand it over on request). Another owner, live or dead (the lock cannot tell), makes
+  :meth:`RbdBackend.open` fail with EBUSY; ``take_over`` breaks the old owner's lock, which
+  blocklists it (``rbd_blocklist_on_break_lock``, always on here; fencing: its writes fail from
+  then on), then takes the lock.
 * The allocation map (NBD BLOCK_STATUS, REST ``/extents``) of a writable image is read once at
   open with librbd's diff iteration (``rbd_diff_iterate2``; whole objects from the object map
   when the image has fast-diff) and then kept up to date by every
