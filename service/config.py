@@ -350,8 +350,8 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             if not spec.get("pool", "rbd") or "/" in spec.get("pool", "rbd") or "/" in spec["rbd_image"]:
                 raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
             timeout = spec["ceph"].timeout
-            if timeout <= 0 or timeout != int(timeout):
-                raise ConfigError(f"ceph-timeout must be a whole number of seconds (at least 1): {timeout:g}")
+            if not (1 <= timeout <= 86400 and float(timeout).is_integer()):  # nan, inf: refused
+                raise ConfigError(f"ceph-timeout must be a whole number of seconds, 1..86400: {timeout:g}")
         check_queues(f"disk {name}", spec["num_queues"], spec["queue_size"])
         disks.append(DiskSpec(**spec))
     names = [d.name for d in disks]

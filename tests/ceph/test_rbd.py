@@ -82,7 +82,7 @@ def test_cache_option_is_an_rbd_disk_option() -> None:
 
 def test_ceph_timeout_is_whole_seconds() -> None:
     """Ceph's client timeouts are whole seconds: librados refuses "2.5" (EINVAL) at connect."""
-    for bad in ("2.5", "0", "-1"):
+    for bad in ("2.5", "0", "-1", "inf", "nan", "1e12"):
         with pytest.raises(ConfigError, match="whole number of seconds"):
             from_sources({"disk": ["name=a,backend=rbd"]}, environ={"VBLK_CEPH_TIMEOUT": bad})
     config, _values = from_sources({"disk": ["name=a,backend=rbd"]}, environ={"VBLK_CEPH_TIMEOUT": "7"})
