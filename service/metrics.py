@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 import device.virtqueue
 import driver.blk
 import service.nbd.server
+from device.backends.rbd import RbdBackend
 from service.latency import FrontendObserver, LatencyHistogram, VirtioObserver
 
 if TYPE_CHECKING:
@@ -136,7 +137,23 @@ class _DiskCollector(Collector):
         resets = c("vblk_device_resets", "Device resets the driver performed to recover", labels=["disk"])
         needs_reset = c("vblk_device_needs_reset", "Times the device set DEVICE_NEEDS_RESET", labels=["disk"])
         config_irqs = c("vblk_config_interrupts", "Configuration-change interrupts", labels=["disk"])
+        rbd_inflight = g(
+            "vblk_rbd_requests_inflight", "librbd aio requests started, not yet collected", labels=["disk"]
+        )
+        rbd_completed = c("vblk_rbd_requests_completed", "librbd aio requests collected", labels=["disk"])
+        rbd_failed = g(
+            "vblk_rbd_write_failed",
+            "1 once a write, discard, write-zeroes or FLUSH failed: every FLUSH fails until restart",
+            labels=["disk"],
+        )
+        rbd_disks = 0
         for name, disk in self._disks().items():
+            backend = disk.bytes.backend
+            if isinstance(backend, RbdBackend):
+                rbd_disks += 1
+                rbd_inflight.add_metric([name], backend.inflight)
+                rbd_completed.add_metric([name], backend.completed)
+                rbd_failed.add_metric([name], int(backend.write_failed))
             stats = disk.driver.statistics()
             device = disk.device.stats
             size.add_metric([name], disk.driver.size)
@@ -166,6 +183,8 @@ class _DiskCollector(Collector):
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
         yield from (resets, needs_reset, config_irqs)
+        if rbd_disks:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
+            yield from (rbd_inflight, rbd_completed, rbd_failed)
         current, total, refused_total, poll_hits, poll_misses = self._nbd()
         connections = g("vblk_nbd_connections", "NBD connections open now")
         connections.add_metric([], current)

@@ -310,6 +310,11 @@ class RbdBackend:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def write_failed(self) -> bool:
+        """A write, discard, write-zeroes or FLUSH failed: every FLUSH fails until vblk restarts."""
+        return self._write_errno is not None
+
     def _handle(self) -> int:
         if self._image is None:
             raise BackendError(errno.EBADF, f"{self.target.spec} is closed")

@@ -10,17 +10,22 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from device.backends import BackendError, ceph
 from device.backends.rbd import (
@@ -36,6 +41,8 @@ from service.app import DiskSpec, Service, ServiceConfig
 from service.config import ConfigError, from_sources
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
+from tests.deploy.conftest import tool
+from tests.deploy.test_prometheus_grafana import all_panels, expressions, prometheus, query, substitute
 from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -345,6 +352,29 @@ async def test_write_zeroes_unmaps_only_when_allowed(nbd_rig: NbdRig, ceph_clust
         (32 * MiB, 4 * MiB, False),
         (36 * MiB, 4 * MiB, True),
     ]
+
+
+def scraped(text: str, metric: str, disk: str) -> float:
+    """One sample of ``metric{disk="..."}`` from a Prometheus text exposition."""
+    prefix = f'{metric}{{disk="{disk}"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    assert len(values) == 1, (metric, disk, values)
+    return values[0]
+
+
+async def test_metrics_follow_the_rbd_backend(nbd_rig: NbdRig) -> None:
+    backend = rbd_backend(nbd_rig.service)
+    before = backend.completed
+    disk = nbd_rig.service.disks["disk0"].bytes
+    await disk.write(0, b"m" * 4096)
+    await disk.flush()
+    assert await disk.read(0, 4096) == b"m" * 4096
+    url = f"http://{nbd_rig.http}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    assert scraped(text, "vblk_rbd_requests_completed_total", "disk0") >= before + 3  # write, flush, read
+    assert scraped(text, "vblk_rbd_requests_inflight", "disk0") == 0
+    assert scraped(text, "vblk_rbd_write_failed", "disk0") == 0
+    assert scraped(text, "vblk_rbd_write_failed", "ro") == 0  # the read-only RBD disk is there too
 
 
 async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None:
@@ -753,6 +783,11 @@ async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster,
                 status = int(out.stdout)
                 assert 500 <= status < 600 and body["error"] == "io_error", (method, status, body)
                 assert time.monotonic() - started < 25
+            # /metrics says so: the disk refuses every FLUSH until vblk restarts.
+            out = await run(
+                "curl", "-sS", "--max-time", "10", "--unix-socket", str(http), "http://vblk/metrics"
+            )
+            assert scraped(out.stdout, "vblk_rbd_write_failed", "d") == 1
             assert v.poll() is None  # the service itself goes on
 
 
@@ -792,3 +827,65 @@ async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_bat
     with pytest.raises(BlkIOError):
         await disk.flush()
     assert nbd_rig.service.disks["disk0"].driver.ready  # the disk serves on
+
+
+# -- the Ceph dashboard against a real Prometheus ----------------------------------------------------
+
+CEPH_DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vblk-ceph.json"
+MAIN_DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vblk.json"
+
+
+async def test_ceph_dashboard_queries_return_data_from_a_real_prometheus(nbd_rig: NbdRig) -> None:
+    """deploy/grafana's vblk-ceph.json: well-formed, every query has data while an RBD disk is
+    under load, and with vblk.json it covers every metric vblk exports."""
+    board = json.loads(CEPH_DASHBOARD.read_text())
+    assert board["id"] is None and board["uid"] == "vblk-ceph" and "__inputs" not in board
+    panels = list(all_panels(board["panels"]))
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+    job = {
+        "job_name": "vblk",
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "static_configs": [{"targets": [nbd_rig.http]}],
+    }
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
+    fio = await asyncio.create_subprocess_exec(
+        tool("fio"), "--name=rbd", "--ioengine=nbd", f"--uri={nbd_rig.uri()}", "--rw=randrw",
+        "--bs=4k", "--iodepth=8", "--size=16M", "--time_based", "--runtime=60",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="vblk-prometheus-") as directory:
+            async with prometheus(config, Path(directory)) as base, aiohttp.ClientSession() as http:
+                async with asyncio.timeout(20):  # two scrapes under load
+                    while True:
+                        samples = await query(http, base, 'count_over_time(up{job="vblk"}[1m])')
+                        if samples and float(samples[0]["value"][1]) >= 3:
+                            break
+                        await asyncio.sleep(0.2)
+                assert fio.returncode is None, "fio stopped early"
+                empty = []
+                for title, expr in expressions(board):
+                    values = [float(s["value"][1]) for s in await query(http, base, substitute(expr))]
+                    if not any(math.isfinite(v) for v in values):
+                        empty.append(f"{title}: {expr} -> {values}")
+                assert not empty, "panels without data:\n" + "\n".join(empty)
+                disks = await query(http, base, "vblk_rbd_write_failed")
+                assert {s["metric"]["disk"] for s in disks} == {"disk0", "ro"}
+                async with http.get(f"{nbd_rig.base_url}/metrics") as r:
+                    exposed = {f.name for f in text_string_to_metric_families(await r.text())}
+                text = MAIN_DASHBOARD.read_text() + CEPH_DASHBOARD.read_text()
+                uncovered = [
+                    name
+                    for name in sorted(exposed)
+                    if not name.endswith("_created") and not re.search(rf"\b{name}(_\w+)?\b", text)
+                ]
+                assert not uncovered, f"metrics on no panel: {uncovered}"
+    finally:
+        if fio.returncode is None:
+            fio.terminate()
+        await fio.wait()
