@@ -72,6 +72,31 @@ def test_deploy_example_config_is_valid() -> None:
     assert db.ceph.keyring == "/run/credentials/vblk.service/ceph.keyring"
 
 
+async def test_deploy_drop_in_verifies_and_outlasts_a_stop_against_a_dead_cluster(tmp_path: Path) -> None:
+    """deploy/ceph's systemd drop-in, merged into the unit, passes systemd-analyze; its stop
+    timeout covers the worst stop of the example config (drain, flush, three Ceph timeouts), so
+    systemd does not SIGKILL vblk with the image's lock held."""
+    drop_in = REPO / "deploy/ceph/vblk.service.d/ceph.conf"
+    unit = (REPO / "deploy/systemd/vblk.service").read_text().replace("/opt/vblk/bin/vblk", "/bin/true")
+    merged = tmp_path / "vblk.service"
+    merged.write_text(unit + "\n" + drop_in.read_text())
+    result = await run(tool("systemd-analyze"), "verify", "--man=no", str(merged), check=False)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )
+    settings: dict[str, str] = {}
+    for line in drop_in.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key] = value
+    config, values = from_sources({}, environ={}, config_file=REPO / "deploy/ceph/vblk.toml")
+    worst = 2 * values["drain-timeout"] + 3 * max(d.ceph.timeout for d in config.disks)  # drain, flush
+    assert float(settings["TimeoutStopSec"].removesuffix("s")) >= worst, (settings, worst)
+    assert settings["CPUSchedulingPolicy"] == "batch"
+    assert settings["LoadCredential"].startswith("ceph.keyring:")
+    assert config.disks[0].ceph.keyring == "/run/credentials/vblk.service/ceph.keyring"
+
+
 def test_cache_option_is_an_rbd_disk_option() -> None:
     def disks(*specs: str) -> list[DiskSpec]:
         config, _values = from_sources({"disk": list(specs)}, environ={})
