@@ -40,7 +40,8 @@ Semantics:
 * Discard, and write-zeroes that may unmap, use librbd's write-zeroes, which deallocates whole
   objects and zeroes the rest: they read back as zeroes and map as holes. Write-zeroes that must
   not unmap (virtio-blk without the UNMAP flag, NBD ``NO_HOLE``) asks librbd to keep the range
-  allocated (``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION``, a write-same of zeroes): it maps as data.
+  allocated (``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION``, a write-same of zeroes): it maps as
+  allocated zeroes (:data:`ZERO`: NBD's ``ZERO`` state without ``HOLE``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import dataclasses
 import errno
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
@@ -137,14 +139,24 @@ class ImageLockedError(BackendError):
     """The image's exclusive lock belongs to another client (another vblk)."""
 
 
+# The allocation map's block states.
+HOLE: Final = 0  # unallocated: reads zeroes
+DATA: Final = 1  # allocated, contents unknown
+ZERO: Final = 2  # allocated and known to read zeroes (write-zeroes that kept it allocated)
+_OTHER_THAN: Final = tuple(re.compile(b"[^" + bytes([state]) + b"]") for state in (HOLE, DATA, ZERO))
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests inject failures
 class AllocationMap:
-    """Which blocks of an image hold data: one byte per block, 1 = data, 0 = hole (reads zeroes).
+    """What each block of an image holds: one byte per block, :data:`HOLE`, :data:`DATA` or
+    :data:`ZERO` (allocated zeroes).
 
     Updating costs time in proportion to the range written, never to the size of the map, and a
-    query scans at C speed (``bytearray.find``). Blocks are 4 KiB, or larger so that the map stays
-    within 16 MiB (64 KiB blocks for a 1 TiB image). The map errs towards data: a block partly
-    written is data, and a block becomes a hole only when a zeroed range covers it whole.
+    query scans at C speed (a compiled regular expression finds where a run ends). Blocks are
+    4 KiB, or larger so that the map stays within 16 MiB (64 KiB blocks for a 1 TiB image). The
+    map errs towards data: a block partly written is data, a block becomes a hole only when a
+    zeroed range covers it whole, and allocated zeroes that cover part of a block leave it what
+    it was (a hole stays zero to read: such a block becomes :data:`ZERO`).
     """
 
     MAX_BLOCKS = 1 << 24
@@ -158,23 +170,29 @@ class AllocationMap:
         self.size = size
         self._bits = bytearray(-(-size // block))
         for offset, length in runs:
-            self.set(offset, offset + length, True)
+            self.set(offset, offset + length, DATA)
 
-    def set(self, start: int, end: int, allocated: bool) -> None:
-        """Mark ``[start, end)``: every block it touches as data, or every block it covers as a hole."""
+    def set(self, start: int, end: int, state: int) -> None:
+        """Mark ``[start, end)``: every block it touches as data, or every block it covers as a
+        hole or as allocated zeroes."""
         end = min(end, self.size)
         if end <= start:
             return
         block = self.block
-        if allocated:
+        bits = self._bits
+        if state == DATA:
             first, last = start // block, -(-end // block)
-            self._bits[first:last] = b"\x01" * (last - first)
-        else:
-            first, last = -(-start // block), end // block
-            if end == self.size:
-                last = len(self._bits)  # the image's last block may be short
-            if last > first:
-                self._bits[first:last] = bytes(last - first)
+            bits[first:last] = b"\x01" * (last - first)
+            return
+        first, last = -(-start // block), end // block
+        if end == self.size:
+            last = len(bits)  # the image's last block may be short
+        if last > first:
+            bits[first:last] = bytes([state]) * (last - first)
+        if state == ZERO:  # partly covered blocks: a hole now holds some allocated zeroes
+            for edge in {start // block, (end - 1) // block}:
+                if not first <= edge < last and bits[edge] == HOLE:
+                    bits[edge] = ZERO
 
     def resize(self, size: int) -> None:
         blocks = -(-size // self.block)
@@ -192,16 +210,24 @@ class AllocationMap:
         last_block = len(bits)
         while pos < end:
             i = pos // block
-            data = bits[i]
-            j = bits.find(b"\x00" if data else b"\x01", i, last_block)
-            stop = end if j < 0 else min(j * block, end)
-            out.append(Extent(pos, stop - pos, hole=not data, zero=not data))
+            state = bits[i]
+            found = _OTHER_THAN[state].search(bits, i, last_block)
+            stop = end if found is None else min(found.start() * block, end)
+            out.append(Extent(pos, stop - pos, hole=state == HOLE, zero=state != DATA))
             pos = stop
         return out
 
     def runs(self) -> list[tuple[int, int]]:
-        """The data runs, as ``(offset, length)``."""
-        return [(e.offset, e.length) for e in self.extents(0, self.size) if not e.hole]
+        """The allocated runs (data or allocated zeroes, merged), as ``(offset, length)``."""
+        out: list[tuple[int, int]] = []
+        for e in self.extents(0, self.size):
+            if e.hole:
+                continue
+            if out and out[-1][0] + out[-1][1] == e.offset:
+                out[-1] = (out[-1][0], out[-1][1] + e.length)
+            else:
+                out.append((e.offset, e.length))
+        return out
 
 
 class RbdBackend:
@@ -332,10 +358,12 @@ class RbdBackend:
         with self._lock:
             if result < 0 and self._write_errno is None:
                 self._write_errno = -result  # a failed FLUSH too: the cache may have lost the data
-            if op in (_WRITE, _ZERO_KEEP) or (op == _ZERO and result < 0):
-                self._map.set(offset, offset + length, True)  # failed: unknown, so not a hole
+            if op == _WRITE or result < 0:
+                self._map.set(offset, offset + length, DATA)  # failed: unknown, so data
             elif op == _ZERO:
-                self._map.set(offset, offset + length, False)
+                self._map.set(offset, offset + length, HOLE)
+            elif op == _ZERO_KEEP:
+                self._map.set(offset, offset + length, ZERO)
 
     def _distrust(self, op: int, offset: int, length: int) -> None:
         """Booking a finished operation failed: answer it EIO and assume the worst of its range.
@@ -349,7 +377,7 @@ class RbdBackend:
             if self._write_errno is None:
                 self._write_errno = errno.EIO
             try:
-                self._map.set(offset, offset + length, True)
+                self._map.set(offset, offset + length, DATA)
             except Exception:  # the map itself is broken: call every block data
                 self._map = AllocationMap(self._size, [(0, self._size)])
 

@@ -30,6 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from device.backends import BackendError, ceph
 from device.backends.rbd import (
     CACHE_MODES,
+    DATA,
+    HOLE,
+    ZERO,
     AllocationMap,
     ImageLockedError,
     RbdBackend,
@@ -244,28 +247,49 @@ def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path)
 def test_allocation_map_model() -> None:
     m = AllocationMap(1 << 20)
     assert m.block == 4096 and m.runs() == []
-    m.set(4096, 8192, True)
-    m.set(8192, 12288, True)  # neighbouring runs are one
-    m.set(100, 200, True)  # a partly written block is data
+    m.set(4096, 8192, DATA)
+    m.set(8192, 12288, DATA)  # neighbouring runs are one
+    m.set(100, 200, DATA)  # a partly written block is data
     assert m.runs() == [(0, 12288)]
-    m.set(5000, 9000, False)  # zeroes covering no whole block leave it data
+    m.set(5000, 9000, HOLE)  # zeroes covering no whole block leave it data
     assert m.runs() == [(0, 12288)]
-    m.set(1000, 12288, False)  # blocks 1 and 2 are covered whole: holes
+    m.set(1000, 12288, HOLE)  # blocks 1 and 2 are covered whole: holes
     assert [(e.offset, e.length, e.hole, e.zero) for e in m.extents(0, 20000)] == [
         (0, 4096, False, False),
         (4096, 15904, True, True),
     ]
     assert [(e.offset, e.length) for e in m.extents(100, 50)] == [(100, 50)]
-    m.set((1 << 20) - 100, 1 << 20, True)  # the last block
+    # Allocated zeroes: blocks covered whole are zero and allocated; a partly covered hole
+    # becomes one too (it reads zeroes, and part of it is allocated); partly covered data stays data.
+    m.set(20480, 40960, DATA)
+    m.set(16384 + 100, 32768 + 100, ZERO)
+    kinds = [(e.offset, e.length, e.hole, e.zero) for e in m.extents(12288, 32768)]
+    assert kinds == [
+        (12288, 4096, True, True),  # untouched hole
+        (16384, 16384, False, True),  # partly covered hole (block 4) and covered data (5-7)
+        (32768, 8192, False, False),  # partly covered data (block 8), then data (block 9)
+        (40960, 4096, True, True),
+    ], kinds
+    assert m.runs() == [(0, 4096), (16384, 24576)]
+    m.set(16384, 32768, HOLE)  # unmapped again
+    assert [e.hole for e in m.extents(16384, 16384)] == [True]
+    m.set((1 << 20) - 100, 1 << 20, DATA)  # the last block
     m.resize(1 << 19)
-    assert m.runs() == [(0, 4096)]
+    assert m.runs() == [(0, 4096), (32768, 8192)]
     m.resize(3 << 20)
-    assert m.runs() == [(0, 4096)] and m.size == 3 << 20
+    assert m.runs() == [(0, 4096), (32768, 8192)] and m.size == 3 << 20
     big = AllocationMap(1 << 40)  # 1 TiB: 64 KiB blocks, a 16 MiB map
     assert big.block == 65536 and len(big.extents(0, 1 << 40)) == 1
     odd = AllocationMap(10000, [(0, 10000)])  # a short last block
-    odd.set(8192, 10000, False)
+    odd.set(8192, 10000, HOLE)
     assert odd.runs() == [(0, 8192)]
+    odd.set(8192, 10000, ZERO)
+    assert [(e.offset, e.length, e.hole, e.zero) for e in odd.extents(0, 10000)][-1] == (
+        8192,
+        1808,
+        False,
+        True,
+    )
 
 
 async def test_data_written_through_vblk_is_what_rbd_export_reads(
@@ -367,10 +391,17 @@ async def test_write_zeroes_unmaps_only_when_allowed(nbd_rig: NbdRig, ceph_clust
         "assert h.pread(8 << 20, 32 << 20) == bytes(8 << 20)\n"
     )
     await nbdsh(nbd_rig.uri(), script)
-    assert [(e.offset, e.length, e.hole) for e in backend.extents(32 * MiB, 8 * MiB)] == [
-        (32 * MiB, 4 * MiB, False),
-        (36 * MiB, 4 * MiB, True),
+    assert [(e.offset, e.length, e.hole, e.zero) for e in backend.extents(32 * MiB, 8 * MiB)] == [
+        (32 * MiB, 4 * MiB, False, True),  # allocated zeroes: NBD_STATE_ZERO without HOLE
+        (36 * MiB, 4 * MiB, True, True),
     ]
+    out = await run("nbdinfo", "--map", "--json", nbd_rig.uri())
+    extents = json.loads(out.stdout)
+
+    def kind(start: int, end: int) -> set[int]:
+        return {e["type"] for e in extents if e["offset"] < end and start < e["offset"] + e["length"]}
+
+    assert kind(32 * MiB, 36 * MiB) == {2} and kind(36 * MiB, 40 * MiB) == {3}, extents
     runs = await asyncio.to_thread(rbd_diff, ceph_cluster, backend.target.image)
     theirs = AllocationMap(backend.size, runs)
     assert [(e.offset, e.length, e.hole) for e in theirs.extents(32 * MiB, 8 * MiB)] == [
@@ -826,12 +857,12 @@ async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_bat
     class BrokenOnce(AllocationMap):
         """Once armed, the allocation map fails to book the first write it is told of."""
 
-        def set(self, start: int, end: int, allocated: bool) -> None:
+        def set(self, start: int, end: int, state: int) -> None:
             nonlocal armed
             if armed:
                 armed = False
                 raise RuntimeError("injected bookkeeping failure")
-            super().set(start, end, allocated)
+            super().set(start, end, state)
 
     await disk.discard(0, 1 * MiB)
     backend._map = BrokenOnce(backend.size, backend._map.runs(), backend._map.block)
