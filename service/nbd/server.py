@@ -36,6 +36,7 @@ from service.nbd import protocol as p
 from service.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_FAST_ZERO,
     NBD_CMD_FLAG_FUA,
     NBD_CMD_FLAG_NO_HOLE,
     NBD_CMD_FLAG_REQ_ONE,
@@ -1183,6 +1184,14 @@ class _Connection:
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
         unmap = not request.flags & NBD_CMD_FLAG_NO_HOLE
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
+        if (
+            request.flags & NBD_CMD_FLAG_FAST_ZERO
+            and not unmap
+            and getattr(export.disk.backend, "slow_allocated_zeroes", False)
+        ):
+            # The backend writes allocated zeroes byte by byte (RBD's write-same): not faster
+            # than a WRITE, so FAST_ZERO fails at once with ENOTSUP, touching nothing.
+            raise BlkUnsupportedError("zeroes that stay allocated are a full write here (FAST_ZERO)")
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
