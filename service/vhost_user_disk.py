@@ -56,6 +56,10 @@ class RemoteControlPlane:
     def read_only(self) -> bool:
         return self._driver.read_only
 
+    @property
+    def slow_allocated_zeroes(self) -> bool:
+        return False  # unknown from here: the device in the other process answers for itself
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         end = min(offset + length, self.size)
         return [Extent(offset, end - offset, hole=False, zero=False)] if end > offset else []

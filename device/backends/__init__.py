@@ -64,6 +64,12 @@ class Backend(Protocol):
         """True if the backend refuses every write."""
         ...
 
+    @property
+    def slow_allocated_zeroes(self) -> bool:
+        """True if ``write_zeroes`` without ``may_unmap`` costs as much as writing the zeroes
+        (RBD's write-same), so a client's "only if fast" zeroing (NBD FAST_ZERO) is refused."""
+        ...
+
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill ``buffers`` in order from ``offset`` (short reads past EOF read as zeroes)."""
         ...

@@ -52,6 +52,10 @@ class FaultyBackend:
     def read_only(self) -> bool:
         return self.inner.read_only
 
+    @property
+    def slow_allocated_zeroes(self) -> bool:
+        return self.inner.slow_allocated_zeroes
+
     def _fault(self, code: int | None, what: str, offset: int = 0, length: int = 0) -> None:
         plan = self.plan
         if plan.delay:

@@ -34,6 +34,10 @@ class MemoryBackend:
     def read_only(self) -> bool:
         return self._read_only
 
+    @property
+    def slow_allocated_zeroes(self) -> bool:
+        return False  # zeroing memory is cheaper than a write's copy
+
     def _check(self, offset: int, length: int, write: bool) -> None:
         check_access("memory backend", self._size, self._read_only, offset, length, write)
 

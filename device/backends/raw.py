@@ -102,6 +102,10 @@ class RawFileBackend:
         return self._read_only
 
     @property
+    def slow_allocated_zeroes(self) -> bool:
+        return False  # fallocate(FALLOC_FL_ZERO_RANGE): extents marked unwritten, no data written
+
+    @property
     def fd(self) -> int:
         return self._fd
 

@@ -238,10 +238,6 @@ class AllocationMap:
 class RbdBackend:
     """One RBD image, open (and, if writable, exclusively locked) through its own librados client."""
 
-    #: Write-zeroes that keeps the range allocated is a write-same of zeroes on the OSDs: no
-    #: faster than a write, so NBD's FAST_ZERO refuses it (ENOTSUP).
-    slow_allocated_zeroes = True
-
     def __init__(self, target: RbdTarget, rados: ceph.Rados, ioctx: int, image: int) -> None:
         self.target = target
         self._rados: ceph.Rados | None = rados
@@ -253,10 +249,11 @@ class RbdBackend:
             log.warning("rbd_image_size_not_sectors", image=target.spec, size=size, served=self._size)
         self._read_only = target.read_only
         self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
-        # Read-only: no lock, so others may write under this client, and a hole could be stale.
-        # With fast-diff, whole objects from the object map: one query, not one per object.
-        fast_diff = bool(ceph.image_features(image) & ceph.RBD_FEATURE_FAST_DIFF)
-        runs = [(0, self._size)] if target.read_only else ceph.diff_extents(image, self._size, fast_diff)
+        if target.read_only:  # no lock: others may write under this client, a hole could be stale
+            runs = [(0, self._size)]
+        else:  # with fast-diff, whole objects from the object map: one query, not one per object
+            fast_diff = bool(ceph.image_features(image) & ceph.RBD_FEATURE_FAST_DIFF)
+            runs = ceph.diff_extents(image, self._size, fast_diff)
         self._map = AllocationMap(self._size, runs)
         self._write_errno: int | None = None  # first failed write; every later flush fails with it
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -334,6 +331,10 @@ class RbdBackend:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    @property
+    def slow_allocated_zeroes(self) -> bool:
+        return True  # a write-same of zeroes on the OSDs: no faster than a write
 
     def option(self, key: str) -> str:
         """The value of a Ceph option for this image's client (``rbd_cache_policy``)."""
@@ -445,9 +446,9 @@ class RbdBackend:
         self._check(offset, length, True)
         if not length:
             return
-        flags = 0 if unmap else ceph.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        flags, op = _zeroing(unmap)
         result = ceph.libs().rbd.rbd_write_zeroes(self._handle(), offset, length, flags, 0)
-        self._done(_ZERO if unmap else _ZERO_KEEP, offset, length, min(result, 0))
+        self._done(op, offset, length, min(result, 0))
         if result < 0:
             raise BackendError(-result, f"zeroing {self.target.spec}: {os.strerror(-result)}")
 
@@ -662,9 +663,9 @@ class RbdBackend:
         image = self._handle()
         self._check(offset, length, True)
         comp = self._completion()
-        flags = 0 if unmap else ceph.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        flags, op = _zeroing(unmap)
         result: int = ceph.libs().rbd.rbd_aio_write_zeroes(image, offset, length, comp, flags, 0)
-        return self._started(comp, result, _ZERO if unmap else _ZERO_KEEP, offset, length, None)
+        return self._started(comp, result, op, offset, length, None)
 
     def aio_discard(self, offset: int, length: int) -> asyncio.Future[None]:
         return self._aio_zero(offset, length, True)
@@ -680,6 +681,14 @@ class RbdBackend:
         for comp in list(self._inflight):
             wait(comp)
         self._reap()
+
+
+def _zeroing(unmap: bool) -> tuple[int, int]:
+    """librbd's write-zeroes flags and the operation the map books, for zeroes that may unmap
+    (deallocated: holes) or must not (``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION``: allocated zeroes)."""
+    if unmap:
+        return 0, _ZERO
+    return ceph.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, _ZERO_KEEP
 
 
 _IOVEC_ARRAYS = [ceph.Iovec * n for n in range(9)]

@@ -1184,13 +1184,9 @@ class _Connection:
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
         unmap = not request.flags & NBD_CMD_FLAG_NO_HOLE
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
-        if (
-            request.flags & NBD_CMD_FLAG_FAST_ZERO
-            and not unmap
-            and getattr(export.disk.backend, "slow_allocated_zeroes", False)
-        ):
-            # The backend writes allocated zeroes byte by byte (RBD's write-same): not faster
-            # than a WRITE, so FAST_ZERO fails at once with ENOTSUP, touching nothing.
+        if request.flags & NBD_CMD_FLAG_FAST_ZERO and not unmap and export.disk.backend.slow_allocated_zeroes:
+            # Allocated zeroes cost a write here (RBD's write-same): FAST_ZERO fails at once with
+            # ENOTSUP, touching nothing, as the NBD spec asks.
             raise BlkUnsupportedError("zeroes that stay allocated are a full write here (FAST_ZERO)")
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
