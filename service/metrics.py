@@ -146,11 +146,9 @@ class _DiskCollector(Collector):
             "1 once a write, discard, write-zeroes or FLUSH failed: every FLUSH fails until restart",
             labels=["disk"],
         )
-        rbd_disks = 0
         for name, disk in self._disks().items():
             backend = disk.bytes.backend
             if isinstance(backend, RbdBackend):
-                rbd_disks += 1
                 rbd_inflight.add_metric([name], backend.inflight)
                 rbd_completed.add_metric([name], backend.completed)
                 rbd_failed.add_metric([name], int(backend.write_failed))
@@ -183,7 +181,7 @@ class _DiskCollector(Collector):
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
         yield from (resets, needs_reset, config_irqs)
-        if rbd_disks:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
+        if rbd_failed.samples:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
             yield from (rbd_inflight, rbd_completed, rbd_failed)
         current, total, refused_total, poll_hits, poll_misses = self._nbd()
         connections = g("vblk_nbd_connections", "NBD connections open now")
