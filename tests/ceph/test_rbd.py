@@ -10,22 +10,18 @@ import contextlib
 import dataclasses
 import errno
 import json
-import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from device.backends import BackendError, ceph
 from device.backends.rbd import (
@@ -45,8 +41,17 @@ from service.config import ConfigError, from_sources
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
 from tests.deploy.conftest import tool
-from tests.deploy.test_prometheus_grafana import all_panels, expressions, prometheus, query, substitute
+from tests.deploy.test_prometheus_grafana import (
+    DASHBOARD,
+    all_panels,
+    metrics_on_no_panel,
+    panels_without_data,
+    prometheus,
+    query,
+    wait_for_scrapes,
+)
 from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
+from tests.service.test_metrics import parse, scrape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -423,14 +428,6 @@ async def test_write_zeroes_unmaps_only_when_allowed(nbd_rig: NbdRig, ceph_clust
     ]
 
 
-def scraped(text: str, metric: str, disk: str) -> float:
-    """One sample of ``metric{disk="..."}`` from a Prometheus text exposition."""
-    prefix = f'{metric}{{disk="{disk}"}} '
-    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
-    assert len(values) == 1, (metric, disk, values)
-    return values[0]
-
-
 async def test_metrics_follow_the_rbd_backend(nbd_rig: NbdRig) -> None:
     backend = rbd_backend(nbd_rig.service)
     before = backend.completed
@@ -438,12 +435,15 @@ async def test_metrics_follow_the_rbd_backend(nbd_rig: NbdRig) -> None:
     await disk.write(0, b"m" * 4096)
     await disk.flush()
     assert await disk.read(0, 4096) == b"m" * 4096
-    url = f"http://{nbd_rig.http}/metrics"
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
-    assert scraped(text, "vblk_rbd_requests_completed_total", "disk0") >= before + 3  # write, flush, read
-    assert scraped(text, "vblk_rbd_requests_inflight", "disk0") == 0
-    assert scraped(text, "vblk_rbd_write_failed", "disk0") == 0
-    assert scraped(text, "vblk_rbd_write_failed", "ro") == 0  # the read-only RBD disk is there too
+    samples, _ = await scrape(nbd_rig)  # indexed: a missing sample fails the test
+
+    def sample(name: str, disk: str) -> float:
+        return samples[(name, (("disk", disk),))]
+
+    assert sample("vblk_rbd_requests_completed_total", "disk0") >= before + 3  # write, flush, read
+    assert sample("vblk_rbd_requests_inflight", "disk0") == 0
+    assert sample("vblk_rbd_write_failed", "disk0") == 0
+    assert sample("vblk_rbd_write_failed", "ro") == 0  # the read-only RBD disk is there too
 
 
 async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None:
@@ -860,7 +860,7 @@ async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster,
             out = await run(
                 "curl", "-sS", "--max-time", "10", "--unix-socket", str(http), "http://vblk/metrics"
             )
-            assert scraped(out.stdout, "vblk_rbd_write_failed", "d") == 1
+            assert parse(out.stdout)[("vblk_rbd_write_failed", (("disk", "d"),))] == 1
             assert v.poll() is None  # the service itself goes on
 
 
@@ -905,7 +905,6 @@ async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_bat
 # -- the Ceph dashboard against a real Prometheus ----------------------------------------------------
 
 CEPH_DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vblk-ceph.json"
-MAIN_DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vblk.json"
 
 
 async def test_ceph_dashboard_queries_return_data_from_a_real_prometheus(nbd_rig: NbdRig) -> None:
@@ -934,30 +933,13 @@ async def test_ceph_dashboard_queries_return_data_from_a_real_prometheus(nbd_rig
     try:
         with tempfile.TemporaryDirectory(prefix="vblk-prometheus-") as directory:
             async with prometheus(config, Path(directory)) as base, aiohttp.ClientSession() as http:
-                async with asyncio.timeout(20):  # two scrapes under load
-                    while True:
-                        samples = await query(http, base, 'count_over_time(up{job="vblk"}[1m])')
-                        if samples and float(samples[0]["value"][1]) >= 3:
-                            break
-                        await asyncio.sleep(0.2)
+                await wait_for_scrapes(http, base, 3)  # under load
                 assert fio.returncode is None, "fio stopped early"
-                empty = []
-                for title, expr in expressions(board):
-                    values = [float(s["value"][1]) for s in await query(http, base, substitute(expr))]
-                    if not any(math.isfinite(v) for v in values):
-                        empty.append(f"{title}: {expr} -> {values}")
+                empty = await panels_without_data(http, base, board)
                 assert not empty, "panels without data:\n" + "\n".join(empty)
                 disks = await query(http, base, "vblk_rbd_write_failed")
                 assert {s["metric"]["disk"] for s in disks} == {"disk0", "ro"}
-                async with http.get(f"{nbd_rig.base_url}/metrics") as r:
-                    exposed = {f.name for f in text_string_to_metric_families(await r.text())}
-                text = MAIN_DASHBOARD.read_text() + CEPH_DASHBOARD.read_text()
-                uncovered = [
-                    name
-                    for name in sorted(exposed)
-                    if not name.endswith("_created")
-                    and not re.search(rf"\b{name}(_total|_bucket|_sum|_count)?\b", text)
-                ]
+                uncovered = await metrics_on_no_panel(http, nbd_rig, DASHBOARD, CEPH_DASHBOARD)
                 assert not uncovered, f"metrics on no panel: {uncovered}"
     finally:
         if fio.returncode is None:

@@ -231,6 +231,41 @@ async def query(http: aiohttp.ClientSession, base: str, expr: str) -> list[dict[
     return result
 
 
+async def wait_for_scrapes(http: aiohttp.ClientSession, base: str, scrapes: int) -> None:
+    """Until Prometheus has scraped vblk ``scrapes`` times (20 s at most), and found it up."""
+    async with asyncio.timeout(20):
+        while True:
+            samples = await query(http, base, 'count_over_time(up{job="vblk"}[1m])')
+            up = await query(http, base, 'up{job="vblk"}')
+            if samples and float(samples[0]["value"][1]) >= scrapes:
+                assert up[0]["value"][1] == "1"
+                return
+            await asyncio.sleep(0.2)
+
+
+async def panels_without_data(http: aiohttp.ClientSession, base: str, board: dict[str, Any]) -> list[str]:
+    """``title: expr -> values`` of every dashboard query that returns no finite value."""
+    empty = []
+    for title, expr in expressions(board):
+        values = [float(s["value"][1]) for s in await query(http, base, substitute(expr))]
+        if not any(math.isfinite(v) for v in values):
+            empty.append(f"{title}: {expr} -> {values}")
+    return empty
+
+
+async def metrics_on_no_panel(http: aiohttp.ClientSession, rig: NbdRig, *dashboards: Path) -> list[str]:
+    """The metric families ``rig``'s /metrics exports that no query of ``dashboards`` names."""
+    async with http.get(f"{rig.base_url}/metrics") as r:
+        exposed = {
+            family.name
+            for family in text_string_to_metric_families(await r.text())
+            if not family.name.endswith("_created")
+        }
+    text = "".join(dashboard.read_text() for dashboard in dashboards)
+    series = "(_total|_bucket|_sum|_count)?"  # the family's own series, not a longer name
+    return [name for name in sorted(exposed) if not re.search(rf"\b{name}{series}\b", text)]
+
+
 async def workload(rig: NbdRig, stop: asyncio.Event) -> dict[str, int]:
     """REST writes, reads and flushes, and an out-of-range virtio read now and then."""
     counts = {"rest": 0, "ioerr": 0}
@@ -288,26 +323,14 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(nbd_rig
     try:
         with tempfile.TemporaryDirectory(prefix="vblk-prometheus-") as directory:
             async with prometheus(config, Path(directory)) as base, aiohttp.ClientSession() as http:
-                # Two scrapes of vblk under load.
-                async with asyncio.timeout(20):
-                    while True:
-                        samples = await query(http, base, 'count_over_time(up{job="vblk"}[1m])')
-                        up = await query(http, base, 'up{job="vblk"}')
-                        if samples and float(samples[0]["value"][1]) >= 2:
-                            assert up[0]["value"][1] == "1"
-                            break
-                        await asyncio.sleep(0.2)
+                await wait_for_scrapes(http, base, 2)  # two scrapes of vblk under load
                 assert fio.returncode is None, "fio stopped early"
                 async with http.get(f"{base}/api/v1/label/__name__/values") as r:
                     known = set((await r.json())["data"])
-                empty = []
                 for title, expr in expressions(board):
                     for name in METRIC.findall(expr):
                         assert name in known, f"{title}: unknown metric {name}"
-                    result = await query(http, base, substitute(expr))
-                    values = [float(s["value"][1]) for s in result]
-                    if not any(math.isfinite(v) for v in values):
-                        empty.append(f"{title}: {expr} -> {values}")
+                empty = await panels_without_data(http, base, board)
                 assert not empty, "panels without data:\n" + "\n".join(empty)
                 by_frontend = await query(
                     http, base, "sum by (frontend) (vblk_request_duration_seconds_count)"
@@ -322,18 +345,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(nbd_rig
                     ) as r:
                         assert (await r.json())["data"], f"variable {name}: {variable_query}"
                 # The dashboard covers every metric vblk exports.
-                async with http.get(f"{nbd_rig.base_url}/metrics") as r:
-                    exposed = {
-                        family.name
-                        for family in text_string_to_metric_families(await r.text())
-                        if not family.name.endswith("_created")
-                    }
-                text = DASHBOARD.read_text()
-                uncovered = [
-                    name
-                    for name in sorted(exposed)
-                    if not re.search(rf"\b{name}(_total|_bucket|_sum|_count)?\b", text)
-                ]
+                uncovered = await metrics_on_no_panel(http, nbd_rig, DASHBOARD)
                 assert not uncovered, f"metrics on no panel: {uncovered}"
     finally:
         stop.set()

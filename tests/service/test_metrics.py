@@ -26,11 +26,16 @@ async def scrape(rig: NbdRig, accept: str | None = None) -> tuple[Samples, str]:
         assert r.status == 200
         text = await r.text()
         content_type = r.headers["Content-Type"]
+    return parse(text), content_type
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, by name and sorted labels."""
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples, content_type
+    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
