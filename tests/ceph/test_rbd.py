@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -486,10 +486,14 @@ async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None
 
 
 @contextlib.contextmanager
-def vblk_process(directory: Path, name: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+def vblk_process(
+    directory: Path, name: str, *args: str, python: Sequence[str] = (sys.executable,)
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``vblk serve ARGS`` as a process group, logging to ``NAME.log``; ``python``: how to start
+    the interpreter (a launcher that changes the process first, then execs Python)."""
     log = (directory / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--log-format", "json", *args],
+        [*python, "-m", "service.cli", "serve", "--log-format", "json", *args],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -601,18 +605,12 @@ async def test_vblk_serves_rbd_where_memory_cannot_be_writable_and_executable(
     probe = "import mmap\ntry:\n    mmap.mmap(-1, 4096, prot=7)\nexcept OSError:\n    print('denied')\n"
     denied = subprocess.run([*launch, "-c", probe], capture_output=True, text=True, check=True)
     assert denied.stdout.strip() == "denied", denied  # the switch is on in what it starts
-    log = (tmp_path / "v.log").open("wb")
-    proc = subprocess.Popen(
-        [*launch, "-m", "service.cli", "serve", *serve_args(ceph_cluster, image_name("mdwe"), sock)],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    log.close()
-    try:
+    args = serve_args(ceph_cluster, image_name("mdwe"), sock)
+    with vblk_process(tmp_path, "v", *args, python=launch) as proc:
         await wait_serving(proc, sock, tmp_path / "v.log")
         script = "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'x' * 65536, 0)\nh.flush()\n"
         script += "assert h.pread(65536, 0) == b'x' * 65536\n"
         await nbdsh(f"nbd+unix:///d?socket={sock}", script)
-    finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0, (tmp_path / "v.log").read_text()[-2000:]  # and it stopped cleanly
