@@ -527,9 +527,11 @@ class VirtioBlk:
                 try:
                     self._initialize()
                     return
-                except TransportError as exc:
+                except TransportError as unreachable:
                     # Unreachable for now (a vhost-user back end restarting): requests wait.
-                    log.warning("virtio_blk_reinit_retry", device=self.name, error=str(exc), delay=delay)
+                    log.warning(
+                        "virtio_blk_reinit_retry", device=self.name, error=str(unreachable), delay=delay
+                    )
                     self._teardown(error)  # whatever the failed attempt had set up
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, REINIT_RETRY_MAX)

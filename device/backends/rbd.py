@@ -295,16 +295,18 @@ class RbdBackend:
     def _open(cls, target: RbdTarget) -> RbdBackend:
         try:
             rados = ceph.Rados(target.conf_file, target.client_id, target.options(), target.defaults())
-        except OSError as exc:
-            raise BackendError(exc.errno or errno.EIO, f"Ceph cluster: {exc.strerror or exc}") from exc
+        except OSError as unreachable:
+            raise BackendError(
+                unreachable.errno or errno.EIO, f"Ceph cluster: {unreachable.strerror or unreachable}"
+            ) from unreachable
         ioctx: int | None = None
         image: int | None = None
         try:
             ioctx = rados.open_ioctx(target.pool)
             try:
                 image = ceph.image_open(ioctx, target.image, target.read_only)
-            except ceph.CephError as exc:
-                if exc.errno != errno.ENOENT or target.create_size is None or target.read_only:
+            except ceph.CephError as missing:
+                if missing.errno != errno.ENOENT or target.create_size is None or target.read_only:
                     raise
                 ceph.image_create(ioctx, target.image, target.create_size)
                 log.info("rbd_image_created", image=target.spec, size=target.create_size)

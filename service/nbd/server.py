@@ -705,9 +705,9 @@ class _Connection:
             if await asyncio.wait_for(self._negotiate(), self.limits.negotiation_timeout):
                 self._arm_idle_watchdog()
                 await self._transmission()
-        except p.RemoteProtocolError as exc:
+        except p.RemoteProtocolError as protocol_error:
             reason = "protocol_error"
-            log.warning("nbd_protocol_error", error=str(exc))
+            log.warning("nbd_protocol_error", error=str(protocol_error))
         except TimeoutError:
             reason = "negotiation_timeout"
         except _IdleError:
@@ -715,9 +715,9 @@ class _Connection:
         except _SendTimeoutError:
             reason = "send_timeout"
             log.warning("nbd_send_timeout", timeout=self.limits.send_timeout)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, asyncio.IncompleteReadError) as lost:
             reason = "connection_lost"
-            log.debug("nbd_connection_lost", error=repr(exc))
+            log.debug("nbd_connection_lost", error=repr(lost))
         finally:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
