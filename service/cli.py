@@ -120,6 +120,12 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     vhost.add_argument("--once", action="store_true", help="exit when the first front end disconnects")
     vhost.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     vhost.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    vhost.add_argument(
+        "--log-file",
+        default=os.environ.get("VBLK_LOG_FILE") or None,
+        metavar="FILE",
+        help="also append every log line, as JSON, to FILE ($VBLK_LOG_FILE)",
+    )
 
 
 def _vhost_user(args: argparse.Namespace) -> int:
@@ -140,7 +146,7 @@ def _vhost_user(args: argparse.Namespace) -> int:
         io_mode=args.io_mode,
     )
     config = VhostUserConfig(socket=args.socket, disk=disk, serial=args.serial, once=args.once)
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level, args.log_format, log_file=args.log_file)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve_vhost_user(config))
 
@@ -229,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if argv is None:  # the process's own command line, which an exec can repeat
         _preload_tcmalloc(config, values["malloc"])
-    logs.configure(values["log-level"], values["log-format"])
+    logs.configure(values["log-level"], values["log-format"], log_file=values["log-file"])
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config))
 

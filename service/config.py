@@ -173,6 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("log-level", "info", _choice(("debug", "info", "warning", "error")), "log level", "LEVEL"),
     Setting("log-format", "auto", _choice(LOG_FORMATS), "auto: JSON unless stdout is a terminal", "FMT"),
+    Setting("log-file", None, str, "also append every log line, as JSON, to this file", "FILE"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

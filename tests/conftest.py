@@ -19,6 +19,7 @@ from driver.guest import Guest
 from tests.build import REPO, stale_sources
 
 MiB = 1 << 20
+pytest_plugins = ["tests.guard", "pytester"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

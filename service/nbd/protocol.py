@@ -172,6 +172,15 @@ class StartTls:
     """NBD_OPT_STARTTLS was acknowledged: upgrade the stream to TLS, then :meth:`tls_started`."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """An option answered with an error reply (the client may go on with others)."""
+
+    option: int
+    reply: int
+    message: str
+
+
 Event = Negotiated | Aborted | Request | Disconnect | StartTls
 TlsMode = Literal["off", "on", "require"]
 
@@ -210,6 +219,7 @@ class ServerConnection:
         self._out = bytearray()
         self._skip = 0  # payload bytes of a rejected WRITE still to discard
         self._payload_pending = 0  # payload bytes the I/O layer must take before parsing on
+        self._refusals: list[Refusal] = []
 
     # -- bytes in, bytes out ----------------------------------------------------------------
 
@@ -338,6 +348,12 @@ class ServerConnection:
 
     def _error(self, option: int, reply: Reply, message: str) -> None:
         self._reply(option, reply, message.encode())
+        self._refusals.append(Refusal(option, int(reply), message))
+
+    def refusals(self) -> list[Refusal]:
+        """The options refused since the last call, for the I/O layer's log."""
+        refused, self._refusals = self._refusals, []
+        return refused
 
     def tls_started(self) -> None:
         """The I/O layer finished the TLS handshake: options go on, encrypted."""
@@ -642,7 +658,9 @@ def validate(
     if request.length == 0:
         return Errno.EINVAL
     if command in (NBD_CMD_READ, NBD_CMD_WRITE) and request.length > export.max_block_size:
-        return Errno.EOVERFLOW if command == NBD_CMD_READ else Errno.EINVAL
+        # proto.md keeps EOVERFLOW for a DF read that cannot go in one chunk; a payload over the
+        # advertised maximum is the client's error: EINVAL, as nbdkit and qemu-nbd answer.
+        return Errno.EOVERFLOW if request.flags & NBD_CMD_FLAG_DF else Errno.EINVAL
     if request.offset + request.length > export.size:
         return Errno.ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else Errno.EINVAL
     if command == NBD_CMD_BLOCK_STATUS and not meta_contexts:

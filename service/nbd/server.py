@@ -46,6 +46,8 @@ from service.nbd.constants import (
     NBD_STATE_ZERO,
     Command,
     Errno,
+    Option,
+    Reply,
 )
 
 log = structlog.get_logger("vblk.nbd")
@@ -53,6 +55,8 @@ _connection_ids: Final = itertools.count(1)
 _perf_counter: Final = time.perf_counter  # bound once: compiled, ``time.perf_counter`` is a lookup
 # Plain ints and a name table: IntFlag/IntEnum calls cost microseconds per request.
 _COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
+_OPTION_NAMES: Final = {int(o): f"NBD_OPT_{o.name}" for o in Option}
+_REPLY_NAMES: Final = {int(r): f"NBD_REP_{r.name}" for r in Reply}
 
 SECTOR: Final = 512
 READ_CHUNK: Final = 256 * 1024
@@ -121,6 +125,24 @@ class NbdExport:
             read_only=self.driver.read_only,
         )
         return described
+
+
+# Refusals a client brought on itself by asking for what is not there (or not allowed): worth a
+# warning. Unsupported options are routine probing (libnbd asks for extended headers): debug.
+_NOTEWORTHY_REFUSALS: Final = frozenset(
+    {int(Reply.ERR_UNKNOWN), int(Reply.ERR_TLS_REQD), int(Reply.ERR_POLICY)}
+)
+
+
+def _log_refusal(refusal: p.Refusal) -> None:
+    option = _OPTION_NAMES.get(refusal.option, str(refusal.option))
+    reply = _REPLY_NAMES.get(refusal.reply, str(refusal.reply))
+    if refusal.reply in _NOTEWORTHY_REFUSALS:
+        log.warning("nbd_option_refused", option=option, reply=reply, message=refusal.message)
+    elif refusal.reply == Reply.ERR_UNSUP:
+        log.debug("nbd_option_refused", option=option, reply=reply, message=refusal.message)
+    else:
+        log.info("nbd_option_refused", option=option, reply=reply, message=refusal.message)
 
 
 class _Catalog:
@@ -218,6 +240,7 @@ class Channel(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._owned: list[DmaBuffer] = []  # buffers ``_out`` points into, freed once it is sent
         self._fd = -1  # the socket, written directly while the transport holds nothing unsent
+        self._tls = False
         self._poll_next = False
         self._flush_scheduled = False
         self.task: asyncio.Task[None] | None = None
@@ -263,7 +286,9 @@ class Channel(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return True  # half-closed: keep the transport open so replies in flight still go out
+        # Half-closed: keep the transport open so replies in flight still go out. TLS has no
+        # half-close (the peer's close_notify ends the session), and its transport warns on True.
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
@@ -472,6 +497,7 @@ class Channel(asyncio.BufferedProtocol):
         if transport is None:
             raise ConnectionResetError("connection lost during the TLS handshake")
         self.transport = transport
+        self._tls = True
         self._fd = -1  # bytes go through the TLS layer from now on
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
@@ -805,6 +831,8 @@ class _Connection:
         codec = self.codec
         while True:
             event = codec.next_event()
+            for refusal in codec.refusals():
+                _log_refusal(refusal)
             out = codec.data_to_send()
             if out:
                 self.channel.write(out)

@@ -617,6 +617,7 @@ async def test_vblk_serves_rbd_where_memory_cannot_be_writable_and_executable(
 
 
 @pytest.mark.parametrize("cache", CACHE_MODES)
+@pytest.mark.expect_errors("disk_open_failed")
 async def test_failover_take_over_keeps_every_flushed_write(ceph_cluster: Cluster, cache: str) -> None:
     """vblk A serves and is SIGKILLed mid-stream; B refuses, then takes over; nothing flushed is lost.
 
@@ -862,6 +863,7 @@ async def test_cluster_dying_mid_write_is_eio_not_a_hang(dying_cluster: Cluster,
             assert v.poll() is None  # the service itself goes on
 
 
+@pytest.mark.expect_errors("rbd_completion_failed", "flush_failed")
 async def test_a_completion_that_cannot_be_booked_is_eio_and_the_rest_of_its_batch_goes_on(
     nbd_rig: NbdRig,
 ) -> None:

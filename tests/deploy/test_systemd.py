@@ -26,6 +26,7 @@ from service import systemd
 from service.app import DiskSpec, Service, ServiceConfig
 from service.config import from_sources
 from tests.deploy.conftest import DEPLOY, tool, vblk_command
+from tests.guard import LOG_FILE_ENV
 from tests.service.conftest import MiB, run
 
 UNITS = DEPLOY / "systemd"
@@ -241,6 +242,7 @@ async def test_socket_activated_vblk_notifies_ready_and_stopping(short_tmp: Path
             "--fdname=nbd:http",
             f"--setenv=NOTIFY_SOCKET={notify_path}",
             "--setenv=VBLK_LOG_FORMAT=json",
+            *guard_env(),
             "--",
             vblk_command(),
             "serve",
@@ -292,6 +294,12 @@ async def test_socket_activated_vblk_notifies_ready_and_stopping(short_tmp: Path
     assert running["nbd"] == [f"unix:{nbd_sock}"] and running["http"] == [f"unix:{http_sock}"]
 
 
+def guard_env() -> list[str]:
+    """systemd-socket-activate passes on only what it is told: the guard's log file too."""
+    return [f"--setenv={LOG_FILE_ENV}={os.environ[LOG_FILE_ENV]}"]
+
+
+@pytest.mark.expect_errors("socket_activation_failed")
 async def test_socket_without_a_front_end_name_is_refused(short_tmp: Path) -> None:
     sock_path = str(short_tmp / "mystery.sock")
     proc = await asyncio.create_subprocess_exec(
@@ -299,6 +307,7 @@ async def test_socket_without_a_front_end_name_is_refused(short_tmp: Path) -> No
         "--listen",
         sock_path,
         "--setenv=VBLK_LOG_FORMAT=json",
+        *guard_env(),
         "--",
         vblk_command(),
         "serve",

@@ -489,6 +489,7 @@ def test_used_len_is_the_bytes_written_whatever_the_segmentation(
     writable=st.lists(st.integers(0, 3 * SECTOR), max_size=3),
     payload=st.binary(max_size=64),
 )
+@pytest.mark.expect_errors("virtio_device_needs_reset")
 def test_any_request_gets_a_status_byte_or_a_device_error(
     rtype: int, sector: int, header_cut: int, readable: list[int], writable: list[int], payload: bytes
 ) -> None:

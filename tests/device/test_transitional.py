@@ -42,6 +42,7 @@ def test_a_modern_only_device_refuses_legacy_drivers(memory: GuestMemory) -> Non
     assert negotiate(device, LEGACY | 1 << VIRTIO_F_VERSION_1) and not device.legacy
 
 
+@pytest.mark.expect_errors("virtio_device_needs_reset")
 def test_a_transitional_device_follows_the_legacy_rules(memory: GuestMemory) -> None:
     device = VirtioBlkDevice(memory, MemoryBackend(MiB), BlkConfig(transitional=True))
     assert device.device_features >> VIRTIO_F_VERSION_1 & 1  # offered all the same

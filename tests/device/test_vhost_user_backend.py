@@ -247,6 +247,7 @@ async def start_ring(fe: FrontEnd, ring: Ring, uva_of: int, kick: int, call: int
     assert await fe.acked(vu.Request.SET_VRING_ENABLE, vu.VringState(0, 1).encode()) == 0
 
 
+@pytest.mark.expect_errors("virtio_device_needs_reset")
 async def test_qemu_message_sequence_two_cycles_and_requests() -> None:
     backend = MemoryBackend(4 * MiB)
     kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
@@ -344,6 +345,7 @@ async def test_qemu_message_sequence_two_cycles_and_requests() -> None:
             os.close(fd)
 
 
+@pytest.mark.expect_errors("vhost_user_protocol_error")
 async def test_a_broken_connection_does_not_stop_the_server() -> None:
     async with served(MemoryBackend(MiB)) as (blk, _server, path):
         fe = await connect(path)

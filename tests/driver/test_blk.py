@@ -157,6 +157,7 @@ async def test_thread_io_mode() -> None:
         await rig.close()
 
 
+@pytest.mark.expect_errors("virtio_device_needs_reset")
 async def test_device_reset_fails_in_flight_requests_and_recovers() -> None:
     rig = await make_rig(config=BlkConfig(io_mode="thread"))
     try:
@@ -282,6 +283,7 @@ async def test_start_io_declines_what_would_wait_and_the_awaitable_path_does_it(
         await rig.close()
 
 
+@pytest.mark.expect_errors("virtio_device_needs_reset")
 async def test_start_io_during_a_reset_tells_the_callback_once() -> None:
     rig = await make_rig(config=BlkConfig(io_mode="thread"))
     try:

@@ -312,6 +312,7 @@ async def test_vblk_serve_exports_qemu_device_over_nbd_and_rest() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.expect_errors("vhost_user_back_end_gone")
 async def test_the_driver_waits_out_a_back_end_restart() -> None:
     """qemu-storage-daemon killed and started again: the driver sees the socket close, resets,
     reconnects when it can, and a request submitted meanwhile completes afterwards."""

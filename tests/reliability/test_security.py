@@ -81,7 +81,9 @@ async def secured_service(pki: Path, **security: object) -> Service:
     return service
 
 
-async def test_nbd_tls_required_with_nbdinfo_nbdsh_and_qemu(pki: Path) -> None:
+async def test_nbd_tls_required_with_nbdinfo_nbdsh_and_qemu(
+    pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     service = await secured_service(pki, tls="require")
     try:
         port = service.nbd_addresses[0].rsplit(":", 1)[1]
@@ -116,6 +118,9 @@ async def test_nbd_tls_required_with_nbdinfo_nbdsh_and_qemu(pki: Path) -> None:
         await run("qemu-img", "info", "--object", creds, "--image-opts", opts)
     finally:
         await service.stop()
+    # A TLS session cannot be half-closed: nothing may ask the transport to stay half open.
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
+    assert sum(1 for r in caplog.records if isinstance(r.msg, dict) and r.msg["event"] == "nbd_tls") >= 3
 
 
 async def test_client_certificates_and_tls_on_mode(pki: Path) -> None:

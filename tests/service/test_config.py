@@ -92,10 +92,11 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     assert resolve({}, {}, {})["drain-timeout"] == 10.0
 
 
+@pytest.mark.expect_errors("from the standard library")
 def test_logs_are_json_lines_with_context_and_stdlib_routed() -> None:
     stream = io.StringIO()
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    saved = (list(root.handlers), root.level, structlog.get_config())
     try:
         logs.configure("info", "auto", stream)  # not a terminal: JSON
         with structlog.contextvars.bound_contextvars(peer="127.0.0.1:5", export="disk0"):
@@ -103,7 +104,7 @@ def test_logs_are_json_lines_with_context_and_stdlib_routed() -> None:
         structlog.get_logger("vblk.test").debug("hidden")
         logging.getLogger("aiohttp.server").error("from the standard library")
     finally:
-        structlog.reset_defaults()
+        structlog.configure(**saved[2])
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]

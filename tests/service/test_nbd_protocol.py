@@ -153,7 +153,9 @@ def test_validate_rules() -> None:
     assert check(Command.BLOCK_STATUS, 0, 512, meta=True) is None
     assert check(Command.BLOCK_STATUS, size, 512, meta=True) == Errno.EINVAL
     assert check(Command.READ, 0, 0) == Errno.EINVAL
-    assert check(Command.READ, 0, (32 << 20) + 1) == Errno.EOVERFLOW
+    assert check(Command.READ, 0, (32 << 20) + 1) == Errno.EINVAL  # over the maximum payload
+    assert check(Command.READ, 0, (32 << 20) + 1, CommandFlag.DF, structured=True) == Errno.EOVERFLOW
+    assert check(Command.WRITE, 0, (32 << 20) + 1) == Errno.EINVAL
     assert check(Command.READ, 0, 512, CommandFlag.DF) == Errno.EINVAL
     assert check(Command.READ, 0, 512, CommandFlag.DF, structured=True) is None
     assert check(Command.FLUSH, 0, 0, CommandFlag.NO_HOLE) == Errno.EINVAL

@@ -8,6 +8,8 @@ import os
 import struct
 import tempfile
 
+import pytest
+
 from device.backends.faults import FaultPlan, FaultyBackend
 from service import app
 from service.nbd.constants import (
@@ -18,7 +20,7 @@ from service.nbd.constants import (
     Reply,
 )
 from tests.nbdclient import WireClient
-from tests.service.conftest import MiB, NbdRig
+from tests.service.conftest import MiB, NbdRig, run
 
 
 async def test_unknown_option_keeps_sync_then_go_works(nbd_rig: NbdRig) -> None:
@@ -182,3 +184,29 @@ async def test_device_io_error_is_eio_and_the_connection_goes_on() -> None:
             client.close()
         finally:
             await service.stop()
+
+
+async def test_a_read_over_the_maximum_payload_is_einval(nbd_rig: NbdRig) -> None:
+    """EOVERFLOW is for a DF read that cannot go in one chunk (proto.md); an oversized READ
+    without DF is the client's error, and the connection goes on."""
+    client = await WireClient.connect(nbd_rig)
+    await client.go()
+    client.request(Command.READ, 1, 0, (32 << 20) + 512)
+    assert await client.simple_reply() == (1, Errno.EINVAL, b"")
+    client.request(Command.READ, 2, 0, 512)
+    assert await client.simple_reply(512) == (2, 0, bytes(512))
+    client.close()
+
+
+async def test_an_unknown_export_is_logged_with_the_name_asked_for(
+    nbd_rig: NbdRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = await run("nbdinfo", nbd_rig.uri("no-such-disk"), check=False)
+    assert result.returncode != 0
+    refused = [
+        r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg["event"] == "nbd_option_refused"
+    ]
+    assert refused, [r.getMessage() for r in caplog.records]
+    assert refused[0]["reply"] == "NBD_REP_ERR_UNKNOWN" and "'no-such-disk'" in refused[0]["message"]
+    assert refused[0]["option"] in ("NBD_OPT_GO", "NBD_OPT_INFO")
+    assert refused[0]["level"] == "warning"
