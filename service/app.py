@@ -67,6 +67,7 @@ class DiskSpec:
     path: Path = Path("disk.img")
     size: int = 1 * GiB
     read_only: bool = False
+    force_share: bool = False  # backend "file", read-only: share the image with its writers (QEMU's)
     num_queues: int = 1
     queue_size: int = 256
     io_mode: IoMode = "inline"
@@ -127,7 +128,12 @@ def open_backend(spec: DiskSpec) -> Backend:
     if spec.backend == "file":
         spec.path.parent.mkdir(parents=True, exist_ok=True)
         exists = spec.path.exists()
-        return RawFileBackend.open(spec.path, size=None if exists else spec.size, read_only=spec.read_only)
+        return RawFileBackend.open(
+            spec.path,
+            size=None if exists else spec.size,
+            read_only=spec.read_only,
+            force_share=spec.force_share,
+        )
     if spec.backend == "rbd":
         ceph = spec.ceph
         target = RbdTarget(
@@ -383,7 +389,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
         async with asyncio.TaskGroup() as group:
             try:
                 await service.start()
-            except BackendError as exc:  # a disk that cannot be opened (or is locked by another vblk)
+            except BackendError as exc:  # a disk that cannot be opened, or is in use by another process
                 log.error("disk_open_failed", errno=exc.errno, error=exc.strerror or str(exc))
                 return 1
             await service.start_front_ends(inherited)

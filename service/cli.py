@@ -17,12 +17,14 @@ from pathlib import Path
 
 import uvloop
 
+from device.backends import BackendError
 from device.backends.raw import RawFileBackend
 from service import logs
 from service.app import DiskSpec, ServiceConfig, serve
 from service.config import (
     SETTINGS,
     ConfigError,
+    check_force_share,
     check_queues,
     check_size,
     from_sources,
@@ -107,6 +109,11 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     )
     vhost.add_argument("--backend", choices=("file", "memory"), default="file", help="storage backend")
     vhost.add_argument("--read-only", action="store_true", help="export read-only (VIRTIO_BLK_F_RO)")
+    vhost.add_argument(
+        "--force-share",
+        action="store_true",
+        help="with --read-only: share the image with its writers (QEMU's force-share image locks)",
+    )
     vhost.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (QEMU num-queues) [1]")
     vhost.add_argument(
         "--queue-size",
@@ -132,6 +139,8 @@ def _vhost_user(args: argparse.Namespace) -> int:
     try:
         check_size("vhost-user", args.size)
         check_queues("vhost-user", args.queues, args.queue_size)
+        if args.force_share:
+            check_force_share("vhost-user", args.backend, args.read_only)
     except ConfigError as exc:
         print(f"vblk: {exc}", file=sys.stderr)
         return 2
@@ -141,6 +150,7 @@ def _vhost_user(args: argparse.Namespace) -> int:
         path=args.image,
         size=args.size,
         read_only=args.read_only,
+        force_share=args.force_share,
         num_queues=args.queues,
         queue_size=args.queue_size,
         io_mode=args.io_mode,
@@ -148,7 +158,11 @@ def _vhost_user(args: argparse.Namespace) -> int:
     config = VhostUserConfig(socket=args.socket, disk=disk, serial=args.serial, once=args.once)
     logs.configure(args.log_level, args.log_format, log_file=args.log_file)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve_vhost_user(config))
+        try:
+            return runner.run(serve_vhost_user(config))
+        except BackendError as exc:  # the image cannot be opened, or is in use by another process
+            print(f"vblk: {exc.strerror or exc}", file=sys.stderr)
+            return 1
 
 
 def _create_image(path: Path, size: int) -> int:
@@ -166,8 +180,8 @@ def _create_image(path: Path, size: int) -> int:
 
 
 def _info(path: Path) -> int:
-    try:
-        backend = RawFileBackend.open(path, size=None, read_only=True)
+    try:  # shares the image with its writers, like qemu-img info -U: a look, not a disk
+        backend = RawFileBackend.open(path, size=None, read_only=True, force_share=True)
     except OSError as exc:
         print(f"vblk: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1

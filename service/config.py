@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from device.backends.locks import lock_mode
 from device.backends.rbd import CACHE_MODES
 from service.app import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
@@ -27,6 +28,7 @@ DISK_KEYS = (
     "size",
     "backend",
     "read-only",
+    "force-share",
     "queues",
     "queue-size",
     "io-mode",
@@ -252,7 +254,7 @@ def parse_disk(text: str) -> dict[str, str]:
         key, sep, value = item.strip().partition("=")
         if key not in DISK_KEYS:
             raise ValueError(f"unknown disk option {key!r} (known: {', '.join(DISK_KEYS)})")
-        if not sep and key not in ("read-only", "create"):
+        if not sep and key not in ("read-only", "force-share", "create"):
             raise ValueError(f"disk option {key!r} needs a value")
         options[key] = value if sep else "true"
     if "name" not in options:
@@ -282,6 +284,16 @@ def check_queues(what: str, queues: int, queue_size: int) -> None:
         raise ConfigError(f"{what}: queues must be 1..64")
     if not 4 <= queue_size <= 32768 or queue_size & (queue_size - 1):
         raise ConfigError(f"{what}: queue-size must be a power of two in 4..32768")
+
+
+def check_force_share(what: str, backend: str, read_only: bool) -> None:
+    """force-share, as in QEMU: only a read-only file disk may share its image with writers."""
+    if backend != "file":
+        raise ConfigError(f"{what}: force-share is a file disk's option (QEMU's image locks)")
+    try:
+        lock_mode(read_only, force_share=True)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
 
 
 _DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -316,6 +328,8 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["backend"] = parse_backend(options["backend"])
             if "read-only" in options:
                 spec["read_only"] = parse_bool(options["read-only"])
+            if "force-share" in options:
+                spec["force_share"] = parse_bool(options["force-share"])
             if "queues" in options:
                 spec["num_queues"] = int(options["queues"])
             if "queue-size" in options:
@@ -354,6 +368,8 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             if not (1 <= timeout <= 86400 and float(timeout).is_integer()):  # nan, inf: refused
                 raise ConfigError(f"ceph-timeout must be a whole number of seconds, 1..86400: {timeout:g}")
         check_queues(f"disk {name}", spec["num_queues"], spec["queue_size"])
+        if spec.get("force_share"):
+            check_force_share(f"disk {name}", spec["backend"], spec["read_only"])
         disks.append(DiskSpec(**spec))
     names = [d.name for d in disks]
     if len(set(names)) != len(names):

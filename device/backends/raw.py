@@ -2,7 +2,8 @@
 
 Storage backend below :mod:`device.blk`, vblk's embedded default. FLUSH is fdatasync,
 DISCARD punches holes, WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE (or punches when it may
-unmap), and the allocation map comes from SEEK_DATA/SEEK_HOLE.
+unmap), and the allocation map comes from SEEK_DATA/SEEK_HOLE. Opening an image takes QEMU's
+image locks (:mod:`device.backends.locks`) for as long as the descriptor is open.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from device.backends import BackendError, Extent, check_access
+from device.backends.locks import lock_image, lock_mode
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -65,11 +67,19 @@ class RawFileBackend:
         *,
         read_only: bool = False,
         create: bool = True,
+        force_share: bool = False,
     ) -> RawFileBackend:
-        """Open ``path``; create it sparse with ``size`` bytes if missing and ``create``."""
+        """Open ``path``; create it sparse with ``size`` bytes if missing and ``create``.
+
+        The image is locked the way QEMU locks it (:mod:`device.backends.locks`): no one else
+        may write it while it is open, and a writable one is refused when someone else refuses
+        writers; ``force_share`` (read-only only) reads it whoever writes it. A conflict raises
+        :class:`~device.backends.locks.ImageInUseError` (EBUSY).
+        """
         path = Path(path)
         if size is not None and (size <= 0 or size % 512):
             raise ValueError(f"image size {size} is not a positive multiple of 512")
+        mode = lock_mode(read_only, force_share)
         flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         if not path.exists():
             if not create or size is None:
@@ -78,12 +88,18 @@ class RawFileBackend:
                 raise ValueError("cannot create a read-only image")
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
             try:
+                lock_image(fd, path, mode)
                 os.ftruncate(fd, size)
             except OSError:
                 os.close(fd)
                 raise
             return cls(path, fd, size, read_only)
         fd = os.open(path, flags)
+        try:
+            lock_image(fd, path, mode)
+        except OSError:
+            os.close(fd)
+            raise
         actual = os.fstat(fd).st_size
         if size is not None and size != actual:
             os.close(fd)

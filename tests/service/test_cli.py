@@ -1,4 +1,6 @@
-"""``vblk serve`` as a real process: several disks, NBD listeners, clean stop on SIGTERM."""
+"""``vblk serve`` as a real process: several disks, NBD listeners, clean stop on SIGTERM, and the
+image locks it shares with QEMU's tools: a locked image is one line and exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
 from service.cli import main
 from service.config import parse_disk, parse_size
+from tests.qemu import qemu_nbd, qemu_nbd_refusal
 from tests.service.conftest import MiB, run
 
 
@@ -75,3 +79,71 @@ async def test_serve_two_disks_then_sigterm_flushes_and_exits_zero() -> None:
         assert "nbd_listening" in events and events[-1] == "stopped"
         with open(image, "rb") as f:
             assert f.read(65536) == b"\x5a" * 65536
+
+
+async def test_serve_refuses_an_image_qemu_nbd_writes_in_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(MiB))
+    async with qemu_nbd(image):
+        serve = await run(
+            sys.executable, "-m", "service.cli", "serve", "--disk", f"name=a,image={image}",
+            "--nbd-listen", "none", "--http-listen", "none", "--log-format", "json", check=False,
+        )  # fmt: skip
+        vhost_user = await run(
+            sys.executable, "-m", "service.cli", "vhost-user", "--socket", str(tmp_path / "vu.sock"),
+            "--image", str(image), check=False,
+        )  # fmt: skip
+    assert serve.returncode == 1 and serve.stderr == "", serve.stderr
+    records = [json.loads(line) for line in serve.stdout.splitlines()]  # JSON lines, no traceback
+    [error] = [r for r in records if r["level"] == "error"]
+    assert error["event"] == "disk_open_failed" and error["errno"] == 16, error
+    assert error["error"].startswith(f"{image} is in use by another process (open for writing"), error
+    assert vhost_user.returncode == 1, vhost_user.stderr
+    [line] = vhost_user.stderr.splitlines()
+    assert line.startswith(f"vblk: {image} is in use by another process"), line
+    # force-share: only read-only, as in QEMU.
+    refused = await run(
+        sys.executable, "-m", "service.cli", "vhost-user", "--socket", str(tmp_path / "vu.sock"),
+        "--image", str(image), "--force-share", check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "force-share is for read-only disks" in refused.stderr
+
+
+async def test_a_served_image_stays_locked_until_vblk_exits(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    sock = tmp_path / "nbd.sock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--disk", f"name=a,image={image},size=4M",
+        "--nbd-listen", "none", "--nbd-socket", str(sock), "--http-listen", "none",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if sock.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert sock.exists(), "vblk did not start serving"
+        assert 'Failed to get "write" lock' in await qemu_nbd_refusal(image)
+        convert = await run(
+            "qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), f"{image}.copy", check=False
+        )
+        assert convert.returncode != 0 and 'Failed to get shared "write" lock' in convert.stderr
+        async with qemu_nbd(image, "-r"):  # a reader that shares writing (QEMU's -r) may look
+            pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    await run("qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), f"{image}.copy")
+    async with qemu_nbd(image):
+        pass
+
+
+async def test_info_shares_the_image_like_qemu_img_info_u(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(MiB))
+    async with qemu_nbd(image):  # a writer: info reads beside it, as force-share does
+        assert main(["info", str(image)]) == 0
+        assert json.loads(capsys.readouterr().out)["size"] == MiB

@@ -65,6 +65,8 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
         ({}, {"VBLK_HTTP_LISTEN": "localhost"}, "", "HOST:PORT"),
         ({}, {}, "nbd-listen = [", "config file"),
         ({}, {"VBLK_NBD_POLL_US": "-1"}, "", "nbd-poll-us"),
+        ({}, {"VBLK_DISK": "name=a,force-share"}, "", "disk a: force-share is for read-only disks"),
+        ({}, {"VBLK_DISK": "name=a,backend=memory,read-only,force-share"}, "", "file disk"),
     ],
 )
 def test_bad_settings_name_their_source(
@@ -74,6 +76,18 @@ def test_bad_settings_name_their_source(
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         from_sources(flags, env, path)
+
+
+def test_force_share_is_a_disk_key(tmp_path: Path) -> None:
+    config_file = tmp_path / "vblk.toml"
+    config_file.write_text("[[disk]]\nname = 'a'\nread-only = true\nforce-share = true\n")
+    config, _ = from_sources({}, {"VBLK_DISK": "name=b,read-only,force-share; name=c"})
+    assert [(d.name, d.read_only, d.force_share) for d in config.disks] == [
+        ("b", True, True),
+        ("c", False, False),
+    ]
+    config, _ = from_sources({}, {}, config_file)
+    assert [(d.name, d.read_only, d.force_share) for d in config.disks] == [("a", True, True)]
 
 
 def test_help_documents_every_setting_with_its_variable() -> None:
