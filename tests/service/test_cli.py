@@ -81,6 +81,7 @@ async def test_serve_two_disks_then_sigterm_flushes_and_exits_zero() -> None:
             assert f.read(65536) == b"\x5a" * 65536
 
 
+@pytest.mark.expect_errors("disk_open_failed")
 async def test_serve_refuses_an_image_qemu_nbd_writes_in_one_line(tmp_path: Path) -> None:
     image = tmp_path / "a.img"
     image.write_bytes(bytes(MiB))
