@@ -4,8 +4,9 @@ Service layer, REST front end. Like NBD, every read and write goes through the d
 virtqueues (:class:`service.blockio.ByteDisk` over :class:`driver.blk.VirtioBlk`); only the
 allocation map (``/extents``) asks the backend directly, as NBD's BLOCK_STATUS does.
 Large transfers stream in bounded chunks with one chunk of read-ahead (or write-behind), so
-memory stays flat for a GET of the whole disk. Every error is JSON ``{"error", "message"}``
-with the right status; never a traceback.
+memory stays flat for a GET of the whole disk. Every path, query, header and body value is
+parsed by :mod:`service.http.params` before a handler acts on it; every error is JSON
+``{"error", "message"}`` with the right status (:mod:`service.http.errors`); never a traceback.
 """
 
 from __future__ import annotations
@@ -13,39 +14,56 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import itertools
-import json
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from device.spec import virtio_blk as vb
 from driver.blk import BlkError, BlkReadOnlyError, BlkResetError, BlkUnsupportedError
 from driver.dma import DmaBuffer
+from service.addresses import format_peer
 from service.blockio import SECTOR, ByteDisk
+from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
-from service.http.ranges import (
-    BadContentRangeError,
-    ByteRange,
-    RangeNotSatisfiableError,
-    parse_content_range,
-    parse_range,
+from service.http.params import (
+    MAX_JSON,
+    MAX_SECTORS,
+    check_query,
+    declared_query,
+    parse_bearer,
+    parse_extents,
+    parse_get_range,
+    parse_patch,
+    parse_sector_read,
+    parse_sector_write,
+    parse_write_target,
+    query_bool,
+    shown,
+    takes_query,
 )
+from service.http.ranges import ByteRange
+from service.http.responses import error_body, error_response, json_response
 from service.http.ui import RingsView
 
 if TYPE_CHECKING:
     from service.app import Service
 
+__all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "RestApi", "build_app", "routes"]
+
 log = structlog.get_logger("vblk.http")
 
 CHUNK = 1 << 20  # streaming unit of GET and PUT bodies
-MAX_SECTORS = 65536  # 32 MiB per /sectors request, as NBD's maximum request
-MAX_JSON = 64 * 1024
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Connections a client may read or write one disk with at once (OPTIONS max_readers and
+# max_writers, as ovirt-imageio publishes them): every connection's requests share the disk's
+# virtqueues, and edge sectors are locked across front ends, so parallel writers are safe;
+# eight is what imageio's own file backend offers.
+MAX_CONNECTIONS: Final = 8
 _request_ids = itertools.count(1)
 FEATURE_NAMES = {
     getattr(vb, name): name.removeprefix("VIRTIO_BLK_F_").lower()
@@ -53,54 +71,66 @@ FEATURE_NAMES = {
     if name.startswith("VIRTIO_BLK_F_")
 }
 
-
-class ApiError(Exception):
-    """An HTTP error answered as JSON ``{"error": code, "message": sentence}``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-def _json_error(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
-
-
+# 4xx the HTTP layer (aiohttp's router) answers itself, as JSON like every other error.
 _HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    411: "length_required",
-    413: "payload_too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    416: "range_not_satisfiable",
-    431: "headers_too_large",
+    400: ErrorCode.BAD_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    411: ErrorCode.LENGTH_REQUIRED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    414: ErrorCode.URI_TOO_LONG,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    416: ErrorCode.RANGE_NOT_SATISFIABLE,
+    417: ErrorCode.EXPECTATION_FAILED,
+    431: ErrorCode.HEADERS_TOO_LARGE,
 }
 
 
-def _unsatisfiable(disk: ByteDisk, message: str) -> ApiError:
-    """416, with the ``Content-Range: bytes */size`` RFC 9110 asks for."""
-    return ApiError(416, "range_not_satisfiable", message, {"Content-Range": f"bytes */{disk.size}"})
+def _http_error(exc: web.HTTPException) -> ApiError:
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
+    if exc.status == 404:
+        message = "no such route: /openapi.json lists them"
+    elif exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        message = f"this route takes only {allowed}" if allowed else "this route takes no method"
+    else:
+        try:
+            phrase = HTTPStatus(exc.status).phrase.lower()
+        except ValueError:
+            phrase = "refused"
+        message = f"the request is refused ({exc.status}: {phrase})"
+    return ApiError(_HTTP_CODES.get(exc.status, ErrorCode.HTTP_ERROR), message, headers, status=exc.status)
 
 
 def _device_error(exc: BaseException) -> ApiError:
     if isinstance(exc, BlkReadOnlyError):
-        return ApiError(403, "read_only", str(exc))
+        return ApiError(ErrorCode.READ_ONLY, str(exc))
     if isinstance(exc, BlkUnsupportedError):
-        return ApiError(501, "unsupported", str(exc))
+        return ApiError(ErrorCode.UNSUPPORTED, str(exc))
     if isinstance(exc, BlkResetError):
-        return ApiError(503, "unavailable", str(exc))
+        return ApiError(ErrorCode.UNAVAILABLE, str(exc))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return ApiError(507, "no_space", str(exc))
-    return ApiError(500, "io_error", str(exc) or type(exc).__name__)
+        return ApiError(ErrorCode.NO_SPACE, str(exc))
+    return ApiError(ErrorCode.IO_ERROR, str(exc) or type(exc).__name__)
+
+
+def _peer(request: web.BaseRequest) -> str:
+    transport = request.transport
+    return format_peer(transport.get_extra_info("peername") if transport is not None else None)
+
+
+def _is_local(request: web.BaseRequest) -> bool:
+    """The client is on this machine: a unix socket or a loopback address."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, str | bytes):
+        return True
+    if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
+        try:
+            return ipaddress.ip_address(peername[0].partition("%")[0]).is_loopback
+        except ValueError:
+            return False
+    return False
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,6 +142,7 @@ class _Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     streaming: bool = False  # response headers sent: errors can only cut the connection
+    error: str | None = None  # the error code of a 4xx/5xx answer, for the log line
 
 
 _EXCHANGE = web.RequestKey("vblk_exchange", _Exchange)
@@ -127,14 +158,20 @@ class RestApi:
 
     def disk(self, request: web.Request) -> ByteDisk:
         name = request.match_info["name"]
-        disk = self.service.disks.get(name) if _NAME.fullmatch(name) else None
+        disk = self.service.disks.get(name)
         if disk is None:
-            raise ApiError(404, "no_such_disk", f"no disk named {name[:64]!r}")
+            quoted = shown(name)
+            raise ApiError(
+                ErrorCode.NO_SUCH_DISK,
+                f"no disk is named {quoted}: GET /v1/disks lists them"
+                if quoted
+                else "no disk has that name: GET /v1/disks lists them",
+            )
         return disk.bytes
 
     def _writable(self, disk: ByteDisk) -> None:
         if disk.read_only:
-            raise ApiError(403, "read_only", f"disk {disk.name} is read-only")
+            raise ApiError(ErrorCode.READ_ONLY, f"disk {disk.name} is read-only")
 
     @staticmethod
     def _observe(request: web.Request, disk: str, op: str) -> None:
@@ -147,85 +184,138 @@ class RestApi:
         tokens = self.service.tokens
         if tokens is None or request.path in self.service.config.security.public_paths:
             return
-        access = tokens.access(request.headers.get("Authorization"))
+        token = parse_bearer(request.headers.get("Authorization"))
+        access = tokens.access(f"Bearer {token}") if token is not None else None
         if access is None:
             raise ApiError(
-                401,
-                "unauthorized",
+                ErrorCode.UNAUTHORIZED,
                 "send Authorization: Bearer <token>",
                 {"WWW-Authenticate": 'Bearer realm="vblk"'},
             )
         if access == "ro" and request.method not in ("GET", "HEAD", "OPTIONS"):
-            raise ApiError(403, "read_only_token", "this token may only read")
+            raise ApiError(ErrorCode.READ_ONLY_TOKEN, "this token may only read")
+
+    @staticmethod
+    def _error(exchange: _Exchange, error: ApiError) -> web.Response:
+        exchange.error = error.code.code
+        return error_response(error)
 
     @web.middleware
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """JSON errors, one canonical log line and the metrics of every request."""
+        """JSON errors, the query check, one canonical log line and the metrics of every request."""
         started = time.perf_counter()
         request_id = next(_request_ids)
-        structlog.contextvars.bind_contextvars(http_request=request_id, peer=request.remote)
+        structlog.contextvars.bind_contextvars(http_request=request_id, peer=_peer(request))
         exchange = request[_EXCHANGE] = _Exchange()
         status = 500
         response: web.StreamResponse | None = None
         try:
             try:
                 self._authorize(request)
+                expect = request.headers.get("Expect")
+                if expect is not None and expect.lower() != "100-continue":
+                    raise ApiError(ErrorCode.EXPECTATION_FAILED, "only Expect: 100-continue is understood")
+                allowed = declared_query(request.match_info.handler)
+                if allowed is not None:
+                    check_query(request.query, allowed)
                 response = await handler(request)
             except ApiError as exc:
-                response = _json_error(exc.status, exc.code, exc.message, exc.headers)
+                response = self._error(exchange, exc)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                code = _HTTP_CODES.get(exc.status, "http_error")
-                headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
-                response = _json_error(exc.status, code, exc.reason, headers)
+                response = self._error(exchange, _http_error(exc))
+            except (ConnectionError, asyncio.CancelledError):
+                status = 499  # the client went away (nginx's convention, for the log only)
+                exchange.error = "client_gone"
+                raise
             except (BlkError, OSError) as exc:
-                if isinstance(exc, ConnectionError):
-                    raise
                 error = _device_error(exc)
+                exchange.error = error.code.code
                 log.warning("http_io_failed", error=str(exc), status=error.status)
                 if exchange.streaming:
                     raise  # headers are out: the only honest signal left is a cut connection
-                response = _json_error(error.status, error.code, error.message)
-            except (ConnectionError, asyncio.CancelledError):
-                status = 499  # the client went away (nginx's convention, for the log only)
-                raise
+                response = error_response(error)
             except Exception as exc:
                 log.exception("http_handler_crashed", error=repr(exc))
-                response = _json_error(500, "internal", "internal error; see the service log")
+                response = self._error(
+                    exchange, ApiError(ErrorCode.INTERNAL, "internal error; see the service log")
+                )
             status = response.status
             return response
         finally:
-            seconds = time.perf_counter() - started
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            metrics = self.service.metrics
-            metrics.http_requests.labels(route, request.method, str(status)).inc()
-            if exchange.disk is not None and exchange.op is not None:
-                metrics.observe_request("http", exchange.disk, exchange.op, seconds)
-            log.info(
-                "http_request",
-                method=request.method,
-                path=request.path_qs[:256],
-                route=route,
-                status=status,
-                bytes_in=exchange.bytes_in,
-                bytes_out=exchange.bytes_out or _body_length(response),
-                seconds=round(seconds, 6),
-            )
+            self._record(request, exchange, status, response, time.perf_counter() - started)
             structlog.contextvars.unbind_contextvars("http_request", "peer")
+
+    def _record(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        status: int,
+        response: web.StreamResponse | None,
+        seconds: float,
+        **fields: object,
+    ) -> None:
+        """The metrics and the canonical ``http_request`` log line of one request."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics = self.service.metrics
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        if exchange.disk is not None and exchange.op is not None:
+            metrics.observe_request("http", exchange.disk, exchange.op, seconds)
+        if status >= 400:
+            fields["error"] = exchange.error or "http_error"
+        log.info(
+            "http_request",
+            method=request.method,
+            path=request.path_qs[:256],
+            route=route,
+            status=status,
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out or _body_length(response),
+            seconds=round(seconds, 6),
+            **fields,
+        )
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The safety net under the middleware, for the few answers aiohttp gives before it.
+
+        aiohttp answers an ``Expect`` header it does not know on a route that is not ours
+        (404, 405) before any middleware runs; that answer becomes JSON like every other
+        error here, and gets its log line.
+        """
+        if _EXCHANGE in request:
+            return  # the middleware answered, and logs
+        exchange = request[_EXCHANGE] = _Exchange()
+        if response.status >= 400 and isinstance(response, web.Response):
+            error = ApiError(
+                _HTTP_CODES.get(response.status, ErrorCode.HTTP_ERROR),
+                "only Expect: 100-continue is understood"
+                if response.status == 417
+                else f"the request is refused ({response.status})",
+                status=response.status,
+            )
+            exchange.error = error.code.code
+            body = error_body(error)
+            response.body = body
+            response.content_type = "application/json"
+            response.charset = "utf-8"
+            response.headers["Content-Length"] = str(len(body))  # set for the body it had
+        self._record(request, exchange, response.status, response, 0.0, peer=_peer(request))
 
     # -- service -------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         disks = {name: disk.driver.ready for name, disk in self.service.disks.items()}
         ready = bool(disks) and all(disks.values()) and not self.service.stopping
-        return web.json_response(
+        if not ready:
+            request[_EXCHANGE].error = "not_ready"
+        return json_response(
             {"status": "ready" if ready else "not_ready", "disks": disks}, status=200 if ready else 503
         )
 
@@ -236,7 +326,7 @@ class RestApi:
         return response
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi_document())
+        return json_response(openapi_document())
 
     # -- disks ---------------------------------------------------------------------------------
 
@@ -258,30 +348,53 @@ class RestApi:
             "ready": driver.ready,
         }
 
+    @takes_query()
     async def list_disks(self, request: web.Request) -> web.Response:
-        return web.json_response([self.describe(name) for name in self.service.disks])
+        return json_response([self.describe(name) for name in self.service.disks])
 
+    @takes_query()
     async def disk_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.describe(self.disk(request).name))
+        return json_response(self.describe(self.disk(request).name))
 
+    def _unix_socket(self) -> str | None:
+        """The first plain-HTTP unix socket vblk serves on, for clients on this machine."""
+        if self.service.config.security.http_tls:
+            return None  # imageio's client speaks plain HTTP on the unix socket
+        for address in self.service.http_addresses:
+            if address.startswith("unix:"):
+                return address.removeprefix("unix:")
+        return None
+
+    @takes_query()
     async def options(self, request: web.Request) -> web.Response:
+        """Methods (``Allow``) and, in the shape ovirt-imageio's client reads, what the disk does.
+
+        ``features`` (``extents``, ``zero``, ``flush`` are imageio's names), ``max_readers`` and
+        ``max_writers`` (connections the client may use at once; without them it uses one) and,
+        for a client on this machine when vblk serves HTTP on a unix socket, ``unix_socket``
+        (the client then moves its connections there).
+        """
         disk = self.disk(request)
         methods = ["GET", "HEAD", "OPTIONS"] if disk.read_only else ["GET", "HEAD", "PUT", "PATCH", "OPTIONS"]
         features = (
             ["extents", "sectors"] if disk.read_only else ["extents", "sectors", "zero", "discard", "flush"]
         )
-        return web.json_response(
-            {"features": features, "max_request": MAX_SECTORS * SECTOR},
-            headers={"Allow": ", ".join(methods)},
-        )
+        body: dict[str, Any] = {
+            "features": features,
+            "max_request": MAX_SECTORS * SECTOR,
+            "max_readers": MAX_CONNECTIONS,
+            "max_writers": MAX_CONNECTIONS,
+        }
+        unix_socket = self._unix_socket()
+        if unix_socket is not None and _is_local(request):
+            body["unix_socket"] = unix_socket
+        return json_response(body, headers={"Allow": ", ".join(methods)})
 
+    @takes_query()
     async def get_disk(self, request: web.Request) -> web.StreamResponse:
         disk = self.disk(request)
         size = disk.size
-        try:
-            byte_range = parse_range(request.headers.get("Range"), size)
-        except RangeNotSatisfiableError as exc:
-            raise _unsatisfiable(disk, str(exc)) from exc
+        byte_range = parse_get_range(request.headers.get("Range"), size)
         response = web.StreamResponse(status=200 if byte_range is None else 206)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Content-Type"] = "application/octet-stream"
@@ -342,53 +455,25 @@ class RestApi:
                     view.release()
                     buffer.free()
 
-    def _write_target(self, request: web.Request, disk: ByteDisk) -> tuple[int, int | None]:
-        """Offset and length of a PUT body, from Content-Range or ``?offset=``."""
-        declared = request.content_length
-        content_range = request.headers.get("Content-Range")
-        if content_range is not None:
-            try:
-                first, last, total = parse_content_range(content_range)
-            except BadContentRangeError as exc:
-                raise ApiError(400, "bad_content_range", str(exc)) from exc
-            if total is not None and total != disk.size:
-                raise ApiError(
-                    400, "bad_content_range", f"Content-Range size {total} is not the disk's {disk.size}"
-                )
-            length = last - first + 1
-            if declared is not None and declared != length:
-                raise ApiError(
-                    400,
-                    "length_mismatch",
-                    f"Content-Length {declared} does not match Content-Range length {length}",
-                )
-            return first, length
-        offset = _query_int(request, "offset", 0)
-        return offset, declared
-
+    @takes_query("offset", "flush")
     async def put_disk(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
         self._writable(disk)
-        offset, length = self._write_target(request, disk)
-        flush = _query_bool(request, "flush", True)
-        if length is None:
-            raise ApiError(411, "length_required", "send Content-Length or Content-Range")
-        if offset + length > disk.size:
-            raise _unsatisfiable(
-                disk, f"writing {length} bytes at {offset} runs past the end ({disk.size} bytes)"
-            )
+        target = parse_write_target(request.headers, request.content_length, request.query, disk.size)
         self._observe(request, disk.name, "write")
-        if length:
-            await self._stream_in(request, disk, offset, length)
-        if flush:
+        if target.length:
+            await self._stream_in(request, disk, target.offset, target.length)
+        if target.flush:
             await disk.flush()
-        return web.json_response({"offset": offset, "written": length, "flushed": flush})
+        return json_response({"offset": target.offset, "written": target.length, "flushed": target.flush})
 
     async def _stream_in(self, request: web.Request, disk: ByteDisk, offset: int, length: int) -> None:
         """Receive the body chunk by chunk into DMA buffers; chunk n is written while n+1 arrives.
 
         A body that ends early fails with 400; a body of at most one chunk (1 MiB) is received
-        in full before anything is written, so a truncated small upload writes nothing.
+        in full before anything is written, so a truncated small upload writes nothing. A
+        chunked body (its length said only by Content-Range) that goes on past ``length``
+        fails with 400 too, found before the last chunk is written.
         """
         end = offset + length
         writing: asyncio.Task[None] | None = None
@@ -408,6 +493,11 @@ class RestApi:
                         await _read_exactly(request, view)
                     finally:
                         view.release()
+                    if stop == end and request.content_length is None and await request.content.read(1):
+                        raise ApiError(
+                            ErrorCode.LENGTH_MISMATCH,
+                            f"the body is longer than the {length} bytes of Content-Range",
+                        )
                 except BaseException:
                     buffer.free()
                     raise
@@ -426,47 +516,31 @@ class RestApi:
             if writing is not None:
                 await asyncio.gather(writing, return_exceptions=True)
 
+    @takes_query()
     async def patch_disk(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        body = await _json_body(request)
-        op = body.get("op")
-        if op == "flush":
-            self._writable(disk)
-            self._observe(request, disk.name, "flush")
-            await disk.flush()
-            return web.json_response({"op": "flush"})
-        if op not in ("zero", "discard"):
-            raise ApiError(400, "bad_op", "op must be one of zero, discard, flush")
+        patch = parse_patch(await _json_body(request), disk.size)
         self._writable(disk)
-        offset = _json_int(body, "offset")
-        size = _json_int(body, "size")
-        flush = body.get("flush", False)
-        if not isinstance(flush, bool):
-            raise ApiError(400, "bad_request", "flush must be true or false")
-        if size <= 0:
-            raise ApiError(400, "bad_request", "size must be positive")
-        if offset + size > disk.size:
-            raise _unsatisfiable(
-                disk, f"{op} of {size} bytes at {offset} runs past the end ({disk.size} bytes)"
-            )
-        self._observe(request, disk.name, op)
-        if op == "zero":
-            await disk.zero(offset, size, unmap=True, fua=flush)
+        self._observe(request, disk.name, patch.op)
+        if patch.op == "flush":
+            await disk.flush()
+            return json_response({"op": "flush"})
+        if patch.op == "zero":
+            await disk.zero(patch.offset, patch.size, unmap=True, fua=patch.flush)
         else:
-            await disk.discard(offset, size, fua=flush)
-        return web.json_response({"op": op, "offset": offset, "size": size, "flushed": flush})
+            await disk.discard(patch.offset, patch.size, fua=patch.flush)
+        return json_response(
+            {"op": patch.op, "offset": patch.offset, "size": patch.size, "flushed": patch.flush}
+        )
 
+    @takes_query("context", "offset", "length")
     async def extents(self, request: web.Request) -> web.Response:
+        """The allocation map as imageio's zero extents: ``[{start, length, zero, hole}]``."""
         disk = self.disk(request)
-        offset = _query_int(request, "offset", 0)
-        length = _query_int(request, "length", disk.size - offset) if offset < disk.size else 0
-        if offset >= disk.size or length <= 0 or offset + length > disk.size:
-            raise _unsatisfiable(
-                disk, f"extents of {length} bytes at {offset} are outside the disk ({disk.size} bytes)"
-            )
+        query = parse_extents(request.query, disk.size)
         self._observe(request, disk.name, "extents")
         merged: list[dict[str, Any]] = []
-        for extent in disk.extents(offset, length):
+        for extent in disk.extents(query.offset, query.length):
             last = merged[-1] if merged else None
             if last is not None and (last["zero"], last["hole"]) == (extent.zero, extent.hole):
                 last["length"] += extent.length
@@ -479,49 +553,27 @@ class RestApi:
                         "hole": extent.hole,
                     }
                 )
-        return web.json_response(merged)
+        return json_response(merged)
 
-    def _sectors(self, request: web.Request, disk: ByteDisk) -> tuple[int, int]:
-        try:
-            lba = int(request.match_info["lba"])
-        except ValueError:
-            raise ApiError(400, "bad_request", "lba must be a sector number") from None
-        count = _query_int(request, "count", 1)
-        if not 1 <= count <= MAX_SECTORS:
-            raise ApiError(400, "bad_request", f"count must be in 1..{MAX_SECTORS}")
-        capacity = disk.size // SECTOR
-        if lba >= capacity or lba + count > capacity:
-            raise _unsatisfiable(
-                disk, f"sectors {lba}..{lba + count - 1} are outside the disk ({capacity} sectors)"
-            )
-        return lba, count
-
+    @takes_query("count")
     async def get_sectors(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        lba, count = self._sectors(request, disk)
+        span = parse_sector_read(request.match_info["lba"], request.query, disk.size)
         self._observe(request, disk.name, "read")
-        data = await disk.read(lba * SECTOR, count * SECTOR)
+        data = await disk.read(span.lba * SECTOR, span.count * SECTOR)
         return web.Response(body=data, content_type="application/octet-stream")
 
+    @takes_query("count", "flush")
     async def put_sectors(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
         self._writable(disk)
-        lba, _ = self._sectors(request, disk)
-        declared = request.content_length
-        if declared is None:
-            raise ApiError(411, "length_required", "send Content-Length")
-        if declared == 0 or declared % SECTOR or declared > MAX_SECTORS * SECTOR:
-            raise ApiError(
-                400, "bad_length", f"body must be 1..{MAX_SECTORS} whole sectors of {SECTOR} bytes"
-            )
-        if lba + declared // SECTOR > disk.size // SECTOR:
-            raise _unsatisfiable(disk, f"{declared // SECTOR} sectors at {lba} run past the end")
-        flush = _query_bool(request, "flush", True)
+        span = parse_sector_write(request.match_info["lba"], request.query, request.content_length, disk.size)
+        flush = query_bool(request.query, "flush", True)
         self._observe(request, disk.name, "write")
-        await self._stream_in(request, disk, lba * SECTOR, declared)
+        await self._stream_in(request, disk, span.lba * SECTOR, span.count * SECTOR)
         if flush:
             await disk.flush()
-        return web.json_response({"lba": lba, "sectors": declared // SECTOR, "flushed": flush})
+        return json_response({"lba": span.lba, "sectors": span.count, "flushed": flush})
 
 
 def _body_length(response: web.StreamResponse | None) -> int:
@@ -546,52 +598,16 @@ async def _read_exactly(request: web.Request, view: memoryview) -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             data = b""
         if not data:
-            raise ApiError(400, "short_body", f"the body ended {view.nbytes - filled} bytes early")
+            raise ApiError(ErrorCode.SHORT_BODY, f"the body ended {view.nbytes - filled} bytes early")
         view[filled : filled + len(data)] = data
         filled += len(data)
 
 
-def _query_int(request: web.Request, key: str, default: int) -> int:
-    text = request.query.get(key)
-    if text is None:
-        return default
-    if not text.isdigit() or len(text) > 19:
-        raise ApiError(400, "bad_request", f"{key} must be a non-negative integer")
-    return int(text)
-
-
-def _query_bool(request: web.Request, key: str, default: bool) -> bool:
-    text = request.query.get(key)
-    if text is None:
-        return default
-    value = text.lower()
-    if value in ("y", "yes", "true", "1", "on"):
-        return True
-    if value in ("n", "no", "false", "0", "off"):
-        return False
-    raise ApiError(400, "bad_request", f"{key} must be y or n")
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> bytes:
+    """The raw body of a PATCH, refused unread when it is declared too large."""
     if request.content_length is not None and request.content_length > MAX_JSON:
-        raise ApiError(413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON} bytes")
-    raw = await request.content.read(MAX_JSON + 1)
-    if len(raw) > MAX_JSON:
-        raise ApiError(413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON} bytes")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object")
-    return body
-
-
-def _json_int(body: Mapping[str, Any], key: str) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ApiError(400, "bad_request", f"{key} must be a non-negative integer")
-    return value
+        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"a JSON body may have at most {MAX_JSON} bytes")
+    return await request.content.read(MAX_JSON + 1)
 
 
 def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
@@ -622,6 +638,15 @@ def build_app(service: Service) -> web.Application:
     """The aiohttp application: REST API, health checks, metrics and the OpenAPI document."""
     api = RestApi(service)
     app = web.Application(middlewares=[api.middleware], client_max_size=MAX_JSON)
+    app.on_response_prepare.append(api.on_response_prepare)
     for method, path, handler in routes(api):
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, handler, expect_handler=_expect)
     return app
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` gets its interim 100 (as aiohttp's default handler sends it);
+    any other expectation is left to the middleware, which answers 417 as JSON."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's first byte

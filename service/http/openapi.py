@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.http.errors import ErrorCode
+from service.http.params import MAX_INT, MAX_SECTORS
+
 _ERROR = {"$ref": "#/components/responses/Error"}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _FLUSH = {
@@ -17,6 +20,16 @@ _FLUSH = {
     "description": "Flush the disk's write cache before answering.",
 }
 _BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_OFFSET = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+_DESCRIPTION = (
+    "Sector and byte-range access to vblk's virtio-blk disks, health and metrics. "
+    "Every error is JSON {error, message}: error is one of the stable codes of the Error schema. "
+    "Integers in paths and queries are decimal ASCII digits (no sign, spaces, exponent or hex), "
+    "at most 2^63-1; booleans are y/n (or yes/no, true/false, 1/0, on/off). The /v1 routes "
+    "refuse query parameters they do not take, and a parameter given twice (400 bad_parameter). "
+    "A method a route does not take is 405 method_not_allowed with an Allow header. "
+    "Every JSON body ends with a newline."
+)
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -26,17 +39,21 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     disk_ref = {"$ref": "#/components/schemas/Disk"}
     errors = {"400": _ERROR, "403": _ERROR, "404": _ERROR, "416": _ERROR, "500": _ERROR}
+    count = {
+        "name": "count",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SECTORS, "default": 1},
+    }
     sectors_params = [
         _NAME,
-        {"name": "lba", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
-        {"name": "count", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+        {"name": "lba", "in": "path", "required": True, "schema": _OFFSET},
     ]
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "vblk",
             "version": "1",
-            "description": "Sector and byte-range access to vblk's virtio-blk disks, health and metrics.",
+            "description": _DESCRIPTION,
         },
         "paths": {
             "/healthz": {
@@ -88,7 +105,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Write the body at an offset (Content-Range: bytes a-b/* or ?offset=)",
                     "parameters": [
                         {"name": "Content-Range", "in": "header", "schema": {"type": "string"}},
-                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "offset", "in": "query", "schema": _OFFSET},
                         _FLUSH,
                     ],
                     "requestBody": {"required": True, "content": _BYTES},
@@ -103,8 +120,12 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "done"), **errors},
                 },
                 "options": {
-                    "summary": "Allowed methods (Allow header) and features",
-                    "responses": {"200": _json({"type": "object"}, "features"), "404": _ERROR},
+                    "summary": "Allowed methods (Allow header), features and connection limits "
+                    "(the shape ovirt-imageio's client reads)",
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Options"}, "what the disk does"),
+                        "404": _ERROR,
+                    },
                 },
             },
             "/v1/disks/{name}/info": {
@@ -114,10 +135,22 @@ def openapi_document() -> dict[str, Any]:
             "/v1/disks/{name}/extents": {
                 "parameters": [_NAME],
                 "get": {
-                    "summary": "Allocation map",
+                    "summary": "Allocation map (imageio's zero extents)",
                     "parameters": [
-                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                        {"name": "length", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {
+                            "name": "context",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["zero", "dirty"], "default": "zero"},
+                            "description": "zero: the allocation map. dirty: 404 no_dirty_tracking "
+                            "(vblk tracks no dirty blocks; imageio clients read that as no "
+                            "incremental backup).",
+                        },
+                        {"name": "offset", "in": "query", "schema": _OFFSET},
+                        {
+                            "name": "length",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                        },
                     ],
                     "responses": {
                         "200": _json(
@@ -131,11 +164,13 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": sectors_params,
                 "get": {
                     "summary": "Read count sectors of 512 bytes at lba",
+                    "parameters": [count],
                     "responses": {"200": {"description": "raw sectors", "content": _BYTES}, **errors},
                 },
                 "put": {
-                    "summary": "Write whole sectors at lba (body: a multiple of 512 bytes)",
-                    "parameters": [_FLUSH],
+                    "summary": "Write whole sectors at lba (body: a multiple of 512 bytes; count, if "
+                    "given, must agree with it)",
+                    "parameters": [count, _FLUSH],
                     "requestBody": {"required": True, "content": _BYTES},
                     "responses": {"200": _json({"type": "object"}, "written"), "411": _ERROR, **errors},
                 },
@@ -185,7 +220,44 @@ def openapi_document() -> dict[str, Any]:
                 "Error": {
                     "type": "object",
                     "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                    "additionalProperties": False,
+                    "properties": {
+                        "error": {
+                            "type": "string",
+                            "enum": [code.code for code in ErrorCode],
+                            "description": "; ".join(
+                                f"{code.code} ({code.status}): {code.description}" for code in ErrorCode
+                            ),
+                        },
+                        "message": {"type": "string", "description": "a sentence for people"},
+                    },
+                },
+                "Options": {
+                    "type": "object",
+                    "required": ["features", "max_request", "max_readers", "max_writers"],
+                    "properties": {
+                        "features": {
+                            "type": "array",
+                            "items": {
+                                "type": "string",
+                                "enum": ["extents", "sectors", "zero", "discard", "flush"],
+                            },
+                        },
+                        "max_request": {"type": "integer", "description": "bytes per /sectors request"},
+                        "max_readers": {
+                            "type": "integer",
+                            "description": "connections a client may read the disk with at once",
+                        },
+                        "max_writers": {
+                            "type": "integer",
+                            "description": "connections a client may write the disk with at once",
+                        },
+                        "unix_socket": {
+                            "type": "string",
+                            "description": "for a client on this machine, when vblk also serves "
+                            "plain HTTP on a unix socket: its path",
+                        },
+                    },
                 },
                 "Disk": {
                     "type": "object",
@@ -278,12 +350,15 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "Patch": {
+                    "description": "{op: flush} alone, or {op: zero|discard, offset, size, flush}; "
+                    "other keys and duplicate keys are refused (400 bad_field, bad_json)",
                     "type": "object",
                     "required": ["op"],
+                    "additionalProperties": False,
                     "properties": {
                         "op": {"type": "string", "enum": ["zero", "discard", "flush"]},
-                        "offset": {"type": "integer", "minimum": 0},
-                        "size": {"type": "integer", "minimum": 1},
+                        "offset": _OFFSET,
+                        "size": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
                         "flush": {"type": "boolean", "default": False},
                     },
                 },

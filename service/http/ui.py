@@ -38,6 +38,8 @@ from device.spec.virtio import (
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import OPERATIONS
 from driver.virtqueue import DriverVirtqueue
+from service.http.params import takes_query
+from service.http.responses import json_response
 from service.latency import LATENCY_BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
@@ -318,13 +320,14 @@ class RingsView:
         service = self.api.service
         return disk_snapshot(service.disks[name], service.metrics.virtio_latency)
 
+    @takes_query()
     async def rings(self, request: web.Request) -> web.Response:
         name = self.api.disk(request).name  # 404 for an unknown disk, as elsewhere
-        return web.json_response(self._snapshot(name))
+        return json_response(self._snapshot(name))
 
     async def state(self, request: web.Request) -> web.Response:
         disks = [self._snapshot(name) for name in self.api.service.disks]
-        return web.json_response({"time": time.time(), "disks": disks}, headers={"Cache-Control": "no-store"})
+        return json_response({"time": time.time(), "disks": disks}, headers={"Cache-Control": "no-store"})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=page_html(), content_type="text/html", charset="utf-8")

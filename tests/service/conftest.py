@@ -65,15 +65,18 @@ class NbdRig:
 
 
 @contextlib.asynccontextmanager
-async def serving(*disks: DiskSpec, nbd_limits: NbdLimits | None = None) -> AsyncIterator[NbdRig]:
-    """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too."""
+async def serving(
+    *disks: DiskSpec, nbd_limits: NbdLimits | None = None, http_unix: bool = False
+) -> AsyncIterator[NbdRig]:
+    """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too
+    (on a free TCP port, and with ``http_unix`` on ``http.sock`` beside ``nbd.sock``)."""
     directory = tempfile.mkdtemp(prefix="vblk-")  # short: unix socket paths max out at 108
     socket_path = f"{directory}/nbd.sock"
     config = ServiceConfig(
         disks=disks,
         guest_memory=128 * MiB,
         nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
-        http_listen=("127.0.0.1:0",),
+        http_listen=("127.0.0.1:0", f"unix:{directory}/http.sock") if http_unix else ("127.0.0.1:0",),
         nbd_limits=nbd_limits or NbdLimits(),
     )
     service = Service(config)
@@ -81,7 +84,8 @@ async def serving(*disks: DiskSpec, nbd_limits: NbdLimits | None = None) -> Asyn
         await service.start()
         await service.start_front_ends()
         port = int(service.nbd_addresses[1].rsplit(":", 1)[1])
-        yield NbdRig(service, socket_path, port, service.http_addresses[0])
+        http = next(a for a in service.http_addresses if not a.startswith("unix:"))
+        yield NbdRig(service, socket_path, port, http)
     finally:
         await service.stop()
         shutil.rmtree(directory, ignore_errors=True)

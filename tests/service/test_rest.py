@@ -7,13 +7,20 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import resource
 import tempfile
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
+from service.http.api import RestApi, routes
+from service.http.errors import ErrorCode
+from service.http.openapi import openapi_document
+from service.http.params import declared_query
 from tests.service.conftest import MiB, NbdRig, run
 
 DISK0 = 64 * MiB
@@ -29,6 +36,7 @@ async def http(nbd_rig: NbdRig) -> AsyncIterator[aiohttp.ClientSession]:
 async def _error(response: aiohttp.ClientResponse, status: int, code: str | None = None) -> dict[str, str]:
     assert response.status == status, await response.text()
     assert response.content_type == "application/json"
+    assert (await response.read()).endswith(b"\n")
     body = await response.json()
     assert set(body) == {"error", "message"} and body["message"]
     if code is not None:
@@ -134,6 +142,15 @@ async def test_put_errors_write_nothing(http: aiohttp.ClientSession, nbd_rig: Nb
     async with http.put("/v1/disks/disk0", data=chunked()) as r:
         await _error(r, 411, "length_required")
     await unchanged()
+
+    async def longer() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        yield b"y" * 10
+
+    async with http.put("/v1/disks/disk0", data=longer(), headers={"Content-Range": "bytes 0-9/*"}) as r:
+        error = await _error(r, 400, "length_mismatch")  # chunked: only the body's end says how long
+        assert error["message"] == "the body is longer than the 10 bytes of Content-Range"
+    await unchanged()
     # A body that ends early (the client half-closes): nothing of it is written; the answer, if
     # the client still reads one, is 400.
     host, port = nbd_rig.http.rsplit(":", 1)
@@ -178,10 +195,10 @@ async def test_patch_zero_discard_flush_and_extents(http: aiohttp.ClientSession)
         (b"not json", 400, "bad_json"),
         (json.dumps([1]).encode(), 400, "bad_json"),
         (json.dumps({"op": "melt"}).encode(), 400, "bad_op"),
-        (json.dumps({"op": "zero", "offset": -1, "size": 1}).encode(), 400, "bad_request"),
-        (json.dumps({"op": "zero", "offset": 0, "size": True}).encode(), 400, "bad_request"),
+        (json.dumps({"op": "zero", "offset": -1, "size": 1}).encode(), 400, "bad_field"),
+        (json.dumps({"op": "zero", "offset": 0, "size": True}).encode(), 400, "bad_field"),
         (json.dumps({"op": "zero", "offset": DISK0, "size": 1}).encode(), 416, "range_not_satisfiable"),
-        (json.dumps({"op": "zero", "offset": 0, "size": 1, "flush": "yes"}).encode(), 400, "bad_request"),
+        (json.dumps({"op": "zero", "offset": 0, "size": 1, "flush": "yes"}).encode(), 400, "bad_field"),
         (b"{" + b" " * 70000 + b"}", 413, "payload_too_large"),
     ]
     for body, status, code in bad:
@@ -232,7 +249,7 @@ async def test_options_health_openapi_and_unknown_routes(
         assert r.status == 200 and (await r.json())["disks"] == {"disk0": True, "ro": True}
     async with http.delete("/v1/disks/disk0") as r:
         body = await _error(r, 405, "method_not_allowed")
-        assert "PUT" in r.headers["Allow"] and body["message"]
+        assert "PUT" in r.headers["Allow"] and body["message"].startswith("this route takes only ")
     async with http.get("/v2/nothing") as r:
         await _error(r, 404, "not_found")
     # The OpenAPI document describes exactly the routes the application serves.
@@ -317,3 +334,156 @@ async def test_nbdkit_curl_plugin_reads_the_disk_over_rest(nbd_rig: NbdRig) -> N
         finally:
             nbdkit.terminate()
             await nbdkit.wait()
+
+
+async def test_numbers_are_strict_and_never_a_500(http: aiohttp.ClientSession, nbd_rig: NbdRig) -> None:
+    """A negative LBA used to reach the driver (struct.error, 500); "²" passed isdigit()."""
+    disk = nbd_rig.service.disks["disk0"].bytes
+    await disk.write(0, b"\x42" * 4096)
+    for lba in ("-5", "-0", "+5", "%205", "1e3", "0x10", "1_0", "%D9%A3", "%C2%B2", "1.5", "9" * 30):
+        async with http.get(f"/v1/disks/disk0/sectors/{lba}") as r:
+            body = await _error(r, 400, "bad_parameter")
+            assert body["message"].startswith("lba must be "), body
+        async with http.put(f"/v1/disks/disk0/sectors/{lba}", data=b"x" * 512) as r:
+            await _error(r, 400, "bad_parameter")
+    for query in ("count=-1", "count=%C2%B2", "count=0x1", "count=65537", f"count={1 << 64}"):
+        async with http.get(f"/v1/disks/disk0/sectors/0?{query}") as r:
+            await _error(r, 400, "bad_parameter")
+    for query in ("offset=-1", "offset=%D9%A3", "offset=+0", "offset=1e3", "flush=maybe", "flush="):
+        async with http.put(f"/v1/disks/disk0?{query}", data=b"x") as r:
+            await _error(r, 400, "bad_parameter")
+    # A typo or a repeated parameter is refused, not ignored: this would have written at 0.
+    for query in ("ofset=4096", "offset=0&offset=4096", "flush=n&flush=y"):
+        async with http.put(f"/v1/disks/disk0?{query}", data=b"x" * 512) as r:
+            await _error(r, 400, "bad_parameter")
+    async with http.get(f"/v1/disks/disk0/sectors/{1 << 62}") as r:
+        body = await _error(r, 416, "range_not_satisfiable")
+        assert body["message"] == f"sector {1 << 62} is past the end of the disk ({DISK0 // 512} sectors)"
+    assert await disk.read(0, 4096) == b"\x42" * 4096
+
+
+async def test_range_messages_say_what_is_wrong(http: aiohttp.ClientSession) -> None:
+    past = f"range starts at 2000000000, past the end of the disk ({DISK0} bytes)"
+    cases = {
+        "bytes=2000000000-": past,
+        "bytes=2000000000-3000000000": past,
+        "bytes=5-2": "range 5-2 ends before it starts",
+        "bytes=0-1,5-6": "several ranges in one request are not supported: ask for one",
+        "bytes=-0": "the suffix range bytes=-0 asks for no bytes",
+        "bytes=\u0663-": "the byte range is malformed: want bytes=first-last, bytes=first- or bytes=-suffix",
+        "bytes": "the Range header is malformed: want bytes=first-last, bytes=first- or bytes=-suffix",
+    }
+    for header, message in cases.items():
+        async with http.get("/v1/disks/disk0", headers={"Range": header}) as r:
+            body = await _error(r, 416, "range_not_satisfiable")
+            assert body["message"] == message, header
+            assert r.headers["Content-Range"] == f"bytes */{DISK0}"
+    async with http.get("/v1/disks/disk0", headers={"Range": "bytes=0-3,"}) as r:  # an empty element
+        assert r.status == 206 and r.headers["Content-Range"] == f"bytes 0-3/{DISK0}"
+    async with http.put(
+        "/v1/disks/disk0", data=b"x" * 10, headers={"Content-Range": f"bytes {DISK0}-{DISK0 + 9}/*"}
+    ) as r:
+        body = await _error(r, 416, "range_not_satisfiable")
+        assert body["message"] == f"the write starts at {DISK0}, past the end of the disk ({DISK0} bytes)"
+    async with http.patch("/v1/disks/disk0", json={"op": "zero", "offset": DISK0 - 1, "size": 2}) as r:
+        body = await _error(r, 416, "range_not_satisfiable")
+        assert (
+            body["message"]
+            == f"the zero of 2 bytes at {DISK0 - 1} runs past the end of the disk ({DISK0} bytes)"
+        )
+    async with http.get(f"/v1/disks/disk0/extents?offset={DISK0}") as r:
+        body = await _error(r, 416, "range_not_satisfiable")
+        assert body["message"] == f"offset {DISK0} is past the end of the disk ({DISK0} bytes)"
+
+
+async def test_every_json_body_ends_with_a_newline(http: aiohttp.ClientSession) -> None:
+    requests = [
+        ("GET", "/v1/disks", None),
+        ("GET", "/v1/disks/disk0/info", None),
+        ("GET", "/v1/disks/disk0/extents", None),
+        ("OPTIONS", "/v1/disks/disk0", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/healthz", None),
+        ("GET", "/readyz", None),
+        ("GET", "/ui/state.json", None),
+        ("GET", "/v1/disks/disk0/rings", None),
+        ("PUT", "/v1/disks/disk0/sectors/0", b"x" * 512),
+        ("PATCH", "/v1/disks/disk0", json.dumps({"op": "flush"}).encode()),
+        ("GET", "/v1/disks/nope", None),
+        ("DELETE", "/v1/disks/disk0", None),
+        ("GET", "/v1/disks/disk0/extents?context=dirty", None),
+    ]
+    for method, path, data in requests:
+        async with http.request(method, path, data=data) as r:
+            assert r.content_type == "application/json", (method, path)
+            body = await r.read()
+            assert body.endswith(b"\n") and not body.endswith(b"\n\n"), (method, path, body[-40:])
+            json.loads(body)
+
+
+async def test_options_and_extents_as_imageio_expects(http: aiohttp.ClientSession) -> None:
+    async with http.options("/v1/disks/disk0") as r:
+        options = await r.json()
+    assert {"extents", "zero", "flush"} <= set(options["features"])
+    assert options["max_readers"] == options["max_writers"] == 8
+    assert "unix_socket" not in options  # no unix socket is served here
+    async with http.get("/v1/disks/disk0/extents?context=zero") as r:
+        assert r.status == 200 and sum(e["length"] for e in await r.json()) == DISK0
+    async with http.get("/v1/disks/disk0/extents?context=dirty") as r:
+        body = await _error(r, 404, "no_dirty_tracking")
+        assert "context=dirty" in body["message"]
+    async with http.get("/v1/disks/disk0/extents?context=bitmap") as r:
+        await _error(r, 400, "bad_parameter")
+
+
+async def test_expect_100_continue_and_other_expectations(http: aiohttp.ClientSession) -> None:
+    async with http.put("/v1/disks/disk0/sectors/4", data=b"\x07" * 1024, expect100=True) as r:
+        assert r.status == 200, await r.text()
+    async with http.get("/v1/disks/disk0/sectors/4?count=2") as r:
+        assert await r.read() == b"\x07" * 1024
+    for path in ("/v1/disks/disk0/sectors/4", "/no/such/route"):
+        async with http.get(path, headers={"Expect": "tea"}) as r:
+            body = await _error(r, 417, "expectation_failed")
+            assert body["message"] == "only Expect: 100-continue is understood"
+
+
+async def test_log_lines_name_the_error_and_the_peer(http: aiohttp.ClientSession) -> None:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        async with http.get("/v1/disks/disk0/sectors/-5") as r:
+            assert r.status == 400
+        async with http.get("/v1/disks/nope") as r:
+            assert r.status == 404
+        async with http.delete("/v1/disks/disk0") as r:
+            assert r.status == 405
+        async with http.get("/v1/disks/disk0/sectors/0") as r:
+            assert r.status == 200
+    lines = [e for e in logs if e["event"] == "http_request"]
+    assert [(e["status"], e.get("error")) for e in lines] == [
+        (400, "bad_parameter"),
+        (404, "no_such_disk"),
+        (405, "method_not_allowed"),
+        (200, None),
+    ]
+    assert all(re.fullmatch(r"127\.0\.0\.1:[0-9]+", e["peer"]) for e in lines), lines
+    assert {"method", "route", "status", "bytes_out", "seconds"} <= set(lines[0])
+
+
+def test_openapi_lists_the_query_parameters_and_error_codes_the_handlers_take() -> None:
+    """Each handler's declared query parameters (the middleware refuses others) are the ones
+    the OpenAPI document describes; the Error schema names every code."""
+    document = openapi_document()
+
+    class _Unbound:
+        pass
+
+    for method, path, handler in routes(RestApi(_Unbound())):  # type: ignore[arg-type]
+        item = document["paths"][path]
+        parameters = [*item.get("parameters", []), *item[method.lower()].get("parameters", [])]
+        described = {p["name"] for p in parameters if p["in"] == "query"}
+        declared = declared_query(handler)
+        if path.startswith("/v1/"):
+            assert declared == frozenset(described), (method, path)
+        else:
+            assert declared is None and not described, (method, path)
+    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+    assert codes == [code.code for code in ErrorCode] and len(set(codes)) == len(codes)

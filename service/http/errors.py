@@ -1,0 +1,108 @@
+"""The REST API's error codes and the typed error that carries one to the client.
+
+Service layer, REST front end. Every error answer is JSON ``{"error": code, "message":
+sentence}``; the code is stable (clients branch on it), the sentence is for people. The
+OpenAPI document lists the codes from :class:`ErrorCode`, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+
+class ErrorCode(enum.Enum):
+    """A stable error code, the HTTP status it is answered with, and what it means."""
+
+    BAD_PARAMETER = (
+        "bad_parameter",
+        400,
+        "a path or query value is malformed or out of range, "
+        "a query parameter is unknown to the route, or one is given twice",
+    )
+    BAD_JSON = (
+        "bad_json",
+        400,
+        "the body is not one JSON object (not UTF-8, a syntax error, "
+        "a duplicate key, NaN or Infinity, nested too deeply)",
+    )
+    BAD_FIELD = (
+        "bad_field",
+        400,
+        "a field of the JSON body is missing, unknown, of the wrong type or out of range",
+    )
+    BAD_OP = ("bad_op", 400, "PATCH op is missing or not one of zero, discard, flush")
+    BAD_CONTENT_RANGE = (
+        "bad_content_range",
+        400,
+        "the Content-Range of a PUT is malformed or names another size than the disk's",
+    )
+    LENGTH_MISMATCH = ("length_mismatch", 400, "Content-Length disagrees with Content-Range or count")
+    BAD_LENGTH = ("bad_length", 400, "a sectors PUT body is not 1..65536 whole 512-byte sectors")
+    SHORT_BODY = ("short_body", 400, "the body ended before Content-Length bytes arrived")
+    BAD_REQUEST = ("bad_request", 400, "the request is malformed")
+    UNAUTHORIZED = ("unauthorized", 401, "no valid bearer token (tokens are configured)")
+    READ_ONLY = ("read_only", 403, "the disk is read-only")
+    READ_ONLY_TOKEN = ("read_only_token", 403, "the bearer token may only read")
+    NO_SUCH_DISK = ("no_such_disk", 404, "no disk has this name")
+    NOT_FOUND = ("not_found", 404, "no such route")
+    NO_DIRTY_TRACKING = ("no_dirty_tracking", 404, "extents context=dirty: the disk tracks no dirty blocks")
+    METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the route does not take this method (see Allow)")
+    LENGTH_REQUIRED = ("length_required", 411, "a PUT needs Content-Length (or Content-Range)")
+    PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the JSON body is over 64 KiB")
+    URI_TOO_LONG = ("uri_too_long", 414, "the request target is too long")
+    UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, "the body's Content-Type is refused")
+    EXPECTATION_FAILED = ("expectation_failed", 417, "an Expect header other than 100-continue")
+    RANGE_NOT_SATISFIABLE = (
+        "range_not_satisfiable",
+        416,
+        "the range, offset or sectors are "
+        "outside the disk, or the Range header cannot be served; "
+        "Content-Range: bytes */SIZE gives the size",
+    )
+    HEADERS_TOO_LARGE = ("headers_too_large", 431, "the request headers are too large")
+    HTTP_ERROR = ("http_error", 400, "another 4xx refusal of the HTTP layer (the status says which)")
+    IO_ERROR = ("io_error", 500, "the disk's backend failed the request")
+    INTERNAL = ("internal", 500, "a bug in vblk; the service log has the details")
+    UNSUPPORTED = ("unsupported", 501, "the device does not support the operation")
+    UNAVAILABLE = ("unavailable", 503, "the device is being reset; try again")
+    NO_SPACE = ("no_space", 507, "the backend is out of space")
+
+    @property
+    def code(self) -> str:
+        return self.value[0]
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+    @property
+    def description(self) -> str:
+        return self.value[2]
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": code, "message": message}``.
+
+    ``status`` overrides the code's own only for :attr:`ErrorCode.HTTP_ERROR`, which stands
+    for any 4xx the HTTP layer answers itself.
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = code.status if status is None else status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def unsatisfiable(size: int, message: str) -> ApiError:
+    """416 with the ``Content-Range: bytes */size`` RFC 9110 section 15.5.17 asks for."""
+    return ApiError(ErrorCode.RANGE_NOT_SATISFIABLE, message, {"Content-Range": f"bytes */{size}"})
