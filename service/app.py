@@ -28,6 +28,7 @@ from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
 from service import systemd
+from service.addresses import join_host_port
 from service.blockio import ByteDisk
 from service.http.api import build_app
 from service.metrics import Metrics, allocator, compiled
@@ -275,7 +276,7 @@ class Service:
                 else:
                     host, port = _split_address(address)
                     for bound_host, bound_port in await self.nbd.listen_tcp(host, port):
-                        self.nbd_addresses.append(_join_address(bound_host, bound_port))
+                        self.nbd_addresses.append(join_host_port(bound_host, bound_port))
             log.info("nbd_listening", addresses=self.nbd_addresses, exports=list(exports))
         if http_listen or "http" in inherited:
             self.http = web.AppRunner(
@@ -299,7 +300,7 @@ class Service:
                 await site.start()
             for name in self.http.addresses:
                 if isinstance(name, tuple):
-                    self.http_addresses.append(_join_address(name[0], name[1]))
+                    self.http_addresses.append(join_host_port(name[0], name[1]))
             log.info("http_listening", addresses=self.http_addresses)
         security = self.config.security
         for front_end, addresses, protected in (
@@ -354,10 +355,6 @@ class Service:
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def _join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int:

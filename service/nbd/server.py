@@ -30,6 +30,7 @@ from device.platform import work_queue
 from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
+from service.addresses import format_peer
 from service.blockio import ByteDisk, aligned
 from service.latency import FrontendObserver
 from service.nbd import protocol as p
@@ -528,9 +529,12 @@ class Channel(asyncio.BufferedProtocol):
             await waiter
 
     def peer(self) -> str:
+        """``127.0.0.1:49972``, ``[::1]:49972``; an unnamed unix client by its server's socket."""
         if self.transport is None:
-            return "?"
-        return str(self.transport.get_extra_info("peername") or self.transport.get_extra_info("sockname"))
+            return "unknown"
+        return format_peer(
+            self.transport.get_extra_info("peername") or self.transport.get_extra_info("sockname")
+        )
 
     def close(self) -> None:
         self._flush()

@@ -210,3 +210,19 @@ async def test_an_unknown_export_is_logged_with_the_name_asked_for(
     assert refused[0]["reply"] == "NBD_REP_ERR_UNKNOWN" and "'no-such-disk'" in refused[0]["message"]
     assert refused[0]["option"] in ("NBD_OPT_GO", "NBD_OPT_INFO")
     assert refused[0]["level"] == "warning"
+
+
+async def test_nbd_log_lines_write_the_peer_as_host_port(
+    nbd_rig: NbdRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    await run("nbdinfo", nbd_rig.tcp_uri())
+    await run("nbdinfo", nbd_rig.uri())
+    peers = [
+        r.msg["peer"]
+        for r in caplog.records
+        if isinstance(r.msg, dict) and r.msg["event"] == "nbd_connection"
+    ]
+    assert len(peers) == 2, peers
+    host, _, port = peers[0].rpartition(":")
+    assert host == "127.0.0.1" and port.isdigit() and int(port) > 0
+    assert peers[1] == f"unix:{nbd_rig.socket}"  # an unnamed unix client: which socket it came in by
