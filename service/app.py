@@ -7,18 +7,21 @@ Service layer, top of the stack; front ends (NBD, REST, metrics) attach to ``Ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+import stat
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from device.backends import Backend, BackendError
+from device.backends import Backend, BackendError, locks
 from device.backends.memory import MemoryBackend
 from device.backends.raw import RawFileBackend
 from device.backends.rbd import DEFAULT_CACHE, RbdBackend, RbdTarget, batch_thread
@@ -27,6 +30,7 @@ from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
 from driver.guest import Guest
+from driver.transport import TransportError
 from service import systemd
 from service.addresses import join_host_port
 from service.blockio import ByteDisk
@@ -35,6 +39,7 @@ from service.metrics import Metrics, allocator, compiled
 from service.nbd.protocol import TlsMode
 from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
 from service.security import SecurityConfigError, Tokens, server_context
+from service.units import format_size
 from service.vhost_user_disk import (
     RemoteControlPlane,
     RemoteDevice,
@@ -46,6 +51,27 @@ log = structlog.get_logger("vblk.service")
 
 MiB = 1 << 20
 GiB = 1 << 30
+DEFAULT_IMAGE_SIZE = 1 * GiB
+
+
+class StartupError(Exception):
+    """vblk cannot start as configured: an event name and one sentence saying what and why."""
+
+    def __init__(self, event: str, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.event = event
+        self.message = message
+        self.errno = errno  # of the OSError behind it, if one was
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as the end of a sentence: its text without errno numbers or tracebacks."""
+    if isinstance(exc, OSError):
+        text = exc.strerror or str(exc)
+        if exc.filename is not None and not isinstance(exc, BackendError):
+            return f"{exc.filename}: {text}"
+        return text
+    return str(exc) or type(exc).__name__
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,7 +92,9 @@ class DiskSpec:
     name: str = "disk0"
     backend: str = "file"  # "file", "memory", or "vhost-user:SOCKET" (that back end's device)
     path: Path = Path("disk.img")
-    size: int = 1 * GiB
+    size: int = DEFAULT_IMAGE_SIZE  # a new image's (and a memory disk's); an existing image keeps its own...
+    size_explicit: bool = False  # ...unless the user named a size: then it must match,
+    grow: bool = False  # or, with grow, a smaller image grows to it (never shrinks)
     read_only: bool = False
     force_share: bool = False  # backend "file", read-only: share the image with its writers (QEMU's)
     num_queues: int = 1
@@ -124,17 +152,11 @@ class Disk:
 
 
 def open_backend(spec: DiskSpec) -> Backend:
+    """Open (or create) a disk's storage; :class:`BackendError` with one sentence if it cannot."""
     if spec.backend == "memory":
         return MemoryBackend(spec.size, read_only=spec.read_only)
     if spec.backend == "file":
-        spec.path.parent.mkdir(parents=True, exist_ok=True)
-        exists = spec.path.exists()
-        return RawFileBackend.open(
-            spec.path,
-            size=None if exists else spec.size,
-            read_only=spec.read_only,
-            force_share=spec.force_share,
-        )
+        return _open_image(spec)
     if spec.backend == "rbd":
         ceph = spec.ceph
         target = RbdTarget(
@@ -151,6 +173,58 @@ def open_backend(spec: DiskSpec) -> Backend:
         )
         return RbdBackend.open(target)
     raise ValueError(f"unknown backend {spec.backend!r}")
+
+
+def _open_image(spec: DiskSpec) -> RawFileBackend:
+    path = spec.path
+    try:
+        exists = path.exists()
+        if not exists and spec.read_only:
+            raise BackendError(errno.ENOENT, f"{path} does not exist (a read-only disk is never created)")
+        if not exists:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        backend = RawFileBackend.open(
+            path, size=None if exists else spec.size, read_only=spec.read_only, force_share=spec.force_share
+        )
+    except BackendError:
+        raise
+    except OSError as failed:
+        where = failed.filename if failed.filename is not None else path
+        raise BackendError(failed.errno or errno.EIO, f"{where}: {failed.strerror or failed}") from failed
+    except ValueError as bad:  # an image whose size is not a positive multiple of 512
+        raise BackendError(errno.EINVAL, str(bad)) from bad
+    if not exists or not spec.size_explicit or backend.size == spec.size:
+        return backend
+    try:
+        _fit(spec, backend)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _fit(spec: DiskSpec, backend: RawFileBackend) -> None:
+    """An existing image whose size differs from the one asked for: grow it if asked, else refuse."""
+    have, want = backend.size, spec.size
+    sizes = f"{spec.path} is {format_size(have)} ({have} bytes), not the {format_size(want)} asked for"
+    if want < have:
+        raise BackendError(
+            errno.EINVAL,
+            f"{sizes}; vblk never shrinks an image (that would cut off data): serve it as it is by "
+            f"leaving out the size, or shrink it yourself (qemu-img resize --shrink -f raw)",
+        )
+    if not spec.grow:
+        raise BackendError(
+            errno.EINVAL,
+            f"{sizes}; an existing image is not resized unasked: leave out the size to serve it as "
+            f"it is, or add grow (--grow, or grow in the disk spec) to grow it to {format_size(want)}",
+        )
+    if spec.read_only:
+        raise BackendError(errno.EROFS, f"{sizes}; a read-only disk cannot grow its image")
+    if locks.held_elsewhere(backend.fd, locks.SHARED_BASE + 3):  # someone lets no one resize it
+        raise BackendError(errno.EBUSY, f"{sizes}; another process that has it open refuses resizing")
+    backend.resize(want)
+    log.info("image_grown", disk=spec.name, path=str(spec.path), old_size=have, size=want)
 
 
 class Service:
@@ -171,6 +245,7 @@ class Service:
         self.nbd_addresses: list[str] = []
         self.http: web.AppRunner | None = None
         self.http_addresses: list[str] = []
+        self._unix_sockets: list[tuple[str, int]] = []  # (path, inode) of the ones bound here
         self.stopping = False
         self.metrics = Metrics(lambda: self.disks, self._nbd_counts)
         security = config.security
@@ -191,14 +266,19 @@ class Service:
         for spec in self.config.disks:
             if vhost_user_socket(spec.backend) is not None:
                 continue  # started below, after the local devices
-            if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
-                backend = await asyncio.to_thread(open_backend, spec)
-                if self._restore_sched is None:
-                    self._restore_sched = batch_thread()
-                    if self._restore_sched is not None:
-                        log.info("event_loop_sched_batch", reason="rbd disk")
-            else:
-                backend = open_backend(spec)
+            try:
+                if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
+                    backend = await asyncio.to_thread(open_backend, spec)
+                else:
+                    backend = open_backend(spec)
+            except (OSError, ValueError) as exc:  # BackendError included: a sentence already
+                message = f"disk {spec.name}: {describe_error(exc)}"
+                code = exc.errno if isinstance(exc, OSError) else None
+                raise StartupError("disk_open_failed", message, code) from exc
+            if spec.backend == "rbd" and self._restore_sched is None:
+                self._restore_sched = batch_thread()
+                if self._restore_sched is not None:
+                    log.info("event_loop_sched_batch", reason="rbd disk")
             if self._wrap_backend is not None:
                 backend = self._wrap_backend(spec, backend)
             blk_config = BlkConfig(
@@ -230,13 +310,17 @@ class Service:
             socket_path = vhost_user_socket(spec.backend)
             if socket_path is None:
                 continue
-            driver = await start_vhost_user_driver(
-                socket_path,
-                self.memory,
-                self.guest.dma,
-                num_queues=spec.num_queues,
-                queue_size=spec.queue_size,
-            )
+            try:
+                driver = await start_vhost_user_driver(
+                    socket_path,
+                    self.memory,
+                    self.guest.dma,
+                    num_queues=spec.num_queues,
+                    queue_size=spec.queue_size,
+                )
+            except (OSError, TransportError) as exc:  # the back end is not there, or says no
+                message = f"disk {spec.name}: vhost-user back end at {socket_path}: {describe_error(exc)}"
+                raise StartupError("disk_open_failed", message) from exc
             self.guest.disks.append(driver)  # closed with the guest's own
             driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
@@ -270,13 +354,15 @@ class Service:
                 await self.nbd.listen_socket(sock)
                 self.nbd_addresses.append(systemd.describe(sock))
             for address in nbd_listen:
-                if address.startswith("unix:"):
-                    await self.nbd.listen_unix(address[5:])
-                    self.nbd_addresses.append(address)
-                else:
-                    host, port = _split_address(address)
-                    for bound_host, bound_port in await self.nbd.listen_tcp(host, port):
-                        self.nbd_addresses.append(join_host_port(bound_host, bound_port))
+                async with _listening("NBD", address):
+                    if address.startswith("unix:"):
+                        await self.nbd.listen_unix(address[5:])
+                        self._bound_unix(address[5:])
+                        self.nbd_addresses.append(address)
+                    else:
+                        host, port = _split_address(address)
+                        for bound_host, bound_port in await self.nbd.listen_tcp(host, port):
+                            self.nbd_addresses.append(join_host_port(bound_host, bound_port))
             log.info("nbd_listening", addresses=self.nbd_addresses, exports=list(exports))
         if http_listen or "http" in inherited:
             self.http = web.AppRunner(
@@ -292,12 +378,14 @@ class Service:
                 site: web.BaseSite
                 if address.startswith("unix:"):
                     site = web.UnixSite(self.http, address[5:], ssl_context=https)
+                else:
+                    host, port = _split_address(address)
+                    site = web.TCPSite(self.http, host, port, reuse_address=True, ssl_context=https)
+                async with _listening("HTTP", address):
                     await site.start()
+                if address.startswith("unix:"):
+                    self._bound_unix(address[5:])
                     self.http_addresses.append(address)
-                    continue
-                host, port = _split_address(address)
-                site = web.TCPSite(self.http, host, port, reuse_address=True, ssl_context=https)
-                await site.start()
             for name in self.http.addresses:
                 if isinstance(name, tuple):
                     self.http_addresses.append(join_host_port(name[0], name[1]))
@@ -318,6 +406,18 @@ class Service:
                     hint="anyone who can reach it can read and write the disks: use TLS or tokens",
                 )
 
+    def _bound_unix(self, path: str) -> None:
+        """A unix socket this process made: removed at stop, if it is still the one it made."""
+        self._unix_sockets.append((path, os.stat(path).st_ino))
+
+    def _remove_unix_sockets(self) -> None:
+        for path, inode in self._unix_sockets:
+            with contextlib.suppress(OSError):
+                status = os.stat(path)
+                if stat.S_ISSOCK(status.st_mode) and status.st_ino == inode:
+                    os.unlink(path)
+        self._unix_sockets.clear()
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush every disk, release all."""
         self.stopping = True
@@ -326,6 +426,7 @@ class Service:
             await self.nbd.close(timeout)
         if self.http is not None:
             await self.http.cleanup()
+        self._remove_unix_sockets()
         for disk in self.disks.values():
             if not disk.driver.read_only and disk.driver.ready:
                 try:
@@ -350,6 +451,25 @@ class Service:
             self._restore_sched()
             self._restore_sched = None
         log.info("stopped")
+
+
+@contextlib.asynccontextmanager
+async def _listening(front_end: str, address: str) -> AsyncIterator[None]:
+    """A listener that cannot be opened is a :class:`StartupError` naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+            reason = f"{exc.strerror}"
+        elif isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+            reason = os.strerror(exc.errno)  # uvloop's own text repeats the address as a tuple
+        else:
+            reason = describe_error(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            reason += (
+                " (a stale socket file? remove it)" if address.startswith("unix:") else " (another server?)"
+            )
+        raise StartupError("listen_failed", f"{front_end} cannot listen on {address}: {reason}") from exc
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -381,15 +501,19 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> int
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
-    service = Service(config)
+    try:
+        service = Service(config)
+    except (OSError, ValueError, SecurityConfigError) as exc:  # guest RAM, certificates, tokens
+        log.error("startup_failed", error=describe_error(exc))
+        return 1
     try:
         async with asyncio.TaskGroup() as group:
             try:
                 await service.start()
-            except BackendError as exc:  # a disk that cannot be opened, or is in use by another process
-                log.error("disk_open_failed", errno=exc.errno, error=exc.strerror or str(exc))
+                await service.start_front_ends(inherited)
+            except StartupError as exc:  # one line: what could not start, and why
+                log.error(exc.event, error=exc.message, errno=exc.errno)
                 return 1
-            await service.start_front_ends(inherited)
             log.info(
                 "running",
                 pid=os.getpid(),

@@ -14,13 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import uvloop
 
-from device.backends import BackendError
 from device.backends.raw import RawFileBackend
 from service import logs
-from service.app import DiskSpec, ServiceConfig, serve
+from service.app import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig, serve
 from service.config import (
     SETTINGS,
     ConfigError,
@@ -30,8 +30,8 @@ from service.config import (
     from_sources,
     parse_bool,
     parse_disk,
-    parse_size,
 )
+from service.units import parse_size
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\
@@ -54,8 +54,15 @@ def _argument_type(convert: Callable[[str], object]) -> Callable[[str], object]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vblk",
         description="vblk: a virtio-blk device model and driver, exported over NBD, REST and Prometheus.",
     )
@@ -69,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file [$VBLK_CONFIG]")
     for setting in SETTINGS:
         flag = "--" + setting.name
-        default_text = "" if setting.default in (None, [], False) else f" [{setting.default}]"
+        shown = setting.shown_default
+        default_text = f" [{shown}]" if shown else ""
         help_text = f"{setting.help}{default_text} (${setting.env})"
         if setting.convert is parse_bool:
             run.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_vhost_user_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     vhost = sub.add_parser(
         "vhost-user",
         help="serve the virtio-blk device to QEMU as a vhost-user back end",
@@ -105,8 +113,12 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     vhost.add_argument("--socket", type=Path, required=True, metavar="PATH", help="unix socket to listen on")
     vhost.add_argument("--image", type=Path, default=Path("disk.img"), metavar="PATH", help="raw image file")
     vhost.add_argument(
-        "--size", type=_argument_type(parse_size), default=1 << 30, help="size of a new image [1G]"
+        "--size",
+        type=_argument_type(parse_size),
+        default=None,
+        help="size of a new image [1G]; an existing image must have it, if given",
     )
+    vhost.add_argument("--grow", action="store_true", help="grow an existing image smaller than --size")
     vhost.add_argument("--backend", choices=("file", "memory"), default="file", help="storage backend")
     vhost.add_argument("--read-only", action="store_true", help="export read-only (VIRTIO_BLK_F_RO)")
     vhost.add_argument(
@@ -137,7 +149,8 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 def _vhost_user(args: argparse.Namespace) -> int:
     try:
-        check_size("vhost-user", args.size)
+        if args.size is not None:
+            check_size("vhost-user", args.size)
         check_queues("vhost-user", args.queues, args.queue_size)
         if args.force_share:
             check_force_share("vhost-user", args.backend, args.read_only)
@@ -148,7 +161,9 @@ def _vhost_user(args: argparse.Namespace) -> int:
         name="vhost-user",
         backend=args.backend,
         path=args.image,
-        size=args.size,
+        size=args.size if args.size is not None else DEFAULT_IMAGE_SIZE,
+        size_explicit=args.size is not None,
+        grow=args.grow,
         read_only=args.read_only,
         force_share=args.force_share,
         num_queues=args.queues,
@@ -158,11 +173,7 @@ def _vhost_user(args: argparse.Namespace) -> int:
     config = VhostUserConfig(socket=args.socket, disk=disk, serial=args.serial, once=args.once)
     logs.configure(args.log_level, args.log_format, log_file=args.log_file)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        try:
-            return runner.run(serve_vhost_user(config))
-        except BackendError as exc:  # the image cannot be opened, or is in use by another process
-            print(f"vblk: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+        return runner.run(serve_vhost_user(config))
 
 
 def _create_image(path: Path, size: int) -> int:
@@ -246,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, values = from_sources(flags, config_file=args.config)
     except ConfigError as exc:
-        parser.error(str(exc))
+        print(f"vblk serve: error: {exc}", file=sys.stderr)
+        return 2
     if argv is None:  # the process's own command line, which an exec can repeat
         _preload_tcmalloc(config, values["malloc"])
     logs.configure(values["log-level"], values["log-format"], log_file=values["log-file"])

@@ -20,8 +20,8 @@ from device.backends.rbd import CACHE_MODES
 from service.app import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
 from service.security import SecurityConfigError, Tokens
+from service.units import format_size, parse_size
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DISK_KEYS = (
     "name",
     "image",
@@ -29,6 +29,7 @@ DISK_KEYS = (
     "backend",
     "read-only",
     "force-share",
+    "grow",
     "queues",
     "queue-size",
     "io-mode",
@@ -43,16 +44,6 @@ LOG_FORMATS = ("auto", "json", "console")
 
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the setting and where it came from."""
-
-
-def parse_size(text: str | int) -> int:
-    """``512``, ``64M``, ``1G``, ``2T`` (binary units, optional ``iB``/``B``)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -104,6 +95,20 @@ class Setting:
     metavar: str | None = None
 
     @property
+    def shown_default(self) -> str:
+        """The default as a user writes it (``1G``, ``127.0.0.1:10809``, ``10``), or empty."""
+        default = self.default
+        if default is None or default is False or default == []:
+            return ""
+        if self.convert is parse_size:
+            return format_size(default)
+        if isinstance(default, list):
+            return ",".join(str(item) for item in default)
+        if isinstance(default, float) and default.is_integer():
+            return str(int(default))
+        return str(default)
+
+    @property
     def env(self) -> str:
         return "VBLK_" + self.name.upper().replace("-", "_")
 
@@ -123,7 +128,14 @@ SETTINGS: tuple[Setting, ...] = (
         "KIND",
     ),
     Setting("image", "disk.img", str, "raw image file (created sparse if missing)", "PATH"),
-    Setting("size", 1 << 30, parse_size, "size of a new image (512, 64M, 1G, ...)", "SIZE"),
+    Setting(
+        "size",
+        1 << 30,
+        parse_size,
+        "size of a new image (512, 64M, 1G, ...); an existing image must have it, if given",
+        "SIZE",
+    ),
+    Setting("grow", False, parse_bool, "grow an existing image that is smaller than --size"),
     Setting("read-only", False, parse_bool, "export read-only (VIRTIO_BLK_F_RO)"),
     Setting("queues", 1, _int, "virtqueues per disk (VIRTIO_BLK_F_MQ)", "N"),
     Setting("queue-size", 256, _int, "descriptors per virtqueue", "N"),
@@ -200,11 +212,19 @@ def load_toml(path: Path) -> dict[str, Any]:
     return settings
 
 
+GIVEN = "given"  # the key of resolve()'s set of the settings a source named (not defaulted)
+
+
 def resolve(
     flags: Mapping[str, Any], environ: Mapping[str, str], file_settings: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Each setting's value: flag, then ``VBLK_*``, then the file, then the default."""
+    """Each setting's value: flag, then ``VBLK_*``, then the file, then the default.
+
+    ``values[GIVEN]`` is the set of settings some source named (the rest are defaults).
+    """
     values: dict[str, Any] = {}
+    given: set[str] = set()
+    values[GIVEN] = given
     for setting in SETTINGS:
         for source, raw in (
             ("--" + setting.name, flags.get(setting.dest)),
@@ -220,6 +240,7 @@ def resolve(
                     values[setting.name] = setting.convert(raw)
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"{source}: {exc}") from exc
+            given.add(setting.name)
             break
         else:
             values[setting.name] = setting.default
@@ -254,7 +275,7 @@ def parse_disk(text: str) -> dict[str, str]:
         key, sep, value = item.strip().partition("=")
         if key not in DISK_KEYS:
             raise ValueError(f"unknown disk option {key!r} (known: {', '.join(DISK_KEYS)})")
-        if not sep and key not in ("read-only", "force-share", "create"):
+        if not sep and key not in ("read-only", "force-share", "grow", "create"):
             raise ValueError(f"disk option {key!r} needs a value")
         options[key] = value if sep else "true"
     if "name" not in options:
@@ -300,9 +321,12 @@ _DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
+    given = values.get(GIVEN, set())
     defaults: dict[str, Any] = {
         "backend": values["backend"],
         "size": values["size"],
+        "size_explicit": "size" in given,
+        "grow": values["grow"],
         "read_only": values["read-only"],
         "num_queues": values["queues"],
         "queue_size": values["queue-size"],
@@ -324,6 +348,9 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
         try:
             if "size" in options:
                 spec["size"] = parse_size(options["size"])
+                spec["size_explicit"] = True
+            if "grow" in options:
+                spec["grow"] = parse_bool(options["grow"])
             if "backend" in options:
                 spec["backend"] = parse_backend(options["backend"])
             if "read-only" in options:

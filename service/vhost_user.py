@@ -17,7 +17,7 @@ import structlog
 
 from device.blk import BlkConfig, IoMode
 from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
-from service.app import DiskSpec, open_backend
+from service.app import DiskSpec, describe_error, open_backend
 
 log = structlog.get_logger("vblk.service.vhost_user")
 
@@ -52,13 +52,26 @@ async def serve_vhost_user(
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     spec = config.disk if io_mode is None else dataclasses.replace(config.disk, io_mode=io_mode)
-    backend = open_backend(spec)
+    try:
+        backend = open_backend(spec)
+    except (OSError, ValueError) as exc:  # BackendError included: its message is a sentence
+        code = exc.errno if isinstance(exc, OSError) else None
+        log.error("disk_open_failed", error=describe_error(exc), errno=code)
+        _unwatch(loop, signals)
+        return 1
     blk = VhostUserBlk(backend, blk_config(dataclasses.replace(config, disk=spec)))
     server = VhostUserServer(config.socket, blk)
     if config.once:
         server.on_session_end = stop.set
     try:
-        await server.start()
+        try:
+            await server.start()
+        except OSError as failed:
+            log.error(
+                "listen_failed",
+                error=f"vhost-user cannot listen on {config.socket}: {failed.strerror or failed}",
+            )
+            return 1
         log.info(
             "running",
             pid=os.getpid(),
@@ -75,6 +88,10 @@ async def serve_vhost_user(
         await blk.disconnect()
         blk.close()
         backend.close()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+        _unwatch(loop, signals)
     return 0
+
+
+def _unwatch(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...]) -> None:
+    for sig in signals:
+        loop.remove_signal_handler(sig)

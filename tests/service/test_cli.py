@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.config import parse_disk, parse_size
+from service.config import parse_disk
+from service.units import parse_size
 from tests.qemu import qemu_nbd, qemu_nbd_refusal
 from tests.service.conftest import MiB, run
 
@@ -32,10 +33,9 @@ def test_parse_size_and_disk_spec() -> None:
 
 
 def test_bad_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--backend", "memory", "--size", "1000"])
-    assert info.value.code == 2
-    assert "multiple of 512" in capsys.readouterr().err
+    assert main(["serve", "--backend", "memory", "--size", "1000"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("vblk serve: error: ") and "multiple of 512" in line
 
 
 async def test_serve_two_disks_then_sigterm_flushes_and_exits_zero() -> None:
@@ -92,16 +92,17 @@ async def test_serve_refuses_an_image_qemu_nbd_writes_in_one_line(tmp_path: Path
         )  # fmt: skip
         vhost_user = await run(
             sys.executable, "-m", "service.cli", "vhost-user", "--socket", str(tmp_path / "vu.sock"),
-            "--image", str(image), check=False,
+            "--image", str(image), "--log-format", "json", check=False,
         )  # fmt: skip
     assert serve.returncode == 1 and serve.stderr == "", serve.stderr
     records = [json.loads(line) for line in serve.stdout.splitlines()]  # JSON lines, no traceback
     [error] = [r for r in records if r["level"] == "error"]
     assert error["event"] == "disk_open_failed" and error["errno"] == 16, error
-    assert error["error"].startswith(f"{image} is in use by another process (open for writing"), error
-    assert vhost_user.returncode == 1, vhost_user.stderr
-    [line] = vhost_user.stderr.splitlines()
-    assert line.startswith(f"vblk: {image} is in use by another process"), line
+    assert error["error"].startswith(f"disk a: {image} is in use by another process (open for writing"), error
+    assert vhost_user.returncode == 1 and vhost_user.stderr == "", vhost_user.stderr
+    [error] = [r for r in map(json.loads, vhost_user.stdout.splitlines()) if r["level"] == "error"]
+    assert error["event"] == "disk_open_failed" and error["errno"] == 16, error
+    assert error["error"].startswith(f"{image} is in use by another process"), error
     # force-share: only read-only, as in QEMU.
     refused = await run(
         sys.executable, "-m", "service.cli", "vhost-user", "--socket", str(tmp_path / "vu.sock"),
