@@ -36,7 +36,7 @@ from device.backends.rbd import (
     batch_thread,
 )
 from driver.blk import BlkIOError
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import DiskSpec, Service, ServiceConfig, StartupError
 from service.config import ConfigError, from_sources
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
@@ -455,8 +455,9 @@ async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None
     try:
         second = Service(ServiceConfig(disks=(spec,), guest_memory=32 * MiB, nbd_listen=()))
         started = time.monotonic()
-        with pytest.raises(ImageLockedError, match="in use by"):
+        with pytest.raises(StartupError, match=r"disk d: .* in use by") as refused:
             await second.start()
+        assert isinstance(refused.value.__cause__, ImageLockedError)
         assert time.monotonic() - started < 5
         await second.stop()
         # Read-only opens take no lock and may share the image.
