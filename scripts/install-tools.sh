@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Installs the real client tools vblk's tests talk to (Debian packages).
+# Installs Debian packages vblk is used and tested with: `client` the clients the README's
+# walk-through uses (nbdinfo, nbdcopy, nbdsh, qemu-img, curl, xxd), `all` (the default) every
+# client and server the test suite talks to.
 # As root it installs what is missing; otherwise it says what a root user must install.
 set -euo pipefail
+group="${1:-all}"
 # setup.py compiles the request path with mypyc: a C compiler and Python's headers.
 packages=(gcc libc6-dev python3-dev)
+# The walk-through's clients.
+packages+=(libnbd-bin qemu-utils curl xxd)
+if [ "$group" != client ]; then
 packages+=(libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils fio prometheus chromium curl systemd python3-yaml)
 # tests/e2e: Debian's kernel under QEMU (TCG) with a busybox initramfs, formatting vblk disks.
 packages+=(qemu-system-x86 qemu-system-common linux-image-amd64 busybox-static nbd-client e2fsprogs socat)
@@ -13,6 +19,7 @@ packages+=(openssl)
 packages+=(ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 # vblk serve preloads tcmalloc when it serves an RBD disk (--malloc auto).
 packages+=(libtcmalloc-minimal4)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
