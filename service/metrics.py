@@ -10,6 +10,7 @@ HTTP request counts are observed per request. Names follow Prometheus convention
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # NBD connections: open now, accepted, refused; polls for a next request that found one, that did not.
 NbdCounts = Callable[[], tuple[int, int, int, int, int]]
 
-VERSION = "0.1.0"
+VERSION = importlib.metadata.version("vblk")  # pyproject.toml's, as installed
 
 
 def compiled() -> bool:
