@@ -30,7 +30,7 @@ $(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 # modules to one C file, gcc compiles it. About two minutes on two cores the first time.
 $(STAMP): $(INSTALLED) $(COMPILED)
 	@echo "vblk: [3/3] compiling the request path to C with mypyc ($(words $(COMPILED)) modules; about 2 minutes the first time)"
-	$(BIN)/python setup.py build_ext --inplace 2>&1 | sed -nE 's/^gcc .* -c ([^ ]+) .*/  cc \1/p; /[Ee]rror/p'
+	$(BIN)/python setup.py build_ext --inplace 2>&1 | sed -nE 's/^gcc .* -c ([^ ]+) .*/  cc \1/p; /[Ee]rror|WARNING/p'
 	touch $@
 	@echo "vblk: ready; the command line is $(BIN)/vblk"
 

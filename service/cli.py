@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_argument_type(parse_disk),
                 action="append",
                 metavar=setting.metavar,
-                help=f"{setting.help}; repeatable; replaces --name/--image/--size (${setting.env})",
+                help=f"{setting.help}; repeatable; replaces --name and --image, the other disk flags "
+                f"are its defaults (${setting.env})",
             )
         elif setting.name in ("nbd-listen", "http-listen"):
             run.add_argument(flag, action="append", metavar=setting.metavar, help=help_text + "; repeatable")

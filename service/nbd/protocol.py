@@ -1,9 +1,10 @@
 """The NBD protocol, server side, without I/O: bytes in, events out; replies in, bytes out.
 
-Service layer, under :mod:`service.nbd.server` (which only moves bytes). Fixed newstyle
-negotiation is handled entirely here; transmission requests come out as :class:`Request`
-events, and the ``encode_*`` functions build reply headers. Errors are typed: a
-:class:`RemoteProtocolError` means the client broke framing and the connection must close.
+Service layer, under :mod:`service.nbd.server` (which only schedules work and moves bytes).
+Fixed newstyle negotiation is handled entirely here; transmission requests come out as
+:class:`Request` events, and the ``reply_*`` methods turn each outcome into the buffers to send
+(the rules are in :mod:`service.nbd.replies`). Errors are typed: a :class:`RemoteProtocolError`
+means the client broke framing and the connection must close.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Literal, Protocol
 
+from service.nbd import replies
 from service.nbd.constants import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
@@ -36,18 +38,12 @@ from service.nbd.constants import (
     NBD_FLAG_FIXED_NEWSTYLE,
     NBD_FLAG_NO_ZEROES,
     NBD_OPT_REPLY_MAGIC,
-    NBD_REPLY_FLAG_DONE,
     NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
     NBDMAGIC,
     OPTION_HEADER,
     OPTION_REPLY,
     PREFERRED_BLOCK_SIZE,
     REQUEST,
-    SIMPLE_REPLY,
-    STRUCTURED_REPLY,
-    ChunkType,
     Command,
     CommandFlag,
     Errno,
@@ -278,6 +274,32 @@ class ServerConnection:
     @property
     def skipping(self) -> int:
         return self._skip
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def reply_ok(self, request: Request) -> bytes:
+        """``request`` succeeded and returns nothing (every command but READ and BLOCK_STATUS)."""
+        return replies.ok_reply(request.cookie, request.command, self.structured_replies)
+
+    def reply_error(self, request: Request, error: int, message: str) -> bytes:
+        """``request`` failed with NBD errno ``error``; ``message`` goes to structured clients."""
+        return replies.error_reply(request.cookie, request.command, self.structured_replies, error, message)
+
+    def wants_holes(self, request: Request) -> bool:
+        """Would :meth:`reply_read` of this READ use the allocation map (so it is worth asking)?"""
+        return replies.wants_holes(self.structured_replies, request.flags, request.length)
+
+    def reply_read(
+        self, request: Request, data: replies.Chunk, holes: Sequence[tuple[int, int, bool]] | None = None
+    ) -> list[replies.Chunk]:
+        """A READ's data (passed through as it is), with its holes if :meth:`wants_holes`."""
+        return replies.read_reply(request.cookie, request.offset, self.structured_replies, data, holes)
+
+    def reply_block_status(
+        self, request: Request, answers: Sequence[tuple[int, Iterable[tuple[int, int]]]]
+    ) -> list[replies.Chunk]:
+        """BLOCK_STATUS: ``(context id, (length, flags) extents)`` for each selected context."""
+        return replies.block_status_reply(request.cookie, request.length, request.flags, answers)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -557,65 +579,6 @@ def _parse_meta_context_request(data: bytes) -> tuple[str, list[str]] | None:
     if pos != len(data):
         return None
     return name, queries
-
-
-# -- transmission replies -------------------------------------------------------------------------
-
-
-# Bound once (Final): compiled, ``SIMPLE_REPLY.pack`` would be a global and a method lookup.
-_pack_simple_reply: Final = SIMPLE_REPLY.pack
-
-
-def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
-    """A simple reply header; a successful READ's data follows it."""
-    return _pack_simple_reply(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
-
-
-def encode_chunk(cookie: int, chunk_type: int, length: int, *, done: bool) -> bytes:
-    return STRUCTURED_REPLY.pack(
-        NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE if done else 0, chunk_type, cookie, length
-    )
-
-
-_OFFSET: Final = struct.Struct(">Q")
-_HOLE: Final = struct.Struct(">QI")
-_ERROR: Final = struct.Struct(">IH")
-_EXTENT: Final = struct.Struct(">II")
-
-
-# A READ reply's chunk header and offset in one pack (STRUCTURED_REPLY's fields, then the offset):
-# it is built for every structured READ.
-_pack_offset_data: Final = struct.Struct(STRUCTURED_REPLY.format + "Q").pack
-_OFFSET_DATA: Final = int(ChunkType.OFFSET_DATA)
-
-
-def encode_offset_data(cookie: int, offset: int, data_len: int, *, done: bool) -> bytes:
-    """Header of an OFFSET_DATA chunk; ``data_len`` data bytes follow it."""
-    flags = NBD_REPLY_FLAG_DONE if done else 0
-    return _pack_offset_data(NBD_STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, 8 + data_len, offset)
-
-
-def encode_offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
-    return encode_chunk(cookie, ChunkType.OFFSET_HOLE, _HOLE.size, done=done) + _HOLE.pack(offset, length)
-
-
-def encode_error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    text = message.encode()[:MAX_STRING]
-    body = _ERROR.pack(error, len(text)) + text
-    return encode_chunk(cookie, ChunkType.ERROR, len(body), done=True) + body
-
-
-def encode_done(cookie: int) -> bytes:
-    return encode_chunk(cookie, ChunkType.NONE, 0, done=True)
-
-
-def encode_block_status(
-    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], *, done: bool
-) -> bytes:
-    body = bytearray(_STR_LEN.pack(context_id))
-    for length, flags in extents:
-        body += _EXTENT.pack(length, flags)
-    return encode_chunk(cookie, ChunkType.BLOCK_STATUS, len(body), done=done) + bytes(body)
 
 
 # -- request validation -------------------------------------------------------------------------

@@ -36,11 +36,9 @@ from service.latency import FrontendObserver
 from service.nbd import protocol as p
 from service.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
-    NBD_CMD_FLAG_DF,
     NBD_CMD_FLAG_FAST_ZERO,
     NBD_CMD_FLAG_FUA,
     NBD_CMD_FLAG_NO_HOLE,
-    NBD_CMD_FLAG_REQ_ONE,
     NBD_CMD_READ,
     NBD_CMD_WRITE,
     NBD_STATE_HOLE,
@@ -88,10 +86,6 @@ class NbdLimits:
     # nothing left in flight (QEMU's poll-max-ns): a queue-depth-1 client finds the server
     # awake instead of paying a wake-up per request. 0: never poll.
     poll_us: float = 50.0
-
-
-MAX_EXTENTS: Final = 1 << 16
-SPARSE_READ_MIN: Final = 64 * 1024  # structured reads this long report holes instead of zeroes
 
 
 @dataclasses.dataclass(slots=True)
@@ -381,6 +375,17 @@ class Channel(asyncio.BufferedProtocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._work.defer(self._flush)  # after the completions being handled now
+
+    def write_all(self, chunks: list[bytes | memoryview]) -> None:
+        """:meth:`write` each of ``chunks`` (a reply's header, data and further chunks)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        for chunk in chunks:
+            self._out.append(chunk)
+            self._out_bytes += len(chunk)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._work.defer(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -1081,7 +1086,7 @@ class _Connection:
         elif request.command == NBD_CMD_BLOCK_STATUS:
             self._block_status(request, export)
         else:
-            self._send_ok(request)
+            self.channel.write(self.codec.reply_ok(request))
         if buffer is not None:
             self.channel.hold(buffer)
 
@@ -1122,16 +1127,7 @@ class _Connection:
 
     def _send_error(self, request: p.Request, error: Errno, message: str) -> None:
         self.errors += 1
-        if self.structured and request.command in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS):
-            self.channel.write(p.encode_error_chunk(request.cookie, error, message))
-        else:
-            self.channel.write(p.encode_simple_reply(request.cookie, error))
-
-    def _send_ok(self, request: p.Request) -> None:
-        if self.structured and request.command in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS):
-            self.channel.write(p.encode_done(request.cookie))
-        else:
-            self.channel.write(p.encode_simple_reply(request.cookie))
+        self.channel.write(self.codec.reply_error(request, error, message))
 
     # -- execution ----------------------------------------------------------------------------
 
@@ -1171,38 +1167,13 @@ class _Connection:
 
     def _send_read(self, request: p.Request, export: NbdExport, data: bytes | memoryview) -> None:
         # ``data`` is a copy, or a view of a DMA buffer the channel holds until it is sent.
-        if not self.structured:
-            self.channel.write(p.encode_simple_reply(request.cookie))
-            self.channel.write(data)
-        elif request.length >= SPARSE_READ_MIN and not request.flags & NBD_CMD_FLAG_DF:
-            self._send_sparse(request, export, data if isinstance(data, memoryview) else memoryview(data))
-        else:
-            self.channel.write(
-                p.encode_offset_data(request.cookie, request.offset, request.length, done=True)
-            )
-            self.channel.write(data)
+        codec = self.codec
+        holes: list[tuple[int, int, bool]] | None = None
+        if codec.wants_holes(request):
+            extents = export.disk.extents(request.offset, request.length)
+            holes = [(e.offset, e.length, e.hole) for e in extents]
+        self.channel.write_all(codec.reply_read(request, data, holes))
         self.bytes_read += request.length
-
-    def _send_sparse(self, request: p.Request, export: NbdExport, data: memoryview) -> None:
-        """Structured READ reply: OFFSET_HOLE chunks for unallocated runs, OFFSET_DATA for the rest."""
-        extents = export.disk.extents(request.offset, request.length)
-        runs: list[tuple[int, int, bool]] = []  # offset, length, hole
-        for extent in extents:
-            if runs and runs[-1][2] == extent.hole:
-                runs[-1] = (runs[-1][0], runs[-1][1] + extent.length, extent.hole)
-            else:
-                runs.append((extent.offset, extent.length, extent.hole))
-        if sum(length for _, length, _ in runs) != request.length:
-            runs = [(request.offset, request.length, False)]  # a map that does not cover: send data
-        write = self.channel.write
-        for i, (offset, length, hole) in enumerate(runs):
-            done = i == len(runs) - 1
-            if hole:
-                write(p.encode_offset_hole(request.cookie, offset, length, done=done))
-            else:
-                rel = offset - request.offset
-                write(p.encode_offset_data(request.cookie, offset, length, done=done))
-                write(data[rel : rel + length])
 
     async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
@@ -1224,19 +1195,8 @@ class _Connection:
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
         extents = export.disk.extents(request.offset, request.length)
-        pairs: list[tuple[int, int]] = []
-        for extent in extents:
-            flags = (NBD_STATE_HOLE if extent.hole else 0) | (NBD_STATE_ZERO if extent.zero else 0)
-            if pairs and pairs[-1][1] == flags:
-                pairs[-1] = (pairs[-1][0] + extent.length, flags)
-            else:
-                pairs.append((extent.length, flags))
-            if len(pairs) >= MAX_EXTENTS:
-                break
-        if not pairs:
-            pairs = [(request.length, 0)]
-        if request.flags & NBD_CMD_FLAG_REQ_ONE:
-            pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
-        for context_id in self.meta_contexts:
-            self.channel.write(p.encode_block_status(request.cookie, context_id, pairs, done=False))
-        self.channel.write(p.encode_done(request.cookie))
+        allocation = [
+            (e.length, (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)) for e in extents
+        ]
+        answers = [(context_id, allocation) for context_id in self.meta_contexts]
+        self.channel.write_all(self.codec.reply_block_status(request, answers))

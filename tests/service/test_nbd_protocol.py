@@ -13,7 +13,6 @@ from service.nbd import protocol as p
 from service.nbd.constants import (
     IHAVEOPT,
     NBD_REQUEST_MAGIC,
-    ChunkType,
     Command,
     CommandFlag,
     Errno,
@@ -242,23 +241,3 @@ def test_requests_and_payloads_survive_any_split_whether_fed_as_bytes_or_adopted
             assert isinstance(event, p.Request)
             current = (event.cookie, bytearray(event.length), event.length)
     assert got == list(enumerate(writes))
-
-
-@given(
-    cookie=st.integers(0, 2**64 - 1),
-    offset=st.integers(0, 2**63 - 1),
-    data_len=st.integers(0, 2**32 - 9),
-    done=st.booleans(),
-    error=st.integers(0, 2**32 - 1),
-)
-def test_reply_headers_have_the_layout_of_proto_md(
-    cookie: int, offset: int, data_len: int, done: bool, error: int
-) -> None:
-    # Simple reply: magic, error, cookie. Structured OFFSET_DATA chunk: magic, flags, type,
-    # cookie, length (offset + data), then the offset.
-    assert p.encode_simple_reply(cookie, error) == struct.pack(">IIQ", 0x67446698, error, cookie)
-    header = p.encode_offset_data(cookie, offset, data_len, done=done)
-    assert header == struct.pack(">IHHQIQ", 0x668E33EF, int(done), 1, cookie, 8 + data_len, offset)
-    assert header == p.encode_chunk(cookie, ChunkType.OFFSET_DATA, 8 + data_len, done=done) + struct.pack(
-        ">Q", offset
-    )
