@@ -68,10 +68,10 @@ pytest: test-venv
 test: tools test-venv typecheck lint pytest
 
 bench: venv
-	$(BIN)/python -m bench.virtio_micro
+	$(BIN)/python -m bench.virtio_micro $(ARGS)
 
 # vblk vs nbdkit file, qemu-nbd and nbdkit python under fio and nbdcopy (bench/nbd_compare.py).
-# Quick run: make bench-nbd ARGS='--size 256M --runs 1 --runtime 3'
+# Quick run: make bench-nbd ARGS='--size 256M --runs 1 --runtime 3'; revisions: ARGS='--servers vblk,vblk@HEAD~1' (bench/README.md)
 .PHONY: bench-nbd
 bench-nbd: venv
 	$(BIN)/python -m bench.nbd_compare $(ARGS)
