@@ -9,7 +9,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.nbd.server import Channel, PollCounts, _writev
+from service.nbd.channel import Channel, PollCounts, _writev
 
 
 def _drain(sock: socket.socket) -> bytes:
