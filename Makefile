@@ -23,7 +23,7 @@ $(BIN)/python:
 # and mypy, whose mypyc compiles the request path below. Pure Python here: the compile is its own step.
 $(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	@echo "vblk: [2/3] installing vblk and what it needs to run"
-	VBLK_COMPILE=0 $(PIP) install --progress-bar off --no-build-isolation -e . 'mypy>=1.18'
+	VBLK_COMPILE=0 $(PIP) install --progress-bar off --no-build-isolation --config-settings editable_mode=compat -e . 'mypy>=1.18'
 	touch $@
 
 # Compiled in place beside the sources (and again when one of them changes): mypyc translates the
@@ -38,7 +38,7 @@ venv: $(STAMP)
 
 $(TEST_INSTALLED): $(INSTALLED) pyproject.toml
 	@echo "vblk: installing the test tools (pytest, hypothesis, ruff, the ovirt-imageio client)"
-	VBLK_COMPILE=0 $(PIP) install --progress-bar off --no-build-isolation -e '.[test]'
+	VBLK_COMPILE=0 $(PIP) install --progress-bar off --no-build-isolation --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
 test-venv: $(STAMP) $(TEST_INSTALLED)

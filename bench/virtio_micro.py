@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import statistics
 import subprocess
@@ -19,7 +20,6 @@ from typing import Any
 
 import uvloop
 
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, plug_blk
 from device.machine import Machine
 from device.memory import GuestMemory
@@ -29,11 +29,22 @@ from service import logs
 BLOCK = 4096
 
 
+def memory_disk(size: int, data: bytes) -> Any:
+    """A memory disk holding ``data``, as this revision spells it (``--rev`` runs this file
+    against older ones: before the block layer, ``device.backends.memory.MemoryBackend``)."""
+    try:
+        node = importlib.import_module("device.block.memory").MemoryNode(size)
+        node.write_now(0, [memoryview(data)])
+    except ImportError:
+        node = importlib.import_module("device.backends.memory").MemoryBackend(size)
+        node.writev(0, [memoryview(data)])
+    return node
+
+
 async def run_one(op: str, depth: int, seconds: float, io_mode: str, disk_size: int) -> dict[str, Any]:
     memory = GuestMemory(128 << 20)
     machine = Machine(memory)
-    backend = MemoryBackend(disk_size)
-    backend.writev(0, [memoryview(bytes([7]) * disk_size)])
+    backend = memory_disk(disk_size, bytes([7]) * disk_size)
     device = plug_blk(machine, backend, BlkConfig(io_mode=io_mode))  # type: ignore[arg-type]
     guest = Guest(machine)
     [disk] = await guest.probe()

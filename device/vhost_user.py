@@ -45,8 +45,8 @@ from pathlib import Path
 
 import structlog
 
-from device.backends import Backend
 from device.blk import BlkConfig, VirtioBlkDevice
+from device.block.node import BlockNode, awaited
 from device.memory import GuestMemory
 from device.platform import GuestMemoryError, memory_barrier
 from device.spec import vhost_user as vu
@@ -311,12 +311,12 @@ class VhostUserBlk:
     ring's call eventfd, a device error on the rings' error eventfds.
     """
 
-    def __init__(self, backend: Backend, config: BlkConfig | None = None) -> None:
+    def __init__(self, node: BlockNode, config: BlkConfig | None = None) -> None:
         config = config or BlkConfig(queue_size=DEFAULT_QUEUE_SIZE)
         if not config.transitional:
             config = dataclasses.replace(config, transitional=True)
         self.memory = RegionMemory()
-        self.device = VhostUserBlkDevice(self.memory, backend, config)
+        self.device = VhostUserBlkDevice(self.memory, node, config)
         self.device.transport = self
         self.rings = [Ring(i) for i in range(len(self.device.queues))]
         self.features = 0
@@ -328,8 +328,8 @@ class VhostUserBlk:
         self.connections = 0
 
     @property
-    def backend(self) -> Backend:
-        return self.device.backend
+    def node(self) -> BlockNode:
+        return self.device.node
 
     # -- Transport (interrupts) -----------------------------------------------------------------
 
@@ -655,12 +655,14 @@ class VhostUserBlk:
         )
         if not any(r.started for r in self.rings):
             device.reset()
+            await device.reset_done()
         return ring.base
 
     async def _stop_all(self) -> None:
         for ring in self.rings:
             await self._stop_ring(ring)
         self.device.reset()
+        await self.device.reset_done()
 
     async def disconnect(self) -> None:
         """The front end went away: stop, forget its fds and memory, make writes durable."""
@@ -675,9 +677,9 @@ class VhostUserBlk:
         self.memory.unmap()
         self.features = self.protocol_features = 0
         self.owner = False
-        if not self.backend.read_only:
+        if not self.node.capabilities.read_only:
             try:
-                self.backend.flush()
+                await awaited(self.node.flush)
             except OSError as exc:
                 log.error("vhost_user_flush_failed", error=str(exc))
 

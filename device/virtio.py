@@ -1,12 +1,15 @@
 """A transport-independent virtio device: features, status, queues, notifications, resets.
 
-Device layer, between a transport (:mod:`device.virtio_pci`, later vhost-user) and a device
-type (:mod:`device.blk`). Kicks schedule queue processing on the event loop; a ring
+Device layer, between a transport (:mod:`device.virtio_pci`, :mod:`device.vhost_user`) and a
+device type (:mod:`device.blk`). Kicks schedule queue processing on the event loop; a ring
 violation sets DEVICE_NEEDS_RESET, raises a configuration-change interrupt and stops the device.
+A reset takes effect at once for the rings, but the status reads 0 only when no request still
+touches guest memory (4.1.4.3.2: the driver waits for that), so nothing blocks the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -98,6 +101,8 @@ class VirtioDevice:
         #: status is set, before the driver is notified).
         self.error_listeners: list[Callable[[str], None]] = []
         self._scheduled: set[int] = set()
+        self._resetting = False  # written 0, waiting for requests in flight to end
+        self._reset_waiters: list[asyncio.Future[None]] = []
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -119,7 +124,17 @@ class VirtioDevice:
         """The driver finished initialisation."""
 
     def on_reset(self) -> None:
-        """The driver reset the device; drop all in-flight work before this returns."""
+        """The driver reset the device: start nothing more, drop the answers of work in flight."""
+
+    @property
+    def busy(self) -> bool:
+        """Work started before a reset still touches guest memory (device types say)."""
+        return False
+
+    def idle(self) -> None:
+        """A device type tells: the last work in flight ended. A pending reset completes."""
+        if self._resetting and not self.busy:
+            self._finish_reset()
 
     def read_config(self, offset: int, size: int) -> int:
         """Read the device-specific configuration structure (little-endian)."""
@@ -139,7 +154,16 @@ class VirtioDevice:
 
     @property
     def driver_ok(self) -> bool:
-        return bool(self.status & VIRTIO_CONFIG_S_DRIVER_OK) and self.broken_reason is None
+        return (
+            bool(self.status & VIRTIO_CONFIG_S_DRIVER_OK)
+            and self.broken_reason is None
+            and not self._resetting
+        )
+
+    @property
+    def resetting(self) -> bool:
+        """Written 0, and the status does not read 0 yet (requests in flight)."""
+        return self._resetting
 
     def set_driver_features(self, select: int, value: int) -> None:
         if self.status & VIRTIO_CONFIG_S_FEATURES_OK or not 0 <= select <= 1:
@@ -152,6 +176,8 @@ class VirtioDevice:
         if value == 0:
             self.reset()
             return
+        if self._resetting:
+            return  # the driver must wait for the status to read 0 first
         old = self.status
         if value & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
             features = self.driver_features
@@ -193,9 +219,28 @@ class VirtioDevice:
         return self.transitional and sys.byteorder == "little"
 
     def reset(self) -> None:
+        """Device reset: at once for the rings; the status reads 0 when the work in flight ended."""
         self.on_reset()
+        self._resetting = True
+        if not self.busy:
+            self._finish_reset()
+
+    def _finish_reset(self) -> None:
+        self._resetting = False
         self._reset_state()
         self.stats.resets += 1
+        waiters, self._reset_waiters = self._reset_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def reset_done(self) -> None:
+        """Until a reset has completed (at once if none is pending)."""
+        if not self._resetting:
+            return
+        waiter: asyncio.Future[None] = self._running.loop().create_future()
+        self._reset_waiters.append(waiter)
+        await waiter
 
     def kick(self, index: int) -> None:
         """A driver notification for queue ``index`` (spurious ones are harmless)."""

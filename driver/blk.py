@@ -367,11 +367,11 @@ class VirtioBlk:
 
     async def start(self) -> None:
         await self.transport.open()
-        self._initialize()
+        await self._initialize()
 
-    def _initialize(self) -> None:
+    async def _initialize(self) -> None:
         t = self.transport
-        t.reset()
+        await t.reset()
         t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
         t.add_status(VIRTIO_CONFIG_S_DRIVER)
         offered = t.device_features()
@@ -522,17 +522,17 @@ class VirtioBlk:
         error = BlkResetError(f"{self.name}: device reset ({reason})")
         delay = REINIT_RETRY_FIRST
         try:
-            self._teardown(error)
+            await self._teardown(error)
             while not self._closed:
                 try:
-                    self._initialize()
+                    await self._initialize()
                     return
                 except TransportError as unreachable:
                     # Unreachable for now (a vhost-user back end restarting): requests wait.
                     log.warning(
                         "virtio_blk_reinit_retry", device=self.name, error=str(unreachable), delay=delay
                     )
-                    self._teardown(error)  # whatever the failed attempt had set up
+                    await self._teardown(error)  # whatever the failed attempt had set up
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, REINIT_RETRY_MAX)
         except Exception as exc:
@@ -541,10 +541,14 @@ class VirtioBlk:
         finally:
             self._recovering = None
 
-    def _teardown(self, exc: BaseException) -> None:
-        """Reset the device (it stops touching memory), then fail and free everything."""
+    async def _teardown(self, exc: BaseException) -> None:
+        """Reset the device (it stops touching memory), then fail and free everything.
+
+        The reset may take as long as the device's requests in flight: the loop serves the other
+        disks meanwhile, and this one's requests wait (none is failed before its buffers are free).
+        """
         t = self.transport
-        t.reset()
+        await t.reset()
         t.release_interrupts()
         for queue in self.queues:
             self._retired["kicks"] += queue.kicks
@@ -571,7 +575,7 @@ class VirtioBlk:
             await asyncio.gather(self._recovering, return_exceptions=True)
         self._set_ready(False)
         try:
-            self._teardown(BlkResetError(f"{self.name}: driver closed"))
+            await self._teardown(BlkResetError(f"{self.name}: driver closed"))
         finally:
             self.transport.close()
 

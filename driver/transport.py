@@ -37,8 +37,11 @@ class VirtioTransport(Protocol):
         """Make the device reachable (enable the PCI function, connect the socket)."""
         ...
 
-    def reset(self) -> None:
-        """Reset the device; when this returns it no longer touches the rings or buffers."""
+    async def reset(self) -> None:
+        """Reset the device; when this returns it no longer touches the rings or buffers.
+
+        Waits (without blocking the loop) for the device to finish what it had in flight.
+        """
         ...
 
     @property

@@ -253,27 +253,30 @@ class VhostUserTransport:
 
     # -- VirtioTransport ----------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    async def reset(self) -> None:
         """Stop every ring (after the requests in flight finished) and forget them."""
         if self._queues and self._sock is not None:
-            self._wait_idle()
+            await self._wait_idle()
             for queue in list(self._queues.values()):
                 with contextlib.suppress(TransportError):
                     self._call(vu.Request.GET_VRING_BASE, vu.VringState(queue.index, 0).encode())
         self._close_queues()
         self._status = 0
 
-    def _wait_idle(self) -> None:
+    async def _wait_idle(self) -> None:
         """Until each ring's used index caught up with its avail index (bounded): the back
-        end writes buffers and used entries of requests in flight even after it stopped."""
+        end writes buffers and used entries of requests in flight even after it stopped.
+        The loop goes on serving the other disks meanwhile."""
         deadline = time.monotonic() + self.timeout
         pending = list(self._queues.values())
+        delay = 0.0005
         while pending and time.monotonic() < deadline:
             pending = [
                 q for q in pending if self.memory.read(q.used + 2, 2) != self.memory.read(q.avail + 2, 2)
             ]
             if pending:
-                time.sleep(0.001)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.02)
         if pending:
             log.error("vhost_user_reset_with_requests_in_flight", queues=[q.index for q in pending])
 

@@ -6,6 +6,7 @@ COMMON/NOTIFY/ISR/DEVICE structures through vendor capabilities and programs MSI
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Final
@@ -19,6 +20,12 @@ from device.spec.virtio import VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_MSI_NO_VECTOR
 from driver import pci as pci_bus
 from driver.pci import PciConfig, PciDeviceInfo
 from driver.transport import TransportError
+
+# A reset completes when the device's requests in flight have ended: at once for a file, up to
+# the storage's own timeout for a remote one (RBD's is 30 s by default).
+RESET_TIMEOUT: Final = 120.0
+RESET_POLL_FIRST: Final = 0.0005
+RESET_POLL_MAX: Final = 0.05
 
 __all__ = ["NO_VECTOR", "PciTransport", "TransportError", "VirtioPciTransport"]
 
@@ -99,13 +106,20 @@ class VirtioPciTransport:
     def add_status(self, bits: int) -> None:
         self.write(vp.VIRTIO_PCI_COMMON_STATUS, 1, self.status | bits)
 
-    def reset(self) -> None:
-        """Write 0 and wait until the device reads back 0 (4.1.4.3.2)."""
+    async def reset(self, timeout: float = RESET_TIMEOUT) -> None:
+        """Write 0 and wait until the device reads back 0 (4.1.4.3.2), without blocking the loop:
+        a device whose storage still has requests in flight completes its reset when they end."""
         self.write(vp.VIRTIO_PCI_COMMON_STATUS, 1, 0)
-        for _ in range(1000):
-            if self.status == 0:
-                return
-        raise TransportError(f"{self.info.name}: device did not complete reset")
+        if self.status == 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = RESET_POLL_FIRST
+        while self.status != 0:
+            if loop.time() > deadline:
+                raise TransportError(f"{self.info.name}: device did not complete reset in {timeout:g} s")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RESET_POLL_MAX)
 
     def device_features(self) -> int:
         features = 0
@@ -261,8 +275,8 @@ class PciTransport:
             log.debug("pci_config", line=line)
         self._regs = VirtioPciTransport(self.platform, self.info)
 
-    def reset(self) -> None:
-        self.regs.reset()
+    async def reset(self) -> None:
+        await self.regs.reset()
 
     @property
     def status(self) -> int:

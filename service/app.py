@@ -21,11 +21,14 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from device.backends import Backend, BackendError, locks
-from device.backends.memory import MemoryBackend
-from device.backends.raw import RawFileBackend
-from device.backends.rbd import DEFAULT_CACHE, RbdBackend, RbdTarget, batch_thread
 from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
+from device.block import locks
+from device.block.faults import FaultLayer, FaultPlan
+from device.block.file import FileNode
+from device.block.memory import MemoryNode
+from device.block.node import BlockError, BlockNode
+from device.block.rbd import DEFAULT_CACHE, RbdNode, RbdTarget
+from device.block.sched import batch_thread
 from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
@@ -33,7 +36,7 @@ from driver.guest import Guest
 from driver.transport import TransportError
 from service import systemd
 from service.addresses import join_host_port
-from service.blockio import ByteDisk
+from service.blockio import ByteDisk, StackControl
 from service.http.api import build_app
 from service.metrics import Metrics, allocator, compiled
 from service.nbd.protocol import TlsMode
@@ -41,7 +44,7 @@ from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
 from service.security import SecurityConfigError, Tokens, server_context
 from service.units import format_size
 from service.vhost_user_disk import (
-    RemoteControlPlane,
+    RemoteControl,
     RemoteDevice,
     start_vhost_user_driver,
     vhost_user_socket,
@@ -68,7 +71,7 @@ def describe_error(exc: BaseException) -> str:
     """An exception as the end of a sentence: its text without errno numbers or tracebacks."""
     if isinstance(exc, OSError):
         text = exc.strerror or str(exc)
-        if exc.filename is not None and not isinstance(exc, BackendError):
+        if exc.filename is not None and not isinstance(exc, BlockError):
             return f"{exc.filename}: {text}"
         return text
     return str(exc) or type(exc).__name__
@@ -104,6 +107,7 @@ class DiskSpec:
     rbd_image: str = ""
     create: bool = False  # backend "rbd": create a missing image with ``size``
     cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
+    fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 
 
@@ -151,10 +155,22 @@ class Disk:
     bytes: ByteDisk
 
 
-def open_backend(spec: DiskSpec) -> Backend:
-    """Open (or create) a disk's storage; :class:`BackendError` with one sentence if it cannot."""
+def open_stack(spec: DiskSpec) -> BlockNode:
+    """A disk's block stack: its storage node, with the layers the spec names above it."""
+    node = open_storage(spec)
+    if spec.fault:
+        try:
+            node = FaultLayer(node, FaultPlan.parse(spec.fault))
+        except ValueError:
+            node.close()
+            raise
+    return node
+
+
+def open_storage(spec: DiskSpec) -> BlockNode:
+    """Open (or create) a disk's storage node; :class:`BlockError` with one sentence if it cannot."""
     if spec.backend == "memory":
-        return MemoryBackend(spec.size, read_only=spec.read_only)
+        return MemoryNode(spec.size, read_only=spec.read_only)
     if spec.backend == "file":
         return _open_image(spec)
     if spec.backend == "rbd":
@@ -171,28 +187,28 @@ def open_backend(spec: DiskSpec) -> Backend:
             take_over=ceph.take_over,
             cache=spec.cache,
         )
-        return RbdBackend.open(target)
-    raise ValueError(f"unknown backend {spec.backend!r}")
+        return RbdNode.open(target)
+    raise ValueError(f"unknown storage {spec.backend!r}")
 
 
-def _open_image(spec: DiskSpec) -> RawFileBackend:
+def _open_image(spec: DiskSpec) -> FileNode:
     path = spec.path
     try:
         exists = path.exists()
         if not exists and spec.read_only:
-            raise BackendError(errno.ENOENT, f"{path} does not exist (a read-only disk is never created)")
+            raise BlockError(errno.ENOENT, f"{path} does not exist (a read-only disk is never created)")
         if not exists:
             path.parent.mkdir(parents=True, exist_ok=True)
-        backend = RawFileBackend.open(
+        backend = FileNode.open(
             path, size=None if exists else spec.size, read_only=spec.read_only, force_share=spec.force_share
         )
-    except BackendError:
+    except BlockError:
         raise
     except OSError as failed:
         where = failed.filename if failed.filename is not None else path
-        raise BackendError(failed.errno or errno.EIO, f"{where}: {failed.strerror or failed}") from failed
+        raise BlockError(failed.errno or errno.EIO, f"{where}: {failed.strerror or failed}") from failed
     except ValueError as bad:  # an image whose size is not a positive multiple of 512
-        raise BackendError(errno.EINVAL, str(bad)) from bad
+        raise BlockError(errno.EINVAL, str(bad)) from bad
     if not exists or not spec.size_explicit or backend.size == spec.size:
         return backend
     try:
@@ -203,26 +219,26 @@ def _open_image(spec: DiskSpec) -> RawFileBackend:
     return backend
 
 
-def _fit(spec: DiskSpec, backend: RawFileBackend) -> None:
+def _fit(spec: DiskSpec, backend: FileNode) -> None:
     """An existing image whose size differs from the one asked for: grow it if asked, else refuse."""
     have, want = backend.size, spec.size
     sizes = f"{spec.path} is {format_size(have)} ({have} bytes), not the {format_size(want)} asked for"
     if want < have:
-        raise BackendError(
+        raise BlockError(
             errno.EINVAL,
             f"{sizes}; vblk never shrinks an image (that would cut off data): serve it as it is by "
             f"leaving out the size, or shrink it yourself (qemu-img resize --shrink -f raw)",
         )
     if not spec.grow:
-        raise BackendError(
+        raise BlockError(
             errno.EINVAL,
             f"{sizes}; an existing image is not resized unasked: leave out the size to serve it as "
             f"it is, or add grow (--grow, or grow in the disk spec) to grow it to {format_size(want)}",
         )
     if spec.read_only:
-        raise BackendError(errno.EROFS, f"{sizes}; a read-only disk cannot grow its image")
+        raise BlockError(errno.EROFS, f"{sizes}; a read-only disk cannot grow its image")
     if locks.held_elsewhere(backend.fd, locks.SHARED_BASE + 3):  # someone lets no one resize it
-        raise BackendError(errno.EBUSY, f"{sizes}; another process that has it open refuses resizing")
+        raise BlockError(errno.EBUSY, f"{sizes}; another process that has it open refuses resizing")
     backend.resize(want)
     log.info("image_grown", disk=spec.name, path=str(spec.path), old_size=have, size=want)
 
@@ -231,11 +247,11 @@ class Service:
     """The device model and the guest driver for every configured disk."""
 
     def __init__(
-        self, config: ServiceConfig, *, wrap_backend: Callable[[DiskSpec, Backend], Backend] | None = None
+        self, config: ServiceConfig, *, wrap_stack: Callable[[DiskSpec, BlockNode], BlockNode] | None = None
     ) -> None:
-        """``wrap_backend`` may wrap each disk's backend (fault injection, tracing)."""
+        """``wrap_stack`` may put layers over each disk's stack (fault injection, tracing)."""
         self.config = config
-        self._wrap_backend = wrap_backend
+        self._wrap_stack = wrap_stack
         self.memory = GuestMemory(config.guest_memory)
         self.machine = Machine(self.memory)
         self.guest = Guest(self.machine)
@@ -251,7 +267,7 @@ class Service:
         security = config.security
         self.ssl_context = security.context()
         self.tokens = Tokens.load(security.tokens_file) if security.tokens_file is not None else None
-        # With an RBD disk the event loop thread runs SCHED_BATCH (device.backends.rbd.batch_thread):
+        # With an RBD disk the event loop thread runs SCHED_BATCH (device.block.rbd.batch_thread):
         # it and librbd's threads hand every request back and forth, and as batch threads none of
         # them preempts another on wake-up, so each takes what has queued up. This switches it back.
         self._restore_sched: Callable[[], None] | None = None
@@ -268,10 +284,10 @@ class Service:
                 continue  # started below, after the local devices
             try:
                 if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
-                    backend = await asyncio.to_thread(open_backend, spec)
+                    node = await asyncio.to_thread(open_stack, spec)
                 else:
-                    backend = open_backend(spec)
-            except (OSError, ValueError) as exc:  # BackendError included: a sentence already
+                    node = open_stack(spec)
+            except (OSError, ValueError) as exc:  # BlockError included: a sentence already
                 message = f"disk {spec.name}: {describe_error(exc)}"
                 code = exc.errno if isinstance(exc, OSError) else None
                 raise StartupError("disk_open_failed", message, code) from exc
@@ -279,8 +295,8 @@ class Service:
                 self._restore_sched = batch_thread()
                 if self._restore_sched is not None:
                     log.info("event_loop_sched_batch", reason="rbd disk")
-            if self._wrap_backend is not None:
-                backend = self._wrap_backend(spec, backend)
+            if self._wrap_stack is not None:
+                node = self._wrap_stack(spec, node)
             blk_config = BlkConfig(
                 serial=spec.name[:20],
                 num_queues=spec.num_queues,
@@ -288,12 +304,12 @@ class Service:
                 read_only=spec.read_only,
                 io_mode=spec.io_mode,
             )
-            self._devices.append((spec, plug_blk(self.machine, backend, blk_config)))
+            self._devices.append((spec, plug_blk(self.machine, node, blk_config)))
         drivers = await self.guest.probe()
         for (spec, device), driver in zip(self._devices, drivers, strict=True):
             driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
-            byte_disk = ByteDisk(spec.name, driver, device.backend)
+            byte_disk = ByteDisk(spec.name, driver, StackControl(device.node))
             self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
             log.info(
                 "disk_ready",
@@ -324,9 +340,8 @@ class Service:
             self.guest.disks.append(driver)  # closed with the guest's own
             driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
-            control = RemoteControlPlane(driver)
-            byte_disk = ByteDisk(spec.name, driver, control)
-            self.disks[spec.name] = Disk(spec, RemoteDevice(control), driver, serial, byte_disk)
+            byte_disk = ByteDisk(spec.name, driver, RemoteControl(driver))
+            self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
             log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
 
     async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
@@ -445,7 +460,7 @@ class Service:
         await self.guest.close()
         for _spec, device in self._devices:
             device.close()
-            device.backend.close()
+            device.node.close()
         self.memory.close()
         if self._restore_sched is not None:
             self._restore_sched()

@@ -11,9 +11,10 @@ each other.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
 
-from device.backends import Backend, Extent
+from device.block.node import BlockNode, Capabilities, Extent, describe_stack, stack
 from driver.blk import VirtioBlk
 from driver.dma import DmaBuffer
 
@@ -71,13 +72,59 @@ def aligned(offset: int, length: int) -> tuple[int, int]:
     return start, end
 
 
+class DiskControl(Protocol):
+    """What a disk's storage answers besides data (the control plane): the allocation map,
+    cache hints, what the storage can do, and what it is. Data never goes this way."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def extents(self, offset: int, length: int) -> list[Extent]: ...
+
+    def advise_willneed(self, offset: int, length: int) -> None: ...
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The block stack, top first (empty when the storage is not ours to see)."""
+        ...
+
+    def counters(self) -> Mapping[str, int]:
+        """The stack's own counters (RBD requests in flight, faults injected...)."""
+        ...
+
+
+class StackControl:
+    """The control plane of a block stack in this process: its top node answers."""
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.node.capabilities
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.node.extents(offset, length)
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        self.node.advise_willneed(offset, length)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return describe_stack(self.node)
+
+    def counters(self) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        for node in stack(self.node):
+            out.update(node.counters())
+        return out
+
+
 class ByteDisk:
     """One disk as the front ends use it: bytes in, bytes out, through the virtqueues."""
 
-    def __init__(self, name: str, driver: VirtioBlk, backend: Backend) -> None:
+    def __init__(self, name: str, driver: VirtioBlk, control: DiskControl) -> None:
         self.name = name
         self.driver = driver
-        self.backend = backend  # control plane only: the allocation map
+        self.control = control  # the control plane: the allocation map, cache hints
         self.edge_locks = EdgeLocks()
 
     @property
@@ -178,5 +225,13 @@ class ByteDisk:
         await self.driver.flush()
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        """The allocation map of ``[offset, offset+length)`` from the backend (control plane)."""
-        return self.backend.extents(offset, length)
+        """The allocation map of ``[offset, offset+length)`` (control plane)."""
+        return self.control.extents(offset, length)
+
+    def cache(self, offset: int, length: int) -> None:
+        """Hint that ``[offset, offset+length)`` will be read soon (control plane)."""
+        self.control.advise_willneed(offset, length)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.control.capabilities

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import uvloop
 
-from device.backends.raw import RawFileBackend
+from device.block.file import FileNode
 from service import logs
 from service.app import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig, serve
 from service.config import (
@@ -186,14 +186,14 @@ def _create_image(path: Path, size: int) -> int:
     if path.exists():
         print(f"vblk: {path} exists; not overwriting it", file=sys.stderr)
         return 1
-    RawFileBackend.open(path, size=size).close()
+    FileNode.open(path, size=size).close()
     print(json.dumps({"path": str(path), "size": size}))
     return 0
 
 
 def _info(path: Path) -> int:
     try:  # shares the image with its writers, like qemu-img info -U: a look, not a disk
-        backend = RawFileBackend.open(path, size=None, read_only=True, force_share=True)
+        backend = FileNode.open(path, size=None, read_only=True, force_share=True)
     except OSError as exc:
         print(f"vblk: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from device.backends.locks import lock_mode
-from device.backends.rbd import CACHE_MODES
+from device.block.faults import FaultPlan
+from device.block.locks import lock_mode
+from device.block.rbd import CACHE_MODES
 from service.app import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.server import NbdLimits
 from service.security import SecurityConfigError, Tokens
@@ -36,6 +37,7 @@ DISK_KEYS = (
     "pool",
     "create",
     "cache",
+    "fault",
 )
 BACKENDS = ("file", "memory", "rbd")
 IO_MODES = ("inline", "thread")
@@ -373,6 +375,9 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                         f"cache must be one of {', '.join(CACHE_MODES)}, not {options['cache']!r}"
                     )
                 spec["cache"] = options["cache"]
+            if "fault" in options:
+                FaultPlan.parse(options["fault"])  # refused now, not at start-up
+                spec["fault"] = options["fault"]
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
             elif "cache" in options:

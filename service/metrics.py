@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 import device.virtqueue
 import driver.blk
 import service.nbd.server
-from device.backends.rbd import RbdBackend
 from service.latency import FrontendObserver, LatencyHistogram, VirtioObserver
 
 if TYPE_CHECKING:
@@ -148,11 +147,11 @@ class _DiskCollector(Collector):
             labels=["disk"],
         )
         for name, disk in self._disks().items():
-            backend = disk.bytes.backend
-            if isinstance(backend, RbdBackend):
-                rbd_inflight.add_metric([name], backend.inflight)
-                rbd_completed.add_metric([name], backend.completed)
-                rbd_failed.add_metric([name], int(backend.write_failed))
+            counters = disk.bytes.control.counters()  # the stack's own: RBD's when a node is RBD
+            if "rbd_requests_inflight" in counters:
+                rbd_inflight.add_metric([name], counters["rbd_requests_inflight"])
+                rbd_completed.add_metric([name], counters["rbd_requests_completed"])
+                rbd_failed.add_metric([name], counters["rbd_write_failed"])
             stats = disk.driver.statistics()
             device = disk.device.stats
             size.add_metric([name], disk.driver.size)

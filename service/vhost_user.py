@@ -17,7 +17,7 @@ import structlog
 
 from device.blk import BlkConfig, IoMode
 from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
-from service.app import DiskSpec, describe_error, open_backend
+from service.app import DiskSpec, describe_error, open_stack
 
 log = structlog.get_logger("vblk.service.vhost_user")
 
@@ -53,13 +53,13 @@ async def serve_vhost_user(
         loop.add_signal_handler(sig, stop.set)
     spec = config.disk if io_mode is None else dataclasses.replace(config.disk, io_mode=io_mode)
     try:
-        backend = open_backend(spec)
-    except (OSError, ValueError) as exc:  # BackendError included: its message is a sentence
+        node = open_stack(spec)
+    except (OSError, ValueError) as exc:  # BlockError included: its message is a sentence
         code = exc.errno if isinstance(exc, OSError) else None
         log.error("disk_open_failed", error=describe_error(exc), errno=code)
         _unwatch(loop, signals)
         return 1
-    blk = VhostUserBlk(backend, blk_config(dataclasses.replace(config, disk=spec)))
+    blk = VhostUserBlk(node, blk_config(dataclasses.replace(config, disk=spec)))
     server = VhostUserServer(config.socket, blk)
     if config.once:
         server.on_session_end = stop.set
@@ -76,7 +76,7 @@ async def serve_vhost_user(
             "running",
             pid=os.getpid(),
             socket=str(config.socket),
-            size=backend.size,
+            size=node.size,
             image=str(spec.path) if spec.backend == "file" else None,
             queues=spec.num_queues,
             queue_size=spec.queue_size,
@@ -87,7 +87,7 @@ async def serve_vhost_user(
         await server.close()
         await blk.disconnect()
         blk.close()
-        backend.close()
+        node.close()
         _unwatch(loop, signals)
     return 0
 

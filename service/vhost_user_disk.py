@@ -3,18 +3,18 @@
 Service layer, used by :mod:`service.app`. The driver reaches the device through
 :class:`driver.vhost_user.VhostUserTransport` (the service's guest RAM is already a memfd);
 NBD and REST then export e.g. qemu-storage-daemon's virtio-blk device exactly like a local
-one. What the local device model would answer on the control plane, a remote device cannot:
+one. What the local block stack would answer on the control plane, a remote device cannot:
 the allocation map reports everything as data, cache hints are dropped, and there are no
-device-side counters.
+device-side counters (:class:`RemoteControl` says so in its capabilities).
 """
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from device.backends import Backend, BackendError, Extent
+from device.block.node import Capabilities, Extent
 from device.virtio import DeviceStatistics
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import VirtioBlk
@@ -32,64 +32,35 @@ def vhost_user_socket(backend: str) -> Path | None:
 class RemoteDevice:
     """Stands in for the device model where metrics and the ring view look for one."""
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend  # the control plane (see RemoteControlPlane)
+    def __init__(self) -> None:
         self.stats = DeviceStatistics()
         self.queues: list[DeviceVirtqueue] = []  # the device's side of the rings is not ours
+        self.strategy = "remote"
 
 
-class RemoteControlPlane:
-    """The :class:`device.backends.Backend` control plane of a device in another process.
-
-    Only :meth:`extents` and :meth:`advise_willneed` are ever used (data goes through the
-    rings); the rest refuses.
-    """
+class RemoteControl:
+    """The control plane of a device in another process: it cannot be asked, so every byte is
+    data (no allocation map), cache hints go nowhere, and there is no stack to describe."""
 
     def __init__(self, driver: VirtioBlk) -> None:
         self._driver = driver
 
     @property
-    def size(self) -> int:
-        return self._driver.size
-
-    @property
-    def read_only(self) -> bool:
-        return self._driver.read_only
-
-    @property
-    def slow_allocated_zeroes(self) -> bool:
-        return False  # unknown from here: the device in the other process answers for itself
+    def capabilities(self) -> Capabilities:
+        return Capabilities(read_only=self._driver.read_only, cache=False, extents=False, blocking=False)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        end = min(offset + length, self.size)
+        end = min(offset + length, self._driver.size)
         return [Extent(offset, end - offset, hole=False, zero=False)] if end > offset else []
 
     def advise_willneed(self, offset: int, length: int) -> None:
         pass
 
-    def _refuse(self) -> BackendError:
-        return BackendError(errno.EOPNOTSUPP, "the device is remote: go through the driver")
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"node": "vhost-user", "socket": self._driver.name}]
 
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        raise self._refuse()
-
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        raise self._refuse()
-
-    def flush(self) -> None:
-        raise self._refuse()
-
-    def discard(self, offset: int, length: int) -> None:
-        raise self._refuse()
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        raise self._refuse()
-
-    def resize(self, new_size: int) -> None:
-        raise self._refuse()
-
-    def close(self) -> None:
-        pass
+    def counters(self) -> Mapping[str, int]:
+        return {}
 
 
 async def start_vhost_user_driver(

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from device.backends import Backend
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.block.memory import MemoryNode
+from device.block.node import BlockNode
 from device.machine import Machine
 from device.memory import GuestMemory
 from driver.blk import VirtioBlk
@@ -32,11 +32,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @dataclasses.dataclass
 class Rig:
-    """A booted guest: RAM, machine, one device with its backend, and the driver for it."""
+    """A booted guest: RAM, machine, one device with its block stack, and the driver for it."""
 
     memory: GuestMemory
     machine: Machine
-    backend: Backend
+    backend: BlockNode
     device: VirtioBlkDevice
     guest: Guest
     disk: VirtioBlk
@@ -51,12 +51,12 @@ async def make_rig(
     disk_size: int = 4 * MiB,
     memory_size: int = 64 * MiB,
     config: BlkConfig | None = None,
-    backend: Backend | None = None,
+    backend: BlockNode | None = None,
     **driver_options: Any,
 ) -> Rig:
     memory = GuestMemory(memory_size)
     machine = Machine(memory)
-    backend = backend if backend is not None else MemoryBackend(disk_size)
+    backend = backend if backend is not None else MemoryNode(disk_size)
     device = plug_blk(machine, backend, config or BlkConfig())
     guest = Guest(machine)
     [disk] = await guest.probe(**driver_options)

@@ -140,18 +140,22 @@ class GuardPlugin:
         self.catcher = _Catcher()
         self.children = _ChildLog(directory / "children.log")
         self.directory = directory
+        self._baseline: tuple[dict[str, Any], int] | None = None
 
     def start(self) -> None:
         self.route()
         logging.getLogger().addHandler(self.catcher)
         os.environ[LOG_FILE_ENV] = str(self.children.path)
 
-    @staticmethod
-    def route() -> None:
-        """vblk's structlog setup routes its events through the root logger, where the catcher is
-        (again, if a test reset structlog to its defaults, which print past it)."""
-        if not isinstance(structlog.get_config()["logger_factory"], structlog.stdlib.LoggerFactory):
+    def route(self) -> None:
+        """vblk's structlog setup routes its events through the root logger, where the catcher is,
+        at info level; put it back if a test changed it (reset structlog to its defaults, which
+        print past the catcher, or configured another level, which would hide lines from the
+        next tests' caplog)."""
+        if self._baseline is None or structlog.get_config() != self._baseline[0]:
             logs.configure("info", "json", stream=sys.stdout)
+            self._baseline = (structlog.get_config(), logging.getLogger().level)
+        logging.getLogger().setLevel(self._baseline[1])
 
     def stop(self) -> None:
         logging.getLogger().removeHandler(self.catcher)

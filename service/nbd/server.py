@@ -26,7 +26,6 @@ from typing import Any, Final, cast
 import structlog
 from mypy_extensions import mypyc_attr
 
-from device.backends import Backend
 from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
@@ -100,10 +99,6 @@ class NbdExport:
     @property
     def driver(self) -> VirtioBlk:
         return self.disk.driver
-
-    @property
-    def backend(self) -> Backend:
-        return self.disk.backend
 
     def describe(self) -> p.Export:
         """The export as the codec sees it; rebuilt only when the disk's size changes."""
@@ -758,7 +753,7 @@ class _Connection:
             elif command == Command.WRITE_ZEROES:
                 await self._write_zeroes(request, export)
             elif command == Command.CACHE:
-                export.backend.advise_willneed(request.offset, request.length)
+                export.disk.cache(request.offset, request.length)
         except (BlkError, OSError) as exc:
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(exc))
             error = (_errno_of(exc), str(exc))
@@ -794,7 +789,7 @@ class _Connection:
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
         unmap = not request.flags & NBD_CMD_FLAG_NO_HOLE
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
-        if request.flags & NBD_CMD_FLAG_FAST_ZERO and not unmap and export.disk.backend.slow_allocated_zeroes:
+        if request.flags & NBD_CMD_FLAG_FAST_ZERO and not unmap and not export.disk.capabilities.fast_zero:
             # Allocated zeroes cost a write here (RBD's write-same): FAST_ZERO fails at once with
             # ENOTSUP, touching nothing, as the NBD spec asks.
             raise BlkUnsupportedError("zeroes that stay allocated are a full write here (FAST_ZERO)")

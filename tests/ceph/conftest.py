@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from device.backends import ceph
-from device.backends.rbd import CACHE_MODES, RbdBackend
+from device.blk import VirtioBlkDevice
+from device.block import ceph
+from device.block.rbd import CACHE_MODES, RbdNode
 from service.app import CephOptions, DiskSpec, Service
 from tests.ceph.cluster import Cluster
 from tests.service.conftest import MiB, NbdRig, serving
@@ -53,9 +54,11 @@ def create_image(cluster: Cluster, name: str, size: int) -> None:
         rados.shutdown()
 
 
-def rbd_backend(service: Service, disk: str = "disk0") -> RbdBackend:
-    backend = service.disks[disk].device.backend
-    assert isinstance(backend, RbdBackend)
+def rbd_backend(service: Service, disk: str = "disk0") -> RbdNode:
+    device = service.disks[disk].device
+    assert isinstance(device, VirtioBlkDevice)
+    backend = device.node
+    assert isinstance(backend, RbdNode)
     return backend
 
 

@@ -23,18 +23,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from device.backends import BackendError, ceph
-from device.backends.rbd import (
-    CACHE_MODES,
-    DATA,
-    HOLE,
-    ZERO,
-    AllocationMap,
-    ImageLockedError,
-    RbdBackend,
-    RbdTarget,
-    batch_thread,
-)
+from device.block import ceph
+from device.block.allocation import DATA, HOLE, ZERO, AllocationMap
+from device.block.node import BlockError, awaited
+from device.block.rbd import CACHE_MODES, ImageLockedError, RbdNode, RbdTarget
+from device.block.sched import batch_thread
 from driver.blk import BlkIOError
 from service.app import DiskSpec, Service, ServiceConfig, StartupError
 from service.config import ConfigError, from_sources
@@ -143,7 +136,7 @@ def test_cache_option_is_what_librbd_runs_with(ceph_cluster: Cluster, cache: str
         create_size=MiB,
         cache=cache,
     )
-    backend = RbdBackend.open(target)
+    backend = RbdNode.open(target)
     try:
         settings = {k: backend.option(k) for k in ("rbd_cache", "rbd_cache_policy")}
         assert backend.option("librados_thread_count") == "1"  # vblk's default: one completion thread
@@ -161,7 +154,7 @@ def test_librbd_threads_are_batch_threads_and_the_caller_is_not(ceph_cluster: Cl
     target = RbdTarget(
         "rbd", image_name("sched"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=MiB
     )
-    backend = RbdBackend.open(target)
+    backend = RbdNode.open(target)
     try:
         started = set(os.listdir("/proc/self/task")) - before
         assert len(started) >= 3  # the messenger, the aio dispatch and completion thread, timers...
@@ -215,24 +208,24 @@ async def test_aio_transfers_one_buffer_several_and_read_only_ones(ceph_cluster:
     target = RbdTarget(
         "rbd", image_name("aio"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=MiB
     )
-    backend = await asyncio.to_thread(RbdBackend.open, target)
+    backend = await asyncio.to_thread(RbdNode.open, target)
     try:
         ram = bytearray(4 * 4096)
         view = memoryview(ram)
         ram[:4096] = b"a" * 4096
-        await backend.aio_writev(0, [view[:4096]])  # one guest buffer: rbd_aio_write
+        await awaited(backend.writev, 0, [view[:4096]])  # one guest buffer: rbd_aio_write
         ram[4096:12288] = b"b" * 4096 + b"c" * 4096
-        await backend.aio_writev(4096, [view[4096:8192], view[8192:12288]])  # several: an iovec array
-        await backend.aio_writev(12288, [memoryview(b"d" * 4096)])  # read-only: written from a copy
+        await awaited(backend.writev, 4096, [view[4096:8192], view[8192:12288]])  # several: an iovec array
+        await awaited(backend.writev, 12288, [memoryview(b"d" * 4096)])  # read-only: written from a copy
         ram[:] = bytes(len(ram))
-        await backend.aio_readv(0, [view[:4096]])
-        await backend.aio_readv(4096, [view[4096:6144], view[6144:12288], view[12288:]])
+        await awaited(backend.readv, 0, [view[:4096]])
+        await awaited(backend.readv, 4096, [view[4096:6144], view[6144:12288], view[12288:]])
         assert ram == b"a" * 4096 + b"b" * 4096 + b"c" * 4096 + b"d" * 4096
-        with pytest.raises(BackendError) as refused:
-            backend.aio_readv(0, [memoryview(bytes(4096))])  # nowhere to put the data
+        with pytest.raises(BlockError) as refused:
+            await awaited(backend.readv, 0, [memoryview(bytes(4096))])  # nowhere to put the data
         assert refused.value.errno == errno.EINVAL
-        with pytest.raises(BackendError) as outside:
-            backend.aio_readv(MiB - 512, [view[:4096]])
+        with pytest.raises(BlockError) as outside:
+            await awaited(backend.readv, MiB - 512, [view[:4096]])
         assert outside.value.errno == errno.EINVAL
         assert backend.completed == 5 and backend.inflight == 0
     finally:
@@ -245,7 +238,7 @@ def test_ceph_conf_overrides_vblks_tuning(ceph_cluster: Cluster, tmp_path: Path)
         ceph_cluster.conf.read_text().replace("[client]\n", "[client]\nlibrados thread count = 3\n")
     )
     target = RbdTarget("rbd", image_name("tuned"), str(conf), timeout=CLIENT_TIMEOUT, create_size=MiB)
-    backend = RbdBackend.open(target)
+    backend = RbdNode.open(target)
     try:
         assert backend.option("librados_thread_count") == "3"
     finally:
@@ -353,18 +346,18 @@ async def test_a_fresh_open_maps_exactly_what_was_written(ceph_cluster: Cluster)
     target = RbdTarget(
         "rbd", image_name("fresh"), str(ceph_cluster.conf), timeout=CLIENT_TIMEOUT, create_size=32 * MiB
     )
-    backend = await asyncio.to_thread(RbdBackend.open, target)
+    backend = await asyncio.to_thread(RbdNode.open, target)
     try:
-        await backend.aio_writev(1 * MiB, [memoryview(bytearray(b"a" * 12288))])
-        await backend.aio_writev(9 * MiB + 4096, [memoryview(bytearray(b"b" * 65536))])
-        await backend.aio_writev(16 * MiB, [memoryview(bytearray(b"c" * (8 * MiB)))])
-        await backend.aio_discard(20 * MiB, 4 * MiB)  # a whole object: deallocated
-        await backend.aio_write_zeroes(16 * MiB, 4 * MiB, False)  # zeroes kept allocated
+        await awaited(backend.writev, 1 * MiB, [memoryview(bytearray(b"a" * 12288))])
+        await awaited(backend.writev, 9 * MiB + 4096, [memoryview(bytearray(b"b" * 65536))])
+        await awaited(backend.writev, 16 * MiB, [memoryview(bytearray(b"c" * (8 * MiB)))])
+        await awaited(backend.discard, 20 * MiB, 4 * MiB)  # a whole object: deallocated
+        await awaited(backend.write_zeroes, 16 * MiB, 4 * MiB, False)  # zeroes kept allocated
     finally:
         await asyncio.to_thread(backend.close)
     written = [(1 * MiB, 12288), (9 * MiB + 4096, 65536), (16 * MiB, 4 * MiB)]
     untouched = [(4 * MiB, 4 * MiB), (12 * MiB, 4 * MiB), (20 * MiB, 12 * MiB)]  # whole 4 MiB objects
-    reopened = await asyncio.to_thread(RbdBackend.open, target)
+    reopened = await asyncio.to_thread(RbdNode.open, target)
     try:
         # librbd reports an object's data from the object's start: the map may err towards data
         # inside a written object, never towards a hole.
@@ -379,7 +372,7 @@ async def test_a_fresh_open_maps_exactly_what_was_written(ceph_cluster: Cluster)
         await asyncio.to_thread(reopened.close)
     # A read-only client takes no lock, so others may write under it: it calls every block data.
     read_only = dataclasses.replace(target, read_only=True, create_size=None)
-    shared = await asyncio.to_thread(RbdBackend.open, read_only)
+    shared = await asyncio.to_thread(RbdNode.open, read_only)
     try:
         everything = [(e.offset, e.length, e.hole) for e in shared.extents(0, shared.size)]
         assert everything == [(0, 32 * MiB, False)]
@@ -479,8 +472,8 @@ async def test_second_vblk_refuses_a_locked_image(ceph_cluster: Cluster) -> None
         await ro.stop()
     finally:
         await first.stop()
-    with pytest.raises(BackendError):  # a missing image without create= is an error, not a new image
-        RbdBackend.open(RbdTarget("rbd", image_name("missing"), str(ceph_cluster.conf), timeout=5))
+    with pytest.raises(BlockError):  # a missing image without create= is an error, not a new image
+        RbdNode.open(RbdTarget("rbd", image_name("missing"), str(ceph_cluster.conf), timeout=5))
 
 
 # -- vblk as a process: failover and a dying cluster ---------------------------------------------------

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig
+from device.block.memory import MemoryNode
 from device.spec.virtio import VIRTIO_F_INDIRECT_DESC, avail_ring_size, desc_table_size, used_ring_size
 from driver.blk import BlkIOError
 from driver.virtqueue import DriverVirtqueue
@@ -157,16 +157,16 @@ async def test_three_descriptor_chains_go_avail_then_used() -> None:
         await rig.close()
 
 
-class GatedBackend(MemoryBackend):
+class GatedBackend(MemoryNode):
     """Reads wait for the test to open the gate (they run in the device's worker threads)."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.gate = threading.Event()
 
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self.gate.wait(10)
-        super().readv(offset, buffers)
+        super().read_now(offset, buffers)
 
 
 async def test_chains_held_by_the_device_then_returned() -> None:

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 import service.app
-from device.backends.memory import MemoryBackend
+from device.block.memory import MemoryNode
 from service.app import DiskSpec, Service, ServiceConfig
 from tests.deploy.browser import Page, chromium
 from tests.service.conftest import MiB
@@ -43,19 +43,19 @@ READ_VIEW = """JSON.stringify({
 })"""
 
 
-class SlowBackend(MemoryBackend):
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+class SlowBackend(MemoryNode):
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         time.sleep(DELAY)
-        super().readv(offset, buffers)
+        super().read_now(offset, buffers)
 
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         time.sleep(DELAY)
-        super().writev(offset, buffers)
+        super().write_now(offset, buffers)
 
 
 @pytest.fixture
 async def slow_service(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Service]:
-    monkeypatch.setattr(service.app, "open_backend", lambda spec: SlowBackend(spec.size))
+    monkeypatch.setattr(service.app, "open_storage", lambda spec: SlowBackend(spec.size))
     directory = tempfile.mkdtemp(prefix="vblk-")
     config = ServiceConfig(
         disks=(

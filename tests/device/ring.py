@@ -14,9 +14,9 @@ from typing import Any
 from unittest import mock
 
 import device.virtqueue as virtqueue_module
-from device.backends import Backend
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, VirtioBlkDevice
+from device.block.memory import MemoryNode
+from device.block.node import BlockNode
 from device.memory import GuestMemory
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -216,11 +216,11 @@ class BlkBench:
         queue_size: int = 16,
         disk_size: int = 1 << 20,
         memory_size: int = 1 << 20,
-        backend: Backend | None = None,
+        backend: BlockNode | None = None,
         config: BlkConfig | None = None,
     ) -> None:
         self.memory = GuestMemory(memory_size)
-        self.backend = backend if backend is not None else MemoryBackend(disk_size)
+        self.backend = backend if backend is not None else MemoryNode(disk_size)
         config = config or BlkConfig(queue_size=max(4, queue_size))
         self.device = VirtioBlkDevice(self.memory, self.backend, config)
         self.queue_size = queue_size

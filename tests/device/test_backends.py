@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.backends import Backend, BackendError, Extent
-from device.backends.memory import MemoryBackend
-from device.backends.raw import RawFileBackend
+from device.block.file import FileNode
+from device.block.memory import MemoryNode
+from device.block.node import BlockError, BlockNode, Extent, blocking_call
 from device.spec.virtio_blk import RequestType, Status
 from tests.device.ring import WRITE, BlkBench, Desc, link
 
@@ -30,33 +30,33 @@ MiB = 1 << 20
 
 
 @contextmanager
-def open_backend(kind: str, size: int) -> Iterator[Backend]:
+def open_backend(kind: str, size: int) -> Iterator[BlockNode]:
     if kind == "memory":
-        backend: Backend = MemoryBackend(size)
+        backend: BlockNode = MemoryNode(size)
         yield backend
         backend.close()
         return
     with tempfile.TemporaryDirectory() as tmp:
-        backend = RawFileBackend.open(Path(tmp) / "disk.img", size)
+        backend = FileNode.open(Path(tmp) / "disk.img", size)
         try:
             yield backend
         finally:
             backend.close()
 
 
-def read(backend: Backend, offset: int, length: int, cuts: list[int] | None = None) -> bytes:
+def read(backend: BlockNode, offset: int, length: int, cuts: list[int] | None = None) -> bytes:
     """Read through readv, into buffers cut at ``cuts`` (offsets into the range)."""
     out = bytearray(length)
     view = memoryview(out)
     bounds = sorted({c for c in cuts or [] if 0 < c < length} | {0, length})
-    backend.readv(offset, [view[a:b] for a, b in itertools.pairwise(bounds)])
+    blocking_call(backend.readv, offset, [view[a:b] for a, b in itertools.pairwise(bounds)])
     return bytes(out)
 
 
-def write(backend: Backend, offset: int, data: bytes, cuts: list[int] | None = None) -> None:
+def write(backend: BlockNode, offset: int, data: bytes, cuts: list[int] | None = None) -> None:
     view = memoryview(data)
     bounds = sorted({c for c in cuts or [] if 0 < c < len(data)} | {0, len(data)})
-    backend.writev(offset, [view[a:b] for a, b in itertools.pairwise(bounds)])
+    blocking_call(backend.writev, offset, [view[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 def check_extents(extents: list[Extent], offset: int, length: int, model: bytes | bytearray) -> None:
@@ -129,10 +129,10 @@ def test_backend_behaves_like_a_bytearray(kind: str, ops: list[Op]) -> None:
             elif op.name == "read":
                 assert read(backend, offset, length, op.cuts) == model[offset : offset + length]
             elif op.name == "discard":
-                backend.discard(offset, length)
+                blocking_call(backend.discard, offset, length)
                 model[offset : offset + length] = bytes(length)
             elif op.name == "write_zeroes":
-                backend.write_zeroes(offset, length, op.unmap)
+                blocking_call(backend.write_zeroes, offset, length, op.unmap)
                 model[offset : offset + length] = bytes(length)
             elif op.name == "extents" and length:
                 check_extents(backend.extents(offset, length), offset, length, model)
@@ -149,23 +149,23 @@ def test_backend_behaves_like_a_bytearray(kind: str, ops: list[Op]) -> None:
 def test_out_of_range_access_is_refused(kind: str, offset: int, length: int) -> None:
     with open_backend(kind, 64 * KiB) as backend:
         calls: dict[str, Callable[[], object]] = {
-            "readv": lambda: backend.readv(offset, [memoryview(bytearray(length))]),
-            "writev": lambda: backend.writev(offset, [memoryview(b"\1" * length)]),
-            "discard": lambda: backend.discard(offset, length),
-            "write_zeroes": lambda: backend.write_zeroes(offset, length, True),
+            "readv": lambda: blocking_call(backend.readv, offset, [memoryview(bytearray(length))]),
+            "writev": lambda: blocking_call(backend.writev, offset, [memoryview(b"\1" * length)]),
+            "discard": lambda: blocking_call(backend.discard, offset, length),
+            "write_zeroes": lambda: blocking_call(backend.write_zeroes, offset, length, True),
             "extents": lambda: backend.extents(offset, length),
         }
         for name, call in calls.items():
-            with pytest.raises(BackendError) as info:
+            with pytest.raises(BlockError) as info:
                 call()
             assert info.value.errno == errno.EINVAL, name
         negatives: list[Callable[[], object]] = [
-            lambda: backend.discard(0, -SECTOR),
-            lambda: backend.write_zeroes(0, -SECTOR, False),
+            lambda: blocking_call(backend.discard, 0, -SECTOR),
+            lambda: blocking_call(backend.write_zeroes, 0, -SECTOR, False),
             lambda: backend.extents(0, -SECTOR),
         ]
         for negative in negatives:
-            with pytest.raises(BackendError):
+            with pytest.raises(BlockError):
                 negative()
         assert read(backend, 0, 64 * KiB) == bytes(64 * KiB)
 
@@ -188,7 +188,7 @@ def test_resize_keeps_the_prefix_and_grows_with_zeroes(kind: str, cut: int) -> N
 
 def test_raw_image_is_created_sparse(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    backend = RawFileBackend.open(path, 256 * MiB)
+    backend = FileNode.open(path, 256 * MiB)
     try:
         st_ = os.stat(path)
         assert st_.st_size == 256 * MiB
@@ -201,17 +201,17 @@ def test_raw_image_is_created_sparse(tmp_path: Path) -> None:
 
 
 def test_raw_punched_hole_shows_as_a_hole_extent(tmp_path: Path) -> None:
-    backend = RawFileBackend.open(tmp_path / "disk.img", 4 * MiB)
+    backend = FileNode.open(tmp_path / "disk.img", 4 * MiB)
     try:
         write(backend, 0, b"\xab" * MiB)
         assert backend.extents(0, MiB) == [Extent(0, MiB, hole=False, zero=False)]
-        backend.discard(256 * KiB, 256 * KiB)
+        blocking_call(backend.discard, 256 * KiB, 256 * KiB)
         assert backend.extents(0, MiB) == [
             Extent(0, 256 * KiB, hole=False, zero=False),
             Extent(256 * KiB, 256 * KiB, hole=True, zero=True),
             Extent(512 * KiB, 512 * KiB, hole=False, zero=False),
         ]
-        backend.write_zeroes(768 * KiB, 128 * KiB, may_unmap=True)
+        blocking_call(backend.write_zeroes, 768 * KiB, 128 * KiB, True)
         holes = [e for e in backend.extents(0, MiB) if e.hole]
         assert Extent(768 * KiB, 128 * KiB, hole=True, zero=True) in holes
         assert read(backend, 0, MiB) == (
@@ -222,7 +222,7 @@ def test_raw_punched_hole_shows_as_a_hole_extent(tmp_path: Path) -> None:
             + b"\xab" * (128 * KiB)
         )
         # A sub-block range inside data reads as zeroes after a discard.
-        backend.discard(SECTOR, SECTOR)
+        blocking_call(backend.discard, SECTOR, SECTOR)
         assert read(backend, 0, 3 * SECTOR) == b"\xab" * SECTOR + bytes(SECTOR) + b"\xab" * SECTOR
         # Extents of a range that starts and ends inside runs are clipped to it.
         extents = backend.extents(200 * KiB, 100 * KiB)
@@ -233,39 +233,39 @@ def test_raw_punched_hole_shows_as_a_hole_extent(tmp_path: Path) -> None:
 
 def test_raw_read_only_refuses_every_write_with_erofs(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    RawFileBackend.open(path, MiB).close()
+    FileNode.open(path, MiB).close()
     with pytest.raises(ValueError, match="read-only"):
-        RawFileBackend.open(tmp_path / "new.img", MiB, read_only=True)
-    backend = RawFileBackend.open(path, read_only=True)
+        FileNode.open(tmp_path / "new.img", MiB, read_only=True)
+    backend = FileNode.open(path, read_only=True)
     try:
         assert backend.read_only and backend.size == MiB
         writes: list[Callable[[], object]] = [
-            lambda: backend.writev(0, [memoryview(b"\1" * SECTOR)]),
-            lambda: backend.discard(0, SECTOR),
-            lambda: backend.write_zeroes(0, SECTOR, False),
+            lambda: blocking_call(backend.writev, 0, [memoryview(b"\1" * SECTOR)]),
+            lambda: blocking_call(backend.discard, 0, SECTOR),
+            lambda: blocking_call(backend.write_zeroes, 0, SECTOR, False),
             lambda: backend.resize(2 * MiB),
         ]
         for call in writes:
-            with pytest.raises(BackendError) as info:
+            with pytest.raises(BlockError) as info:
                 call()
             assert info.value.errno == errno.EROFS
         assert read(backend, 0, MiB) == bytes(MiB)
-        backend.flush()  # nothing to make durable, and no error
+        blocking_call(backend.flush)  # nothing to make durable, and no error
     finally:
         backend.close()
     assert os.stat(path).st_size == MiB
 
 
 def test_memory_read_only_refuses_every_write_with_erofs() -> None:
-    backend = MemoryBackend(MiB, read_only=True)
+    backend = MemoryNode(MiB, read_only=True)
     writes: list[Callable[[], object]] = [
-        lambda: backend.writev(0, [memoryview(b"\1" * SECTOR)]),
-        lambda: backend.discard(0, SECTOR),
-        lambda: backend.write_zeroes(0, SECTOR, True),
+        lambda: blocking_call(backend.writev, 0, [memoryview(b"\1" * SECTOR)]),
+        lambda: blocking_call(backend.discard, 0, SECTOR),
+        lambda: blocking_call(backend.write_zeroes, 0, SECTOR, True),
         lambda: backend.resize(2 * MiB),
     ]
     for call in writes:
-        with pytest.raises(BackendError) as info:
+        with pytest.raises(BlockError) as info:
             call()
         assert info.value.errno == errno.EROFS
 
@@ -273,15 +273,15 @@ def test_memory_read_only_refuses_every_write_with_erofs() -> None:
 def test_raw_open_checks_the_image(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     with pytest.raises(FileNotFoundError):
-        RawFileBackend.open(path, MiB, create=False)
+        FileNode.open(path, MiB, create=False)
     with pytest.raises(ValueError):
-        RawFileBackend.open(path, 1000)  # not a multiple of 512
-    RawFileBackend.open(path, MiB).close()
+        FileNode.open(path, 1000)  # not a multiple of 512
+    FileNode.open(path, MiB).close()
     with pytest.raises(ValueError, match="not the requested"):
-        RawFileBackend.open(path, 2 * MiB)
+        FileNode.open(path, 2 * MiB)
     path.write_bytes(b"\0" * 1000)
     with pytest.raises(ValueError, match="multiple of 512"):
-        RawFileBackend.open(path)
+        FileNode.open(path)
 
 
 def test_raw_flush_failure_is_reported_and_never_forgotten(
@@ -289,10 +289,10 @@ def test_raw_flush_failure_is_reported_and_never_forgotten(
 ) -> None:
     """After a failed fdatasync the page cache may have dropped the dirty data and marked it
     clean, so a later fdatasync can succeed without it: every later flush must fail too."""
-    backend = RawFileBackend.open(tmp_path / "disk.img", MiB)
+    backend = FileNode.open(tmp_path / "disk.img", MiB)
     try:
         write(backend, 0, b"\x77" * SECTOR)
-        backend.flush()
+        blocking_call(backend.flush)
         real_fdatasync = os.fdatasync
 
         def failing_fdatasync(fd: int) -> None:
@@ -300,13 +300,13 @@ def test_raw_flush_failure_is_reported_and_never_forgotten(
 
         monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
         write(backend, SECTOR, b"\x78" * SECTOR)
-        with pytest.raises(BackendError) as info:
-            backend.flush()
+        with pytest.raises(BlockError) as info:
+            blocking_call(backend.flush)
         assert info.value.errno == errno.EIO
         monkeypatch.setattr(os, "fdatasync", real_fdatasync)
         for _ in range(2):
-            with pytest.raises(BackendError) as info:
-                backend.flush()
+            with pytest.raises(BlockError) as info:
+                blocking_call(backend.flush)
             assert info.value.errno == errno.EIO
     finally:
         backend.close()
@@ -316,7 +316,7 @@ async def test_flush_request_after_a_failed_fdatasync_keeps_failing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the device: a FLUSH is never acknowledged once an fdatasync has failed."""
-    bench = BlkBench(backend=RawFileBackend.open(tmp_path / "disk.img", MiB))
+    bench = BlkBench(backend=FileNode.open(tmp_path / "disk.img", MiB))
     bench.start()
     try:
 

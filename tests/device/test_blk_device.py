@@ -15,9 +15,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from device.backends import Backend, BackendError
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig
+from device.block.memory import MemoryNode
+from device.block.node import BlockError, BlockNode, Completion, blocking_call
 from device.spec import virtio_blk as vb
 from device.spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET
 from device.spec.virtio_blk import RequestType, Status
@@ -28,7 +28,7 @@ DISK = 1 << 20
 CAPACITY = DISK // SECTOR
 
 
-class FailingBackend(MemoryBackend):
+class FailingBackend(MemoryNode):
     """A memory backend whose listed operations fail with EIO; counts flushes."""
 
     def __init__(self, size: int, fail: Sequence[str] = ()) -> None:
@@ -38,40 +38,53 @@ class FailingBackend(MemoryBackend):
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail:
-            raise BackendError(errno.EIO, f"injected {op} failure")
+            raise BlockError(errno.EIO, f"injected {op} failure")
 
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self._maybe_fail("readv")
-        super().readv(offset, buffers)
+        super().read_now(offset, buffers)
 
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self._maybe_fail("writev")
-        super().writev(offset, buffers)
+        super().write_now(offset, buffers)
 
-    def flush(self) -> None:
-        self._maybe_fail("flush")
+    def flush(self, done: Completion) -> None:
+        try:
+            self._maybe_fail("flush")
+        except BlockError as exc:
+            done.complete(exc)
+            return
         self.flushes += 1
+        done.complete(None)
 
-    def discard(self, offset: int, length: int) -> None:
-        self._maybe_fail("discard")
-        super().discard(offset, length)
+    def discard(self, offset: int, length: int, done: Completion) -> None:
+        try:
+            self._maybe_fail("discard")
+        except BlockError as exc:
+            done.complete(exc)
+            return
+        super().discard(offset, length, done)
 
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._maybe_fail("write_zeroes")
-        super().write_zeroes(offset, length, may_unmap)
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
+        try:
+            self._maybe_fail("write_zeroes")
+        except BlockError as exc:
+            done.complete(exc)
+            return
+        super().write_zeroes(offset, length, may_unmap, done)
 
 
 def disk_bytes(bench: BlkBench, offset: int, length: int) -> bytes:
     buf = bytearray(length)
-    bench.backend.readv(offset, [memoryview(buf)])
+    blocking_call(bench.backend.readv, offset, [memoryview(buf)])
     return bytes(buf)
 
 
 def fill_disk(bench: BlkBench, data: bytes, offset: int = 0) -> None:
-    bench.backend.writev(offset, [memoryview(data)])
+    blocking_call(bench.backend.writev, offset, [memoryview(data)])
 
 
-def started(*, backend: Backend | None = None, config: BlkConfig | None = None) -> BlkBench:
+def started(*, backend: BlockNode | None = None, config: BlkConfig | None = None) -> BlkBench:
     bench = BlkBench(backend=backend, config=config)
     bench.start()
     return bench
@@ -300,7 +313,7 @@ async def test_read_only_disk_refuses_writes_with_io_error_and_writes_nothing() 
 
 
 async def test_read_only_backend_makes_a_read_only_device() -> None:
-    bench = started(backend=MemoryBackend(DISK, read_only=True))
+    bench = started(backend=MemoryNode(DISK, read_only=True))
     assert bench.device.device_features >> vb.VIRTIO_BLK_F_RO & 1
     assert await bench.run(bench.out_chain(0, b"\x44" * SECTOR)) == (Status.IOERR, 1)
 

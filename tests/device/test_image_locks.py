@@ -1,4 +1,4 @@
-"""QEMU's image locks on raw images (device/backends/locks.py), against the real qemu-nbd, qemu-img
+"""QEMU's image locks on raw images (device/block/locks.py), against the real qemu-nbd, qemu-img
 and qemu-io in both directions: one writer at a time, readers share, force-share reads anyway.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from device.backends.locks import (
+from device.block.file import FileNode
+from device.block.locks import (
     PERM_BASE,
     READER,
     SHARED_BASE,
@@ -23,7 +24,6 @@ from device.backends.locks import (
     ImageInUseError,
     lock_mode,
 )
-from device.backends.raw import RawFileBackend
 from tests.qemu import locked_bytes, qemu_nbd, qemu_nbd_refusal
 from tests.service.conftest import run
 
@@ -43,14 +43,14 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def opened(image: Path, **options: bool) -> RawFileBackend:
-    return RawFileBackend.open(image, **options)
+def opened(image: Path, **options: bool) -> FileNode:
+    return FileNode.open(image, **options)
 
 
 @pytest.fixture
-def backends() -> Iterator[list[RawFileBackend]]:
+def backends() -> Iterator[list[FileNode]]:
     """Backends a test opens, closed at its end whatever happens."""
-    held: list[RawFileBackend] = []
+    held: list[FileNode] = []
     yield held
     for backend in held:
         backend.close()
@@ -116,7 +116,7 @@ async def test_vblk_refuses_an_image_qemu_nbd_writes(image: Path) -> None:
         backend = opened(image, read_only=True, force_share=True)
         try:
             buffer = bytearray(65536)
-            backend.readv(0, [memoryview(buffer)])
+            backend.read_now(0, [memoryview(buffer)])
             assert buffer == b"\x5a" * 65536
         finally:
             backend.close()
@@ -147,7 +147,7 @@ async def test_qemu_refuses_an_image_vblk_writes(image: Path) -> None:
         pass
 
 
-async def test_readers_share(image: Path, backends: list[RawFileBackend]) -> None:
+async def test_readers_share(image: Path, backends: list[FileNode]) -> None:
     async with qemu_nbd(image, "-r"):  # a QEMU reader first, then vblk
         backends.append(opened(image, read_only=True))
     async with qemu_nbd(image, "-r"):  # and the other way round, with a second vblk reader
@@ -165,7 +165,7 @@ async def test_readers_share(image: Path, backends: list[RawFileBackend]) -> Non
         opened(image)
 
 
-async def test_force_share_reads_beside_writers(image: Path, backends: list[RawFileBackend]) -> None:
+async def test_force_share_reads_beside_writers(image: Path, backends: list[FileNode]) -> None:
     with pytest.raises(ValueError, match="read-only"):
         opened(image, force_share=True)
     backends.append(opened(image, read_only=True, force_share=True))
@@ -175,7 +175,7 @@ async def test_force_share_reads_beside_writers(image: Path, backends: list[RawF
     assert locked_bytes(image) == dict.fromkeys({100, 101, 201, 203}, "READ")
 
 
-def test_two_vblk_writers(image: Path, backends: list[RawFileBackend]) -> None:
+def test_two_vblk_writers(image: Path, backends: list[FileNode]) -> None:
     first = opened(image)
     for options in ({}, {"read_only": True}):  # another writer, or a reader that refuses writers
         with pytest.raises(ImageInUseError, match=r"\(open for writing: QEMU lock byte 101\)"):
@@ -199,7 +199,7 @@ def test_an_exclusive_lock_refuses_all_but_what_it_leaves(image: Path) -> None:
 
 async def test_a_new_image_is_locked_from_the_start(tmp_path: Path) -> None:
     path = tmp_path / "new.img"
-    backend = RawFileBackend.open(path, SIZE)
+    backend = FileNode.open(path, SIZE)
     try:
         assert set(locked_bytes(path)) == {100, 101, 201, 203}
         assert WRITE_LOCKED in await qemu_nbd_refusal(path)

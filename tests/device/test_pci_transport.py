@@ -12,8 +12,9 @@ import os
 
 import pytest
 
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.block.memory import MemoryNode
+from device.block.node import blocking_call
 from device.machine import Machine
 from device.memory import GuestMemory
 from device.spec import pci
@@ -43,7 +44,7 @@ class PciBench:
     def __init__(self, config: BlkConfig | None = None) -> None:
         self.memory = GuestMemory(1 << 20)
         self.machine = Machine(self.memory)
-        self.backend = MemoryBackend(DISK)
+        self.backend = MemoryNode(DISK)
         self.device: VirtioBlkDevice = plug_blk(
             self.machine, self.backend, config or BlkConfig(num_queues=NUM_QUEUES, queue_size=QUEUE_SIZE)
         )
@@ -407,7 +408,7 @@ async def test_writing_zero_to_device_status_resets(bench: PciBench) -> None:
 
 async def test_notify_before_driver_ok_is_ignored_until_driver_ok(bench: PciBench) -> None:
     image = os.urandom(SECTOR)
-    bench.backend.writev(0, [memoryview(image)])
+    blocking_call(bench.backend.writev, 0, [memoryview(image)])
     assert bench.negotiate(bench.device_features())
     ring, notify = bench.setup_queue(0)
     data, status = bench.read_request(ring, 0)
@@ -503,7 +504,7 @@ def test_device_config_fields_at_spec_offsets(bench: PciBench) -> None:
 
 
 async def _config_change(bench: PciBench) -> None:
-    bench.device.resize(bench.device.backend.size + DISK)
+    bench.device.resize(bench.device.node.size + DISK)
     for _ in range(3):
         await asyncio.sleep(0)
 

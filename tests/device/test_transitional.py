@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig, VirtioBlkDevice
+from device.block.memory import MemoryNode
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
 from device.spec.virtio import (
@@ -37,14 +37,14 @@ def memory() -> GuestMemory:
 
 
 def test_a_modern_only_device_refuses_legacy_drivers(memory: GuestMemory) -> None:
-    device = VirtioBlkDevice(memory, MemoryBackend(MiB), BlkConfig())
+    device = VirtioBlkDevice(memory, MemoryNode(MiB), BlkConfig())
     assert not negotiate(device, LEGACY)
     assert negotiate(device, LEGACY | 1 << VIRTIO_F_VERSION_1) and not device.legacy
 
 
 @pytest.mark.expect_errors("virtio_device_needs_reset")
 def test_a_transitional_device_follows_the_legacy_rules(memory: GuestMemory) -> None:
-    device = VirtioBlkDevice(memory, MemoryBackend(MiB), BlkConfig(transitional=True))
+    device = VirtioBlkDevice(memory, MemoryNode(MiB), BlkConfig(transitional=True))
     assert device.device_features >> VIRTIO_F_VERSION_1 & 1  # offered all the same
     assert negotiate(device, LEGACY) and device.legacy
     device.set_status(S | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)

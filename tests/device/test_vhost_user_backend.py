@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from device.backends.memory import MemoryBackend
 from device.blk import BlkConfig
+from device.block.memory import MemoryNode
 from device.platform import GuestMemoryError
 from device.spec import vhost_user as vu
 from device.spec import virtio_blk as vb
@@ -211,7 +211,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def served(backend: MemoryBackend) -> AsyncIterator[tuple[VhostUserBlk, VhostUserServer, Path]]:
+async def served(backend: MemoryNode) -> AsyncIterator[tuple[VhostUserBlk, VhostUserServer, Path]]:
     directory = Path(tempfile.mkdtemp(prefix="vblk-vu-"))
     blk = VhostUserBlk(backend, BlkConfig(queue_size=128, serial="vblk-test"))
     server = VhostUserServer(directory / "vu.sock", blk)
@@ -249,7 +249,7 @@ async def start_ring(fe: FrontEnd, ring: Ring, uva_of: int, kick: int, call: int
 
 @pytest.mark.expect_errors("virtio_device_needs_reset")
 async def test_qemu_message_sequence_two_cycles_and_requests() -> None:
-    backend = MemoryBackend(4 * MiB)
+    backend = MemoryNode(4 * MiB)
     kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
     ram_fd = memfd(4 * MiB)
     ram = mmap.mmap(ram_fd, 4 * MiB)
@@ -347,7 +347,7 @@ async def test_qemu_message_sequence_two_cycles_and_requests() -> None:
 
 @pytest.mark.expect_errors("vhost_user_protocol_error")
 async def test_a_broken_connection_does_not_stop_the_server() -> None:
-    async with served(MemoryBackend(MiB)) as (blk, _server, path):
+    async with served(MemoryNode(MiB)) as (blk, _server, path):
         fe = await connect(path)
         fe.sock.send(struct.pack("=III", vu.Request.GET_FEATURES, 0x2, 0))  # version 2
         assert await asyncio.get_running_loop().sock_recv(fe.sock, 16) == b""  # closed on us
@@ -362,7 +362,7 @@ async def test_a_broken_connection_does_not_stop_the_server() -> None:
 
 async def test_a_legacy_driver_without_version_1() -> None:
     """What QEMU sends for a guest on the legacy interface of a transitional device."""
-    backend = MemoryBackend(MiB)
+    backend = MemoryNode(MiB)
     kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
     ram_fd = memfd(MiB)
     ram = mmap.mmap(ram_fd, MiB)

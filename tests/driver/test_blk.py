@@ -9,6 +9,7 @@ import os
 import pytest
 
 from device.blk import BlkConfig
+from device.block.node import blocking_call
 from device.spec import virtio_blk as vb
 from device.spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from driver.blk import BlkIOError, BlkResetError, BlkUnsupportedError
@@ -19,7 +20,7 @@ SECTOR = 512
 
 async def test_article_read_sector_one_twice_by_interrupt(rig: Rig) -> None:
     image = os.urandom(SECTOR)
-    rig.backend.writev(SECTOR, [memoryview(image)])
+    blocking_call(rig.backend.writev, SECTOR, [memoryview(image)])
     buffer = rig.guest.dma.allocate(SECTOR)
     assert buffer is not None
     before = rig.disk.statistics().interrupts
@@ -100,7 +101,7 @@ async def test_driver_refusing_features_gets_a_device_without_them() -> None:
         with pytest.raises(BlkUnsupportedError):
             await rig.disk.discard(0, 8)
         # Without FLUSH the device is write-through and flush() is a no-op.
-        assert rig.device._ctx.writethrough
+        assert rig.device._executor.writethrough
         await rig.disk.flush()
         assert ("flush", "ok") not in rig.disk.statistics().requests
     finally:

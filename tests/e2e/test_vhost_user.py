@@ -28,8 +28,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from device.backends.raw import RawFileBackend
 from device.blk import BlkConfig
+from device.block.file import FileNode
 from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from device.spec.virtio_blk import RequestType, Status
 from device.vhost_user import VhostUserBlk, VhostUserServer
@@ -62,7 +62,7 @@ async def vhost_backend(*, queues: int = 1) -> AsyncIterator[VhostRig]:
     """vblk's back end in this process, on a raw image in a fresh directory."""
     directory = Path(tempfile.mkdtemp(prefix="vblk-vu-"))
     image = directory / "disk.img"
-    backend = RawFileBackend.open(image, size=DISK_SIZE)
+    backend = FileNode.open(image, size=DISK_SIZE)
     blk = VhostUserBlk(backend, BlkConfig(queue_size=128, num_queues=queues, serial="vblk-e2e"))
     server = VhostUserServer(directory / "vu.sock", blk)
     await server.start()

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from device.backends import Backend
-from device.backends.faults import FaultPlan, FaultyBackend
+from device.block.faults import FaultLayer, FaultPlan
+from device.block.node import BlockNode
 from service.app import DiskSpec, Service, ServiceConfig
 from service.nbd.server import NbdLimits
 
@@ -37,8 +37,8 @@ async def make_fault_rig(
 ) -> FaultRig:
     plan = FaultPlan()
 
-    def wrap(spec: DiskSpec, backend: Backend) -> Backend:
-        return FaultyBackend(backend, plan) if spec.name == "disk0" else backend
+    def wrap(spec: DiskSpec, backend: BlockNode) -> BlockNode:
+        return FaultLayer(backend, plan) if spec.name == "disk0" else backend
 
     config = ServiceConfig(
         disks=(
@@ -55,7 +55,7 @@ async def make_fault_rig(
         http_listen=("127.0.0.1:0",),
         nbd_limits=limits or NbdLimits(),
     )
-    service = Service(config, wrap_backend=wrap)
+    service = Service(config, wrap_stack=wrap)
     await service.start()
     await service.start_front_ends()
     return FaultRig(service, plan, f"{directory}/nbd.sock", service.http_addresses[0])

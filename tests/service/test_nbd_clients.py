@@ -273,7 +273,7 @@ h.shutdown()
 print("ok")
 """
     # RBD writes allocated zeroes on the OSDs (write-same): FAST_ZERO with NO_HOLE is refused there.
-    fast = not nbd_rig.service.disks["disk0"].bytes.backend.slow_allocated_zeroes
+    fast = nbd_rig.service.disks["disk0"].bytes.capabilities.fast_zero
     out = await nbdsh(nbd_rig.uri(), f"fast_allocated_zeroes = {fast}\n" + script)
     assert out.stdout.strip() == "ok"
 

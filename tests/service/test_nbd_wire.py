@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from device.backends.faults import FaultPlan, FaultyBackend
+from device.block.faults import FaultLayer, FaultPlan
 from service import app
 from service.nbd.constants import (
     NBD_REQUEST_MAGIC,
@@ -168,7 +168,7 @@ async def test_device_io_error_is_eio_and_the_connection_goes_on() -> None:
             guest_memory=64 * MiB,
             nbd_listen=(f"unix:{tmp}/s",),
         )
-        service = app.Service(config, wrap_backend=lambda spec, backend: FaultyBackend(backend, bad_region))
+        service = app.Service(config, wrap_stack=lambda spec, backend: FaultLayer(backend, bad_region))
         await service.start()
         await service.start_front_ends()
         try:

@@ -1,9 +1,11 @@
-"""Raw image file backend: a sparse file, read and written with preadv/pwritev.
+"""The file node: a raw image in a sparse file, read and written with preadv/pwritev.
 
-Storage backend below :mod:`device.blk`, vblk's embedded default. FLUSH is fdatasync,
-DISCARD punches holes, WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE (or punches when it may
-unmap), and the allocation map comes from SEEK_DATA/SEEK_HOLE. Opening an image takes QEMU's
-image locks (:mod:`device.backends.locks`) for as long as the descriptor is open.
+Block layer, a storage node (the bottom of a stack), vblk's embedded default. Blocking: every
+operation is done when its call returns (inline on the event loop, or in a worker thread with
+``io-mode thread``). FLUSH is fdatasync, DISCARD punches holes, WRITE_ZEROES uses
+FALLOC_FL_ZERO_RANGE (or punches when it may unmap), and the allocation map comes from
+SEEK_DATA/SEEK_HOLE. Opening an image takes QEMU's image locks (:mod:`device.block.locks`) for
+as long as the descriptor is open.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from device.backends import BackendError, Extent, check_access
-from device.backends.locks import lock_image, lock_mode
+from device.block.locks import lock_image, lock_mode
+from device.block.node import BlockError, Capabilities, Completion, Extent, StorageNode, check_access
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -38,23 +40,28 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 @contextmanager
-def _as_backend_error() -> Iterator[None]:
+def _as_block_error() -> Iterator[None]:
     try:
         yield
-    except BackendError:
+    except BlockError:
         raise
     except OSError as exc:
-        raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        raise BlockError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
 
 
-class RawFileBackend:
+_CAPABILITIES: Final = Capabilities(cache=True)
+_CAPABILITIES_RO: Final = Capabilities(read_only=True, cache=True)
+
+
+class FileNode(StorageNode):
     """A raw disk image of ``size`` bytes (a multiple of 512) in a regular file."""
 
+    kind = "file"
+
     def __init__(self, path: Path, fd: int, size: int, read_only: bool) -> None:
+        super().__init__(size, read_only)
         self.path = path
         self._fd = fd
-        self._size = size
-        self._read_only = read_only
         # errno of a failed fdatasync: the kernel may have dropped the dirty pages and marked
         # them clean, so a later fdatasync could succeed without them. Every later flush fails.
         self._flush_errno: int | None = None
@@ -68,13 +75,13 @@ class RawFileBackend:
         read_only: bool = False,
         create: bool = True,
         force_share: bool = False,
-    ) -> RawFileBackend:
+    ) -> FileNode:
         """Open ``path``; create it sparse with ``size`` bytes if missing and ``create``.
 
-        The image is locked the way QEMU locks it (:mod:`device.backends.locks`): no one else
+        The image is locked the way QEMU locks it (:mod:`device.block.locks`): no one else
         may write it while it is open, and a writable one is refused when someone else refuses
         writers; ``force_share`` (read-only only) reads it whoever writes it. A conflict raises
-        :class:`~device.backends.locks.ImageInUseError` (EBUSY).
+        :class:`~device.block.locks.ImageInUseError` (EBUSY).
         """
         path = Path(path)
         if size is not None and (size <= 0 or size % 512):
@@ -110,38 +117,79 @@ class RawFileBackend:
         return cls(path, fd, actual, read_only)
 
     @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def slow_allocated_zeroes(self) -> bool:
-        return False  # fallocate(FALLOC_FL_ZERO_RANGE): extents marked unwritten, no data written
+    def capabilities(self) -> Capabilities:
+        # fallocate(FALLOC_FL_ZERO_RANGE) zeroes without writing: extents marked unwritten.
+        return _CAPABILITIES_RO if self._read_only else _CAPABILITIES
 
     @property
     def fd(self) -> int:
         return self._fd
+
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.kind, "path": str(self.path), "size": self._size, "read_only": self._read_only}
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if offset >= 0 and length >= 0 and offset + length <= self._size and not (write and self._read_only):
             return  # the common case, without a call into interpreted code
         check_access(self.path, self._size, self._read_only, offset, length, write)
 
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    # -- the data plane: done when the call returns -------------------------------------------------
+
+    def readv(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.read_now(offset, buffers)
+        except OSError as failed:
+            error = failed if isinstance(failed, BlockError) else _block_error(failed)
+        done.complete(error)
+
+    def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.write_now(offset, buffers)
+        except OSError as failed:
+            error = failed if isinstance(failed, BlockError) else _block_error(failed)
+        done.complete(error)
+
+    def flush(self, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.flush_now()
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def discard(self, offset: int, length: int, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self._check(offset, length, True)
+            with _as_block_error():
+                if length and not self._punch(offset, length):
+                    self._write_zero_bytes(offset, length)
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self._check(offset, length, True)
+            if length:
+                with _as_block_error():
+                    self._zero(offset, length, may_unmap)
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` from ``offset`` (short reads past EOF read as zeroes); raises BlockError."""
         total = buffers[0].nbytes if len(buffers) == 1 else sum(b.nbytes for b in buffers)
         self._check(offset, total, False)
-        if len(buffers) <= IOV_MAX:  # the common case: one system call, no context manager
-            try:
-                if os.preadv(self._fd, buffers, offset) == total:
-                    return
-            except OSError as exc:
-                raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        if len(buffers) <= IOV_MAX and os.preadv(self._fd, buffers, offset) == total:
+            return  # the common case: one system call, no context manager
         # A short read (past EOF, or a signal): start over the slow, exact way.
         pending = [b.cast("B") if b.format != "B" else b for b in buffers]
-        with _as_backend_error():
+        with _as_block_error():
             while pending:
                 batch = pending[:IOV_MAX]
                 n = os.preadv(self._fd, batch, offset)
@@ -153,33 +201,44 @@ class RawFileBackend:
                 offset += n
                 pending = _advance(pending, n)
 
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Write ``buffers`` at ``offset``, completely; raises BlockError."""
         total = buffers[0].nbytes if len(buffers) == 1 else sum(b.nbytes for b in buffers)
         self._check(offset, total, True)
-        if len(buffers) <= IOV_MAX:
-            try:
-                if os.pwritev(self._fd, buffers, offset) == total:
-                    return
-            except OSError as exc:
-                raise BackendError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        if len(buffers) <= IOV_MAX and os.pwritev(self._fd, buffers, offset) == total:
+            return
         # A short write (a full disk, a signal): write it all again the slow, exact way.
         pending = list(buffers)
-        with _as_backend_error():
+        with _as_block_error():
             while pending:
                 n = os.pwritev(self._fd, pending[:IOV_MAX], offset)
                 if n == 0:
-                    raise BackendError(errno.EIO, "pwritev wrote nothing")
+                    raise BlockError(errno.EIO, "pwritev wrote nothing")
                 offset += n
                 pending = _advance(pending, n)
 
-    def flush(self) -> None:
+    def flush_now(self) -> None:
+        """fdatasync; once one failed, every later flush fails (the pages may be gone)."""
         if self._flush_errno is not None:
-            raise BackendError(self._flush_errno, f"an earlier flush of {self.path} failed")
+            raise BlockError(self._flush_errno, f"an earlier flush of {self.path} failed")
         try:
             os.fdatasync(self._fd)
-        except OSError as exc:
-            self._flush_errno = exc.errno or errno.EIO
-            raise BackendError(self._flush_errno, exc.strerror or str(exc)) from exc
+        except OSError as failed:
+            self._flush_errno = failed.errno or errno.EIO
+            raise BlockError(self._flush_errno, failed.strerror or str(failed)) from failed
+
+    def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        if may_unmap and self._punch(offset, length):
+            return
+        try:
+            fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as unsupported:
+            if unsupported.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        if self._punch(offset, length):
+            return
+        self._write_zero_bytes(offset, length)
 
     def _punch(self, offset: int, length: int) -> bool:
         try:
@@ -195,38 +254,17 @@ class RawFileBackend:
         end = offset + length
         while offset < end:
             take = min(end - offset, len(zeroes))
-            self.writev(offset, [zeroes[:take]])
+            self.write_now(offset, [zeroes[:take]])
             offset += take
 
-    def discard(self, offset: int, length: int) -> None:
-        self._check(offset, length, True)
-        with _as_backend_error():
-            if length and not self._punch(offset, length):
-                self._write_zero_bytes(offset, length)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._check(offset, length, True)
-        if not length:
-            return
-        with _as_backend_error():
-            if may_unmap and self._punch(offset, length):
-                return
-            try:
-                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-            if self._punch(offset, length):
-                return
-            self._write_zero_bytes(offset, length)
+    # -- control plane ------------------------------------------------------------------------------
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length, False)
         out: list[Extent] = []
         end = offset + length
         pos = offset
-        with _as_backend_error():
+        with _as_block_error():
             while pos < end:
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
@@ -248,19 +286,25 @@ class RawFileBackend:
         if new_size <= 0 or new_size % 512:
             raise ValueError(f"size {new_size} is not a positive multiple of 512")
         if self._read_only:
-            raise BackendError(errno.EROFS, f"{self.path} is read-only")
-        with _as_backend_error():
+            raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        with _as_block_error():
             os.ftruncate(self._fd, new_size)
         self._size = new_size
 
     def advise_willneed(self, offset: int, length: int) -> None:
-        with _as_backend_error():
+        with _as_block_error():
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _block_error(exc: OSError) -> BlockError:
+    error = BlockError(exc.errno or errno.EIO, exc.strerror or str(exc))
+    error.__cause__ = exc
+    return error
 
 
 def _advance(buffers: list[memoryview], n: int) -> list[memoryview]:

@@ -1,6 +1,6 @@
 """Image locks QEMU understands: OFD byte-range locks on bytes 100-103 and 200-203 of an image.
 
-Storage layer, beside :mod:`device.backends.raw`, which locks every image it opens, so qemu-nbd,
+Storage layer, beside :mod:`device.block.file`, which locks every image it opens, so qemu-nbd,
 qemu-img, qemu-io and QEMU (whose block/file-posix.c defines the bytes) see vblk as one of their own.
 """
 
@@ -14,7 +14,7 @@ import fcntl
 import os
 from typing import Final
 
-from device.backends import BackendError
+from device.block.node import BlockError
 
 
 class Perm(enum.IntFlag):
@@ -85,7 +85,7 @@ _NOT_SHARED: Final = {
 }
 
 
-class ImageInUseError(BackendError):
+class ImageInUseError(BlockError):
     """Another process holds the image in a way that conflicts with how vblk would use it."""
 
 
@@ -149,7 +149,7 @@ def lock_image(fd: int, path: object, mode: LockMode) -> None:
     except OSError as exc:  # ENOLCK, or a filesystem without byte-range locks
         _unlock(fd)
         code = exc.errno or errno.ENOLCK
-        raise BackendError(code, f"cannot lock {path} as QEMU would: {os.strerror(code)}") from exc
+        raise BlockError(code, f"cannot lock {path} as QEMU would: {os.strerror(code)}") from exc
 
 
 def _unlock(fd: int) -> None:

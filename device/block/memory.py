@@ -1,7 +1,8 @@
-"""Memory backend: a sparse in-RAM disk for tests and benchmarks.
+"""The memory node: a sparse in-RAM disk for tests and benchmarks.
 
-Storage backend below :mod:`device.blk`. Data lives in fixed-size chunks; a missing chunk
-is a hole that reads as zeroes, so a large disk costs nothing until written.
+Block layer, a storage node. Blocking (done when the call returns). Data lives in fixed-size
+chunks; a missing chunk is a hole that reads as zeroes, so a large disk costs nothing until
+written.
 """
 
 from __future__ import annotations
@@ -9,39 +10,66 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Sequence
+from typing import Any
 
-from device.backends import BackendError, Extent, check_access
+from device.block.node import BlockError, Capabilities, Completion, Extent, StorageNode, check_access
 
 CHUNK = 64 * 1024
 
 
-class MemoryBackend:
+class MemoryNode(StorageNode):
     """A disk of ``size`` bytes held in memory (lost when the process exits)."""
+
+    kind = "memory"
 
     def __init__(self, size: int, read_only: bool = False) -> None:
         if size < 0 or size % 512:
             raise ValueError("size must be a non-negative multiple of 512")
-        self._size = size
-        self._read_only = read_only
+        super().__init__(size, read_only)
         self._chunks: dict[int, bytearray] = {}
         self._lock = threading.Lock()
 
     @property
-    def size(self) -> int:
-        return self._size
+    def capabilities(self) -> Capabilities:
+        return Capabilities(read_only=self._read_only)  # zeroing memory is cheaper than a copy
 
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def slow_allocated_zeroes(self) -> bool:
-        return False  # zeroing memory is cheaper than a write's copy
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.kind, "size": self._size, "read_only": self._read_only}
 
     def _check(self, offset: int, length: int, write: bool) -> None:
-        check_access("memory backend", self._size, self._read_only, offset, length, write)
+        check_access("memory disk", self._size, self._read_only, offset, length, write)
 
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def readv(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.read_now(offset, buffers)
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.write_now(offset, buffers)
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def flush(self, done: Completion) -> None:
+        done.complete(None)  # nothing to make durable
+
+    def discard(self, offset: int, length: int, done: Completion) -> None:
+        self.write_zeroes(offset, length, True, done)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.zero_now(offset, length)
+        except OSError as failed:
+            error = failed
+        done.complete(error)
+
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
         self._check(offset, total, False)
         chunks = self._chunks
@@ -59,7 +87,7 @@ class MemoryBackend:
                 pos += take
                 offset += take
 
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
         self._check(offset, total, True)
         with self._lock:
@@ -77,9 +105,6 @@ class MemoryBackend:
                     pos += take
                     offset += take
 
-    def flush(self) -> None:
-        """Nothing to make durable."""
-
     def _zero(self, offset: int, length: int) -> None:
         with self._lock:
             end = offset + length
@@ -94,11 +119,7 @@ class MemoryBackend:
                         chunk[within : within + take] = bytes(take)
                 offset += take
 
-    def discard(self, offset: int, length: int) -> None:
-        self._check(offset, length, True)
-        self._zero(offset, length)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+    def zero_now(self, offset: int, length: int) -> None:
         self._check(offset, length, True)
         self._zero(offset, length)
 
@@ -123,7 +144,7 @@ class MemoryBackend:
         if new_size < 0 or new_size % 512:
             raise ValueError("size must be a non-negative multiple of 512")
         if self._read_only:
-            raise BackendError(errno.EROFS, "memory backend is read-only")
+            raise BlockError(errno.EROFS, "memory disk is read-only")
         with self._lock:
             if new_size < self._size:
                 last = new_size // CHUNK

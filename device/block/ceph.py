@@ -1,6 +1,6 @@
 """A small typed ctypes binding of librados.so.2 and librbd.so.1: what the RBD backend needs.
 
-Below :mod:`device.backends.rbd`. Why ctypes and not Ceph's Cython modules (python3-rbd): the
+Below :mod:`device.block.rbd`. Why ctypes and not Ceph's Cython modules (python3-rbd): the
 data path wants librbd's event-socket completions (``rbd_set_image_notification`` +
 ``rbd_poll_io_events``: librbd bumps an eventfd, the event loop collects finished completions in
 batches, and no Python code ever runs on a librbd thread) and scatter-gather I/O straight into
