@@ -1,22 +1,76 @@
-"""Byte-addressed I/O on a virtio-blk disk, shared by every front end.
+"""The disk port: the one thing the front ends (NBD, REST, metrics, the ring view) touch.
 
-Service layer, just above the driver: NBD and REST speak bytes at any offset, the
-device speaks 512-byte sectors. This module turns one into the other through
-:class:`driver.blk.VirtioBlk` only (never around it to the backend), doing the
-read-modify-write of partial edge sectors under per-sector locks that all front
-ends share, so two unaligned writes to one sector from NBD and REST cannot undo
-each other.
+Service layer, just above the driver: NBD and REST speak bytes at any offset, the device speaks
+512-byte sectors. :class:`ByteDisk` turns one into the other through
+:class:`driver.blk.VirtioBlk` only (never around it to the storage), doing the read-modify-write
+of partial edge sectors under per-sector locks that all front ends share, so two unaligned writes
+to one sector from NBD and REST cannot undo each other. It also offers the zero-copy fast path
+(a buffer the ring points at, a request started with a completion callback), the storage's
+capabilities and control plane (allocation map, cache hints, the block stack), the disk's facts,
+and one classification of failures that every front end maps to its own error codes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import enum
+import errno
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from device.block.node import BlockNode, Capabilities, Extent, describe_stack, stack
-from driver.blk import VirtioBlk
+from device.platform import work_queue
+from device.spec import virtio_blk as vb
+from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from driver.blk import BlkReadOnlyError, BlkResetError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
+
+#: A buffer in the RAM the device sees: what the fast path reads into and writes from (``view``
+#: is a zero-copy window; ``free()`` gives it back).
+IoBuffer = DmaBuffer
+#: Told once when a fast-path request ends: None, or the exception it failed with.
+IoDone = Callable[[BaseException | None], None]
+
+__all__ = ["ByteDisk", "ErrorKind", "IoBuffer", "IoDone", "error_kind", "work_queue"]
+# ``work_queue(loop)``: the loop's deferred work, the queue the device answers requests on; a
+# front end that defers its replies there sends them after the completions of the same pass.
+
+FEATURE_NAMES: Final = {
+    getattr(vb, name): name.removeprefix("VIRTIO_BLK_F_").lower()
+    for name in dir(vb)
+    if name.startswith("VIRTIO_BLK_F_")
+}
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong with a request, in the port's words (each front end has its own codes)."""
+
+    READ_ONLY = "read_only"  # the disk refuses writes
+    UNSUPPORTED = "unsupported"  # the device does not do this (no DISCARD, FAST_ZERO refused)
+    NO_SPACE = "no_space"  # the storage is full
+    UNAVAILABLE = "unavailable"  # the device is being reset (try again)
+    IO = "io"  # the storage failed
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """Classify a failure of a :class:`ByteDisk` call."""
+    if isinstance(exc, BlkReadOnlyError):
+        return ErrorKind.READ_ONLY
+    if isinstance(exc, BlkUnsupportedError):
+        return ErrorKind.UNSUPPORTED
+    if isinstance(exc, BlkResetError):
+        return ErrorKind.UNAVAILABLE
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ErrorKind.NO_SPACE
+    return ErrorKind.IO
+
+
+@mypyc_attr(native_class=False)  # an OSError
+class UnsupportedError(BlkUnsupportedError):
+    """A request the disk refuses by its capabilities (``error_kind``: UNSUPPORTED)."""
+
 
 SECTOR: Final = 512
 
@@ -135,6 +189,54 @@ class ByteDisk:
     def read_only(self) -> bool:
         return self.driver.read_only
 
+    @property
+    def ready(self) -> bool:
+        """The device is up (not being reset)."""
+        return self.driver.ready
+
+    def info(self) -> dict[str, Any]:
+        """The disk's facts, as the driver found the device, and its block stack."""
+        driver = self.driver
+        return {
+            "size": driver.size,
+            "sector_size": SECTOR,
+            "block_size": driver.block_size,
+            "read_only": driver.read_only,
+            "features": sorted(name for bit, name in FEATURE_NAMES.items() if driver.has_feature(bit)),
+            "pci": driver.name,
+            "queues": len(driver.queues),
+            "queue_size": driver.queues[0].size if driver.queues else 0,
+            "ready": driver.ready,
+            "stack": self.control.describe(),
+        }
+
+    # -- the fast path: no task, answered from the completion ----------------------------------
+
+    def try_buffer(self, offset: int, length: int) -> IoBuffer | None:
+        """A buffer for ``[offset, offset+length)`` laid out as the sectors holding it (the data
+        at ``offset % 512``: :meth:`view_of`), or None if none is free without waiting."""
+        start, end = aligned(offset, length)
+        return self.driver.dma.try_allocate(end - start)
+
+    @staticmethod
+    def view_of(buffer: IoBuffer, offset: int, length: int) -> memoryview:
+        """The bytes of ``[offset, offset+length)`` in a buffer from :meth:`try_buffer`."""
+        head = offset % SECTOR
+        return buffer.view[head : head + length]
+
+    def start_read(self, offset: int, length: int, buffer: IoBuffer, done: IoDone) -> bool:
+        """Start reading the sectors holding the range into ``buffer``; ``done`` is told from the
+        completion. False if it would have to wait (the ring is full, a reset): nothing started."""
+        start, end = aligned(offset, length)
+        return self.driver.start_io(VIRTIO_BLK_T_IN, start // SECTOR, buffer, end - start, done)
+
+    def start_write(self, offset: int, length: int, buffer: IoBuffer, done: IoDone) -> bool:
+        """Start writing a sector-aligned range from ``buffer``; False if it is not aligned (the
+        edges need :meth:`write_buffer`'s read-modify-write) or would have to wait."""
+        if offset % SECTOR or length % SECTOR:
+            return False
+        return self.driver.start_io(VIRTIO_BLK_T_OUT, offset // SECTOR, buffer, length, done)
+
     async def read_buffer(self, offset: int, length: int) -> tuple[DmaBuffer, memoryview]:
         """Read into a fresh DMA buffer; returns it (the caller frees it) and the exact bytes.
 
@@ -223,6 +325,13 @@ class ByteDisk:
 
     async def flush(self) -> None:
         await self.driver.flush()
+
+    async def zero_if_fast(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Zeroes that stay allocated, only if they cost no more than metadata (NBD WRITE_ZEROES
+        with NO_HOLE and FAST_ZERO); else :class:`UnsupportedError` at once, touching nothing."""
+        if not self.control.capabilities.fast_zero:
+            raise UnsupportedError("zeroes that stay allocated are a full write here (FAST_ZERO)")
+        await self.zero(offset, length, unmap=False, fua=fua)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         """The allocation map of ``[offset, offset+length)`` (control plane)."""

@@ -44,3 +44,15 @@ def test_the_boundary_check_catches_a_violation() -> None:
     assert not _allowed("device")
     assert _allowed("device.spec.virtio")
     assert _allowed("device.platform")
+
+
+def test_the_nbd_front_end_reaches_disks_only_through_the_disk_port() -> None:
+    """service/nbd imports nothing from driver/ or device/: every disk is a service.blockio.ByteDisk."""
+    offenders = []
+    files = sorted((ROOT / "service" / "nbd").rglob("*.py"))
+    assert len(files) >= 5, "service/nbd not found"
+    for path in files:
+        for name in _imports(path):
+            if name.split(".")[0] in ("device", "driver"):
+                offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import ipaddress
 import itertools
 import time
@@ -24,11 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from aiohttp import HttpVersion11, web
 
-from device.spec import virtio_blk as vb
-from driver.blk import BlkError, BlkReadOnlyError, BlkResetError, BlkUnsupportedError
-from driver.dma import DmaBuffer
 from service.addresses import format_peer
-from service.blockio import SECTOR, ByteDisk
+from service.blockio import SECTOR, ByteDisk, ErrorKind, IoBuffer, error_kind
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
 from service.http.params import (
@@ -65,10 +61,13 @@ CHUNK = 1 << 20  # streaming unit of GET and PUT bodies
 # eight is what imageio's own file backend offers.
 MAX_CONNECTIONS: Final = 8
 _request_ids = itertools.count(1)
-FEATURE_NAMES = {
-    getattr(vb, name): name.removeprefix("VIRTIO_BLK_F_").lower()
-    for name in dir(vb)
-    if name.startswith("VIRTIO_BLK_F_")
+# The port's failure kinds as the API's error codes.
+_ERROR_CODES: Final = {
+    ErrorKind.READ_ONLY: ErrorCode.READ_ONLY,
+    ErrorKind.UNSUPPORTED: ErrorCode.UNSUPPORTED,
+    ErrorKind.UNAVAILABLE: ErrorCode.UNAVAILABLE,
+    ErrorKind.NO_SPACE: ErrorCode.NO_SPACE,
+    ErrorKind.IO: ErrorCode.IO_ERROR,
 }
 
 # 4xx the HTTP layer (aiohttp's router) answers itself, as JSON like every other error.
@@ -103,15 +102,7 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 
 
 def _device_error(exc: BaseException) -> ApiError:
-    if isinstance(exc, BlkReadOnlyError):
-        return ApiError(ErrorCode.READ_ONLY, str(exc))
-    if isinstance(exc, BlkUnsupportedError):
-        return ApiError(ErrorCode.UNSUPPORTED, str(exc))
-    if isinstance(exc, BlkResetError):
-        return ApiError(ErrorCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return ApiError(ErrorCode.NO_SPACE, str(exc))
-    return ApiError(ErrorCode.IO_ERROR, str(exc) or type(exc).__name__)
+    return ApiError(_ERROR_CODES[error_kind(exc)], str(exc) or type(exc).__name__)
 
 
 def _peer(request: web.BaseRequest) -> str:
@@ -231,7 +222,7 @@ class RestApi:
                 status = 499  # the client went away (nginx's convention, for the log only)
                 exchange.error = "client_gone"
                 raise
-            except (BlkError, OSError) as exc:
+            except OSError as exc:  # every failure of the disk port is an OSError
                 error = _device_error(exc)
                 exchange.error = error.code.code
                 log.warning("http_io_failed", error=str(exc), status=error.status)
@@ -311,7 +302,7 @@ class RestApi:
         return json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        disks = {name: disk.driver.ready for name, disk in self.service.disks.items()}
+        disks = {name: disk.bytes.ready for name, disk in self.service.disks.items()}
         ready = bool(disks) and all(disks.values()) and not self.service.stopping
         if not ready:
             request[_EXCHANGE].error = "not_ready"
@@ -332,21 +323,8 @@ class RestApi:
 
     def describe(self, name: str) -> dict[str, Any]:
         disk = self.service.disks[name]
-        driver = disk.driver
-        return {
-            "name": name,
-            "size": driver.size,
-            "sector_size": SECTOR,
-            "block_size": driver.block_size,
-            "read_only": driver.read_only,
-            "features": sorted(name for bit, name in FEATURE_NAMES.items() if driver.has_feature(bit)),
-            "serial": disk.serial,
-            "pci": driver.name,
-            "queues": len(driver.queues),
-            "queue_size": driver.queues[0].size if driver.queues else 0,
-            "backend": disk.spec.backend,
-            "ready": driver.ready,
-        }
+        info = disk.bytes.info()
+        return {"name": name, **info, "serial": disk.serial, "backend": disk.spec.backend}
 
     @takes_query()
     async def list_disks(self, request: web.Request) -> web.Response:
@@ -417,11 +395,11 @@ class RestApi:
         end = offset + length
         loop = asyncio.get_running_loop()
 
-        def read_next(position: int) -> asyncio.Task[tuple[DmaBuffer, memoryview]]:
+        def read_next(position: int) -> asyncio.Task[tuple[IoBuffer, memoryview]]:
             stop = min(end, (position // CHUNK + 1) * CHUNK)  # later chunks are aligned
             return loop.create_task(disk.read_buffer(position, stop - position))
 
-        pending: asyncio.Task[tuple[DmaBuffer, memoryview]] | None = read_next(offset)
+        pending: asyncio.Task[tuple[IoBuffer, memoryview]] | None = read_next(offset)
         position = offset
         sent = 0
         try:
@@ -582,7 +560,7 @@ def _body_length(response: web.StreamResponse | None) -> int:
     return 0
 
 
-async def _write_and_free(disk: ByteDisk, offset: int, length: int, buffer: DmaBuffer) -> None:
+async def _write_and_free(disk: ByteDisk, offset: int, length: int, buffer: IoBuffer) -> None:
     try:
         await disk.write_buffer(offset, length, buffer)
     finally:

@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
-from device.platform import work_queue
-from driver.dma import DmaBuffer
 from service.addresses import format_peer
+from service.blockio import IoBuffer, work_queue
 
 _perf_counter: Final = time.perf_counter  # bound once: compiled, ``time.perf_counter`` is a lookup
 
@@ -98,7 +97,7 @@ class Channel(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._out: list[bytes | memoryview] = []  # written, not yet handed to the transport
         self._out_bytes = 0
-        self._owned: list[DmaBuffer] = []  # buffers ``_out`` points into, freed once it is sent
+        self._owned: list[IoBuffer] = []  # buffers ``_out`` points into, freed once it is sent
         self._fd = -1  # the socket, written directly while the transport holds nothing unsent
         self._tls = False
         self._poll_next = False
@@ -330,7 +329,7 @@ class Channel(asyncio.BufferedProtocol):
             window = self._poll_window / 2
             self._poll_window = window if window >= poll_max / 64 else 0.0
 
-    def hold(self, buffer: DmaBuffer) -> None:
+    def hold(self, buffer: IoBuffer) -> None:
         """Free ``buffer`` once what is queued now has left (its views are in the queue)."""
         if self._out and self.transport is not None and not self.transport.is_closing():
             self._owned.append(buffer)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import errno
 import functools
 import itertools
 import socket
@@ -26,10 +25,7 @@ from typing import Any, Final, cast
 import structlog
 from mypy_extensions import mypyc_attr
 
-from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
-from driver.blk import BlkError, BlkReadOnlyError, BlkUnsupportedError, VirtioBlk
-from driver.dma import DmaBuffer
-from service.blockio import ByteDisk, aligned
+from service.blockio import ByteDisk, ErrorKind, IoBuffer, error_kind
 from service.latency import FrontendObserver
 from service.nbd import protocol as p
 from service.nbd.channel import Channel, PollCounts
@@ -55,8 +51,6 @@ _perf_counter: Final = time.perf_counter  # bound once: compiled, ``time.perf_co
 _COMMAND_NAMES: Final = {int(c): c.name.lower() for c in Command}
 _OPTION_NAMES: Final = {int(o): f"NBD_OPT_{o.name}" for o in Option}
 _REPLY_NAMES: Final = {int(r): f"NBD_REP_{r.name}" for r in Reply}
-
-SECTOR: Final = 512
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,20 +90,17 @@ class NbdExport:
     def name(self) -> str:
         return self.disk.name
 
-    @property
-    def driver(self) -> VirtioBlk:
-        return self.disk.driver
-
     def describe(self) -> p.Export:
         """The export as the codec sees it; rebuilt only when the disk's size changes."""
+        disk = self.disk
         cached = self._described
-        if cached is not None and cached.size == self.driver.size:
+        if cached is not None and cached.size == disk.size:
             return cached
         self._described = described = p.Export(
             name=self.name,
-            size=self.driver.size,
+            size=disk.size,
             description=self.description,
-            read_only=self.driver.read_only,
+            read_only=disk.read_only,
         )
         return described
 
@@ -145,14 +136,18 @@ class _Catalog:
         return [export.describe() for export in self._exports.values()]
 
 
+# The port's failure kinds as NBD errno values (proto.md: ENOSPC, EPERM, ENOTSUP, EIO...).
+_ERRNO_OF: Final = {
+    ErrorKind.READ_ONLY: Errno.EPERM,
+    ErrorKind.UNSUPPORTED: Errno.ENOTSUP,
+    ErrorKind.NO_SPACE: Errno.ENOSPC,
+    ErrorKind.UNAVAILABLE: Errno.EIO,
+    ErrorKind.IO: Errno.EIO,
+}
+
+
 def _errno_of(exc: BaseException) -> Errno:
-    if isinstance(exc, BlkReadOnlyError):
-        return Errno.EPERM
-    if isinstance(exc, BlkUnsupportedError):
-        return Errno.ENOTSUP
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return Errno.ENOSPC
-    return Errno.EIO
+    return _ERRNO_OF[error_kind(exc)]
 
 
 class NbdServer:
@@ -518,7 +513,7 @@ class _Connection:
                 await self._wait_finished()
             self.inflight += 1
             held = 0
-            payload: DmaBuffer | None = None
+            payload: IoBuffer | None = None
             try:
                 if command in (NBD_CMD_READ, NBD_CMD_WRITE):
                     held = self.budget.try_acquire(event.length)
@@ -570,15 +565,12 @@ class _Connection:
     def _start_read(self, request: p.Request, export: NbdExport, held: int) -> bool:
         """Start a READ on the ring now; False if it would have to wait (then a task does it)."""
         offset, length = request.offset, request.length
-        start, end = aligned(offset, length)
-        driver = export.driver
-        buffer = driver.dma.try_allocate(end - start)
+        disk = export.disk
+        buffer = disk.try_buffer(offset, length)
         if buffer is None:
             return False
-        done = functools.partial(
-            self._read_done, request, export, buffer, offset - start, held, _perf_counter()
-        )
-        if not driver.start_io(VIRTIO_BLK_T_IN, start // SECTOR, buffer, end - start, done):
+        done = functools.partial(self._read_done, request, export, buffer, held, _perf_counter())
+        if not disk.start_read(offset, length, buffer, done):
             buffer.free()
             return False
         self._fast_reads += 1
@@ -588,22 +580,19 @@ class _Connection:
         self,
         request: p.Request,
         export: NbdExport,
-        buffer: DmaBuffer,
-        head: int,
+        buffer: IoBuffer,
         held: int,
         started: float,
         error: BaseException | None,
     ) -> None:
-        view = None if error is not None else buffer.view[head : head + request.length]
+        view = None if error is not None else ByteDisk.view_of(buffer, request.offset, request.length)
         self._answer(request, export, "read", started, held, error, view, buffer)
 
-    def _start_write(self, request: p.Request, export: NbdExport, payload: DmaBuffer, held: int) -> bool:
-        """Start an aligned WRITE (no FUA) on the ring now; False if it would have to wait."""
-        offset, length = request.offset, request.length
-        if offset % SECTOR or length % SECTOR:
-            return False  # the edges need read-modify-write under ByteDisk's locks
+    def _start_write(self, request: p.Request, export: NbdExport, payload: IoBuffer, held: int) -> bool:
+        """Start an aligned WRITE (no FUA) on the ring now; False if it is unaligned (the edges
+        need the port's read-modify-write) or would have to wait."""
         done = functools.partial(self._write_done, request, export, payload, held, _perf_counter())
-        if not export.driver.start_io(VIRTIO_BLK_T_OUT, offset // SECTOR, payload, length, done):
+        if not export.disk.start_write(request.offset, request.length, payload, done):
             return False
         self._fast_writes += 1
         return True
@@ -612,7 +601,7 @@ class _Connection:
         self,
         request: p.Request,
         export: NbdExport,
-        payload: DmaBuffer,
+        payload: IoBuffer,
         held: int,
         started: float,
         error: BaseException | None,
@@ -637,7 +626,7 @@ class _Connection:
         held: int,
         error: BaseException | None,
         data: memoryview | None,
-        buffer: DmaBuffer | None,
+        buffer: IoBuffer | None,
     ) -> None:
         """Reply to a fast-path request from its completion (``buffer`` is freed once sent)."""
         self._observe(export, name, started)
@@ -662,7 +651,7 @@ class _Connection:
         export: NbdExport,
         failure: tuple[Errno, str] | None,
         data: memoryview | None,
-        buffer: DmaBuffer | None,
+        buffer: IoBuffer | None,
     ) -> None:
         try:
             await self._send_credit()
@@ -678,7 +667,7 @@ class _Connection:
         export: NbdExport,
         failure: tuple[Errno, str] | None,
         data: memoryview | bytes | None,
-        buffer: DmaBuffer | None,
+        buffer: IoBuffer | None,
     ) -> None:
         """The whole reply at once, never a half-sent success; ``buffer`` backs ``data``."""
         if failure is not None:
@@ -692,27 +681,23 @@ class _Connection:
         if buffer is not None:
             self.channel.hold(buffer)
 
-    def _take_payload(self, request: p.Request, export: NbdExport) -> DmaBuffer | None:
+    def _take_payload(self, request: p.Request, export: NbdExport) -> IoBuffer | None:
         """:meth:`_receive_payload` without waiting, when the whole payload is already here."""
         length = request.length
         if self.codec.buffered < length:
             return None
-        offset = request.offset
-        start, end = aligned(offset, length)
-        buffer = export.driver.dma.try_allocate(end - start)
+        buffer = export.disk.try_buffer(request.offset, length)
         if buffer is None:
             return None
-        head = offset - start
-        with buffer.view[head : head + length] as view:
+        with ByteDisk.view_of(buffer, request.offset, length) as view:
             self.codec.take_payload(view)
         return buffer
 
-    async def _receive_payload(self, request: p.Request) -> DmaBuffer:
+    async def _receive_payload(self, request: p.Request) -> IoBuffer:
         """Read a WRITE payload into a DMA buffer laid out for the aligned sector range."""
         assert self.export is not None
         buffer = await self.export.disk.allocate_for(request.offset, request.length)
-        head = request.offset % SECTOR
-        view = buffer.view[head : head + request.length]
+        view = ByteDisk.view_of(buffer, request.offset, request.length)
         taken = self.codec.take_payload(view)
         if taken < request.length:
             try:
@@ -733,7 +718,7 @@ class _Connection:
 
     # -- execution ----------------------------------------------------------------------------
 
-    async def _execute(self, request: p.Request, export: NbdExport, payload: DmaBuffer | None) -> None:
+    async def _execute(self, request: p.Request, export: NbdExport, payload: IoBuffer | None) -> None:
         started = _perf_counter()  # uvloop's loop.time() advances once per pass, in ms
         name = _COMMAND_NAMES.get(request.command, "unknown")
         self.requests[name] += 1
@@ -747,14 +732,14 @@ class _Connection:
                 assert payload is not None
                 await self._write(request, export, payload)
             elif command == Command.FLUSH:
-                await export.driver.flush()
+                await export.disk.flush()
             elif command == Command.TRIM:
                 await self._trim(request, export)
             elif command == Command.WRITE_ZEROES:
                 await self._write_zeroes(request, export)
             elif command == Command.CACHE:
                 export.disk.cache(request.offset, request.length)
-        except (BlkError, OSError) as exc:
+        except OSError as exc:  # the driver's BlkError (an OSError), the port's
             log.warning("nbd_request_failed", command=name, offset=request.offset, error=str(exc))
             error = (_errno_of(exc), str(exc))
         finally:
@@ -777,7 +762,7 @@ class _Connection:
         self.channel.write_all(codec.reply_read(request, data, holes))
         self.bytes_read += request.length
 
-    async def _write(self, request: p.Request, export: NbdExport, buffer: DmaBuffer) -> None:
+    async def _write(self, request: p.Request, export: NbdExport, buffer: IoBuffer) -> None:
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
         await export.disk.write_buffer(request.offset, request.length, buffer, fua=fua)
         self.bytes_written += request.length
@@ -789,10 +774,11 @@ class _Connection:
     async def _write_zeroes(self, request: p.Request, export: NbdExport) -> None:
         unmap = not request.flags & NBD_CMD_FLAG_NO_HOLE
         fua = bool(request.flags & NBD_CMD_FLAG_FUA)
-        if request.flags & NBD_CMD_FLAG_FAST_ZERO and not unmap and not export.disk.capabilities.fast_zero:
-            # Allocated zeroes cost a write here (RBD's write-same): FAST_ZERO fails at once with
-            # ENOTSUP, touching nothing, as the NBD spec asks.
-            raise BlkUnsupportedError("zeroes that stay allocated are a full write here (FAST_ZERO)")
+        if request.flags & NBD_CMD_FLAG_FAST_ZERO and not unmap:
+            # Allocated zeroes may cost a write (RBD's write-same): then FAST_ZERO fails at once
+            # with ENOTSUP, touching nothing, as the NBD spec asks.
+            await export.disk.zero_if_fast(request.offset, request.length, fua=fua)
+            return
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
