@@ -1,37 +1,29 @@
-"""The vblk process: builds the machine (RAM, PCI bus, virtio-blk devices), boots the guest
-driver, and owns the lifecycle (start, serve until signalled, drain, flush, stop).
+"""The composition root: builds the machine (RAM, PCI bus, virtio-blk devices), boots the guest
+driver, wires the front ends, and owns the lifecycle (start, serve until signalled, drain, stop).
 
-Service layer, top of the stack; front ends (NBD, REST, metrics) attach to ``Service.disks``.
+Service layer, top of the stack: it only builds and wires (what is served is :mod:`service.model`,
+how storage opens is :mod:`service.storage`); nothing imports it but the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import os
 import signal
 import socket
-import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from device.blk import BlkConfig, IoMode, VirtioBlkDevice, plug_blk
-from device.block import locks
-from device.block.faults import FaultLayer, FaultPlan
-from device.block.file import FileNode
-from device.block.memory import MemoryNode
-from device.block.node import BlockError, BlockNode
-from device.block.rbd import DEFAULT_CACHE, RbdNode, RbdTarget
+from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.block.node import BlockNode
 from device.block.sched import batch_thread
 from device.machine import Machine
 from device.memory import GuestMemory
-from driver.blk import VirtioBlk
 from driver.guest import Guest
 from driver.transport import TransportError
 from service import systemd
@@ -39,10 +31,10 @@ from service.addresses import join_host_port
 from service.blockio import ByteDisk, StackControl
 from service.http.api import build_app
 from service.metrics import Metrics, allocator, compiled
-from service.nbd.protocol import TlsMode
-from service.nbd.server import NbdExport, NbdLimits, NbdServer, NbdTls
-from service.security import SecurityConfigError, Tokens, server_context
-from service.units import format_size
+from service.model import Disk, DiskSpec, ServiceConfig, StartupError, describe_error
+from service.nbd.server import NbdExport, NbdServer, NbdTls
+from service.security import SecurityConfigError, Tokens
+from service.storage import open_stack
 from service.vhost_user_disk import (
     RemoteControl,
     RemoteDevice,
@@ -51,196 +43,6 @@ from service.vhost_user_disk import (
 )
 
 log = structlog.get_logger("vblk.service")
-
-MiB = 1 << 20
-GiB = 1 << 30
-DEFAULT_IMAGE_SIZE = 1 * GiB
-
-
-class StartupError(Exception):
-    """vblk cannot start as configured: an event name and one sentence saying what and why."""
-
-    def __init__(self, event: str, message: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.event = event
-        self.message = message
-        self.errno = errno  # of the OSError behind it, if one was
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as the end of a sentence: its text without errno numbers or tracebacks."""
-    if isinstance(exc, OSError):
-        text = exc.strerror or str(exc)
-        if exc.filename is not None and not isinstance(exc, BlockError):
-            return f"{exc.filename}: {text}"
-        return text
-    return str(exc) or type(exc).__name__
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CephOptions:
-    """How vblk reaches a Ceph cluster, for ``backend="rbd"`` disks."""
-
-    conf: str | None = None  # ceph.conf; None: librados's search ($CEPH_CONF, /etc/ceph/ceph.conf)
-    client_id: str = "admin"  # cephx user client.<id>
-    keyring: str | None = None  # None: the keyring ceph.conf names
-    timeout: float = 30.0  # seconds for connecting and for every mon and OSD operation
-    take_over: bool = False  # break a dead owner's exclusive lock (blocklisting it) and serve
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DiskSpec:
-    """One exported disk: where its bytes live and how its virtio-blk device looks."""
-
-    name: str = "disk0"
-    backend: str = "file"  # "file", "memory", or "vhost-user:SOCKET" (that back end's device)
-    path: Path = Path("disk.img")
-    size: int = DEFAULT_IMAGE_SIZE  # a new image's (and a memory disk's); an existing image keeps its own...
-    size_explicit: bool = False  # ...unless the user named a size: then it must match,
-    grow: bool = False  # or, with grow, a smaller image grows to it (never shrinks)
-    read_only: bool = False
-    force_share: bool = False  # backend "file", read-only: share the image with its writers (QEMU's)
-    num_queues: int = 1
-    queue_size: int = 256
-    io_mode: IoMode = "inline"
-    pool: str = "rbd"  # backend "rbd": the pool and image (default: the disk's name)
-    rbd_image: str = ""
-    create: bool = False  # backend "rbd": create a missing image with ``size``
-    cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
-    fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
-    ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    """TLS for NBD and HTTP, and bearer tokens for the REST API."""
-
-    tls: TlsMode = "off"  # NBD STARTTLS: off, on (offered) or require
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_verify_client: bool = False
-    http_tls: bool = False  # HTTPS on the HTTP listeners, with the same certificate
-    tokens_file: Path | None = None  # "rw TOKEN" / "ro TOKEN" lines; none: the API is open
-    public_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")  # open even with tokens
-
-    def context(self) -> ssl.SSLContext | None:
-        if self.tls == "off" and not self.http_tls:
-            return None
-        if self.tls_cert is None or self.tls_key is None:
-            raise SecurityConfigError("TLS needs tls-cert and tls-key")
-        return server_context(self.tls_cert, self.tls_key, self.tls_ca, self.tls_verify_client)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServiceConfig:
-    disks: tuple[DiskSpec, ...] = (DiskSpec(),)
-    guest_memory: int = 256 * MiB
-    nbd_listen: tuple[str, ...] = ("127.0.0.1:10809",)  # host:port, or unix:PATH; empty: no NBD
-    # host:port, or unix:PATH; empty: no HTTP (the CLI's default is 127.0.0.1:8080, see service.config)
-    http_listen: tuple[str, ...] = ()
-    drain_timeout: float = 10.0  # seconds in-flight requests get to finish on stop
-    nbd_limits: NbdLimits = dataclasses.field(default_factory=NbdLimits)
-    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
-
-
-@dataclasses.dataclass(slots=True)
-class Disk:
-    """A disk as the front ends see it: its name and the driver to send requests through."""
-
-    spec: DiskSpec
-    device: VirtioBlkDevice | RemoteDevice
-    driver: VirtioBlk
-    serial: str
-    bytes: ByteDisk
-
-
-def open_stack(spec: DiskSpec) -> BlockNode:
-    """A disk's block stack: its storage node, with the layers the spec names above it."""
-    node = open_storage(spec)
-    if spec.fault:
-        try:
-            node = FaultLayer(node, FaultPlan.parse(spec.fault))
-        except ValueError:
-            node.close()
-            raise
-    return node
-
-
-def open_storage(spec: DiskSpec) -> BlockNode:
-    """Open (or create) a disk's storage node; :class:`BlockError` with one sentence if it cannot."""
-    if spec.backend == "memory":
-        return MemoryNode(spec.size, read_only=spec.read_only)
-    if spec.backend == "file":
-        return _open_image(spec)
-    if spec.backend == "rbd":
-        ceph = spec.ceph
-        target = RbdTarget(
-            pool=spec.pool,
-            image=spec.rbd_image or spec.name,
-            conf_file=ceph.conf,
-            client_id=ceph.client_id,
-            keyring=ceph.keyring,
-            timeout=ceph.timeout,
-            create_size=spec.size if spec.create else None,
-            read_only=spec.read_only,
-            take_over=ceph.take_over,
-            cache=spec.cache,
-        )
-        return RbdNode.open(target)
-    raise ValueError(f"unknown storage {spec.backend!r}")
-
-
-def _open_image(spec: DiskSpec) -> FileNode:
-    path = spec.path
-    try:
-        exists = path.exists()
-        if not exists and spec.read_only:
-            raise BlockError(errno.ENOENT, f"{path} does not exist (a read-only disk is never created)")
-        if not exists:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        backend = FileNode.open(
-            path, size=None if exists else spec.size, read_only=spec.read_only, force_share=spec.force_share
-        )
-    except BlockError:
-        raise
-    except OSError as failed:
-        where = failed.filename if failed.filename is not None else path
-        raise BlockError(failed.errno or errno.EIO, f"{where}: {failed.strerror or failed}") from failed
-    except ValueError as bad:  # an image whose size is not a positive multiple of 512
-        raise BlockError(errno.EINVAL, str(bad)) from bad
-    if not exists or not spec.size_explicit or backend.size == spec.size:
-        return backend
-    try:
-        _fit(spec, backend)
-    except BaseException:
-        backend.close()
-        raise
-    return backend
-
-
-def _fit(spec: DiskSpec, backend: FileNode) -> None:
-    """An existing image whose size differs from the one asked for: grow it if asked, else refuse."""
-    have, want = backend.size, spec.size
-    sizes = f"{spec.path} is {format_size(have)} ({have} bytes), not the {format_size(want)} asked for"
-    if want < have:
-        raise BlockError(
-            errno.EINVAL,
-            f"{sizes}; vblk never shrinks an image (that would cut off data): serve it as it is by "
-            f"leaving out the size, or shrink it yourself (qemu-img resize --shrink -f raw)",
-        )
-    if not spec.grow:
-        raise BlockError(
-            errno.EINVAL,
-            f"{sizes}; an existing image is not resized unasked: leave out the size to serve it as "
-            f"it is, or add grow (--grow, or grow in the disk spec) to grow it to {format_size(want)}",
-        )
-    if spec.read_only:
-        raise BlockError(errno.EROFS, f"{sizes}; a read-only disk cannot grow its image")
-    if locks.held_elsewhere(backend.fd, locks.SHARED_BASE + 3):  # someone lets no one resize it
-        raise BlockError(errno.EBUSY, f"{sizes}; another process that has it open refuses resizing")
-    backend.resize(want)
-    log.info("image_grown", disk=spec.name, path=str(spec.path), old_size=have, size=want)
 
 
 class Service:

@@ -56,11 +56,14 @@ class ErrorKind(enum.Enum):
 
 def error_kind(exc: BaseException) -> ErrorKind:
     """Classify a failure of a :class:`ByteDisk` call."""
-    if isinstance(exc, BlkReadOnlyError):
+    # issubclass(type(...)), not isinstance: compiled, isinstance against these (non-native)
+    # classes only matches them and their compiled subclasses (tests/test_mypyc_traps.py).
+    kind = type(exc)
+    if issubclass(kind, BlkReadOnlyError):
         return ErrorKind.READ_ONLY
-    if isinstance(exc, BlkUnsupportedError):
+    if issubclass(kind, BlkUnsupportedError):
         return ErrorKind.UNSUPPORTED
-    if isinstance(exc, BlkResetError):
+    if issubclass(kind, BlkResetError):
         return ErrorKind.UNAVAILABLE
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ErrorKind.NO_SPACE

@@ -20,7 +20,7 @@ import uvloop
 
 from device.block.file import FileNode
 from service import logs
-from service.app import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig, serve
+from service.app import serve
 from service.config import (
     SETTINGS,
     ConfigError,
@@ -31,6 +31,7 @@ from service.config import (
     parse_bool,
     parse_disk,
 )
+from service.model import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig
 from service.units import parse_size
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 

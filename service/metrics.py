@@ -27,7 +27,7 @@ import service.nbd.server
 from service.latency import FrontendObserver, LatencyHistogram, VirtioObserver
 
 if TYPE_CHECKING:
-    from service.app import Disk
+    from service.model import Disk
 
 # NBD connections: open now, accepted, refused; polls for a next request that found one, that did not.
 NbdCounts = Callable[[], tuple[int, int, int, int, int]]

@@ -17,7 +17,8 @@ import structlog
 
 from device.blk import BlkConfig, IoMode
 from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
-from service.app import DiskSpec, describe_error, open_stack
+from service.model import DiskSpec, describe_error
+from service.storage import open_stack
 
 log = structlog.get_logger("vblk.service.vhost_user")
 

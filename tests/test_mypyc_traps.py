@@ -8,6 +8,12 @@ and so crashed on the ``IncompleteReadError`` of every abrupt disconnect. Rebind
 target with another type is caught by mypy itself (an incompatible assignment); these two
 forms are not, so the rule here is simple: a name bound by ``except ... as`` or ``with ... as``
 in a compiled function is bound nowhere else in that function, not even as a parameter.
+
+A sibling: compiled, ``isinstance(x, C)`` for a class ``C`` declared
+``@mypyc_attr(native_class=False)`` (the exceptions: OSError subclasses cannot be native) checks
+the exact type and the subclasses mypyc compiled, never a subclass defined in interpreted code
+(:class:`device.block.locks.ImageInUseError` is a ``BlockError`` isinstance would miss). Compiled
+code asks ``issubclass(type(x), C)``, which asks Python.
 """
 
 from __future__ import annotations
@@ -141,3 +147,84 @@ def test_the_check_catches_each_form() -> None:
     assert len(traps(textwrap.dedent(with_then_assign))) == 1
     assert len(traps(textwrap.dedent(parameter))) == 1
     assert traps(textwrap.dedent(fine)) == []
+
+
+def _non_native_classes(sources: list[tuple[str, str]]) -> set[str]:
+    """Classes declared ``native_class=False`` in compiled modules, and their compiled subclasses."""
+    found: set[str] = set()
+    classes: list[ast.ClassDef] = []
+    for source, filename in sources:
+        classes += [n for n in ast.walk(ast.parse(source, filename)) if isinstance(n, ast.ClassDef)]
+    for node in classes:
+        for decorator in node.decorator_list:
+            if isinstance(decorator, ast.Call) and any(
+                k.arg == "native_class" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in decorator.keywords
+            ):
+                found.add(node.name)
+    changed = True
+    while changed:  # a subclass of a non-native class is not native either
+        changed = False
+        for node in classes:
+            bases = {
+                b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                for b in node.bases
+            }
+            if node.name not in found and bases & found:
+                found.add(node.name)
+                changed = True
+    return found
+
+
+def isinstance_traps(source: str, non_native: set[str], filename: str = "<source>") -> list[str]:
+    """Each ``isinstance(x, C)`` (or a tuple holding ``C``) for a non-native compiled class ``C``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+        ):
+            continue
+        if len(node.args) != 2:
+            continue
+        target = node.args[1]
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        for name in names:
+            text = (
+                name.id
+                if isinstance(name, ast.Name)
+                else name.attr
+                if isinstance(name, ast.Attribute)
+                else ""
+            )
+            if text in non_native:
+                found.append(f"{filename}:{node.lineno}: isinstance(..., {text})")
+    return found
+
+
+def test_compiled_code_does_not_isinstance_non_native_classes() -> None:
+    sources = [(source.read_text(), str(source.relative_to(REPO))) for source in compiled_sources()]
+    non_native = _non_native_classes(sources)
+    assert {"BlockError", "BlkError", "BlkUnsupportedError"} <= non_native
+    found = []
+    for text, filename in sources:
+        found += isinstance_traps(text, non_native, filename)
+    assert found == []
+
+
+def test_the_isinstance_check_catches_it() -> None:
+    source = textwrap.dedent(
+        """
+        @mypyc_attr(native_class=False)
+        class Base(OSError):
+            pass
+
+        class Leaf(Base):
+            pass
+
+        def kind(exc):
+            return isinstance(exc, (ValueError, Leaf)), issubclass(type(exc), Base)
+        """
+    )
+    non_native = _non_native_classes([(source, "<source>")])
+    assert non_native == {"Base", "Leaf"}
+    assert len(isinstance_traps(source, non_native)) == 1

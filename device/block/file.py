@@ -140,7 +140,7 @@ class FileNode(StorageNode):
         try:
             self.read_now(offset, buffers)
         except OSError as failed:
-            error = failed if isinstance(failed, BlockError) else _block_error(failed)
+            error = failed if issubclass(type(failed), BlockError) else _block_error(failed)
         done.complete(error)
 
     def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
@@ -148,7 +148,7 @@ class FileNode(StorageNode):
         try:
             self.write_now(offset, buffers)
         except OSError as failed:
-            error = failed if isinstance(failed, BlockError) else _block_error(failed)
+            error = failed if issubclass(type(failed), BlockError) else _block_error(failed)
         done.complete(error)
 
     def flush(self, done: Completion) -> None:

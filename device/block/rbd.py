@@ -226,7 +226,7 @@ class RbdNode(StorageNode):
             if ioctx is not None:
                 ceph.ioctx_destroy(ioctx)
             rados.shutdown()
-            if isinstance(exc, OSError) and not isinstance(exc, BlockError):
+            if isinstance(exc, OSError) and not issubclass(type(exc), BlockError):
                 raise BlockError(exc.errno or errno.EIO, f"{target.spec}: {exc.strerror}") from exc
             raise
 

@@ -16,9 +16,9 @@ import dataclasses
 import ipaddress
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 from aiohttp import HttpVersion11, web
@@ -48,9 +48,34 @@ from service.http.responses import error_body, error_response, json_response
 from service.http.ui import RingsView
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.metrics import Metrics
+    from service.model import Disk, ServiceConfig
+    from service.security import Tokens
 
-__all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "RestApi", "build_app", "routes"]
+__all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
+
+
+class ApiHost(Protocol):
+    """What the REST API uses of the running service (the composition root hands itself over)."""
+
+    @property
+    def disks(self) -> Mapping[str, Disk]: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def tokens(self) -> Tokens | None: ...
+
+    @property
+    def config(self) -> ServiceConfig: ...
+
+    @property
+    def http_addresses(self) -> Sequence[str]: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
 
 log = structlog.get_logger("vblk.http")
 
@@ -140,9 +165,9 @@ _EXCHANGE = web.RequestKey("vblk_exchange", _Exchange)
 
 
 class RestApi:
-    """Handlers bound to one :class:`service.app.Service`."""
+    """Handlers bound to the running service (an :class:`ApiHost`)."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: ApiHost) -> None:
         self.service = service
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -612,7 +637,7 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
     ]
 
 
-def build_app(service: Service) -> web.Application:
+def build_app(service: ApiHost) -> web.Application:
     """The aiohttp application: REST API, health checks, metrics and the OpenAPI document."""
     api = RestApi(service)
     app = web.Application(middlewares=[api.middleware], client_max_size=MAX_JSON)

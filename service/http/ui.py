@@ -44,8 +44,8 @@ from service.latency import LATENCY_BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
     from device.platform import GuestRam
-    from service.app import Disk
     from service.http.api import RestApi
+    from service.model import Disk
 
 RECENT = 8  # ring entries shown before avail.idx and used.idx
 MAX_CHAINS = 64  # chains listed per queue (all are counted)

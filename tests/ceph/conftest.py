@@ -16,7 +16,8 @@ import pytest
 from device.blk import VirtioBlkDevice
 from device.block import ceph
 from device.block.rbd import CACHE_MODES, RbdNode
-from service.app import CephOptions, DiskSpec, Service
+from service.app import Service
+from service.model import CephOptions, DiskSpec
 from tests.ceph.cluster import Cluster
 from tests.service.conftest import MiB, NbdRig, serving
 

@@ -29,8 +29,9 @@ from device.block.node import BlockError, awaited
 from device.block.rbd import CACHE_MODES, ImageLockedError, RbdNode, RbdTarget
 from device.block.sched import batch_thread
 from driver.blk import BlkIOError
-from service.app import DiskSpec, Service, ServiceConfig, StartupError
+from service.app import Service
 from service.config import ConfigError, from_sources
+from service.model import DiskSpec, ServiceConfig, StartupError
 from tests.ceph.cluster import Cluster
 from tests.ceph.conftest import CLIENT_TIMEOUT, ceph_options, image_name, rbd_backend
 from tests.deploy.conftest import tool

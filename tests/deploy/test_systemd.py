@@ -23,8 +23,9 @@ import aiohttp
 import pytest
 
 from service import systemd
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
 from service.config import from_sources
+from service.model import DiskSpec, ServiceConfig
 from tests.deploy.conftest import DEPLOY, tool, vblk_command
 from tests.guard import LOG_FILE_ENV
 from tests.service.conftest import MiB, run

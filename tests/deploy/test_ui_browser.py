@@ -21,9 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-import service.app
+import service.storage
 from device.block.memory import MemoryNode
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, ServiceConfig
 from tests.deploy.browser import Page, chromium
 from tests.service.conftest import MiB
 
@@ -55,7 +56,7 @@ class SlowBackend(MemoryNode):
 
 @pytest.fixture
 async def slow_service(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Service]:
-    monkeypatch.setattr(service.app, "open_storage", lambda spec: SlowBackend(spec.size))
+    monkeypatch.setattr(service.storage, "open_storage", lambda spec: SlowBackend(spec.size))
     directory = tempfile.mkdtemp(prefix="vblk-")
     config = ServiceConfig(
         disks=(

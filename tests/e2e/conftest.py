@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, ServiceConfig
 from tests.e2e import linux
 
 MiB = 1 << 20

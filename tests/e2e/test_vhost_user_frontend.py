@@ -31,8 +31,9 @@ from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from driver.blk import BlkIOError, VirtioBlk
 from driver.dma import DmaAllocator
 from driver.vhost_user import VhostUserTransport
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
 from service.config import from_sources
+from service.model import DiskSpec, ServiceConfig
 from tests.e2e import linux
 from tests.service.conftest import run
 

@@ -11,7 +11,8 @@ import pytest
 
 from device.block.faults import FaultLayer, FaultPlan
 from device.block.node import BlockNode
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, ServiceConfig
 from service.nbd.server import NbdLimits
 
 MiB = 1 << 20

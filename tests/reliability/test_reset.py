@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from device.blk import VirtioBlkDevice
 from device.block.node import BlockNode, Capabilities, Completion, Layer, Outcome
 from driver.blk import BlkResetError
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, ServiceConfig
 
 MiB = 1 << 20
 SLOW = 1.0  # seconds the slow disk takes to answer a read

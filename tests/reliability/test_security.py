@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.app import DiskSpec, SecurityConfig, Service, ServiceConfig
+from service.app import Service
 from service.config import ConfigError, from_sources
+from service.model import DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.constants import IHAVEOPT, NBD_FLAG_C_FIXED_NEWSTYLE, Option, Reply
 from tests.service.conftest import nbdsh, run
 

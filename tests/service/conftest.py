@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.app import DiskSpec, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, ServiceConfig
 from service.nbd.server import NbdLimits
 
 MiB = 1 << 20

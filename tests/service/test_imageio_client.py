@@ -23,7 +23,8 @@ from ovirt_imageio import client  # type: ignore[import-untyped]
 from ovirt_imageio._internal import errors as imageio_errors  # type: ignore[import-untyped]
 from structlog.testing import capture_logs
 
-from service.app import DiskSpec, SecurityConfig, Service, ServiceConfig
+from service.app import Service
+from service.model import DiskSpec, SecurityConfig, ServiceConfig
 from tests.reliability.test_security import make_pki
 from tests.service.conftest import MiB, NbdRig, run, serving
 

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 
-from service.app import DiskSpec
+from service.model import DiskSpec
 from service.nbd.server import NbdLimits
 from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 from device.block.faults import FaultLayer, FaultPlan
-from service import app
+from service import app, model
 from service.nbd.constants import (
     NBD_REQUEST_MAGIC,
     Command,
@@ -163,8 +163,8 @@ async def test_shutdown_answers_eshutdown(nbd_rig: NbdRig) -> None:
 async def test_device_io_error_is_eio_and_the_connection_goes_on() -> None:
     bad_region = FaultPlan(read_errno=errno.EIO, region=(1 * MiB, 4 * MiB))  # a bad stretch of media
     with tempfile.TemporaryDirectory(prefix="vblk-") as tmp:
-        config = app.ServiceConfig(
-            disks=(app.DiskSpec(name="disk0", backend="memory", size=4 * MiB),),
+        config = model.ServiceConfig(
+            disks=(model.DiskSpec(name="disk0", backend="memory", size=4 * MiB),),
             guest_memory=64 * MiB,
             nbd_listen=(f"unix:{tmp}/s",),
         )

@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from yarl import URL
 
-from service.app import DiskSpec
 from service.http.api import RestApi, routes
 from service.http.errors import ErrorCode
+from service.model import DiskSpec
 from service.security import Tokens
 from tests.service.conftest import NbdRig, serving
 
