@@ -372,6 +372,7 @@ class VirtioBlk:
     async def _initialize(self) -> None:
         t = self.transport
         await t.reset()
+        await t.reconnect()
         t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
         t.add_status(VIRTIO_CONFIG_S_DRIVER)
         offered = t.device_features()

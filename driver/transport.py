@@ -44,6 +44,11 @@ class VirtioTransport(Protocol):
         """
         ...
 
+    async def reconnect(self) -> None:
+        """Reach the device again if it went away (a vhost-user back end that restarted);
+        nothing to do for a device that cannot go away."""
+        ...
+
     @property
     def status(self) -> int: ...
 

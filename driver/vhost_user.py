@@ -5,8 +5,10 @@ that shares the guest RAM (a memfd) with a back end such as ``qemu-storage-daemo
 --export type=vhost-user-blk`` (QEMU's own virtio-blk implementation, libvhost-user) and
 sets up the rings there; the driver's virtqueues and requests are unchanged. Control
 messages are request/reply on a unix socket, done synchronously like register accesses
-(QEMU's own front end blocks on them too), with a timeout. Kicks and interrupts are
-eventfds on the event loop.
+(QEMU's own front end blocks on them too), with a timeout; connecting and the session
+handshake, and a reset's wait for the requests in flight, are asynchronous, so a back end that
+is slow to answer holds up only its own disk. Kicks and interrupts are eventfds on the event
+loop.
 
 What the virtio status bits become: ACKNOWLEDGE and DRIVER are local; FEATURES_OK sends
 SET_FEATURES and the memory table (libvhost-user wants the table before any ring
@@ -120,35 +122,41 @@ class VhostUserTransport:
     # -- connection ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._connect()
+        await self._connect()
 
-    def _connect(self) -> None:
-        """Connect and do the session handshake (features, protocol features, owner)."""
+    async def _connect(self) -> None:
+        """Connect and do the session handshake (features, protocol features, owner), without
+        blocking the loop: a back end that does not answer fails this disk after ``timeout``."""
         self._disconnect()
+        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        sock.setblocking(False)
         try:
-            sock.connect(str(self.path))
-        except OSError as exc:
+            await asyncio.wait_for(loop.sock_connect(sock, str(self.path)), self.timeout)
+        except (OSError, TimeoutError) as exc:
             sock.close()
-            raise TransportError(f"{self.name}: cannot connect: {exc}") from exc
+            raise TransportError(f"{self.name}: cannot connect: {exc or 'timed out'}") from exc
         self._sock = sock
         self._parser = vu.MessageParser()
         self.connections += 1
-        self._offered = vu.decode_u64(self._call(vu.Request.GET_FEATURES))
-        if not self._offered >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1:
-            raise TransportError(f"{self.name}: back end has no protocol features (no GET_CONFIG)")
-        offered = vu.decode_u64(self._call(vu.Request.GET_PROTOCOL_FEATURES))
-        self._protocol = offered & WANTED_PROTOCOL_FEATURES
-        if not self._protocol >> vu.ProtocolFeature.CONFIG & 1:
-            raise TransportError(f"{self.name}: back end lacks VHOST_USER_PROTOCOL_F_CONFIG")
-        self._send(vu.Request.SET_PROTOCOL_FEATURES, vu.encode_u64(self._protocol))
-        self._max_queues = 1
-        if self._protocol >> vu.ProtocolFeature.MQ & 1:
-            self._max_queues = vu.decode_u64(self._call(vu.Request.GET_QUEUE_NUM))
-        self._send(vu.Request.SET_OWNER)
-        if self._loop is not None:
-            self._loop.add_reader(sock.fileno(), self._on_socket)
+        try:
+            self._offered = vu.decode_u64(await self._call_async(vu.Request.GET_FEATURES))
+            if not self._offered >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+                raise TransportError(f"{self.name}: back end has no protocol features (no GET_CONFIG)")
+            offered = vu.decode_u64(await self._call_async(vu.Request.GET_PROTOCOL_FEATURES))
+            self._protocol = offered & WANTED_PROTOCOL_FEATURES
+            if not self._protocol >> vu.ProtocolFeature.CONFIG & 1:
+                raise TransportError(f"{self.name}: back end lacks VHOST_USER_PROTOCOL_F_CONFIG")
+            await self._send_async(vu.Request.SET_PROTOCOL_FEATURES, vu.encode_u64(self._protocol))
+            self._max_queues = 1
+            if self._protocol >> vu.ProtocolFeature.MQ & 1:
+                self._max_queues = vu.decode_u64(await self._call_async(vu.Request.GET_QUEUE_NUM))
+            await self._send_async(vu.Request.SET_OWNER)
+        except BaseException:
+            self._disconnect()
+            raise
+        sock.settimeout(self.timeout)  # the exchanges from here on are short and synchronous
+        loop.add_reader(sock.fileno(), self._on_socket)
         log.info(
             "vhost_user_connected",
             socket=str(self.path),
@@ -237,6 +245,38 @@ class VhostUserTransport:
             raise TransportError(f"{self.name}: got {reply.name} (flags {reply.flags:#x}) for {request}")
         return reply.payload
 
+    async def _send_async(self, request: int, payload: bytes = b"") -> None:
+        sock = self._require()
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_sendall(sock, vu.encode_message(request, payload)),
+                self.timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise TransportError(f"{self.name}: {vu.Request(request).name}: {exc or 'timed out'}") from exc
+        self.messages_sent += 1
+
+    async def _call_async(self, request: int, payload: bytes = b"") -> bytes:
+        """A request with a reply payload, awaited (the handshake)."""
+        await self._send_async(request, payload)
+        sock = self._require()
+        parser = self._parser
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await asyncio.wait_for(loop.sock_recv(sock, parser.needed()), self.timeout)
+                if not data:
+                    raise TransportError(f"{self.name}: back end closed the connection")
+                messages = parser.feed(data)
+                if messages:
+                    break
+        except (OSError, TimeoutError, vu.VhostUserProtocolError) as exc:
+            raise TransportError(f"{self.name}: waiting for {vu.Request(request).name}: {exc}") from exc
+        reply = messages[0]
+        if reply.request != request or not reply.is_reply:
+            raise TransportError(f"{self.name}: got {reply.name} (flags {reply.flags:#x}) for {request}")
+        return reply.payload
+
     def _call(self, request: int, payload: bytes = b"") -> bytes:
         """A request with a reply payload."""
         self._send(request, payload)
@@ -300,9 +340,13 @@ class VhostUserTransport:
                 self._command(vu.Request.SET_VRING_ENABLE, vu.VringState(queue.index, 1).encode())
         self._status |= bits
 
-    def device_features(self) -> int:
+    async def reconnect(self) -> None:
+        """A new session, when the back end went away (it restarted, say)."""
         if self._sock is None:
-            self._connect()  # a new session after the back end went away
+            await self._connect()
+
+    def device_features(self) -> int:
+        self._require()  # connected (open, or the reset after the back end went away)
         return self._offered & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
 
     def set_driver_features(self, features: int) -> None:

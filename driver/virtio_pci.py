@@ -278,6 +278,9 @@ class PciTransport:
     async def reset(self) -> None:
         await self.regs.reset()
 
+    async def reconnect(self) -> None:
+        """A PCI function does not go away."""
+
     @property
     def status(self) -> int:
         return self.regs.status
