@@ -32,7 +32,8 @@ from service.blockio import ByteDisk, StackControl
 from service.http.api import build_app
 from service.metrics import Metrics, allocator, compiled
 from service.model import Disk, DiskSpec, ServiceConfig, StartupError, describe_error
-from service.nbd.server import NbdExport, NbdServer, NbdTls
+from service.nbd.server import NbdServer
+from service.nbd.settings import NbdExport, NbdTls
 from service.security import SecurityConfigError, Tokens
 from service.storage import open_stack
 from service.vhost_user_disk import (

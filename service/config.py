@@ -19,7 +19,7 @@ from device.block.faults import FaultPlan
 from device.block.locks import lock_mode
 from device.block.rbd import CACHE_MODES
 from service.model import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 from service.security import SecurityConfigError, Tokens
 from service.units import format_size, parse_size
 

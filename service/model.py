@@ -17,7 +17,7 @@ from device.block.rbd import DEFAULT_CACHE
 from driver.blk import VirtioBlk
 from service.blockio import ByteDisk
 from service.nbd.protocol import TlsMode
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 from service.security import SecurityConfigError, server_context
 from service.vhost_user_disk import RemoteDevice
 

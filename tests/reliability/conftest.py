@@ -13,7 +13,7 @@ from device.block.faults import FaultLayer, FaultPlan
 from device.block.node import BlockNode
 from service.app import Service
 from service.model import DiskSpec, ServiceConfig
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.nbd.constants import NBD_REQUEST_MAGIC, Command
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 from tests.nbdclient import WireClient
 from tests.reliability.conftest import FaultRig, MiB, make_fault_rig
 from tests.service.conftest import nbdsh

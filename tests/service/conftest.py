@@ -13,7 +13,7 @@ import pytest
 
 from service.app import Service
 from service.model import DiskSpec, ServiceConfig
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 
 MiB = 1 << 20
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where `import nbd` (python3-libnbd) lives

@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from service.model import DiskSpec
-from service.nbd.server import NbdLimits
+from service.nbd.settings import NbdLimits
 from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 
 

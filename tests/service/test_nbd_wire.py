@@ -151,12 +151,12 @@ async def test_shutdown_answers_eshutdown(nbd_rig: NbdRig) -> None:
     client = await WireClient.connect(nbd_rig)
     await client.go()
     assert nbd_rig.service.nbd is not None
-    nbd_rig.service.nbd.closing = True
+    nbd_rig.service.nbd.state.closing = True
     client.request(Command.WRITE, 1, 0, 512, payload=b"\x01" * 512)
     client.request(Command.READ, 2, 0, 512)
     assert await client.simple_reply() == (1, Errno.ESHUTDOWN, b"")
     assert await client.simple_reply() == (2, Errno.ESHUTDOWN, b"")
-    nbd_rig.service.nbd.closing = False
+    nbd_rig.service.nbd.state.closing = False
     client.close()
 
 
