@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from service.units import parse_size
+from service.values import parse_size
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -40,7 +40,7 @@ def log(message: str) -> None:
 
 
 def size_argument(text: str) -> int:
-    """An argparse ``type=``: a size as vblk reads one (``64M``, ``1G``; service.units)."""
+    """An argparse ``type=``: a size as vblk reads one (``64M``, ``1G``; service.values)."""
     try:
         return parse_size(text)
     except ValueError as exc:

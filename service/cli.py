@@ -32,7 +32,7 @@ from service.config import (
     parse_disk,
 )
 from service.model import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig
-from service.units import parse_size
+from service.values import parse_size
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\

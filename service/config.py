@@ -21,7 +21,7 @@ from device.block.rbd import CACHE_MODES
 from service.model import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.settings import NbdLimits
 from service.security import SecurityConfigError, Tokens
-from service.units import format_size, parse_size
+from service.values import DISK_NAME, boolean, format_size, parse_size
 
 DISK_KEYS = (
     "name",
@@ -49,14 +49,13 @@ class ConfigError(ValueError):
 
 
 def parse_bool(text: str | bool) -> bool:
+    """Yes or no as :func:`service.values.boolean` reads it; empty is no (``VBLK_READ_ONLY=``)."""
     if isinstance(text, bool):
         return text
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on", "y"):
-        return True
-    if value in ("0", "false", "no", "off", "n", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
+    value = boolean(str(text)) if str(text).strip() else False
+    if value is None:
+        raise ValueError(f"not a boolean: {text!r}")
+    return value
 
 
 def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
@@ -319,9 +318,6 @@ def check_force_share(what: str, backend: str, read_only: bool) -> None:
         raise ConfigError(f"{what}: {exc}") from exc
 
 
-_DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
 def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     given = values.get(GIVEN, set())
     defaults: dict[str, Any] = {
@@ -388,7 +384,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     disks = []
     for spec in specs:
         name = spec["name"]
-        if not _DISK_NAME.fullmatch(name):
+        if not DISK_NAME.fullmatch(name):
             raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
         check_size(f"disk {name}", spec["size"])
         if spec["backend"] == "rbd":

@@ -19,7 +19,7 @@ from device.block.memory import MemoryNode
 from device.block.node import BlockError, BlockNode
 from device.block.rbd import RbdNode, RbdTarget
 from service.model import DiskSpec
-from service.units import format_size
+from service.values import format_size
 
 log = structlog.get_logger("vblk.service")
 

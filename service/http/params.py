@@ -27,6 +27,7 @@ from service.http.ranges import (
     parse_content_range,
     parse_range,
 )
+from service.values import DISK_NAME, boolean
 
 MAX_INT: Final = (1 << 63) - 1  # offsets, sizes and sectors all fit a signed 64-bit integer
 MAX_SECTORS: Final = 65536  # 32 MiB per /sectors request, as NBD's maximum request
@@ -36,10 +37,7 @@ _MAX_DIGITS: Final = len(str(MAX_INT))
 # Digits 0-9 only: no sign, space, "_", "0x10", "1e3" or other scripts' digits (U+0663), each
 # of which int() or str.isdigit() takes.
 _DECIMAL = re.compile(r"[0-9]+", re.ASCII)
-_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 _TOKEN = re.compile(r"[\x21-\x7e]+", re.ASCII)  # visible ASCII: what a vblk token may be
-_TRUE: Final = frozenset({"y", "yes", "true", "1", "on"})
-_FALSE: Final = frozenset({"n", "no", "false", "0", "off"})
 
 PatchOp = Literal["zero", "discard", "flush"]
 ExtentsContext = Literal["zero", "dirty"]
@@ -47,7 +45,7 @@ ExtentsContext = Literal["zero", "dirty"]
 
 def shown(text: str) -> str | None:
     """``text`` in double quotes if it is a plain name (letters, digits, ``._-``), else None."""
-    return f'"{text}"' if _SAFE.fullmatch(text) else None
+    return f'"{text}"' if DISK_NAME.fullmatch(text) else None
 
 
 def _bounds(minimum: int, maximum: int) -> str:
@@ -85,11 +83,9 @@ def parse_uint(
 
 def parse_bool(text: str, name: str) -> bool:
     """``y``/``n`` (or yes/no, true/false, 1/0, on/off; any case)."""
-    value = text.lower() if text.isascii() else ""
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
+    value = boolean(text) if text == text.strip() else None
+    if value is not None:
+        return value
     raise ApiError(ErrorCode.BAD_PARAMETER, f"{name} must be y or n (or yes/no, true/false, 1/0, on/off)")
 
 

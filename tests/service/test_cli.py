@@ -16,7 +16,7 @@ import pytest
 
 from service.cli import main
 from service.config import parse_disk
-from service.units import parse_size
+from service.values import parse_size
 from tests.qemu import qemu_nbd, qemu_nbd_refusal
 from tests.service.conftest import MiB, run
 
