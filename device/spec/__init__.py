@@ -1,4 +1,5 @@
-"""Constants and layouts from the specifications (PCI, VIRTIO 1.2, virtio-blk).
+"""The specifications, as code: constants and layouts of PCI, VIRTIO 1.2 and virtio-blk, and the
+sans-I/O vhost-user message codec.
 
-Shared by the device model and the guest driver: nothing here implements behaviour.
+Shared by the device model and the guest driver: pure definitions and codecs, no device state.
 """

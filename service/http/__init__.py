@@ -1,1 +1,1 @@
-"""The HTTP front end: REST sector API, health checks, metrics endpoint."""
+"""The HTTP front end: REST sector API, health checks, the metrics endpoint and the ring view."""

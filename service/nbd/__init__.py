@@ -1,4 +1,4 @@
-"""vblk's NBD front end: the sans-I/O protocol core and the asyncio server that moves its bytes.
+"""vblk's NBD front end: the sans-I/O protocol core (both directions), connections and the server.
 
-Service layer: every request ends up as a VirtioBlk call, through the virtqueues.
+Service layer: every request ends up at the disk port, and through it on the virtqueues.
 """
