@@ -32,7 +32,9 @@ from device.spec.virtio import (
     desc_table_size,
     vring_used_offset,
 )
-from device.vhost_user import RegionMemory, VhostUserBlk, VhostUserServer, recv_message
+from device.vhost_user.protocol import VhostUserBlk
+from device.vhost_user.regions import RegionMemory
+from device.vhost_user.server import VhostUserServer, recv_message
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20

@@ -1,0 +1,388 @@
+"""The vhost-user back end's protocol: one message in, its reply bytes out; no socket here.
+
+Device layer, between the socket (:mod:`device.vhost_user.server`) and the device model: features,
+memory table, config space, and each ring's setup, start and stop (GET_VRING_BASE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+
+import structlog
+
+from device.blk import BlkConfig
+from device.block.node import BlockNode, awaited
+from device.platform import GuestMemoryError
+from device.spec import vhost_user as vu
+from device.spec.virtio import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+)
+from device.spec.virtio_blk import VIRTIO_BLK_CFG_WRITEBACK
+from device.vhost_user.regions import RegionMemory
+from device.vhost_user.rings import Ring, RingStart, VhostUserBlkDevice, configure_queue
+from device.virtqueue import DeviceVirtqueue
+
+log = structlog.get_logger("vblk.device.vhost_user")
+
+OFFERED_PROTOCOL_FEATURES = vu.protocol_mask(
+    vu.ProtocolFeature.MQ, vu.ProtocolFeature.REPLY_ACK, vu.ProtocolFeature.CONFIG
+)
+DEFAULT_QUEUE_SIZE = 128  # QEMU's vhost-user-blk queue-size default
+
+
+class VhostUserBlk:
+    """One virtio-blk device served to vhost-user front ends, one connection at a time.
+
+    :meth:`handle` takes a message and returns the reply bytes (or None); it raises
+    :class:`~device.spec.vhost_user.VhostUserProtocolError` when the connection cannot go
+    on. It implements :class:`device.virtio.Transport`: queue interrupts go out on the
+    ring's call eventfd, a device error on the rings' error eventfds.
+    """
+
+    def __init__(self, node: BlockNode, config: BlkConfig | None = None) -> None:
+        config = config or BlkConfig(queue_size=DEFAULT_QUEUE_SIZE)
+        if not config.transitional:
+            config = dataclasses.replace(config, transitional=True)
+        self.memory = RegionMemory()
+        self.device = VhostUserBlkDevice(self.memory, node, config)
+        self.device.transport = self
+        self.rings = [Ring(i) for i in range(len(self.device.queues))]
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.starts: list[RingStart] = []
+        self.messages: dict[str, int] = {}
+        self.config_reads: list[tuple[int, int]] = []  # (offset, size) of each GET_CONFIG
+        self.connections = 0
+
+    @property
+    def node(self) -> BlockNode:
+        return self.device.node
+
+    # -- Transport (interrupts) -----------------------------------------------------------------
+
+    def queue_interrupt(self, queue: DeviceVirtqueue) -> None:
+        ring = self.rings[queue.index]
+        if ring.call is not None:
+            ring.calls += 1
+            os.eventfd_write(ring.call, 1)
+
+    def config_interrupt(self) -> None:
+        if self.device.broken_reason is None:
+            return  # a config change needs the back-end channel (SLAVE_REQ), not offered
+        for ring in self.rings:
+            if ring.err is not None and ring.started:
+                os.eventfd_write(ring.err, 1)
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def _ack_wanted(self, msg: vu.Message) -> bool:
+        return (
+            msg.need_reply
+            and bool(self.protocol_features >> vu.ProtocolFeature.REPLY_ACK & 1)
+            and msg.request not in vu.REPLY_REQUESTS
+        )
+
+    async def handle(self, msg: vu.Message) -> bytes | None:
+        """Process one message; the reply to send, if any. Closes every fd it does not keep."""
+        name = msg.name
+        self.messages[name] = self.messages.get(name, 0) + 1
+        fds = list(msg.fds)
+        log.debug("vhost_user_message", request=name, flags=msg.flags, size=len(msg.payload), fds=len(fds))
+        ok = True
+        try:
+            reply = await self._dispatch(msg, fds)
+        except (GuestMemoryError, RequestRefusedError) as exc:
+            log.warning("vhost_user_request_failed", request=name, error=str(exc))
+            ok, reply = False, None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if reply is None and self._ack_wanted(msg):
+            reply = vu.encode_reply(msg.request, vu.encode_u64(0 if ok else 1))
+        return reply
+
+    async def _dispatch(self, msg: vu.Message, fds: list[int]) -> bytes | None:
+        rq = vu.Request
+        request, payload = msg.request, msg.payload
+        if request == rq.GET_FEATURES:
+            offered = self.device.device_features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+            return vu.encode_reply(request, vu.encode_u64(offered))
+        if request == rq.SET_FEATURES:
+            self._set_features(vu.decode_u64(payload, "SET_FEATURES"))
+            return None
+        if request == rq.GET_PROTOCOL_FEATURES:
+            return vu.encode_reply(request, vu.encode_u64(OFFERED_PROTOCOL_FEATURES))
+        if request == rq.SET_PROTOCOL_FEATURES:
+            wanted = vu.decode_u64(payload, "SET_PROTOCOL_FEATURES")
+            self.protocol_features = wanted & OFFERED_PROTOCOL_FEATURES
+            log.info(
+                "vhost_user_protocol_features",
+                features=vu.feature_names(self.protocol_features),
+                refused=vu.feature_names(wanted & ~OFFERED_PROTOCOL_FEATURES),
+            )
+            return None
+        if request == rq.SET_OWNER:
+            self.owner = True
+            return None
+        if request == rq.RESET_OWNER or request == rq.RESET_DEVICE:
+            await self._stop_all()
+            return None
+        if request == rq.GET_QUEUE_NUM:
+            return vu.encode_reply(request, vu.encode_u64(len(self.rings)))
+        if request == rq.SET_MEM_TABLE:
+            self._set_mem_table(vu.decode_memory_table(payload), fds)
+            return None
+        if request == rq.SET_VRING_NUM:
+            state = vu.VringState.decode(payload)
+            ring = self._ring(state.index)
+            if ring.started:
+                raise RequestRefusedError(f"ring {ring.index} size changed while running")
+            ring.num = state.num
+            return None
+        if request == rq.SET_VRING_BASE:
+            state = vu.VringState.decode(payload)
+            ring = self._ring(state.index)
+            if ring.started:
+                raise RequestRefusedError(f"ring {ring.index} base changed while running")
+            ring.base = state.num & 0xFFFF
+            return None
+        if request == rq.SET_VRING_ADDR:
+            addr = vu.VringAddr.decode(payload)
+            ring = self._ring(addr.index)
+            old = ring.addr
+            ring.addr = addr
+            if (
+                ring.started
+                and old is not None
+                and (old.desc, old.used, old.avail)
+                != (
+                    addr.desc,
+                    addr.used,
+                    addr.avail,
+                )
+            ):
+                raise RequestRefusedError(f"ring {ring.index} moved while running")
+            return None
+        if request == rq.GET_VRING_BASE:
+            state = vu.VringState.decode(payload)
+            ring = self._ring(state.index)
+            base = await self._stop_ring(ring)
+            return vu.encode_reply(request, vu.VringState(ring.index, base).encode())
+        if request in (rq.SET_VRING_KICK, rq.SET_VRING_CALL, rq.SET_VRING_ERR):
+            file = vu.VringFile.decode(payload)
+            ring = self._ring(file.index)
+            if len(fds) != (0 if file.nofd else 1):
+                raise vu.VhostUserProtocolError(f"{msg.name}: {len(fds)} fds with nofd={file.nofd}")
+            fd = None if file.nofd else fds.pop()
+            if request == rq.SET_VRING_KICK:
+                self._set_kick(ring, fd)
+            elif request == rq.SET_VRING_CALL:
+                _close(ring.call)
+                ring.call = fd
+            else:
+                _close(ring.err)
+                ring.err = fd
+            return None
+        if request == rq.SET_VRING_ENABLE:
+            state = vu.VringState.decode(payload)
+            ring = self._ring(state.index)
+            ring.enabled = bool(state.num)
+            if ring.enabled and ring.started:
+                self.device.kick(ring.index)  # anything made available while disabled
+            return None
+        if request == rq.GET_CONFIG:
+            return vu.encode_reply(request, self._get_config(vu.ConfigSpace.decode(payload)).encode())
+        if request == rq.SET_CONFIG:
+            self._set_config(vu.ConfigSpace.decode(payload))
+            return None
+        raise RequestRefusedError(f"{msg.name} is not supported")
+
+    def _ring(self, index: int) -> Ring:
+        if not 0 <= index < len(self.rings):
+            raise vu.VhostUserProtocolError(f"ring {index} does not exist ({len(self.rings)} rings)")
+        return self.rings[index]
+
+    def _set_features(self, features: int) -> None:
+        offered = self.device.device_features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+        if features & ~offered:
+            raise RequestRefusedError(f"features {features & ~offered:#x} were never offered")
+        if any(ring.started for ring in self.rings):
+            if features != self.features:
+                raise RequestRefusedError("features changed while rings are running")
+            return
+        self.features = features
+
+    def _set_mem_table(self, regions: list[vu.MemoryRegion], fds: list[int]) -> None:
+        if len(fds) != len(regions):
+            raise vu.VhostUserProtocolError(f"SET_MEM_TABLE: {len(regions)} regions, {len(fds)} fds")
+        self.memory.map_table(regions, fds)
+        log.info(
+            "vhost_user_memory_table",
+            regions=[
+                {
+                    "gpa": hex(r.guest_phys_addr),
+                    "size": hex(r.memory_size),
+                    "uva": hex(r.userspace_addr),
+                    "offset": hex(r.mmap_offset),
+                }
+                for r in regions
+            ],
+        )
+        for ring in self.rings:  # running rings: recompute their offsets in the new mapping
+            if ring.started:
+                configure_queue(self.device, self.memory, ring)
+
+    def _get_config(self, request: vu.ConfigSpace) -> vu.ConfigSpace:
+        """Exactly the bytes asked for (QEMU rejects a reply of another size)."""
+        self.config_reads.append((request.offset, request.size))
+        config = self.device.config_bytes()
+        data = config[request.offset : request.offset + request.size]
+        return vu.ConfigSpace(request.offset, request.size, request.flags, data)
+
+    def _set_config(self, config: vu.ConfigSpace) -> None:
+        if config.flags != vu.VHOST_SET_CONFIG_TYPE_FRONTEND:
+            raise RequestRefusedError("config writes for migration are not supported")
+        start, end = config.offset, config.offset + config.size
+        if not start <= VIRTIO_BLK_CFG_WRITEBACK < end or config.size != 1:
+            raise RequestRefusedError(f"config bytes [{start}, {end}) are read-only")
+        self.device.write_config(VIRTIO_BLK_CFG_WRITEBACK, 1, config.data[0])
+
+    # -- rings -----------------------------------------------------------------------------------
+
+    def _set_kick(self, ring: Ring, fd: int | None) -> None:
+        if ring.kick is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(ring.kick)
+            _close(ring.kick)
+            ring.kick = None
+        if fd is None:
+            raise RequestRefusedError(f"ring {ring.index}: polling (no kick fd) is not supported")
+        ring.kick = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_kick, ring)
+        if not ring.started:
+            self._start_ring(ring)
+
+    def _on_kick(self, ring: Ring) -> None:
+        if ring.kick is None:
+            return
+        try:
+            os.eventfd_read(ring.kick)
+        except BlockingIOError:
+            return
+        ring.kicks += 1
+        if ring.started and self._enabled(ring):
+            self.device.kick(ring.index)
+
+    def _enabled(self, ring: Ring) -> bool:
+        # Without VHOST_USER_F_PROTOCOL_FEATURES a ring starts enabled, with it disabled.
+        return ring.enabled or not self.features >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1
+
+    def _negotiate(self) -> None:
+        """Take the device through the virtio status sequence with the front end's features."""
+        device = self.device
+        device.reset()
+        features = self.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        device.set_driver_features(0, features & 0xFFFFFFFF)
+        device.set_driver_features(1, features >> 32)
+        status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+        device.set_status(status)
+        device.set_status(status | VIRTIO_CONFIG_S_FEATURES_OK)
+        if not device.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            raise vu.VhostUserProtocolError(f"the device refuses features {features:#x}")
+        device.set_status(status | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+        log.info("vhost_user_device_started", features=f"{features:#x}", legacy=device.legacy)
+
+    def _start_ring(self, ring: Ring) -> None:
+        if not self.memory.mapped or ring.addr is None or not ring.num:
+            raise vu.VhostUserProtocolError(
+                f"ring {ring.index} kicked before its memory table, address and size"
+            )
+        if not self.device.driver_ok:
+            self._negotiate()
+        ring.started = True
+        start = configure_queue(self.device, self.memory, ring)
+        if start is None:
+            return
+        self.starts.append(start)
+        log.info(
+            "vhost_user_ring_started",
+            ring=ring.index,
+            size=start.size,
+            base=start.base,
+            desc=hex(start.desc),
+            avail=hex(start.avail),
+            used=hex(start.used),
+            legacy=start.legacy,
+        )
+        if self._enabled(ring):
+            self.device.kick(ring.index)
+
+    async def _stop_ring(self, ring: Ring) -> int:
+        """GET_VRING_BASE: finish what is in flight, stop, and say where the ring got to."""
+        if not ring.started:
+            return ring.base
+        if ring.kick is not None:
+            asyncio.get_running_loop().remove_reader(ring.kick)
+        device = self.device
+        queue = device.queues[ring.index]
+        for _ in range(10_000):  # thread-mode requests still running: at most ~10 s
+            if not queue.inflight or not device.driver_ok:
+                break
+            await asyncio.sleep(0.001)
+        ring.base = queue.last_avail_idx
+        ring.started = False
+        queue.active = False
+        queue.enabled = False
+        log.info(
+            "vhost_user_ring_stopped", ring=ring.index, base=ring.base, kicks=ring.kicks, calls=ring.calls
+        )
+        if not any(r.started for r in self.rings):
+            device.reset()
+            await device.reset_done()
+        return ring.base
+
+    async def _stop_all(self) -> None:
+        for ring in self.rings:
+            await self._stop_ring(ring)
+        self.device.reset()
+        await self.device.reset_done()
+
+    async def disconnect(self) -> None:
+        """The front end went away: stop, forget its fds and memory, make writes durable."""
+        await self._stop_all()
+        for ring in self.rings:
+            if ring.kick is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(ring.kick)
+            for fd in (ring.kick, ring.call, ring.err):
+                _close(fd)
+            self.rings[ring.index] = Ring(ring.index)
+        self.memory.unmap()
+        self.features = self.protocol_features = 0
+        self.owner = False
+        if not self.node.capabilities.read_only:
+            try:
+                await awaited(self.node.flush)
+            except OSError as exc:
+                log.error("vhost_user_flush_failed", error=str(exc))
+
+    def close(self) -> None:
+        self.device.close()
+        self.memory.close()
+
+
+class RequestRefusedError(Exception):
+    """A request the back end declines; with REPLY_ACK the front end gets a non-zero ack."""
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
