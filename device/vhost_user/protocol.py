@@ -157,18 +157,10 @@ class VhostUserBlk:
             addr = vu.VringAddr.decode(payload)
             ring = self._ring(addr.index)
             old = ring.addr
-            ring.addr = addr
-            if (
-                ring.started
-                and old is not None
-                and (old.desc, old.used, old.avail)
-                != (
-                    addr.desc,
-                    addr.used,
-                    addr.avail,
-                )
-            ):
+            moved = old is not None and (old.desc, old.used, old.avail) != (addr.desc, addr.used, addr.avail)
+            if ring.started and moved:  # refused, and forgotten: the ring stays where it runs
                 raise RequestRefusedError(f"ring {ring.index} moved while running")
+            ring.addr = addr
             return None
         if request == rq.GET_VRING_BASE:
             state = vu.VringState.decode(payload)

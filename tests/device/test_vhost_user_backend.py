@@ -298,6 +298,11 @@ async def test_qemu_message_sequence_two_cycles_and_requests() -> None:
             os.eventfd_write(kick, 1)
             await readable(call)
             assert ring.used_entries() == [(0, 513)] and ram[0x28000 : 0x28000 + 512] == b"w" * 512
+            # Moving a running ring is refused, and the refused address is forgotten.
+            running = blk.rings[0].addr
+            moved = vu.VringAddr(0, 0, UVA + 0x50000, UVA + 0x51000, UVA + 0x52000, 0x51000)
+            assert await fe.acked(vu.Request.SET_VRING_ADDR, moved.encode()) != 0
+            assert blk.rings[0].addr == running
             fe.send(vu.Request.SET_VRING_ENABLE, vu.VringState(0, 0).encode())
             base = vu.VringState.decode(
                 await fe.call(vu.Request.GET_VRING_BASE, vu.VringState(0, 0).encode())
