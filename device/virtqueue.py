@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import Final
+from typing import Final, final
 
 from mypy_extensions import mypyc_attr
 
@@ -43,6 +43,19 @@ _desc_unpack: Callable[[memoryview, int], tuple[int, int, int, int]] = VIRTQ_DES
 _u16_unpack: Final[Callable[[memoryview, int], tuple[int]]] = _U16.unpack_from
 _u16_pack: Final = _U16.pack_into
 _used_pack: Final = VIRTQ_USED_ELEM.pack_into
+
+#: Buckets of :attr:`DeviceVirtqueue.pop_batches`: bucket k counts runs of 2**(k-1) .. 2**k - 1
+#: chains (bucket 0 stays empty); runs are bounded by the 16-bit ring indices.
+BATCH_BUCKETS: Final = 17
+
+
+@final
+class Tally:
+    """One counter of a table of counters: a native attribute, so counting allocates nothing
+    (a ``list[int]`` would box every new value)."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class VirtqueueError(Exception):
@@ -93,6 +106,10 @@ class DeviceVirtqueue:
         self.signalled_used_valid = False
         self.inflight: set[int] = set()
         self._desc_off = self._avail_off = self._used_off = 0
+        # Statistics: chains popped in a run until the ring was found empty (the device's
+        # batches), by size; the ring view reads them.
+        self.pop_batches = [Tally() for _ in range(BATCH_BUCKETS)]
+        self._run = 0
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -147,6 +164,10 @@ class DeviceVirtqueue:
         avail_idx = _u16_unpack(buf, avail_off + 2)[0]
         pending = (avail_idx - last) & 0xFFFF
         if pending == 0:
+            run = self._run
+            if run:
+                self.pop_batches[min(run.bit_length(), BATCH_BUCKETS - 1)].count += 1
+                self._run = 0
             return None
         if pending > size:
             raise VirtqueueError(
@@ -164,6 +185,7 @@ class DeviceVirtqueue:
         chain = self._walk(head)
         self.last_avail_idx = (last + 1) & 0xFFFF
         inflight.add(head)
+        self._run += 1
         return chain
 
     def _walk(self, head: int) -> DescriptorChain:

@@ -3,7 +3,8 @@
 Driver layer, under VirtioBlk and over the virtio-pci transport. Mirrors Linux's
 virtio_ring.c: descriptors are chained through a free list, each head maps to a token
 (the request waiting on it), many chains are published per kick, and ``need_event``
-decides whether a kick is needed at all.
+decides whether a kick is needed at all. It counts what the rings see (chains per head,
+chains per kick, used entries per interrupt) with a few integer updates per chain or batch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import collections
 import struct
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, Protocol, final
 
 from device.platform import GuestRam, RunningLoop, store_u16_word
 from device.spec.virtio import (
@@ -37,6 +38,19 @@ _u16_pack: Final = _U16.pack_into
 _u16_unpack: Final[Callable[[memoryview, int], tuple[int]]] = _U16.unpack_from
 _desc_pack: Final = VIRTQ_DESC.pack_into
 _used_unpack: Final[Callable[[memoryview, int], tuple[int, int]]] = VIRTQ_USED_ELEM.unpack_from
+
+#: Buckets of the batch-size histograms: bucket 0 counts empty batches, bucket k sizes
+#: 2**(k-1) .. 2**k - 1; sizes are bounded by the 16-bit ring indices (the last bucket holds the rest).
+BATCH_BUCKETS: Final = 17
+
+
+@final
+class Tally:
+    """One counter of a table of counters: a native attribute, so counting allocates nothing
+    (a ``list[int]`` would box every new value)."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class Completion(Protocol):
@@ -113,11 +127,22 @@ class DriverVirtqueue:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.broken = False
         self._running = RunningLoop()
-        # Statistics.
+        # Statistics: integers bumped once per chain or once per batch; the ring view derives
+        # rates, means and shares from them when it looks.
         self.kicks = 0
         self.kicks_suppressed = 0
         self.interrupts = 0
         self.completed = 0
+        #: Chains published with each descriptor as their head (their sum: avail.idx, unwrapped).
+        self.chains_by_head = [Tally() for _ in range(size)]
+        #: Chains published as one ring descriptor pointing at an indirect table.
+        self.indirect_chains = 0
+        #: Chains published between two kick decisions (one batch on the avail ring), by size.
+        self.publish_batches = [Tally() for _ in range(BATCH_BUCKETS)]
+        #: Used entries one interrupt reaped (0: it found none), by size.
+        self.reap_batches = [Tally() for _ in range(BATCH_BUCKETS)]
+        #: The most chains in flight at once, met by a reap, since :meth:`take_peak_in_flight`.
+        self.peak_in_flight = 0
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -223,6 +248,7 @@ class DriverVirtqueue:
                 i += 1
             _desc_pack(buf, 16 * head, table_gpa, total * 16, VIRTQ_DESC_F_INDIRECT, 0)
             tail = head
+            self.indirect_chains += 1
         else:
             desc_next = self._desc_next
             i = head
@@ -243,6 +269,7 @@ class DriverVirtqueue:
         self._free_head = self._desc_next[tail]
         self.num_free -= needed
         self._tokens[head] = token
+        self.chains_by_head[head].count += 1
         self._chain_tail[head] = tail
         self._chain_len[head] = needed
         # Publish: ring entry, then the index (single-threaded loop: program order is enough).
@@ -268,6 +295,7 @@ class DriverVirtqueue:
         if not added or self.broken:
             return
         self._num_added = 0
+        self.publish_batches[added.bit_length()].count += 1  # added < 2**16: see add()
         new = self._avail_idx
         old = (new - added) & 0xFFFF
         buf = self._buf
@@ -297,6 +325,10 @@ class DriverVirtqueue:
         avail_off = self._avail_off
         size_mask = self.size - 1
         tokens = self._tokens
+        first = self._last_used_idx
+        # In flight only grows between reaps: its peak is what a reap finds (or the ring view now).
+        depth = (self._avail_idx - first) & 0xFFFF
+        self.peak_in_flight = max(self.peak_in_flight, depth)
         while True:
             if not self.event_idx:
                 store_u16_word(words, avail_off, VIRTQ_AVAIL_F_NO_INTERRUPT)
@@ -327,6 +359,7 @@ class DriverVirtqueue:
                 self.barrier()  # used_event / flags visible before the used index is re-read
             if _u16_unpack(buf, used_off + 2)[0] == last:
                 break
+        self.reap_batches[min(((last - first) & 0xFFFF).bit_length(), BATCH_BUCKETS - 1)].count += 1
         self._wake()
 
     def _detach(self, head: int) -> None:
@@ -362,6 +395,13 @@ class DriverVirtqueue:
     def last_used_idx(self) -> int:
         """How far the driver has reaped the used ring."""
         return self._last_used_idx
+
+    def take_peak_in_flight(self) -> int:
+        """The most chains in flight at once since the previous call; the watermark restarts now."""
+        now = (self._avail_idx - self._last_used_idx) & 0xFFFF
+        peak = max(self.peak_in_flight, now)
+        self.peak_in_flight = now
+        return peak
 
     def free_list(self) -> list[int]:
         """The free descriptors, in the order :meth:`add` will take them."""

@@ -5,11 +5,13 @@ return, per queue, what the driver knows (free list, chains in flight, shadow in
 kicks), what the device knows (``last_avail_idx``, ``used_idx``, chains it holds,
 interrupts) and what the ring memory says (``avail.idx``, ``used.idx``, ``used_event``,
 ``avail_event``, the latest ring entries, every in-flight chain's descriptors and the request
-header they carry). ``GET /ui`` is a self-contained page (no build step, nothing fetched from
-elsewhere) that polls the snapshot and shows requests move through the rings.
+header they carry), plus what happened between two snapshots: the queues' counters of chains
+per head, per kick, per device pass and per interrupt, and the peak of chains in flight.
+``GET /ui`` is a self-contained page (no build step, nothing fetched from elsewhere) that
+polls the snapshot, shows requests move through the rings and turns the counters into rates.
 
 Observation only: the snapshot reads driver and device attributes and copies ring memory; it
-never writes guest memory or changes a queue.
+never writes guest memory or changes a queue (it only restarts the in-flight watermark).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import importlib.resources
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -135,6 +137,43 @@ def _window(start: int, end: int, limit: int) -> Iterable[int]:
     """Free-running 16-bit indices from ``start`` up to ``end`` (at most ``limit`` of them)."""
     count = min((end - start) & 0xFFFF, limit)
     return ((start + k) & 0xFFFF for k in range(count))
+
+
+def batch_histogram(counts: Sequence[int], size: int) -> dict[str, list[Any]]:
+    """A batch-size histogram of power-of-two buckets as ``sizes`` ([lo, hi]) and ``batches``.
+
+    Buckets past the one holding ``size`` (the queue's) are left out while they are empty.
+    """
+    last = max([size.bit_length(), *(k for k, n in enumerate(counts) if n)])
+    return {
+        "sizes": [[0, 0] if k == 0 else [1 << (k - 1), (1 << k) - 1] for k in range(last + 1)],
+        "batches": list(counts[: last + 1]),
+    }
+
+
+def queue_activity(queue: DriverVirtqueue, device_queue: DeviceVirtqueue | None) -> dict[str, Any]:
+    """The counters of what happened on the rings, cumulative since the queue was set up.
+
+    The difference of two snapshots is what happened between them; only ``peak_in_flight``
+    is per snapshot: the most chains in flight at once since the previous snapshot (whoever
+    asked for it), which a chain too quick to be caught in flight still raises.
+    """
+    size = queue.size
+    by_head = [tally.count for tally in queue.chains_by_head]
+    return {
+        "chains_by_head": by_head,
+        "chains_published": sum(by_head),  # avail.idx, unwrapped
+        "chains_used": queue.completed,  # used.idx as far as the driver reaped, unwrapped
+        "indirect_chains": queue.indirect_chains,
+        "peak_in_flight": queue.take_peak_in_flight(),
+        "kick_batches": batch_histogram([t.count for t in queue.publish_batches], size),
+        "interrupt_batches": batch_histogram([t.count for t in queue.reap_batches], size),
+        "device_batches": (
+            batch_histogram([t.count for t in device_queue.pop_batches], size)
+            if device_queue is not None
+            else None
+        ),
+    }
 
 
 def queue_snapshot(
@@ -256,6 +295,7 @@ def queue_snapshot(
             "indirect": indirect_heads,
         },
         "chains": chains,
+        "activity": queue_activity(queue, device_queue),
     }
 
 

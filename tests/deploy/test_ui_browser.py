@@ -1,7 +1,10 @@
 """/ui in a real browser: headless Chromium shows the rings move, and shows the JSON's numbers.
 
-Set ``VBLK_UI_SCREENSHOT=docs/ui.png`` to refresh the screenshot the README shows; the test
-always writes one into its temporary directory.
+Two workloads: REST clients on a slow backend, whose chains linger in flight for the snapshot
+to catch, and fio on a raw file with inline I/O (the default), whose chains never do: there
+the page shows what happened between polls. Set ``VBLK_UI_SCREENSHOT=docs/ui.png`` to refresh
+the screenshot the README shows (from the fio run); the tests always write theirs into their
+temporary directories.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from device.block.memory import MemoryNode
 from service.app import Service
 from service.model import DiskSpec, ServiceConfig
 from tests.deploy.browser import Page, chromium
-from tests.service.conftest import MiB
+from tests.deploy.conftest import tool
+from tests.service.conftest import MiB, NbdRig, serving
 
 WIDTH = 1400
 DELAY = 0.002  # each backend call takes this long in a worker thread: chains linger in the device
@@ -40,8 +44,23 @@ READ_VIEW = """JSON.stringify({
     .map((g) => [g.dataset.grid, [...g.children].map((c) => c.className)])),
   chains: Object.fromEntries([...document.querySelectorAll('[data-chains]')]
     .map((t) => [t.dataset.chains, [...t.querySelectorAll('tr[data-head]')].map((r) => r.textContent)])),
+  colours: Object.fromEntries([...document.querySelectorAll('[data-grid]')]
+    .map((g) => [g.dataset.grid, [...g.children].map((c) => getComputedStyle(c).backgroundColor)])),
+  heat: Object.fromEntries(Object.entries(window.vblk.heat).map(([k, v]) => [k, [...v]])),
+  ink: Object.fromEntries([...document.querySelectorAll('canvas[data-chart]')].map((c) => {
+    const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;  // strongly coloured pixels: bars and lines, not the grey labels and axes
+    for (let i = 0; i < px.length; i += 4) {
+      const rgb = [px[i], px[i + 1], px[i + 2]];
+      if (px[i + 3] > 200 && Math.max(...rgb) - Math.min(...rgb) > 60) n++;
+    }
+    return [c.dataset.chart, n];
+  })),
   state: window.vblk.state, polls: window.vblk.polls, errors: window.vblk.errors,
 })"""
+FREE = "rgb(227, 230, 236)"  # --free: a descriptor not in flight and not recently a head
+STAGE_COLOURS = {"avail": "rgb(61, 123, 240)", "device": "rgb(240, 160, 32)", "used": "rgb(47, 168, 79)"}
+STAGES = {*STAGE_COLOURS.values(), "rgb(154, 109, 215)"}  # and --unknown
 
 
 class SlowBackend(MemoryNode):
@@ -88,7 +107,8 @@ def lookup(state: dict[str, Any], path: str) -> Any:
 
 def check_view(view: dict[str, Any], state: dict[str, Any]) -> None:
     """Every number on screen is the one in ``state``; the descriptor grid is its table."""
-    assert len(view["fields"]) >= 30
+    queues = sum(len(disk["queues"]) for disk in state["disks"])
+    assert len(view["fields"]) == 3 * len(state["disks"]) + 18 * queues  # every one is drawn
     for path, text in view["fields"].items():
         assert text == str(lookup(state, path)), path
     for path, classes in view["cells"].items():
@@ -99,6 +119,7 @@ def check_view(view: dict[str, Any], state: dict[str, Any]) -> None:
         stages = {c["head"]: c["stage"] for c in queue["chains"]}
         for head, stage in stages.items():
             assert classes[head].split()[-1] == stage
+            assert view["colours"][path][head] == STAGE_COLOURS[stage]  # in flight: its stage, not its heat
         assert len(view["chains"][path]) == min(12, len(queue["chains"]))
 
 
@@ -167,8 +188,6 @@ async def test_rings_page_moves_with_a_workload_and_matches_the_json(
                         busiest = view
                     if in_flight >= 4 and view["polls"] >= first["polls"] + 4:
                         break
-            if os.environ.get("VBLK_UI_SCREENSHOT"):
-                await asyncio.sleep(4)  # the picture for the README: let the charts fill in
             shot = tmp_path / "ui.png"
             png = await page.screenshot(shot)
             last = await read_view(page)
@@ -201,6 +220,129 @@ async def test_rings_page_moves_with_a_workload_and_matches_the_json(
 
     width, height = png_size(png)
     assert width == WIDTH and height >= 600
+
+
+@pytest.fixture
+async def file_disk(tmp_path: Path) -> AsyncIterator[NbdRig]:
+    """vblk as a user runs it by default: a raw image file, inline I/O, one queue of 256."""
+    async with serving(
+        DiskSpec(name="disk0", backend="file", path=tmp_path / "disk0.img", size=64 * MiB, io_mode="inline")
+    ) as rig:
+        yield rig
+
+
+FIO_JOBS = (  # two connections: random 4 KiB reads and writes 16 deep, a 64 KiB stream 4 deep
+    "--time_based",
+    "--size=32M",
+    "--output-format=json",
+    "--name=random",
+    "--rw=randrw",
+    "--bs=4k",
+    "--iodepth=16",
+    "--name=stream",
+    "--rw=read",
+    "--bs=64k",
+    "--iodepth=4",
+)
+
+
+def hot(view: dict[str, Any], path: str) -> list[int]:
+    """The descriptors the page colours by recent use (not grey, not a stage of a chain in flight)."""
+    return [i for i, colour in enumerate(view["colours"][path]) if colour != FREE and colour not in STAGES]
+
+
+async def test_fio_on_a_raw_file_colours_the_descriptors_it_used(file_disk: NbdRig, tmp_path: Path) -> None:
+    """Inline I/O completes within one loop pass, so no poll catches a chain in flight; the
+    page still shows which descriptors the workload used, its batches and its peak depth."""
+    base_url = file_disk.base_url
+    q = "disk0/queues/0"
+    async with chromium(WIDTH, 1000) as page:
+        await page.send("Page.navigate", {"url": f"{base_url}/ui?interval=250"})
+        await page.wait_for("window.vblk && window.vblk.polls >= 2")
+        idle = await read_view(page)
+        check_view(idle, idle["state"])
+        assert hot(idle, q) == [] and set(idle["colours"][q]) == {FREE}
+        used_before = lookup(idle["state"], f"{q}/activity/chains_by_head")
+
+        runtime = 20 if os.environ.get("VBLK_UI_SCREENSHOT") else 8
+        fio = await asyncio.create_subprocess_exec(
+            tool("fio"),
+            "--ioengine=nbd",
+            f"--uri={file_disk.uri()}",  # an engine option: after the engine
+            f"--runtime={runtime}",
+            *FIO_JOBS,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        output = asyncio.get_running_loop().create_task(fio.communicate())
+        try:
+            views: list[dict[str, Any]] = []
+            async with asyncio.timeout(30):
+                while True:
+                    await asyncio.sleep(0.25)
+                    if output.done():
+                        raise AssertionError(f"fio stopped early: {output.result()[1]!r}")
+                    view = await read_view(page)
+                    check_view(view, view["state"])
+                    views.append(view)
+                    if len(views) >= 12 and len(hot(view, q)) >= 4 and view["ink"][f"{q}/kick_batches"]:
+                        break
+            if os.environ.get("VBLK_UI_SCREENSHOT"):
+                await asyncio.sleep(6)  # the picture for the README: let the charts fill in
+            png = await page.screenshot(tmp_path / "ui.png")
+            loaded = await read_view(page)
+            check_view(loaded, loaded["state"])
+        except BaseException:
+            fio.kill()
+            raise
+        finally:
+            out, err = await output
+        assert fio.returncode == 0, err.decode(errors="replace")
+        jobs = json.loads(out[out.index(b"{") :])["jobs"]
+        ios = sum(job["read"]["total_ios"] + job["write"]["total_ios"] for job in jobs)
+
+        # No poll caught more than a few chains in flight, but every one saw the peak behind it.
+        assert max(int(v["fields"][f"{q}/activity/peak_in_flight"]) for v in views) >= 2
+        in_flight = [int(v["fields"][f"{q}/counts/in_flight"]) for v in views]
+        peaks = [int(v["fields"][f"{q}/activity/peak_in_flight"]) for v in views]
+        assert sum(peaks) > sum(in_flight)
+        # The coloured descriptors are the heads the workload used: chains_by_head grew there, and
+        # the busiest head is the darkest.
+        used_now = lookup(loaded["state"], f"{q}/activity/chains_by_head")
+        grew = {i for i, (a, b) in enumerate(zip(used_before, used_now, strict=True)) if b > a}
+        coloured = set(hot(loaded, q))
+        assert len(coloured) >= 4 and coloured <= grew
+        assert all(loaded["colours"][q][i] == FREE for i in range(256) if i not in grew)
+        heat = loaded["heat"][q]
+        assert max(heat) > 0 and heat.index(max(heat)) in coloured
+        # Rates between polls: chains went through both rings, several per kick.
+        rates = loaded["rates"]
+        assert float(rates[f"{q}/avail_rate"]) > 0 and float(rates[f"{q}/used_rate"]) > 0
+        assert float(rates[f"{q}/chains_per_kick"]) > 1
+        assert float(rates[f"{q}/used_per_irq"]) > 1
+        assert rates[f"{q}/indirect_share"] == "100"  # every chain: one descriptor, an indirect table
+        assert int(rates[f"{q}/heads_active"]) >= 4
+        for chart in ("kick_batches", "device_batches", "interrupt_batches", "depth"):
+            assert loaded["ink"][f"{q}/{chart}"] > 0, chart  # bars and lines were drawn
+
+        # Quiet again (fio is done): every request it made was counted, and the heat fades.
+        polls = (await read_view(page))["polls"]
+        await page.wait_for(f"window.vblk.polls >= {polls + 2}")
+        quiet = await read_view(page)
+        check_view(quiet, quiet["state"])
+        activity = lookup(quiet["state"], f"{q}/activity")
+        published = activity["chains_published"] - sum(used_before)
+        assert published == sum(activity["chains_by_head"]) - sum(used_before) >= ios > 1000
+        hottest = float(quiet["rates"][f"{q}/heat_max"])
+        await asyncio.sleep(2)
+        faded = await read_view(page)
+        assert 0 < float(faded["rates"][f"{q}/heat_max"]) < 0.8 * hottest
+        assert hot(faded, q) and set(hot(faded, q)) <= grew  # still shown, fading
+        assert page.errors == []
+        assert page.requests and all(url.startswith(base_url + "/") for url in page.requests), page.requests
+
+    width, height = png_size(png)
+    assert width == WIDTH and height >= 600
     target = os.environ.get("VBLK_UI_SCREENSHOT")
     if target:
-        shutil.copyfile(shot, target)
+        shutil.copyfile(tmp_path / "ui.png", target)
