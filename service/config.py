@@ -141,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queues", 1, _int, "virtqueues per disk (VIRTIO_BLK_F_MQ)", "N"),
     Setting("queue-size", 256, _int, "descriptors per virtqueue", "N"),
     Setting("io-mode", "inline", _choice(IO_MODES), "backend I/O on the event loop or in threads", "MODE"),
-    Setting("disk", [], list, "a disk: name=N[,image=P][,size=S][,backend=B][,read-only]...", "SPEC"),
+    Setting("disk", [], list, "a disk: name=N[,image=P][,size=S][,backend=B][,fault=PLAN]...", "SPEC"),
     Setting("ceph-conf", None, str, "ceph.conf for rbd disks (default: $CEPH_CONF, /etc/ceph)", "FILE"),
     Setting("ceph-id", "admin", str, "cephx user for rbd disks (client.ID)", "ID"),
     Setting("ceph-keyring", None, str, "keyring for the cephx user (default: ceph.conf's)", "FILE"),

@@ -8,12 +8,14 @@ import json
 import logging
 from pathlib import Path
 
+import aiohttp
 import pytest
 import structlog
 
 from service import logs
 from service.cli import build_parser
-from service.config import SETTINGS, ConfigError, from_sources, load_toml, resolve
+from service.config import SETTINGS, ConfigError, disks_of, from_sources, load_toml, parse_disk, resolve
+from tests.service.conftest import serving
 
 
 def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
@@ -126,3 +128,20 @@ def test_logs_are_json_lines_with_context_and_stdlib_routed() -> None:
     assert lines[0]["peer"] == "127.0.0.1:5" and lines[0]["export"] == "disk0" and lines[0]["n"] == 1
     assert lines[0]["level"] == "info" and lines[0]["logger"] == "vblk.test" and "timestamp" in lines[0]
     assert lines[1]["level"] == "error" and lines[1]["logger"] == "aiohttp.server"
+
+
+async def test_a_disk_spec_can_name_a_fault_layer_and_the_api_shows_the_stack() -> None:
+    values = resolve({"disk": [parse_disk("name=d,backend=memory,size=1M,fault=read=eio+count=1")]}, {}, {})
+    [spec] = disks_of(values)
+    assert spec.fault == "read=eio+count=1"
+    with pytest.raises(ConfigError, match="fault"):
+        disks_of(resolve({"disk": [parse_disk("name=d,backend=memory,fault=read=oops")]}, {}, {}))
+    async with serving(spec) as rig, aiohttp.ClientSession() as http:
+        async with http.get(f"{rig.base_url}/v1/disks/d/info") as r:
+            stack = (await r.json())["stack"]
+        assert [n["node"] for n in stack] == ["faults", "memory"]
+        assert stack[0]["read"] == "eio" and stack[0]["remaining"] == 1
+        async with http.get(f"{rig.base_url}/v1/disks/d", headers={"Range": "bytes=0-511"}) as r:
+            assert r.status == 500 and (await r.json())["error"] == "io_error"  # the planted fault
+        async with http.get(f"{rig.base_url}/v1/disks/d", headers={"Range": "bytes=0-511"}) as r:
+            assert r.status == 206 and await r.read() == bytes(512)  # healed after one
