@@ -46,6 +46,7 @@ from service.http.params import (
 from service.http.ranges import ByteRange
 from service.http.responses import error_body, error_response, json_response
 from service.http.ui import RingsView
+from service.rings import disk_snapshot
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -615,7 +616,12 @@ async def _json_body(request: web.Request) -> bytes:
 
 def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
     """Every route: the application and the OpenAPI document are built from this one list."""
-    rings = RingsView(api)
+    service = api.service
+    rings = RingsView(
+        lambda name: disk_snapshot(service.disks[name], service.metrics.virtio_latency),
+        lambda: list(service.disks),
+        lambda request: api.disk(request).name,
+    )
     return [
         ("GET", "/healthz", api.healthz),
         ("GET", "/readyz", api.readyz),

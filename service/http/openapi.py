@@ -274,6 +274,12 @@ def openapi_document() -> dict[str, Any]:
                         "queue_size": {"type": "integer"},
                         "backend": {"type": "string"},
                         "ready": {"type": "boolean"},
+                        "stack": {
+                            "type": "array",
+                            "description": "the disk's block stack, top first: {node, ...} per node "
+                            "(faults: its plan; file: path; rbd: image, cache; memory: size)",
+                            "items": {"type": "object", "properties": {"node": {"type": "string"}}},
+                        },
                     },
                 },
                 "Extent": {
@@ -337,6 +343,13 @@ def openapi_document() -> dict[str, Any]:
                             "type": "string",
                             "description": "one character per descriptor: '.' free, 'h' head of a chain in "
                             "flight, 'i' head pointing at an indirect table, 'c' later in a chain",
+                        },
+                        "activity": {
+                            "type": "object",
+                            "description": "cumulative counters (two snapshots' difference is what happened "
+                            "between them): chains_by_head, chains_published and chains_used (avail.idx and "
+                            "used.idx unwrapped), indirect_chains, kick_batches, device_batches and "
+                            "interrupt_batches ({sizes, batches}), peak_in_flight (since the last snapshot)",
                         },
                         "counts": {"type": "object", "description": "free, in_flight, chained, indirect"},
                         "chains": {

@@ -18,8 +18,8 @@ from device.block.memory import MemoryNode
 from device.spec.virtio import VIRTIO_F_INDIRECT_DESC, avail_ring_size, desc_table_size, used_ring_size
 from driver.blk import BlkIOError
 from driver.virtqueue import DriverVirtqueue
-from service.http.ui import queue_snapshot
 from service.model import DiskSpec
+from service.rings import queue_snapshot
 from tests.conftest import Rig, make_rig
 from tests.deploy.conftest import tool
 from tests.service.conftest import MiB, NbdRig, serving
