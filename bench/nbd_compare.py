@@ -70,6 +70,9 @@ librbd's cache off, then all three with its writeback cache (--rbd-cache).
 """
 
 
+REST_SECONDS = 5.0  # the quiet before the at-rest memory sample
+
+
 def run_workload(
     server: Server, workload: Workload, round_index: int, runtime: float, ramp: float, scratch: Path
 ) -> RunResult:
@@ -233,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     results: list[RunResult] = []
     final_samples: dict[str, ProcSample] = {}
+    rest_samples: dict[str, ProcSample] = {}
     round_samples: dict[str, list[ProcSample | None]] = {c.label: [] for c in chosen}
     commands: dict[str, list[str]] = {}
     details = {c.label: contender_settings(c) for c in chosen}
@@ -284,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for label, server in running.items():
             if server.alive:
                 final_samples[label] = server.sample()
+        # Then once more at rest: what each keeps when no client asks anything (memory a
+        # server returns after a burst shows here, not in the sample just after it).
+        time.sleep(REST_SECONDS)
+        for label, server in running.items():
+            if server.alive:
+                rest_samples[label] = server.sample()
             if args.keep:
                 log(f"{label} log: {server.log_path}")
 
@@ -301,13 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vblk_revision": env["vblk_git"],
         "vblk_metrics": all(d["metrics"] for d in details.values() if d["kind"] == "vblk"),
     }
-    table = markdown(results, chosen, workloads, env, settings, final_samples, round_samples, baseline.label)
+    table = markdown(
+        results, chosen, workloads, env, settings, final_samples, round_samples, baseline.label, rest_samples
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     document = {
         "settings": settings,
         "environment": env,
         "server_commands": commands,
         "server_memory_kib": {n: dataclasses.asdict(s) for n, s in final_samples.items()},
+        "server_memory_at_rest_kib": {n: dataclasses.asdict(s) for n, s in rest_samples.items()},
         "server_rss_kib_by_round": {
             n: [None if s is None else s.rss_kib for s in samples] for n, samples in round_samples.items()
         },

@@ -126,10 +126,12 @@ def markdown(
     final: Mapping[str, ProcSample],
     rounds: Mapping[str, Sequence[ProcSample | None]] | None = None,
     baseline: str | None = None,
+    rest: Mapping[str, ProcSample] | None = None,
 ) -> str:
     """Median tables; every other contender's cell carries (baseline ÷ contender) in brackets.
 
-    ``final`` is each server's memory at the end, ``rounds`` its memory after each round;
+    ``final`` is each server's memory at the end, ``rounds`` its memory after each round, ``rest``
+    its memory after :data:`bench.nbd_compare.REST_SECONDS` without requests;
     ``baseline`` a label (the first server's by default).
     """
     cells = by_cell(results)
@@ -184,6 +186,9 @@ def markdown(
         "|---|" + "---:|" * len(servers),
     ]
     lines += ["| VmRSS / VmHWM MiB at end | " + " | ".join(memory) + " |"]
+    if rest:
+        at_rest = [_mib(rest[n].rss_kib) if n in rest else "n/a" for n in names]
+        lines.append("| VmRSS MiB at rest, 5 s later | " + " | ".join(at_rest) + " |")
     if rounds and settings["runs"] > 1:
         for index in range(settings["runs"]):
             shown = [_rss_after(rounds.get(n, []), index) for n in names]

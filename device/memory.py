@@ -81,6 +81,15 @@ class GuestMemory:
         off = self.offset(gpa, length)
         self.buffer[off : off + length] = data
 
+    def discard(self, gpa: int, length: int) -> None:
+        off = self.offset(gpa, length)
+        if off % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise ValueError(f"discard of [{gpa:#x}, +{length:#x}) is not page aligned")
+        if length:
+            # A shared memfd keeps its pages until they are punched out (MADV_REMOVE, which
+            # another process mapping it sees too); private anonymous memory drops them.
+            self._mmap.madvise(mmap.MADV_REMOVE if self.fd is not None else mmap.MADV_DONTNEED, off, length)
+
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         off = self.offset(gpa, length)
         self._mmap[off : off + length] = bytes([byte]) * length

@@ -2,7 +2,9 @@
 
 This is the boundary between :mod:`driver` and the device model: PCI configuration space,
 physical MMIO, guest RAM and MSI delivery, expressed as Protocols. The device package
-implements them (:mod:`device.machine`); the driver only ever sees these types.
+implements them (:mod:`device.machine`); the driver only ever sees these types. Both sides
+also share the machinery of the one event loop they run on (its deferred-work queue, memory
+barriers, native counters).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, final
 
 InterruptHandler = Callable[[], None]
 
@@ -38,6 +40,11 @@ class GuestRam(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the pages of ``[gpa, gpa+length)`` (page aligned) back to the host; they read as
+        zeroes when next touched (as a balloon's free page reporting lets the host drop them)."""
+        ...
 
 
 class InterruptController(Protocol):
@@ -116,6 +123,15 @@ def memory_barrier() -> None:
     """
     _FENCE.acquire()
     _FENCE.release()
+
+
+@final
+class Tally:
+    """One counter of a table of counters: a native attribute, so counting allocates nothing
+    (a ``list[int]`` would box every new value)."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class WorkQueue:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import Final, final
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
 from device.memory import GuestMemory
-from device.platform import GuestMemoryError, store_u16
+from device.platform import GuestMemoryError, Tally, store_u16
 from device.spec.virtio import (
     VIRTIO_MSI_NO_VECTOR,
     VIRTQ_AVAIL_ALIGN,
@@ -47,15 +47,6 @@ _used_pack: Final = VIRTQ_USED_ELEM.pack_into
 #: Buckets of :attr:`DeviceVirtqueue.pop_batches`: bucket k counts runs of 2**(k-1) .. 2**k - 1
 #: chains (bucket 0 stays empty); runs are bounded by the 16-bit ring indices.
 BATCH_BUCKETS: Final = 17
-
-
-@final
-class Tally:
-    """One counter of a table of counters: a native attribute, so counting allocates nothing
-    (a ``list[int]`` would box every new value)."""
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 class VirtqueueError(Exception):

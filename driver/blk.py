@@ -9,15 +9,12 @@ queue's interrupt handler resolves, where the article's thread slept in ``suspen
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import errno
 import itertools
 import time
 from collections.abc import Callable
-from typing import ClassVar, Final
+from typing import Final
 
 import structlog
-from mypy_extensions import mypyc_attr
 
 from device.platform import RunningLoop, memory_barrier
 from device.spec import virtio_blk as vb
@@ -32,7 +29,6 @@ from device.spec.virtio import (
     VIRTIO_F_VERSION_1,
 )
 from device.spec.virtio_blk import (
-    VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD,
@@ -44,11 +40,33 @@ from device.spec.virtio_blk import (
     RequestType,
     Status,
 )
+from driver.blk_info import (
+    BlkError,
+    BlkGeometry,
+    BlkIOError,
+    BlkReadOnlyError,
+    BlkResetError,
+    BlkUnsupportedError,
+    QueueStatistics,
+    VirtioBlkStatistics,
+)
 from driver.dma import DmaAllocator, DmaBuffer
 from driver.transport import TransportError, VirtioTransport
 from driver.virtqueue import Completion, DriverVirtqueue, QueueBrokenError
 
 log = structlog.get_logger("vblk.driver.blk")
+
+__all__ = [
+    "BlkError",
+    "BlkGeometry",
+    "BlkIOError",
+    "BlkReadOnlyError",
+    "BlkResetError",
+    "BlkUnsupportedError",
+    "QueueStatistics",
+    "VirtioBlk",
+    "VirtioBlkStatistics",
+]
 
 
 SECTOR: Final = vb.VIRTIO_BLK_SECTOR_SIZE
@@ -87,108 +105,6 @@ OPERATIONS: Final = {
 }
 _OP_NAMES: Final = {int(k): v for k, v in OPERATIONS.items()}
 _OUTHDR_PACK: Final = vb.VIRTIO_BLK_OUTHDR.pack_into
-
-
-@mypyc_attr(native_class=False)
-class BlkError(OSError):
-    """A virtio-blk request failed; ``status`` is the device's status byte (if it answered)."""
-
-    status: ClassVar[int | None] = None
-    default_errno: ClassVar[int] = errno.EIO
-
-    def __init__(self, message: str) -> None:
-        super().__init__(self.default_errno, message)
-
-
-@mypyc_attr(native_class=False)
-class BlkIOError(BlkError):
-    """The device answered VIRTIO_BLK_S_IOERR (out of range, misaligned, media error)."""
-
-    status = VIRTIO_BLK_S_IOERR
-
-
-@mypyc_attr(native_class=False)
-class BlkUnsupportedError(BlkError):
-    """The device answered VIRTIO_BLK_S_UNSUPP (type or flag not supported or negotiated)."""
-
-    status = VIRTIO_BLK_S_UNSUPP
-    default_errno = errno.EOPNOTSUPP
-
-
-@mypyc_attr(native_class=False)
-class BlkResetError(BlkError):
-    """The device was reset while the request was in flight; its outcome is unknown."""
-
-
-@mypyc_attr(native_class=False)
-class BlkReadOnlyError(BlkError):
-    """A write to a device that offered VIRTIO_BLK_F_RO; never sent."""
-
-    default_errno = errno.EROFS
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlkGeometry:
-    """What the device's configuration space says about the disk."""
-
-    capacity: int  # 512-byte sectors
-    size_max: int
-    seg_max: int
-    blk_size: int
-    physical_block_exp: int
-    min_io_size: int
-    opt_io_size: int
-    writeback: bool
-    num_queues: int
-    max_discard_sectors: int
-    max_discard_seg: int
-    discard_sector_alignment: int
-    max_write_zeroes_sectors: int
-    max_write_zeroes_seg: int
-    write_zeroes_may_unmap: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueStatistics:
-    index: int
-    size: int
-    inflight: int
-    free_descriptors: int
-    kicks: int
-    kicks_suppressed: int
-    interrupts: int
-    completed: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class VirtioBlkStatistics:
-    """An immutable snapshot of the driver's counters."""
-
-    queues: tuple[QueueStatistics, ...]
-    requests_inflight: int  # requests submitted and not yet completed (ring full: waiting too)
-    io_time: float  # seconds with at least one request in flight
-    io_time_weighted: float  # integral of requests in flight over time, in seconds
-    requests: dict[tuple[str, str], int]
-    bytes_read: int
-    bytes_written: int
-    resets: int
-    config_interrupts: int
-
-    @property
-    def kicks(self) -> int:
-        return sum(q.kicks for q in self.queues)
-
-    @property
-    def kicks_suppressed(self) -> int:
-        return sum(q.kicks_suppressed for q in self.queues)
-
-    @property
-    def interrupts(self) -> int:
-        return sum(q.interrupts for q in self.queues)
-
-    @property
-    def inflight(self) -> int:
-        return sum(q.inflight for q in self.queues)
 
 
 # (operation, status name, seconds, bytes) after every request.

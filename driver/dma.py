@@ -2,6 +2,9 @@
 
 Driver layer, under the virtqueues and VirtioBlk. Blocks are naturally aligned to their size
 (at least 512 bytes); a full allocator makes ``allocate_wait`` callers wait, never fail.
+Guest RAM a burst of I/O touched goes back to the host once no buffer has been allocated for
+:data:`TRIM_IDLE` seconds (:meth:`DmaAllocator.trim`), so a service's memory returns to its
+resting size after a large copy instead of keeping the burst's high-water mark.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from device.platform import GuestRam
 MIN_ORDER: Final = 9  # 512 bytes
 QUICK_MAX_ORDER: Final = 16  # blocks up to 64 KiB go back to a per-size list first
 QUICK_LENGTH: Final = 64  # blocks kept per size before frees merge with their buddies again
+PAGE_ORDER: Final = 12  # free blocks of a page and more give their pages back on a trim
+TRIM_IDLE: Final = 1.0  # seconds without an allocation before free guest RAM goes back
 
 
 class DmaBuffer:
@@ -78,6 +83,12 @@ class DmaAllocator:
         # back without splitting a larger block (and the free without merging it again).
         self._quick: list[list[int]] = [[] for _ in range(QUICK_MAX_ORDER + 1)]
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._allocations = 0  # allocations so far (the idle timer compares it)
+        self._allocations_seen = 0
+        self._trim_timer: asyncio.TimerHandle | None = None
+        #: Bytes given back to the host by trims, over the allocator's life.
+        self.trimmed_bytes = 0
+        self._trimmable = self.start % (1 << PAGE_ORDER) == 0  # blocks of a page start on one
 
     @staticmethod
     def _order_for(size: int) -> int:
@@ -103,6 +114,9 @@ class DmaAllocator:
                 found -= 1
                 self._free[found].add(offset + (1 << found))
         self.free_bytes -= 1 << order
+        self._allocations += 1
+        if self._trim_timer is None:
+            self._arm_trim()
         return DmaBuffer(self, self.start + offset, size, order)
 
     def _find(self, order: int) -> int:
@@ -138,6 +152,43 @@ class DmaAllocator:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    def _arm_trim(self) -> None:
+        loop = asyncio._get_running_loop()
+        if loop is not None:  # without a loop (a tool, a test), nothing trims unasked
+            self._allocations_seen = self._allocations
+            self._trim_timer = loop.call_later(TRIM_IDLE, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim_timer = None
+        if self._allocations != self._allocations_seen:
+            self._arm_trim()  # still busy: look again later
+        else:
+            self.trim()
+
+    def trim(self) -> int:
+        """Give the pages of every free block of a page or more back to the host; the bytes.
+
+        They read as zeroes when next allocated, as a fresh block does. Blocks in use (rings,
+        buffers in flight) are never touched; the unmerged small blocks are merged first.
+        """
+        if not self._trimmable:
+            return 0
+        self._merge_quick()
+        returned = 0
+        for order in range(PAGE_ORDER, self.max_order + 1):
+            length = 1 << order
+            for offset in self._free[order]:
+                self.memory.discard(self.start + offset, length)
+                returned += length
+        self.trimmed_bytes += returned
+        return returned
+
+    def close(self) -> None:
+        """Stop the idle timer (the allocator's memory is going away)."""
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
 
     def _release(self, gpa: int, order: int) -> None:
         offset = gpa - self.start

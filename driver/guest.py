@@ -54,3 +54,4 @@ class Guest:
             await disk.close()
         self.disks.clear()
         self._bound.clear()
+        self.dma.close()

@@ -13,9 +13,9 @@ import asyncio
 import collections
 import struct
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol, final
+from typing import Final, Protocol
 
-from device.platform import GuestRam, RunningLoop, store_u16_word
+from device.platform import GuestRam, RunningLoop, Tally, store_u16_word
 from device.spec.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
@@ -42,15 +42,6 @@ _used_unpack: Final[Callable[[memoryview, int], tuple[int, int]]] = VIRTQ_USED_E
 #: Buckets of the batch-size histograms: bucket 0 counts empty batches, bucket k sizes
 #: 2**(k-1) .. 2**k - 1; sizes are bounded by the 16-bit ring indices (the last bucket holds the rest).
 BATCH_BUCKETS: Final = 17
-
-
-@final
-class Tally:
-    """One counter of a table of counters: a native attribute, so counting allocates nothing
-    (a ``list[int]`` would box every new value)."""
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 class Completion(Protocol):

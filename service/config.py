@@ -318,6 +318,25 @@ def check_force_share(what: str, backend: str, read_only: bool) -> None:
         raise ConfigError(f"{what}: {exc}") from exc
 
 
+def _text(value: str) -> str:
+    return value
+
+
+# The plain keys of --disk: the DiskSpec field each sets, and how its value is read.
+_DISK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "size": ("size", parse_size),
+    "grow": ("grow", parse_bool),
+    "backend": ("backend", parse_backend),
+    "read-only": ("read_only", parse_bool),
+    "force-share": ("force_share", parse_bool),
+    "queues": ("num_queues", int),
+    "queue-size": ("queue_size", int),
+    "io-mode": ("io_mode", _choice(IO_MODES)),
+    "pool": ("pool", _text),
+    "create": ("create", parse_bool),
+}
+
+
 def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     given = values.get(GIVEN, set())
     defaults: dict[str, Any] = {
@@ -344,27 +363,11 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
         name = options["name"]
         spec = dict(defaults, name=name, path=Path(options.get("image", f"{name}.img")))
         try:
+            for key, (field, parse) in _DISK_KEYS.items():
+                if key in options:
+                    spec[field] = parse(options[key])
             if "size" in options:
-                spec["size"] = parse_size(options["size"])
                 spec["size_explicit"] = True
-            if "grow" in options:
-                spec["grow"] = parse_bool(options["grow"])
-            if "backend" in options:
-                spec["backend"] = parse_backend(options["backend"])
-            if "read-only" in options:
-                spec["read_only"] = parse_bool(options["read-only"])
-            if "force-share" in options:
-                spec["force_share"] = parse_bool(options["force-share"])
-            if "queues" in options:
-                spec["num_queues"] = int(options["queues"])
-            if "queue-size" in options:
-                spec["queue_size"] = int(options["queue-size"])
-            if "io-mode" in options:
-                spec["io_mode"] = _choice(IO_MODES)(options["io-mode"])
-            if "pool" in options:
-                spec["pool"] = options["pool"]
-            if "create" in options:
-                spec["create"] = parse_bool(options["create"])
             if "cache" in options:
                 if options["cache"] not in CACHE_MODES:
                     raise ValueError(

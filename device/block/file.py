@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from device.block.locks import lock_image, lock_mode
-from device.block.node import BlockError, Capabilities, Completion, Extent, StorageNode, check_access
+from device.block.node import BlockError, BlockingNode, Capabilities, Extent, as_block_error, check_access
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -46,14 +46,14 @@ def _as_block_error() -> Iterator[None]:
     except BlockError:
         raise
     except OSError as exc:
-        raise BlockError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
+        raise as_block_error(exc) from exc
 
 
 _CAPABILITIES: Final = Capabilities(cache=True)
 _CAPABILITIES_RO: Final = Capabilities(read_only=True, cache=True)
 
 
-class FileNode(StorageNode):
+class FileNode(BlockingNode):
     """A raw disk image of ``size`` bytes (a multiple of 512) in a regular file."""
 
     kind = "file"
@@ -135,51 +135,17 @@ class FileNode(StorageNode):
 
     # -- the data plane: done when the call returns -------------------------------------------------
 
-    def readv(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.read_now(offset, buffers)
-        except OSError as failed:
-            error = failed if issubclass(type(failed), BlockError) else _block_error(failed)
-        done.complete(error)
+    def discard_now(self, offset: int, length: int) -> None:
+        self._check(offset, length, True)
+        with _as_block_error():
+            if length and not self._punch(offset, length):
+                self._write_zero_bytes(offset, length)
 
-    def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.write_now(offset, buffers)
-        except OSError as failed:
-            error = failed if issubclass(type(failed), BlockError) else _block_error(failed)
-        done.complete(error)
-
-    def flush(self, done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.flush_now()
-        except OSError as failed:
-            error = failed
-        done.complete(error)
-
-    def discard(self, offset: int, length: int, done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self._check(offset, length, True)
+    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._check(offset, length, True)
+        if length:
             with _as_block_error():
-                if length and not self._punch(offset, length):
-                    self._write_zero_bytes(offset, length)
-        except OSError as failed:
-            error = failed
-        done.complete(error)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self._check(offset, length, True)
-            if length:
-                with _as_block_error():
-                    self._zero(offset, length, may_unmap)
-        except OSError as failed:
-            error = failed
-        done.complete(error)
+                self._zero(offset, length, may_unmap)
 
     def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill ``buffers`` from ``offset`` (short reads past EOF read as zeroes); raises BlockError."""
@@ -299,12 +265,6 @@ class FileNode(StorageNode):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _block_error(exc: OSError) -> BlockError:
-    error = BlockError(exc.errno or errno.EIO, exc.strerror or str(exc))
-    error.__cause__ = exc
-    return error
 
 
 def _advance(buffers: list[memoryview], n: int) -> list[memoryview]:

@@ -12,12 +12,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from device.block.node import BlockError, Capabilities, Completion, Extent, StorageNode, check_access
+from device.block.node import BlockError, BlockingNode, Capabilities, Extent, check_access
 
 CHUNK = 64 * 1024
 
 
-class MemoryNode(StorageNode):
+class MemoryNode(BlockingNode):
     """A disk of ``size`` bytes held in memory (lost when the process exits)."""
 
     kind = "memory"
@@ -38,36 +38,6 @@ class MemoryNode(StorageNode):
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         check_access("memory disk", self._size, self._read_only, offset, length, write)
-
-    def readv(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.read_now(offset, buffers)
-        except OSError as failed:
-            error = failed
-        done.complete(error)
-
-    def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.write_now(offset, buffers)
-        except OSError as failed:
-            error = failed
-        done.complete(error)
-
-    def flush(self, done: Completion) -> None:
-        done.complete(None)  # nothing to make durable
-
-    def discard(self, offset: int, length: int, done: Completion) -> None:
-        self.write_zeroes(offset, length, True, done)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
-        error: BaseException | None = None
-        try:
-            self.zero_now(offset, length)
-        except OSError as failed:
-            error = failed
-        done.complete(error)
 
     def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
@@ -119,7 +89,7 @@ class MemoryNode(StorageNode):
                         chunk[within : within + take] = bytes(take)
                 offset += take
 
-    def zero_now(self, offset: int, length: int) -> None:
+    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
         self._check(offset, length, True)
         self._zero(offset, length)
 

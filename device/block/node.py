@@ -189,6 +189,86 @@ class StorageNode:
         return {}
 
 
+def as_block_error(failed: OSError) -> OSError:
+    """``failed`` as a :class:`BlockError`: itself if it is one, else one with its errno, caused
+    by it. (Typed ``OSError``: compiled, a return type of ``BlockError`` would be checked as an
+    exact type, and refuse its subclasses.)"""
+    if issubclass(type(failed), BlockError):
+        return failed
+    error = BlockError(failed.errno or errno.EIO, failed.strerror or str(failed))
+    error.__cause__ = failed
+    return error
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class BlockingNode(StorageNode):
+    """A storage node whose operations are done when the call returns (a file, memory).
+
+    Subclasses implement the plain calls (:meth:`read_now` and its siblings, raising
+    :class:`BlockError`); the completion-style calls of the interface run them and tell
+    ``done`` at once, so the executor runs such a node inline or in a worker thread.
+    """
+
+    def readv(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.read_now(offset, buffers)
+        except OSError as failed:
+            error = as_block_error(failed)
+        done.complete(error)
+
+    def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.write_now(offset, buffers)
+        except OSError as failed:
+            error = as_block_error(failed)
+        done.complete(error)
+
+    def flush(self, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.flush_now()
+        except OSError as failed:
+            error = as_block_error(failed)
+        done.complete(error)
+
+    def discard(self, offset: int, length: int, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.discard_now(offset, length)
+        except OSError as failed:
+            error = as_block_error(failed)
+        done.complete(error)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
+        error: BaseException | None = None
+        try:
+            self.zero_now(offset, length, may_unmap)
+        except OSError as failed:
+            error = as_block_error(failed)
+        done.complete(error)
+
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` with the bytes from ``offset`` on."""
+        raise NotImplementedError
+
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Write ``buffers`` at ``offset``, completely."""
+        raise NotImplementedError
+
+    def flush_now(self) -> None:
+        """Make what was written durable (nothing to do unless the node caches)."""
+
+    def discard_now(self, offset: int, length: int) -> None:
+        """Deallocate the range where the node can; it reads as zeroes afterwards."""
+        self.zero_now(offset, length, True)
+
+    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make the range read as zeroes (deallocated where ``may_unmap`` and the node can)."""
+        raise NotImplementedError
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Layer:
     """A node that wraps another and passes through everything it does not change.

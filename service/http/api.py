@@ -1,38 +1,31 @@
-"""The REST sector API, health checks and ``/metrics`` (aiohttp).
+"""The REST sector API's handlers: disks, bytes, sectors, extents, health, ``/metrics``.
 
-Service layer, REST front end. Like NBD, every read and write goes through the disk's
-virtqueues (:class:`service.blockio.ByteDisk` over :class:`driver.blk.VirtioBlk`); only the
-allocation map (``/extents``) asks the backend directly, as NBD's BLOCK_STATUS does.
-Large transfers stream in bounded chunks with one chunk of read-ahead (or write-behind), so
-memory stays flat for a GET of the whole disk. Every path, query, header and body value is
-parsed by :mod:`service.http.params` before a handler acts on it; every error is JSON
-``{"error", "message"}`` with the right status (:mod:`service.http.errors`); never a traceback.
+Service layer, REST front end (aiohttp). Like NBD, it reaches a disk only through the disk
+port (:class:`service.blockio.ByteDisk`), so every read and write goes through the disk's
+virtqueues, and ``/extents`` asks the port's allocation map, as NBD's BLOCK_STATUS does.
+Every request passes :mod:`service.http.edge` (tokens, JSON errors, the log line, metrics)
+on its way to a handler here. Large transfers stream in bounded chunks with one chunk of
+read-ahead (or write-behind), so memory stays flat for a GET of the whole disk. Every path,
+query, header and body value is parsed by :mod:`service.http.params` before a handler acts
+on it; every error is JSON ``{"error", "message"}`` with the right status; never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import ipaddress
-import itertools
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
-from aiohttp import HttpVersion11, web
+from aiohttp import web
 
-from service.addresses import format_peer
-from service.blockio import SECTOR, ByteDisk, ErrorKind, IoBuffer, error_kind
+from service.blockio import SECTOR, ByteDisk, IoBuffer
+from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
 from service.http.params import (
     MAX_JSON,
     MAX_SECTORS,
-    check_query,
-    declared_query,
-    parse_bearer,
     parse_extents,
     parse_get_range,
     parse_patch,
@@ -44,32 +37,22 @@ from service.http.params import (
     takes_query,
 )
 from service.http.ranges import ByteRange
-from service.http.responses import error_body, error_response, json_response
+from service.http.responses import json_response
 from service.http.ui import RingsView
 from service.rings import disk_snapshot
 
 if TYPE_CHECKING:
-    from service.metrics import Metrics
-    from service.model import Disk, ServiceConfig
-    from service.security import Tokens
+    from service.model import Disk
 
 __all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
 
 
-class ApiHost(Protocol):
-    """What the REST API uses of the running service (the composition root hands itself over)."""
+class ApiHost(EdgeHost, Protocol):
+    """What the REST API uses of the running service (the composition root hands itself over):
+    the edge's needs, and the disks and addresses the handlers describe."""
 
     @property
     def disks(self) -> Mapping[str, Disk]: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
-
-    @property
-    def tokens(self) -> Tokens | None: ...
-
-    @property
-    def config(self) -> ServiceConfig: ...
 
     @property
     def http_addresses(self) -> Sequence[str]: ...
@@ -86,83 +69,6 @@ CHUNK = 1 << 20  # streaming unit of GET and PUT bodies
 # virtqueues, and edge sectors are locked across front ends, so parallel writers are safe;
 # eight is what imageio's own file backend offers.
 MAX_CONNECTIONS: Final = 8
-_request_ids = itertools.count(1)
-# The port's failure kinds as the API's error codes.
-_ERROR_CODES: Final = {
-    ErrorKind.READ_ONLY: ErrorCode.READ_ONLY,
-    ErrorKind.UNSUPPORTED: ErrorCode.UNSUPPORTED,
-    ErrorKind.UNAVAILABLE: ErrorCode.UNAVAILABLE,
-    ErrorKind.NO_SPACE: ErrorCode.NO_SPACE,
-    ErrorKind.IO: ErrorCode.IO_ERROR,
-}
-
-# 4xx the HTTP layer (aiohttp's router) answers itself, as JSON like every other error.
-_HTTP_CODES = {
-    400: ErrorCode.BAD_REQUEST,
-    404: ErrorCode.NOT_FOUND,
-    405: ErrorCode.METHOD_NOT_ALLOWED,
-    411: ErrorCode.LENGTH_REQUIRED,
-    413: ErrorCode.PAYLOAD_TOO_LARGE,
-    414: ErrorCode.URI_TOO_LONG,
-    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-    416: ErrorCode.RANGE_NOT_SATISFIABLE,
-    417: ErrorCode.EXPECTATION_FAILED,
-    431: ErrorCode.HEADERS_TOO_LARGE,
-}
-
-
-def _http_error(exc: web.HTTPException) -> ApiError:
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
-    if exc.status == 404:
-        message = "no such route: /openapi.json lists them"
-    elif exc.status == 405:
-        allowed = exc.headers.get("Allow", "")
-        message = f"this route takes only {allowed}" if allowed else "this route takes no method"
-    else:
-        try:
-            phrase = HTTPStatus(exc.status).phrase.lower()
-        except ValueError:
-            phrase = "refused"
-        message = f"the request is refused ({exc.status}: {phrase})"
-    return ApiError(_HTTP_CODES.get(exc.status, ErrorCode.HTTP_ERROR), message, headers, status=exc.status)
-
-
-def _device_error(exc: BaseException) -> ApiError:
-    return ApiError(_ERROR_CODES[error_kind(exc)], str(exc) or type(exc).__name__)
-
-
-def _peer(request: web.BaseRequest) -> str:
-    transport = request.transport
-    return format_peer(transport.get_extra_info("peername") if transport is not None else None)
-
-
-def _is_local(request: web.BaseRequest) -> bool:
-    """The client is on this machine: a unix socket or a loopback address."""
-    transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peername, str | bytes):
-        return True
-    if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
-        try:
-            return ipaddress.ip_address(peername[0].partition("%")[0]).is_loopback
-        except ValueError:
-            return False
-    return False
-
-
-@dataclasses.dataclass(slots=True)
-class _Exchange:
-    """What the middleware logs and measures about one request."""
-
-    disk: str | None = None
-    op: str | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    streaming: bool = False  # response headers sent: errors can only cut the connection
-    error: str | None = None  # the error code of a 4xx/5xx answer, for the log line
-
-
-_EXCHANGE = web.RequestKey("vblk_exchange", _Exchange)
 
 
 class RestApi:
@@ -190,138 +96,6 @@ class RestApi:
         if disk.read_only:
             raise ApiError(ErrorCode.READ_ONLY, f"disk {disk.name} is read-only")
 
-    @staticmethod
-    def _observe(request: web.Request, disk: str, op: str) -> None:
-        exchange = request[_EXCHANGE]
-        exchange.disk = disk
-        exchange.op = op
-
-    def _authorize(self, request: web.Request) -> None:
-        """Bearer tokens, when configured: read-only tokens may only read."""
-        tokens = self.service.tokens
-        if tokens is None or request.path in self.service.config.security.public_paths:
-            return
-        token = parse_bearer(request.headers.get("Authorization"))
-        access = tokens.access(f"Bearer {token}") if token is not None else None
-        if access is None:
-            raise ApiError(
-                ErrorCode.UNAUTHORIZED,
-                "send Authorization: Bearer <token>",
-                {"WWW-Authenticate": 'Bearer realm="vblk"'},
-            )
-        if access == "ro" and request.method not in ("GET", "HEAD", "OPTIONS"):
-            raise ApiError(ErrorCode.READ_ONLY_TOKEN, "this token may only read")
-
-    @staticmethod
-    def _error(exchange: _Exchange, error: ApiError) -> web.Response:
-        exchange.error = error.code.code
-        return error_response(error)
-
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """JSON errors, the query check, one canonical log line and the metrics of every request."""
-        started = time.perf_counter()
-        request_id = next(_request_ids)
-        structlog.contextvars.bind_contextvars(http_request=request_id, peer=_peer(request))
-        exchange = request[_EXCHANGE] = _Exchange()
-        status = 500
-        response: web.StreamResponse | None = None
-        try:
-            try:
-                self._authorize(request)
-                expect = request.headers.get("Expect")
-                if expect is not None and expect.lower() != "100-continue":
-                    raise ApiError(ErrorCode.EXPECTATION_FAILED, "only Expect: 100-continue is understood")
-                allowed = declared_query(request.match_info.handler)
-                if allowed is not None:
-                    check_query(request.query, allowed)
-                response = await handler(request)
-            except ApiError as exc:
-                response = self._error(exchange, exc)
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = self._error(exchange, _http_error(exc))
-            except (ConnectionError, asyncio.CancelledError):
-                status = 499  # the client went away (nginx's convention, for the log only)
-                exchange.error = "client_gone"
-                raise
-            except OSError as exc:  # every failure of the disk port is an OSError
-                error = _device_error(exc)
-                exchange.error = error.code.code
-                log.warning("http_io_failed", error=str(exc), status=error.status)
-                if exchange.streaming:
-                    raise  # headers are out: the only honest signal left is a cut connection
-                response = error_response(error)
-            except Exception as exc:
-                log.exception("http_handler_crashed", error=repr(exc))
-                response = self._error(
-                    exchange, ApiError(ErrorCode.INTERNAL, "internal error; see the service log")
-                )
-            status = response.status
-            return response
-        finally:
-            self._record(request, exchange, status, response, time.perf_counter() - started)
-            structlog.contextvars.unbind_contextvars("http_request", "peer")
-
-    def _record(
-        self,
-        request: web.Request,
-        exchange: _Exchange,
-        status: int,
-        response: web.StreamResponse | None,
-        seconds: float,
-        **fields: object,
-    ) -> None:
-        """The metrics and the canonical ``http_request`` log line of one request."""
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        metrics = self.service.metrics
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        if exchange.disk is not None and exchange.op is not None:
-            metrics.observe_request("http", exchange.disk, exchange.op, seconds)
-        if status >= 400:
-            fields["error"] = exchange.error or "http_error"
-        log.info(
-            "http_request",
-            method=request.method,
-            path=request.path_qs[:256],
-            route=route,
-            status=status,
-            bytes_in=exchange.bytes_in,
-            bytes_out=exchange.bytes_out or _body_length(response),
-            seconds=round(seconds, 6),
-            **fields,
-        )
-
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """The safety net under the middleware, for the few answers aiohttp gives before it.
-
-        aiohttp answers an ``Expect`` header it does not know on a route that is not ours
-        (404, 405) before any middleware runs; that answer becomes JSON like every other
-        error here, and gets its log line.
-        """
-        if _EXCHANGE in request:
-            return  # the middleware answered, and logs
-        exchange = request[_EXCHANGE] = _Exchange()
-        if response.status >= 400 and isinstance(response, web.Response):
-            error = ApiError(
-                _HTTP_CODES.get(response.status, ErrorCode.HTTP_ERROR),
-                "only Expect: 100-continue is understood"
-                if response.status == 417
-                else f"the request is refused ({response.status})",
-                status=response.status,
-            )
-            exchange.error = error.code.code
-            body = error_body(error)
-            response.body = body
-            response.content_type = "application/json"
-            response.charset = "utf-8"
-            response.headers["Content-Length"] = str(len(body))  # set for the body it had
-        self._record(request, exchange, response.status, response, 0.0, peer=_peer(request))
-
     # -- service -------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -331,7 +105,7 @@ class RestApi:
         disks = {name: disk.bytes.ready for name, disk in self.service.disks.items()}
         ready = bool(disks) and all(disks.values()) and not self.service.stopping
         if not ready:
-            request[_EXCHANGE].error = "not_ready"
+            request[EXCHANGE].error = "not_ready"
         return json_response(
             {"status": "ready" if ready else "not_ready", "disks": disks}, status=200 if ready else 503
         )
@@ -390,7 +164,7 @@ class RestApi:
             "max_writers": MAX_CONNECTIONS,
         }
         unix_socket = self._unix_socket()
-        if unix_socket is not None and _is_local(request):
+        if unix_socket is not None and is_local(request):
             body["unix_socket"] = unix_socket
         return json_response(body, headers={"Allow": ", ".join(methods)})
 
@@ -410,7 +184,7 @@ class RestApi:
         if request.method == "HEAD":
             await response.prepare(request)
             return response
-        self._observe(request, disk.name, "read")
+        observe(request, disk.name, "read")
         await self._stream_out(request, response, disk, byte_range.first, byte_range.length)
         return response
 
@@ -440,7 +214,7 @@ class RestApi:
                 finally:
                     view.release()
                     buffer.free()
-                exchange = request[_EXCHANGE]
+                exchange = request[EXCHANGE]
                 if not exchange.streaming:
                     exchange.streaming = True
                     await response.prepare(request)
@@ -448,7 +222,7 @@ class RestApi:
                 sent += len(data)
             await response.write_eof()
         finally:
-            request[_EXCHANGE].bytes_out = sent
+            request[EXCHANGE].bytes_out = sent
             if pending is not None:
                 pending.cancel()
                 try:
@@ -464,7 +238,7 @@ class RestApi:
         disk = self.disk(request)
         self._writable(disk)
         target = parse_write_target(request.headers, request.content_length, request.query, disk.size)
-        self._observe(request, disk.name, "write")
+        observe(request, disk.name, "write")
         if target.length:
             await self._stream_in(request, disk, target.offset, target.length)
         if target.flush:
@@ -516,7 +290,7 @@ class RestApi:
                 task, writing = writing, None
                 await task
         finally:
-            request[_EXCHANGE].bytes_in = received
+            request[EXCHANGE].bytes_in = received
             if writing is not None:
                 await asyncio.gather(writing, return_exceptions=True)
 
@@ -525,7 +299,7 @@ class RestApi:
         disk = self.disk(request)
         patch = parse_patch(await _json_body(request), disk.size)
         self._writable(disk)
-        self._observe(request, disk.name, patch.op)
+        observe(request, disk.name, patch.op)
         if patch.op == "flush":
             await disk.flush()
             return json_response({"op": "flush"})
@@ -542,7 +316,7 @@ class RestApi:
         """The allocation map as imageio's zero extents: ``[{start, length, zero, hole}]``."""
         disk = self.disk(request)
         query = parse_extents(request.query, disk.size)
-        self._observe(request, disk.name, "extents")
+        observe(request, disk.name, "extents")
         merged: list[dict[str, Any]] = []
         for extent in disk.extents(query.offset, query.length):
             last = merged[-1] if merged else None
@@ -563,7 +337,7 @@ class RestApi:
     async def get_sectors(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
         span = parse_sector_read(request.match_info["lba"], request.query, disk.size)
-        self._observe(request, disk.name, "read")
+        observe(request, disk.name, "read")
         data = await disk.read(span.lba * SECTOR, span.count * SECTOR)
         return web.Response(body=data, content_type="application/octet-stream")
 
@@ -573,17 +347,11 @@ class RestApi:
         self._writable(disk)
         span = parse_sector_write(request.match_info["lba"], request.query, request.content_length, disk.size)
         flush = query_bool(request.query, "flush", True)
-        self._observe(request, disk.name, "write")
+        observe(request, disk.name, "write")
         await self._stream_in(request, disk, span.lba * SECTOR, span.count * SECTOR)
         if flush:
             await disk.flush()
         return json_response({"lba": span.lba, "sectors": span.count, "flushed": flush})
-
-
-def _body_length(response: web.StreamResponse | None) -> int:
-    if isinstance(response, web.Response) and isinstance(response.body, bytes):
-        return len(response.body)
-    return 0
 
 
 async def _write_and_free(disk: ByteDisk, offset: int, length: int, buffer: IoBuffer) -> None:
@@ -646,16 +414,9 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
 def build_app(service: ApiHost) -> web.Application:
     """The aiohttp application: REST API, health checks, metrics and the OpenAPI document."""
     api = RestApi(service)
-    app = web.Application(middlewares=[api.middleware], client_max_size=MAX_JSON)
-    app.on_response_prepare.append(api.on_response_prepare)
+    edge = Edge(service)
+    app = web.Application(middlewares=[edge.middleware], client_max_size=MAX_JSON)
+    app.on_response_prepare.append(edge.on_response_prepare)
     for method, path, handler in routes(api):
-        app.router.add_route(method, path, handler, expect_handler=_expect)
+        app.router.add_route(method, path, handler, expect_handler=expect)
     return app
-
-
-async def _expect(request: web.Request) -> None:
-    """``Expect: 100-continue`` gets its interim 100 (as aiohttp's default handler sends it);
-    any other expectation is left to the middleware, which answers 417 as JSON."""
-    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not the response's first byte

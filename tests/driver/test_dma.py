@@ -1,14 +1,17 @@
-"""The DMA allocator: buddy blocks plus per-size lists of recently freed small blocks."""
+"""The DMA allocator: buddy blocks plus per-size lists of recently freed small blocks, and
+guest RAM given back to the host when the allocator is idle."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device.memory import GuestMemory
-from driver.dma import DmaAllocator, DmaBuffer
+from driver.dma import TRIM_IDLE, DmaAllocator, DmaBuffer
 
 REGION = 1 << 20
 
@@ -58,3 +61,78 @@ def test_a_freed_small_block_is_reused_first() -> None:
     first.free()
     again = dma.allocate(4000)
     assert again is not None and again.gpa == gpa
+
+
+def _shmem_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+def test_trim_gives_free_pages_back_and_keeps_blocks_in_use() -> None:
+    memory = GuestMemory(32 << 20)  # a shared memfd, as the service's guest RAM is
+    try:
+        dma = DmaAllocator(memory)
+        kept = dma.allocate(4096)
+        assert kept is not None
+        kept.view[:] = b"k" * 4096
+        burst = [dma.allocate(1 << 20) for _ in range(16)]
+        before = _shmem_kib()
+        for buffer in burst:
+            assert buffer is not None
+            buffer.view[:] = b"\xaa" * (1 << 20)  # touch every page, as a READ's data does
+        touched = _shmem_kib()
+        assert touched - before >= 15 << 10
+        gpas = [b.gpa for b in burst if b is not None]
+        for buffer in burst:
+            assert buffer is not None
+            buffer.free()
+        returned = dma.trim()
+        assert returned >= 16 << 20 and dma.trimmed_bytes == returned
+        assert touched - _shmem_kib() >= 15 << 10  # the burst's pages are the host's again
+        assert bytes(kept.view) == b"k" * 4096  # a block in use keeps its data
+        assert all(memory.read(gpa, 4096) == bytes(4096) for gpa in gpas)  # freed: reads zeroes
+        again = dma.allocate(1 << 20)
+        assert again is not None
+        again.view[:8] = b"reusable"
+        assert memory.read(again.gpa, 8) == b"reusable"
+    finally:
+        memory.close()
+
+
+async def test_an_idle_allocator_trims_by_itself() -> None:
+    memory = GuestMemory(16 << 20)
+    try:
+        dma = DmaAllocator(memory)
+        buffer = dma.allocate(4 << 20)
+        assert buffer is not None
+        buffer.view[:] = b"\x01" * (4 << 20)
+        buffer.free()
+        assert dma.trimmed_bytes == 0  # not at once: a busy service reuses its buffers
+        deadline = asyncio.get_running_loop().time() + 10 * TRIM_IDLE
+        while dma.trimmed_bytes == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert dma.trimmed_bytes >= 4 << 20
+        assert memory.read(buffer.gpa, 16) == bytes(16)
+        dma.close()
+    finally:
+        memory.close()
+
+
+async def test_a_busy_allocator_does_not_trim() -> None:
+    memory = GuestMemory(16 << 20)
+    try:
+        dma = DmaAllocator(memory)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3 * TRIM_IDLE
+        while loop.time() < end:  # a steady stream of requests, each freed before the next
+            buffer = dma.allocate(1 << 20)
+            assert buffer is not None
+            buffer.view[:4] = b"busy"
+            buffer.free()
+            await asyncio.sleep(0.05)
+        assert dma.trimmed_bytes == 0
+        dma.close()
+    finally:
+        memory.close()
