@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from device.block.node import BlockError, BlockingNode, Capabilities, Extent, check_access
@@ -39,41 +39,37 @@ class MemoryNode(BlockingNode):
     def _check(self, offset: int, length: int, write: bool) -> None:
         check_access("memory disk", self._size, self._read_only, offset, length, write)
 
-    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
-        self._check(offset, total, False)
-        chunks = self._chunks
+    def _spans(self, offset: int, buffers: Sequence[memoryview]) -> Iterator[tuple[memoryview, int, int]]:
+        """The pieces of ``buffers`` laid from ``offset`` on: (piece, chunk index, offset within)."""
         for buf in buffers:
             pos = 0
             n = buf.nbytes
             while pos < n:
                 index, within = divmod(offset, CHUNK)
                 take = min(n - pos, CHUNK - within)
-                chunk = chunks.get(index)
-                if chunk is None:
-                    buf[pos : pos + take] = bytes(take)
-                else:
-                    buf[pos : pos + take] = chunk[within : within + take]
+                yield buf[pos : pos + take], index, within
                 pos += take
                 offset += take
 
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self._check(offset, sum(b.nbytes for b in buffers), False)
+        chunks = self._chunks
+        for piece, index, within in self._spans(offset, buffers):
+            chunk = chunks.get(index)
+            if chunk is None:
+                piece[:] = bytes(piece.nbytes)
+            else:
+                piece[:] = chunk[within : within + piece.nbytes]
+
     def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
-        self._check(offset, total, True)
+        self._check(offset, sum(b.nbytes for b in buffers), True)
         with self._lock:
             chunks = self._chunks
-            for buf in buffers:
-                pos = 0
-                n = buf.nbytes
-                while pos < n:
-                    index, within = divmod(offset, CHUNK)
-                    take = min(n - pos, CHUNK - within)
-                    chunk = chunks.get(index)
-                    if chunk is None:
-                        chunk = chunks[index] = bytearray(CHUNK)
-                    chunk[within : within + take] = buf[pos : pos + take]
-                    pos += take
-                    offset += take
+            for piece, index, within in self._spans(offset, buffers):
+                chunk = chunks.get(index)
+                if chunk is None:
+                    chunk = chunks[index] = bytearray(CHUNK)
+                chunk[within : within + piece.nbytes] = piece
 
     def _zero(self, offset: int, length: int) -> None:
         with self._lock:

@@ -151,11 +151,11 @@ class VhostUserProtocolError(Exception):
 # ----------------------------------------------------------------------------------- messages
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Header:
-    request: int
+class _Flagged:
+    """What a header's flags say (the field is the dataclass's)."""
+
+    __slots__ = ()
     flags: int
-    size: int
 
     @property
     def is_reply(self) -> bool:
@@ -167,21 +167,20 @@ class Header:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Message:
+class Header(_Flagged):
+    request: int
+    flags: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message(_Flagged):
     """One message as received: header fields, payload and the fds that came with it."""
 
     request: int
     flags: int
     payload: bytes
     fds: tuple[int, ...] = ()
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & VHOST_USER_REPLY_MASK)
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
 
     @property
     def name(self) -> str:
