@@ -471,6 +471,11 @@ class Qcow2Node(BlockingNode):
         """How many L2 tables the cache holds at most."""
         return self._cache_tables
 
+    @property
+    def l2_cached(self) -> int:
+        """How many L2 tables the cache holds now."""
+        return len(self._l2_cache)
+
     # -- reading ------------------------------------------------------------------------------------
 
     def _read_into(self, offset: int, view: memoryview) -> None:
