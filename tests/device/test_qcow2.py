@@ -113,7 +113,7 @@ def fill(image: Path, size: int, cluster: int, *, zero_clusters: bool) -> None:
 
 
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
-@pytest.mark.parametrize("cluster", [4 * KiB, 64 * KiB, 2 * MiB])
+@pytest.mark.parametrize("cluster", [512, 4 * KiB, 64 * KiB, 2 * MiB])
 def test_every_byte_and_the_map_match_qemu(tmp_path: Path, compat: str, cluster: int) -> None:
     size = 9 * MiB + 3 * 512  # the last cluster is partial
     image = create(tmp_path / "a.qcow2", size, f"compat={compat}", f"cluster_size={cluster}")
