@@ -528,13 +528,24 @@ class Qcow2Node(BlockingNode):
         try:
             if self.compression == "zlib":
                 return zlib.decompressobj(-12).decompress(compressed, self.cluster_size)
-            assert _zstd is not None
-            reader = _zstd.ZstdDecompressor().decompressobj(read_across_frames=True)
-            return bytes(reader.decompress(compressed))[: self.cluster_size]
+            return self._unzstd(compressed)
         except zlib.error as bad:
             raise _corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
         except Exception as bad:  # zstandard.ZstdError and its kin
             raise _corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
+
+    def _unzstd(self, compressed: bytes) -> bytes:
+        """zstd frames, one after another, until they fill a cluster; what follows is ignored
+        (the rest of the last sector, or the next compressed cluster)."""
+        out = bytearray()
+        rest = compressed
+        while len(out) < self.cluster_size and rest:
+            frame = _zstd.ZstdDecompressor().decompressobj()
+            out += frame.decompress(rest)
+            if not frame.eof:
+                break  # cut short: fewer bytes than a cluster
+            rest = frame.unused_data
+        return bytes(out[: self.cluster_size])
 
     # -- the allocation map ---------------------------------------------------------------------------
 

@@ -255,14 +255,30 @@ def test_a_dirty_image_opens_read_only_and_a_corrupt_one_is_refused(tmp_path: Pa
 
 
 def test_zstd_compressed_images(tmp_path: Path) -> None:
-    image = create(tmp_path / "z.qcow2", MiB, "compression_type=zstd")
-    qemu_io(image, "write -c -P 0x61 0 64k")
+    """Read with the zstandard module (``pip install zstandard``), else refused at open."""
+    image = create(tmp_path / "z.qcow2", 4 * MiB, "compression_type=zstd", "cluster_size=4k")
+    qemu_io(image, "write -c -P 0x61 0 64k", "write -c -P 0x62 1M 12k", "write -P 0x63 2M 4k")
     if importlib.util.find_spec("zstandard") is None:
         with pytest.raises(BlockError, match="zstandard module is not installed") as refused:
             Qcow2Node.open(image)
         assert refused.value.errno == errno.ENOTSUP
-    else:  # where the module is installed
-        assert_like_qemu(image, tmp_path).close()
+        return
+    assert_like_qemu(image, tmp_path).close()
+    converted = tmp_path / "zc.qcow2"  # every cluster, 64 KiB ones
+    tool("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", image, converted)
+    assert_like_qemu(converted, tmp_path).close()
+    data = bytearray(image.read_bytes())  # damage the first compressed cluster's frame
+    (entry,) = struct.unpack_from(">Q", data, _l2_entries(bytes(data))[0])
+    host = entry & ((1 << 58) - 1)
+    data[host : host + 4] = b"\0\0\0\0"
+    image.write_bytes(data)
+    node = Qcow2Node.open(image)
+    try:
+        with pytest.raises(BlockError) as failed:
+            blocking_call(node.readv, 0, [memoryview(bytearray(4096))])
+        assert failed.value.errno == errno.EIO
+    finally:
+        node.close()
 
 
 def test_the_node_is_read_only_and_describes_itself(tmp_path: Path) -> None:
