@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from service.cli import main
 from service.config import from_sources
 from service.model import DiskSpec
 from tests.service.conftest import MiB, run, serving
@@ -206,3 +207,21 @@ def test_format_is_a_disk_key_and_the_default_size_is_for_raw_images(tmp_path: P
     ]
     config, _ = from_sources({}, {}, config_file)
     assert [(d.name, d.format, d.read_only) for d in config.disks] == [("a", "qcow2", True)]
+
+
+def test_vblk_info_describes_a_qcow2_image_and_its_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    top = chain(tmp_path)
+    assert main(["info", "--format", "qcow2", str(top)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    local = json.loads(
+        subprocess.run(["qemu-img", "map", "--output=json", top], check=True, capture_output=True).stdout
+    )
+    assert facts["format"] == "qcow2" and facts["size"] == 8 * MiB
+    assert (facts["version"], facts["cluster_size"], len(facts["backing"])) == (2, 4096, 2)
+    assert facts["allocated"] == sum(e["length"] for e in local if e["data"])
+    assert main(["info", str(top)]) == 0  # raw, as it always was: the file's own bytes
+    assert json.loads(capsys.readouterr().out)["size"] == top.stat().st_size
+    assert main(["info", "--format", "qcow2", str(tmp_path / "base.raw")]) == 1
+    assert "no qcow2 magic" in capsys.readouterr().err
