@@ -28,6 +28,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -177,7 +178,8 @@ class Qcow2Node(BlockingNode):
         except ValueError as bad:  # an empty file
             raise _invalid(path, str(bad)) from bad
         try:
-            return cls._open_file(file, force_share, l2_cache_bytes, (*_below, os.path.realpath(path)))
+            with _host_errors(path):
+                return cls._open_file(file, force_share, l2_cache_bytes, (*_below, os.path.realpath(path)))
         except BaseException:
             file.close()
             raise
@@ -227,6 +229,8 @@ class Qcow2Node(BlockingNode):
                 raise _invalid(path, f"header_length {header_length} (want 104 or more, a multiple of 8)")
             if refcount_order > 6:
                 raise _invalid(path, f"refcount_order {refcount_order} above 6")
+            if header_length > len(head):
+                raise _invalid(path, f"header_length {header_length} runs past the end of the file")
             if header_length > 104:
                 compression_type = head[104]
         extensions = _extensions(path, head, header_length, backing_offset or cluster_size, cluster_size)
@@ -352,10 +356,11 @@ class Qcow2Node(BlockingNode):
     def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in buffers)
         check_access(self.path, self._size, True, offset, total, False)
-        for buffer in buffers:
-            view = buffer if buffer.format == "B" and buffer.ndim == 1 else buffer.cast("B")
-            self._read_into(offset, view)
-            offset += view.nbytes
+        with _host_errors(self.path):
+            for buffer in buffers:
+                view = buffer if buffer.format == "B" and buffer.ndim == 1 else buffer.cast("B")
+                self._read_into(offset, view)
+                offset += view.nbytes
 
     def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
         raise BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
@@ -556,6 +561,10 @@ class Qcow2Node(BlockingNode):
         zeroes (data and zero), a hole with no backing file is hole and zero.
         """
         check_access(self.path, self._size, True, offset, length, False)
+        with _host_errors(self.path):
+            return self._extents(offset, length)
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         for start, run, kind, host in self.runs(offset, length):
             if kind == DATA:
@@ -591,6 +600,10 @@ class Qcow2Node(BlockingNode):
         (zero clusters too), 2 and more in the backing chain (a raw file: all of it, up to its
         end), as QEMU's ``qemu:allocation-depth`` counts."""
         check_access(self.path, self._size, True, offset, length, False)
+        with _host_errors(self.path):
+            return self._allocation_depth(offset, length)
+
+    def _allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         for start, run, kind, _host in self.runs(offset, length):
             if kind != UNALLOCATED:
@@ -599,7 +612,7 @@ class Qcow2Node(BlockingNode):
             backing = self.backing
             have = 0 if backing is None else max(0, min(run, backing.size - start))
             if isinstance(backing, Qcow2Node) and have:
-                for part_start, part_length, depth in backing.allocation_depth(start, have):
+                for part_start, part_length, depth in backing._allocation_depth(start, have):
                     _append_depth(out, part_start, part_length, depth + 1 if depth else 0)
             elif have:
                 _append_depth(out, start, have, 2)
@@ -631,6 +644,18 @@ def _append_depth(out: list[tuple[int, int, int]], offset: int, length: int, dep
         out[-1] = (out[-1][0], out[-1][1] + length, depth)
     elif length:
         out.append((offset, length, depth))
+
+
+@contextmanager
+def _host_errors(path: Path) -> Iterator[None]:
+    """A failure of the host file (EIO from the disk, EISDIR...) as a BlockError naming the image."""
+    try:
+        yield
+    except BlockError:
+        raise
+    except OSError as failed:
+        error = BlockError(failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}")
+        raise error from failed
 
 
 def _read(file: FileNode, offset: int, length: int) -> bytes:
@@ -678,6 +703,8 @@ def _open_backing(
     if "://" in name or name.startswith("json:"):
         raise _unsupported(path, f"backing file {name!r} is not a local file")
     target = Path(name) if os.path.isabs(name) else path.parent / name
+    if target.is_dir():
+        raise _invalid(path, f"its backing file {target} is a directory")
     if not backing_format:
         raise _unsupported(
             path,

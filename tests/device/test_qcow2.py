@@ -446,6 +446,27 @@ def test_the_mutations_are_caught(tmp_path: Path, victim: bytes) -> None:
     assert {name: outcomes[name] for name in tables} == dict.fromkeys(tables, "eio")
 
 
+def test_cut_short_images_and_odd_files_are_refused_or_fail_with_eio(tmp_path: Path, victim: bytes) -> None:
+    (tmp_path / "base.raw").write_bytes(bytes(MiB))
+    image = tmp_path / "victim.qcow2"
+    outcomes = []
+    for length in (1, 50, 72, 104, 111, 112, 200, 4096, 4097, 12 * 1024, 20 * 1024 + 3, len(victim) - 1):
+        image.write_bytes(victim[:length])
+        outcomes.append(_exercise(image))
+    assert outcomes[:7] == ["refused"] * 7 and "eio" in outcomes
+    image.write_bytes(b"")
+    assert _exercise(image) == "refused"
+    image.unlink()
+    image.mkdir()  # a directory where the image should be
+    assert _exercise(image) == "refused"
+    data = bytearray(victim)  # a backing file name that names a directory
+    at = struct.unpack_from(">Q", data, 8)[0]
+    data[at : at + 8] = b"./././."[:7] + b"."
+    (tmp_path / "top.qcow2").write_bytes(data)
+    with pytest.raises(BlockError, match="is a directory"):
+        Qcow2Node.open(tmp_path / "top.qcow2")
+
+
 def test_a_backing_loop_is_refused(tmp_path: Path) -> None:
     a = create(tmp_path / "a.qcow2", MiB)
     b = create(tmp_path / "b.qcow2", MiB, backing=(a, "qcow2"))
