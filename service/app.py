@@ -124,6 +124,7 @@ class Service:
                 read_only=driver.read_only,
                 backend=spec.backend,
                 path=str(spec.path) if spec.backend == "file" else None,
+                format=spec.format if spec.backend == "file" else None,
             )
         for spec in self.config.disks:
             socket_path = vhost_user_socket(spec.backend)

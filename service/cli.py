@@ -19,6 +19,7 @@ from typing import NoReturn
 import uvloop
 
 from device.block.file import FileNode
+from device.block.qcow2 import Qcow2Node
 from service import logs
 from service.app import serve
 from service.config import (
@@ -98,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create-image", help="create a sparse raw image")
     create.add_argument("path", type=Path)
     create.add_argument("--size", type=_argument_type(parse_size), required=True, help="512, 64M, 1G, ...")
-    info = sub.add_parser("info", help="size and allocation of a raw image")
+    info = sub.add_parser("info", help="size and allocation of an image (raw, or qcow2 with --format)")
     info.add_argument("path", type=Path)
+    info.add_argument(
+        "--format", choices=("raw", "qcow2"), default="raw", help="the image's format (never guessed)"
+    )
     _add_vhost_user_parser(sub)
     return parser
 
@@ -192,26 +196,36 @@ def _create_image(path: Path, size: int) -> int:
     return 0
 
 
-def _info(path: Path) -> int:
+def _info(path: Path, image_format: str = "raw") -> int:
+    """An image's size and allocation as JSON; a qcow2 image's virtual size, its allocation in
+    the whole chain (data, zero clusters excluded), its format's facts and backing chain."""
+    backend: FileNode | Qcow2Node
     try:  # shares the image with its writers, like qemu-img info -U: a look, not a disk
-        backend = FileNode.open(path, size=None, read_only=True, force_share=True)
+        if image_format == "qcow2":
+            backend = Qcow2Node.open(path, force_share=True)
+        else:
+            backend = FileNode.open(path, size=None, read_only=True, force_share=True)
     except OSError as exc:
         print(f"vblk: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
         extents = backend.extents(0, backend.size) if backend.size else []
         allocated = sum(e.length for e in extents if not e.hole)
-        print(
-            json.dumps(
-                {
-                    "path": str(path),
-                    "size": backend.size,
-                    "allocated": allocated,
-                    "on_disk": os.stat(path).st_blocks * 512,
-                    "extents": len(extents),
-                }
-            )
-        )
+        facts: dict[str, object] = {
+            "path": str(path),
+            "format": image_format,
+            "size": backend.size,
+            "allocated": allocated,
+            "on_disk": os.stat(path).st_blocks * 512,
+            "extents": len(extents),
+        }
+        if isinstance(backend, Qcow2Node):
+            described = backend.describe()
+            facts.update({key: described[key] for key in ("version", "cluster_size", "dirty", "backing")})
+        print(json.dumps(facts))
+    except OSError as exc:  # a damaged table
+        print(f"vblk: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     finally:
         backend.close()
     return 0
@@ -252,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "create-image":
         return _create_image(args.path, args.size)
     if args.command == "info":
-        return _info(args.path)
+        return _info(args.path, args.format)
     if args.command == "vhost-user":
         return _vhost_user(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}

@@ -37,8 +37,10 @@ DISK_KEYS = (
     "pool",
     "create",
     "cache",
+    "format",
     "fault",
 )
+FORMATS = ("raw", "qcow2")
 BACKENDS = ("file", "memory", "rbd")
 IO_MODES = ("inline", "thread")
 LOG_FORMATS = ("auto", "json", "console")
@@ -334,6 +336,7 @@ _DISK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "io-mode": ("io_mode", _choice(IO_MODES)),
     "pool": ("pool", _text),
     "create": ("create", parse_bool),
+    "format": ("format", _choice(FORMATS)),
 }
 
 
@@ -377,6 +380,8 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             if "fault" in options:
                 FaultPlan.parse(options["fault"])  # refused now, not at start-up
                 spec["fault"] = options["fault"]
+            if spec.get("format", "raw") == "qcow2":
+                _check_qcow2(spec, options)
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
             elif "cache" in options:
@@ -406,6 +411,19 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"disk names must be unique: {names}")
     return tuple(disks)
+
+
+def _check_qcow2(spec: dict[str, Any], options: Mapping[str, str]) -> None:
+    """A qcow2 disk, in this version: an existing image file, served read-only at its own size."""
+    if spec["backend"] != "file":
+        raise ValueError("format=qcow2 is a file disk's option")
+    if not spec["read_only"]:
+        raise ValueError("format=qcow2 needs read-only (writing qcow2 images is not supported yet)")
+    for key in ("size", "grow"):
+        if key in options:
+            raise ValueError(f"{key} is not for a qcow2 disk (its image has its own virtual size)")
+    spec["size_explicit"] = False  # the defaults' --size and --grow are for raw images
+    spec["grow"] = False
 
 
 def service_config(values: Mapping[str, Any]) -> ServiceConfig:

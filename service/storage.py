@@ -2,8 +2,9 @@
 
 Service layer, used by :mod:`service.app` (``vblk serve``) and :mod:`service.vhost_user`. A file
 image is created sparse or opened at its own size, locked as QEMU locks it, refused when its size
-is not the one asked for (or grown, when asked); RBD images are opened on their cluster; layers the
-spec names (``fault=``) go on top.
+is not the one asked for (or grown, when asked); a qcow2 image (``format=qcow2``) is opened
+read-only, through its format node over the file node; RBD images are opened on their cluster;
+layers the spec names (``fault=``) go on top.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from device.block.faults import FaultLayer, FaultPlan
 from device.block.file import FileNode
 from device.block.memory import MemoryNode
 from device.block.node import BlockError, BlockNode
+from device.block.qcow2 import Qcow2Node
 from device.block.rbd import RbdNode, RbdTarget
 from service.model import DiskSpec
 from service.values import format_size
@@ -40,6 +42,8 @@ def open_storage(spec: DiskSpec) -> BlockNode:
     """Open (or create) a disk's storage node; :class:`BlockError` with one sentence if it cannot."""
     if spec.backend == "memory":
         return MemoryNode(spec.size, read_only=spec.read_only)
+    if spec.backend == "file" and spec.format == "qcow2":
+        return _open_qcow2(spec)
     if spec.backend == "file":
         return _open_image(spec)
     if spec.backend == "rbd":
@@ -86,6 +90,15 @@ def _open_image(spec: DiskSpec) -> FileNode:
         backend.close()
         raise
     return backend
+
+
+def _open_qcow2(spec: DiskSpec) -> Qcow2Node:
+    """A qcow2 image: it must exist (never created), served read-only at its virtual size."""
+    if not spec.read_only:  # the configuration refuses it first; a spec built in code too
+        raise BlockError(errno.EROFS, f"{spec.path}: writing qcow2 images is not supported yet")
+    if not spec.path.exists():
+        raise BlockError(errno.ENOENT, f"{spec.path} does not exist (a qcow2 image is never created)")
+    return Qcow2Node.open(spec.path, force_share=spec.force_share)
 
 
 def _fit(spec: DiskSpec, backend: FileNode) -> None:

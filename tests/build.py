@@ -29,10 +29,15 @@ def stale_sources() -> list[Path]:
     """Compiled modules edited since ``make`` last compiled them (its stamp in the venv).
 
     Python would import the compiled old code. Without the stamp (not built by make) there is
-    nothing to compare with.
+    nothing to compare with; a source with no compiled module beside it (a tree built without
+    them, a second work tree of the repository) is imported as it is, never stale.
     """
     stamp = Path(sys.prefix) / ".compiled"
     if not stamp.exists():
         return []
     built = stamp.stat().st_mtime
-    return [source for source in compiled_sources() if source.stat().st_mtime > built]
+    return [
+        source
+        for source in compiled_sources()
+        if source.stat().st_mtime > built and extension_of(source) is not None
+    ]

@@ -75,8 +75,12 @@ class FileNode(BlockingNode):
         read_only: bool = False,
         create: bool = True,
         force_share: bool = False,
+        any_size: bool = False,
     ) -> FileNode:
         """Open ``path``; create it sparse with ``size`` bytes if missing and ``create``.
+
+        ``any_size``: an existing file of any non-zero size (a format node's host file, such as a
+        qcow2 image, which may end mid-sector); else it must be a multiple of 512.
 
         The image is locked the way QEMU locks it (:mod:`device.block.locks`): no one else
         may write it while it is open, and a writable one is refused when someone else refuses
@@ -111,7 +115,7 @@ class FileNode(BlockingNode):
         if size is not None and size != actual:
             os.close(fd)
             raise ValueError(f"{path} is {actual} bytes, not the requested {size}")
-        if actual % 512 or actual == 0:
+        if (actual % 512 and not any_size) or actual == 0:
             os.close(fd)
             raise ValueError(f"{path} is {actual} bytes, not a positive multiple of 512")
         return cls(path, fd, actual, read_only)

@@ -277,7 +277,8 @@ def openapi_document() -> dict[str, Any]:
                         "stack": {
                             "type": "array",
                             "description": "the disk's block stack, top first: {node, ...} per node "
-                            "(faults: its plan; file: path; rbd: image, cache; memory: size)",
+                            "(faults: its plan; qcow2: path, version, cluster_size, size, backing chain; "
+                            "file: path; rbd: image, cache; memory: size)",
                             "items": {"type": "object", "properties": {"node": {"type": "string"}}},
                         },
                     },
