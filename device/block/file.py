@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +112,11 @@ class FileNode(BlockingNode):
         except OSError:
             os.close(fd)
             raise
-        actual = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(fd)
+            raise ValueError(f"{path} is not a regular file (an image is one)")
+        actual = status.st_size
         if size is not None and size != actual:
             os.close(fd)
             raise ValueError(f"{path} is {actual} bytes, not the requested {size}")

@@ -282,6 +282,9 @@ def test_raw_open_checks_the_image(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 1000)
     with pytest.raises(ValueError, match="multiple of 512"):
         FileNode.open(path)
+    # A directory opens read-only as a file descriptor with a size, and every read would fail.
+    with pytest.raises(ValueError, match="not a regular file"):
+        FileNode.open(tmp_path, read_only=True, create=False)
 
 
 def test_raw_flush_failure_is_reported_and_never_forgotten(
