@@ -363,13 +363,13 @@ class Qcow2Node(BlockingNode):
                 offset += view.nbytes
 
     def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        raise BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
+        raise self._not_writable()
 
     def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
-        raise BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
+        raise self._not_writable()  # BlockingNode's discard_now comes here too
 
-    def discard_now(self, offset: int, length: int) -> None:
-        raise BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
+    def _not_writable(self) -> BlockError:
+        return BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
 
     def resize(self, new_size: int) -> None:
         raise BlockError(errno.EROFS, f"{self.path} is read-only")
