@@ -1,4 +1,4 @@
-"""The ``vblk`` command line: ``serve``, ``create-image`` and ``info``.
+"""The ``vblk`` command line: ``serve``, ``create-image`` (raw or qcow2) and ``info``.
 
 Service layer entry point (console script ``vblk``). Every ``serve`` setting can also come
 from a TOML file (``--config``) or a ``VBLK_*`` environment variable; see :mod:`service.config`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes.util
+import errno
 import json
 import os
 import sys
@@ -19,7 +20,8 @@ from typing import NoReturn
 import uvloop
 
 from device.block.file import FileNode
-from device.block.qcow2 import Qcow2Node
+from device.block.qcow2 import Qcow2Node, create_image
+from device.block.qcow2_header import DEFAULT_CLUSTER_BITS
 from service import logs
 from service.app import serve
 from service.config import (
@@ -96,9 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(flag, action="append", metavar=setting.metavar, help=help_text + "; repeatable")
         else:
             run.add_argument(flag, metavar=setting.metavar, default=None, help=help_text)
-    create = sub.add_parser("create-image", help="create a sparse raw image")
+    create = sub.add_parser("create-image", help="create a sparse raw image, or an empty qcow2 one")
     create.add_argument("path", type=Path)
     create.add_argument("--size", type=_argument_type(parse_size), required=True, help="512, 64M, 1G, ...")
+    create.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="the image's format")
+    create.add_argument(
+        "--cluster-size", type=_argument_type(parse_size), default=None, help="qcow2: 512 to 2M, default 64K"
+    )
+    create.add_argument("--backing", default=None, metavar="FILE", help="qcow2: the backing file, as stored")
+    create.add_argument(
+        "--backing-format", choices=("raw", "qcow2"), default=None, help="qcow2: the backing file's format"
+    )
     info = sub.add_parser("info", help="size and allocation of an image (raw, or qcow2 with --format)")
     info.add_argument("path", type=Path)
     info.add_argument(
@@ -182,18 +192,57 @@ def _vhost_user(args: argparse.Namespace) -> int:
         return runner.run(serve_vhost_user(config))
 
 
-def _create_image(path: Path, size: int) -> int:
+def _create_image(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    size: int = args.size
     try:
         check_size(str(path), size)
+        if args.format == "raw" and (args.cluster_size or args.backing or args.backing_format):
+            raise ConfigError("--cluster-size, --backing and --backing-format are for --format qcow2")
+        if (args.backing is None) != (args.backing_format is None):
+            raise ConfigError("--backing needs --backing-format (raw or qcow2): vblk never guesses a format")
     except ConfigError as exc:
         print(f"vblk: {exc}", file=sys.stderr)
         return 2
     if path.exists():
         print(f"vblk: {path} exists; not overwriting it", file=sys.stderr)
         return 1
-    FileNode.open(path, size=size).close()
-    print(json.dumps({"path": str(path), "size": size}))
+    if args.format == "raw":
+        FileNode.open(path, size=size).close()
+        print(json.dumps({"path": str(path), "format": "raw", "size": size}))
+        return 0
+    try:
+        if args.backing is not None:
+            _check_backing(path, args.backing, args.backing_format)
+        create_image(
+            path,
+            size,
+            cluster_size=args.cluster_size or DEFAULT_CLUSTER_SIZE,
+            backing=args.backing,
+            backing_format=args.backing_format,
+        )
+        Qcow2Node.open(path, force_share=True).close()  # the chain opens
+    except ValueError as bad:
+        print(f"vblk: {path}: {bad}", file=sys.stderr)
+        return 2
+    except OSError as failed:
+        if path.exists():
+            path.unlink()
+        print(f"vblk: {failed.strerror or failed}", file=sys.stderr)
+        return 1
+    facts: dict[str, object] = {"path": str(path), "format": "qcow2", "size": size}
+    facts["cluster_size"] = args.cluster_size or DEFAULT_CLUSTER_SIZE
+    if args.backing is not None:
+        facts["backing"] = {"path": args.backing, "format": args.backing_format}
+    print(json.dumps(facts))
     return 0
+
+
+def _check_backing(path: Path, backing: str, backing_format: str) -> None:
+    """The backing file exists where the new image will look for it."""
+    target = Path(backing) if os.path.isabs(backing) else path.parent / backing
+    if not target.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"backing file {target} does not exist", str(target))
 
 
 def _info(path: Path, image_format: str = "raw") -> int:
@@ -221,7 +270,8 @@ def _info(path: Path, image_format: str = "raw") -> int:
         }
         if isinstance(backend, Qcow2Node):
             described = backend.describe()
-            facts.update({key: described[key] for key in ("version", "cluster_size", "dirty", "backing")})
+            keys = ("version", "cluster_size", "refcount_bits", "dirty", "backing")
+            facts.update({key: described[key] for key in keys})
         print(json.dumps(facts))
     except OSError as exc:  # a damaged table
         print(f"vblk: {path}: {exc.strerror or exc}", file=sys.stderr)
@@ -230,6 +280,8 @@ def _info(path: Path, image_format: str = "raw") -> int:
         backend.close()
     return 0
 
+
+DEFAULT_CLUSTER_SIZE = 1 << DEFAULT_CLUSTER_BITS
 
 TCMALLOC = "tcmalloc_minimal"
 
@@ -264,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "create-image":
-        return _create_image(args.path, args.size)
+        return _create_image(args)
     if args.command == "info":
         return _info(args.path, args.format)
     if args.command == "vhost-user":

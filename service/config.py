@@ -381,7 +381,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 FaultPlan.parse(options["fault"])  # refused now, not at start-up
                 spec["fault"] = options["fault"]
             if spec.get("format", "raw") == "qcow2":
-                _check_qcow2(spec, options)
+                _check_qcow2(spec)
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
             elif "cache" in options:
@@ -413,17 +413,10 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     return tuple(disks)
 
 
-def _check_qcow2(spec: dict[str, Any], options: Mapping[str, str]) -> None:
-    """A qcow2 disk, in this version: an existing image file, served read-only at its own size."""
+def _check_qcow2(spec: dict[str, Any]) -> None:
+    """A qcow2 disk: a file disk; a missing image is created empty at the size (64 KiB clusters)."""
     if spec["backend"] != "file":
         raise ValueError("format=qcow2 is a file disk's option")
-    if not spec["read_only"]:
-        raise ValueError("format=qcow2 needs read-only (writing qcow2 images is not supported yet)")
-    for key in ("size", "grow"):
-        if key in options:
-            raise ValueError(f"{key} is not for a qcow2 disk (its image has its own virtual size)")
-    spec["size_explicit"] = False  # the defaults' --size and --grow are for raw images
-    spec["grow"] = False
 
 
 def service_config(values: Mapping[str, Any]) -> ServiceConfig:

@@ -76,7 +76,7 @@ class DiskSpec:
     rbd_image: str = ""
     create: bool = False  # backend "rbd": create a missing image with ``size``
     cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
-    format: str = "raw"  # backend "file": the image's format, "raw" or "qcow2" (read-only), never guessed
+    format: str = "raw"  # backend "file": the image's format, "raw" or "qcow2", never guessed
     fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 

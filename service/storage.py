@@ -2,8 +2,8 @@
 
 Service layer, used by :mod:`service.app` (``vblk serve``) and :mod:`service.vhost_user`. A file
 image is created sparse or opened at its own size, locked as QEMU locks it, refused when its size
-is not the one asked for (or grown, when asked); a qcow2 image (``format=qcow2``) is opened
-read-only, through its format node over the file node; RBD images are opened on their cluster;
+is not the one asked for (or grown, when asked); a qcow2 image (``format=qcow2``) likewise, through
+its format node over the file node (a missing one is created empty); RBD images are opened on their cluster;
 layers the spec names (``fault=``) go on top.
 """
 
@@ -18,7 +18,7 @@ from device.block.faults import FaultLayer, FaultPlan
 from device.block.file import FileNode
 from device.block.memory import MemoryNode
 from device.block.node import BlockError, BlockNode
-from device.block.qcow2 import Qcow2Node
+from device.block.qcow2 import Qcow2Node, create_image
 from device.block.rbd import RbdNode, RbdTarget
 from service.model import DiskSpec
 from service.values import format_size
@@ -85,7 +85,7 @@ def _open_image(spec: DiskSpec) -> FileNode:
     if not exists or not spec.size_explicit or backend.size == spec.size:
         return backend
     try:
-        _fit(spec, backend)
+        _fit(spec, backend, backend.fd)
     except BaseException:
         backend.close()
         raise
@@ -93,15 +93,30 @@ def _open_image(spec: DiskSpec) -> FileNode:
 
 
 def _open_qcow2(spec: DiskSpec) -> Qcow2Node:
-    """A qcow2 image: it must exist (never created), served read-only at its virtual size."""
-    if not spec.read_only:  # the configuration refuses it first; a spec built in code too
-        raise BlockError(errno.EROFS, f"{spec.path}: writing qcow2 images is not supported yet")
-    if not spec.path.exists():
-        raise BlockError(errno.ENOENT, f"{spec.path} does not exist (a qcow2 image is never created)")
-    return Qcow2Node.open(spec.path, force_share=spec.force_share)
+    """A qcow2 image with its backing chain; a missing one is created empty (64 KiB clusters)."""
+    path = spec.path
+    exists = path.exists()
+    if not exists and spec.read_only:
+        raise BlockError(errno.ENOENT, f"{path} does not exist (a read-only disk is never created)")
+    if not exists:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_image(path, spec.size)
+        except OSError as failed:
+            raise BlockError(failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}") from failed
+        log.info("image_created", disk=spec.name, path=str(path), format="qcow2", size=spec.size)
+    node = Qcow2Node.open(path, read_only=spec.read_only, force_share=spec.force_share)
+    if not exists or not spec.size_explicit or node.size == spec.size:
+        return node
+    try:
+        _fit(spec, node, node.host_fd)
+    except BaseException:
+        node.close()
+        raise
+    return node
 
 
-def _fit(spec: DiskSpec, backend: FileNode) -> None:
+def _fit(spec: DiskSpec, backend: FileNode | Qcow2Node, fd: int) -> None:
     """An existing image whose size differs from the one asked for: grow it if asked, else refuse."""
     have, want = backend.size, spec.size
     sizes = f"{spec.path} is {format_size(have)} ({have} bytes), not the {format_size(want)} asked for"
@@ -109,7 +124,7 @@ def _fit(spec: DiskSpec, backend: FileNode) -> None:
         raise BlockError(
             errno.EINVAL,
             f"{sizes}; vblk never shrinks an image (that would cut off data): serve it as it is by "
-            f"leaving out the size, or shrink it yourself (qemu-img resize --shrink -f raw)",
+            f"leaving out the size, or shrink it yourself (qemu-img resize --shrink -f {spec.format})",
         )
     if not spec.grow:
         raise BlockError(
@@ -119,7 +134,7 @@ def _fit(spec: DiskSpec, backend: FileNode) -> None:
         )
     if spec.read_only:
         raise BlockError(errno.EROFS, f"{sizes}; a read-only disk cannot grow its image")
-    if locks.held_elsewhere(backend.fd, locks.SHARED_BASE + 3):  # someone lets no one resize it
+    if locks.held_elsewhere(fd, locks.SHARED_BASE + 3):  # someone lets no one resize it
         raise BlockError(errno.EBUSY, f"{sizes}; another process that has it open refuses resizing")
     backend.resize(want)
     log.info("image_grown", disk=spec.name, path=str(spec.path), old_size=have, size=want)

@@ -1,19 +1,32 @@
-"""The qcow2 node: a qcow2 image (version 2 or 3), read-only, over the file node that holds it.
+"""The qcow2 node: a qcow2 image (version 2 or 3), read and written, over the file node holding it.
 
-Block layer, a format node: it sits above a storage node (its ``inner``, a read-only
+Block layer, a format node: it sits above a storage node (its ``inner``, the
 :class:`~device.block.file.FileNode` of the image file, which takes QEMU's image locks) and turns
-the guest offsets it is asked for into the clusters the image's L1 and L2 tables point at, reading
-metadata and data through that file node. Layers (``fault=``) go above it. Unallocated clusters
-read from the backing file named in the header (raw or qcow2, itself a chain), or as zeroes.
+the guest offsets it is asked for into the clusters the image's L1 and L2 tables point at. Layers
+(``fault=``) go above it. Unallocated clusters read from the backing file named in the header
+(raw or qcow2, itself a chain, always read-only), or as zeroes. The header is
+:mod:`device.block.qcow2_header`; the refcounts and the write barrier are
+:mod:`device.block.qcow2_meta`.
 
-What it reads: standard L2 entries (unallocated, normal, the v3 zero flag), compressed clusters
-(zlib, and zstd when the ``zstandard`` module is importable), backing files whose format the image
-records. What it refuses at open, with one sentence: encryption, an external data file, extended
-L2 entries, unknown incompatible features, the corrupt bit, a backing file of unrecorded format,
-a backing loop. Internal snapshots and bitmaps are ignored (the active L1 is what a guest sees).
-An image marked dirty (lazy refcounts) opens: only its refcounts may be stale, and a reader never
-looks at them (QEMU repairs only on a writable open). Every offset read from the image is checked
-against the file's size and alignment before use: a bad one fails that request with EIO.
+Reading: standard L2 entries (unallocated, normal, the v3 zero flag), compressed clusters (zlib,
+and zstd when the ``zstandard`` module is importable). Refused at open, with one sentence:
+encryption, an external data file, extended L2 entries, unknown incompatible features, the
+corrupt bit, a backing file of unrecorded format, a backing loop.
+
+Writing, as QEMU's qcow2 driver orders it: a write to a cluster this image owns alone (COPIED)
+goes in place; any other allocates clusters (contiguous for a run of them), fills what the write
+does not cover from what the guest saw there (the backing file, a compressed or shared cluster,
+zeroes), and links them in the L2 table. L2 tables and refcount blocks are write-back caches;
+:meth:`flush_now` writes them in the order that keeps a crash safe (refcount blocks, barrier,
+the refcount table, barrier, L2 tables, barrier, L1 entries, barrier): whatever points at a
+cluster reaches the disk after the cluster and its refcount, so a crash can leak clusters (a
+refcount above its references) but never leave a referenced cluster free. Clusters that a write,
+discard or zeroing unlinks are freed only once the unlinking L2 tables are on disk. Zeroing uses
+the v3 zero flag; ``resize`` grows (zeroing what the old tail or a longer backing file would show)
+and shrinks. An image vblk must not write (lazy refcounts left dirty, internal snapshots) is
+refused writable with the reason; a data write that would land on metadata marks the image
+corrupt (as QEMU's overlap check) and fails. Autoclear bits are cleared on a writable open, as
+the format asks of a writer that does not keep what they vouch for (persistent bitmaps).
 """
 
 from __future__ import annotations
@@ -22,7 +35,6 @@ import errno
 import importlib
 import os
 import struct
-import sys
 import threading
 import zlib
 from array import array
@@ -30,32 +42,43 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
+
+import structlog
 
 from device.block.file import FileNode
 from device.block.node import BlockError, BlockingNode, BlockNode, Capabilities, Extent, check_access
-
-MAGIC: Final = b"QFI\xfb"
-EXT_END: Final = 0x00000000
-EXT_BACKING_FORMAT: Final = 0xE2792ACA
-EXT_FEATURE_NAMES: Final = 0x6803F857
-
-INCOMPAT_DIRTY: Final = 1 << 0
-INCOMPAT_CORRUPT: Final = 1 << 1
-INCOMPAT_DATA_FILE: Final = 1 << 2
-INCOMPAT_COMPRESSION: Final = 1 << 3
-INCOMPAT_EXTL2: Final = 1 << 4
-INCOMPAT_KNOWN: Final = (
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+from device.block.qcow2_header import (
+    AUTOCLEAR_BITMAPS,
+    HEADER_V3_LENGTH,
+    INCOMPAT_CORRUPT,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    Header,
+    create_image,
+    invalid,
+    parse_header,
+    unsupported,
+    writable_refusal,
+)
+from device.block.qcow2_meta import (
+    HEADER_FEATURES_AT,
+    Host,
+    HostFile,
+    Refcounts,
+    be64,
+    be64_bytes,
+    corrupt,
 )
 
-MIN_CLUSTER_BITS: Final = 9
-MAX_CLUSTER_BITS: Final = 21
-MAX_L1_BYTES: Final = 32 << 20  # QEMU's limit on the active L1 table
-MAX_BACKING_NAME: Final = 1023
+__all__ = ["DEFAULT_L2_CACHE", "HEADER_V3_LENGTH", "Qcow2Node", "create_image"]
+
+log = structlog.get_logger("vblk.device.qcow2")
+
 MAX_CHAIN: Final = 64  # backing files below one image
 
 OFFSET_MASK: Final = 0x00FFFFFFFFFFFE00  # bits 9-55: a host offset in an L1 or standard L2 entry
+COPIED: Final = 1 << 63  # the cluster (or L2 table) is this image's alone: write it in place
 L2_COMPRESSED: Final = 1 << 62
 L2_ZERO: Final = 1 << 0
 
@@ -69,10 +92,6 @@ ZERO: Final = 1  # reads as zeroes (the zero flag)
 UNALLOCATED: Final = 2  # not in this image: the backing file's, or zeroes
 COMPRESSED: Final = 3  # one compressed cluster: ``host`` is its L2 entry
 
-_HEADER_V2: Final = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
-_HEADER_V3: Final = struct.Struct(">QQQII")  # bytes 72..104
-_U32_PAIR: Final = struct.Struct(">II")
-
 
 def _zstd_module() -> Any:
     """The ``zstandard`` module for zstd-compressed clusters, or None when it is not installed."""
@@ -85,69 +104,68 @@ def _zstd_module() -> Any:
 _zstd: Final[Any] = _zstd_module()
 
 
-def _invalid(path: Path, why: str) -> BlockError:
-    return BlockError(errno.EINVAL, f"{path}: not a usable qcow2 image: {why}")
-
-
-def _unsupported(path: Path, why: str) -> BlockError:
-    return BlockError(errno.ENOTSUP, f"{path}: {why}")
-
-
-def _corrupt(path: Path, why: str) -> BlockError:
-    return BlockError(errno.EIO, f"{path}: corrupt qcow2 metadata: {why}")
-
-
-def _be64(data: bytes) -> array[int]:
-    table = array("Q")
-    table.frombytes(data)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
-
-
 class Qcow2Node(BlockingNode):
-    """A qcow2 image, read-only; ``open`` it (the constructor takes what ``open`` found)."""
+    """A qcow2 image; ``open`` it (the constructor takes what ``open`` found)."""
 
     kind = "qcow2"
 
     def __init__(
         self,
-        file: FileNode,
-        *,
-        version: int,
-        cluster_bits: int,
-        size: int,
+        file: HostFile,
+        header: Header,
         l1: array[int],
-        compression: str,
         backing: FileNode | Qcow2Node | None,
-        backing_name: str,
-        backing_format: str,
-        dirty: bool,
+        *,
+        read_only: bool,
         l2_cache_bytes: int,
     ) -> None:
-        super().__init__(size, True)
+        super().__init__(header.size, read_only)
         self.path = file.path
         self._file = file
-        self.version = version
-        self.cluster_bits = cluster_bits
-        self.cluster_size = 1 << cluster_bits
-        self._l2_bits = cluster_bits - 3
+        bits = header.cluster_bits
+        self._host = Host(file, 1 << bits)
+        self.version = header.version
+        self.cluster_bits = bits
+        self.cluster_size = 1 << bits
+        self._l2_bits = bits - 3
         self._l2_entries = 1 << self._l2_bits
         self._l1 = l1
-        self.compression = compression
+        self._l1_offset = header.l1_offset
+        self._l1_dirty: set[int] = set()
+        self.compression = header.compression
+        self.refcount_bits = 1 << header.refcount_order
         self.backing = backing
-        self.backing_name = backing_name
-        self.backing_format = backing_format
-        self.dirty = dirty
-        self._cache_tables = max(1, l2_cache_bytes >> cluster_bits)
+        self.backing_name = header.backing_name
+        self.backing_format = header.backing_format
+        self.dirty = bool(header.incompatible & 1)
+        self._incompatible = header.incompatible
+        self._cache_tables = max(1, l2_cache_bytes >> bits)
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._l2_dirty: set[int] = set()
+        self._lock = threading.RLock()  # metadata: the L2 cache, the refcounts, the L1 table
         # The last cluster decompressed: its L2 entry and bytes (sequential reads hit it).
         self._inflated: tuple[int, bytes] = (0, b"")
         # Compressed descriptor: bits 0..x-1 host byte offset, x..61 additional 512-byte sectors.
-        self._csize_shift = 62 - (cluster_bits - 8)
+        self._csize_shift = 62 - (bits - 8)
         self._coffset_mask = (1 << self._csize_shift) - 1
-        self._csize_mask = (1 << (cluster_bits - 8)) - 1
+        self._csize_mask = (1 << (bits - 8)) - 1
+        self._refcounts: Refcounts | None = None
+        if not read_only:
+            self._refcounts = Refcounts(
+                self._host,
+                bits,
+                header.refcount_order,
+                header.refcount_table_offset,
+                header.refcount_table_clusters,
+            )
+        # Clusters that hold metadata (the header, the L1 and L2 tables); the refcounts keep theirs.
+        self._metadata: set[int] = {0}
+        first = header.l1_offset >> bits
+        self._metadata.update(range(first, first + max(1, -(-len(l1) * 8 >> bits))))
+        self._metadata.update((e & OFFSET_MASK) >> bits for e in l1 if e & OFFSET_MASK)
+        self._pending_free: list[tuple[int, int]] = []  # (cluster, count) unlinked, not yet on disk
+        self._inflight = 0  # writes in place outside the lock
+        self._broken: str | None = None  # why writing stopped (metadata found corrupt)
         self._closed = False
 
     # -- opening ------------------------------------------------------------------------------------
@@ -157,177 +175,102 @@ class Qcow2Node(BlockingNode):
         cls,
         path: str | os.PathLike[str],
         *,
+        read_only: bool = True,
         force_share: bool = False,
         l2_cache_bytes: int = DEFAULT_L2_CACHE,
+        file: HostFile | None = None,
         _below: tuple[str, ...] = (),
     ) -> Qcow2Node:
-        """Open the qcow2 image at ``path`` read-only, with its backing chain.
+        """Open the qcow2 image at ``path`` with its backing chain (always read-only).
 
-        Raises :class:`BlockError` with one sentence when it cannot (missing, locked, not qcow2,
-        a feature this node does not read).
+        ``file``: the opened host file to use (a layer over the file node); by default it is
+        opened here. Raises :class:`BlockError` with one sentence when it cannot (missing,
+        locked, not qcow2, a feature this node does not read, or for writing, does not write).
         """
         path = Path(path)
         if l2_cache_bytes <= 0:
             raise ValueError("the L2 cache needs a positive size")
-        try:
-            file = FileNode.open(path, read_only=True, create=False, force_share=force_share, any_size=True)
-        except BlockError:
-            raise
-        except OSError as failed:
-            raise BlockError(failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}") from failed
-        except ValueError as bad:  # an empty file
-            raise _invalid(path, str(bad)) from bad
+        if file is None:
+            try:
+                file = FileNode.open(
+                    path, read_only=read_only, create=False, force_share=force_share, any_size=True
+                )
+            except BlockError:
+                raise
+            except OSError as failed:
+                raise BlockError(
+                    failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}"
+                ) from failed
+            except ValueError as bad:  # an empty file
+                raise invalid(path, str(bad)) from bad
         try:
             with _host_errors(path):
-                return cls._open_file(file, force_share, l2_cache_bytes, (*_below, os.path.realpath(path)))
+                return cls._open_file(
+                    file, read_only, force_share, l2_cache_bytes, (*_below, os.path.realpath(path))
+                )
         except BaseException:
             file.close()
             raise
 
     @classmethod
     def _open_file(
-        cls, file: FileNode, force_share: bool, l2_cache_bytes: int, chain: tuple[str, ...]
+        cls, file: HostFile, read_only: bool, force_share: bool, l2_cache_bytes: int, chain: tuple[str, ...]
     ) -> Qcow2Node:
         path = file.path
-        if file.size < _HEADER_V2.size:
-            raise _invalid(path, f"{file.size} bytes is shorter than a qcow2 header")
-        head = _read(file, 0, min(file.size, 1 << MAX_CLUSTER_BITS))
-        (
-            magic,
-            version,
-            backing_offset,
-            backing_size,
-            cluster_bits,
-            size,
-            crypt_method,
-            l1_size,
-            l1_offset,
-            _refcount_table_offset,
-            _refcount_table_clusters,
-            _nb_snapshots,
-            _snapshots_offset,
-        ) = _HEADER_V2.unpack_from(head, 0)
-        if magic != MAGIC:
-            raise _invalid(path, "no qcow2 magic (is it a raw image? then leave out format=qcow2)")
-        if version not in (2, 3):
-            raise _unsupported(path, f"qcow2 version {version} is not supported (2 and 3 are)")
-        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-            raise _invalid(
-                path, f"cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
-            )
-        cluster_size = 1 << cluster_bits
-        incompatible = 0
-        header_length = 72
-        compression_type = 0
-        if version == 3:
-            if len(head) < 104:
-                raise _invalid(path, "the v3 header is cut short")
-            incompatible, _compatible, _autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(
-                head, 72
-            )
-            if header_length < 104 or header_length % 8 or header_length > cluster_size:
-                raise _invalid(path, f"header_length {header_length} (want 104 or more, a multiple of 8)")
-            if refcount_order > 6:
-                raise _invalid(path, f"refcount_order {refcount_order} above 6")
-            if header_length > len(head):
-                raise _invalid(path, f"header_length {header_length} runs past the end of the file")
-            if header_length > 104:
-                compression_type = head[104]
-        extensions = _extensions(path, head, header_length, backing_offset or cluster_size, cluster_size)
-        if crypt_method != 0:
-            raise _unsupported(path, "the image is encrypted; vblk does not read encrypted qcow2 images")
-        unknown = incompatible & ~INCOMPAT_KNOWN
-        if unknown:
-            names = _feature_names(extensions.get(EXT_FEATURE_NAMES, b""))
-            bits = [bit for bit in range(64) if unknown >> bit & 1]
-            listed = ", ".join(f"{bit} ({names[bit]})" if bit in names else str(bit) for bit in bits)
-            raise _unsupported(path, f"unknown incompatible qcow2 feature bits: {listed}")
-        if incompatible & INCOMPAT_CORRUPT:
-            raise _unsupported(
-                path, "the image is marked corrupt; check and repair it first (qemu-img check -r all)"
-            )
-        if incompatible & INCOMPAT_DATA_FILE:
-            raise _unsupported(
-                path, "the image keeps its data in an external data file, which vblk does not read"
-            )
-        if incompatible & INCOMPAT_EXTL2:
-            raise _unsupported(
-                path, "the image has extended L2 entries (subclusters), which vblk does not read yet"
-            )
-        if incompatible & INCOMPAT_COMPRESSION:
-            if compression_type == 0:
-                raise _invalid(path, "the compression type bit is set but the type is zlib")
-        elif compression_type != 0:
-            raise _invalid(path, f"compression type {compression_type} without its incompatible bit")
-        if compression_type == 0:
-            compression = "zlib"
-        elif compression_type == 1:
-            compression = "zstd"
-            if _zstd is None:
-                raise _unsupported(
-                    path,
-                    "the image's clusters are zstd-compressed and the zstandard module is not "
-                    "installed (pip install zstandard, or convert the image: qemu-img convert "
-                    "-O qcow2 -o compression_type=zlib)",
-                )
-        else:
-            raise _unsupported(path, f"unknown compression type {compression_type}")
-        if size % 512:
-            raise _unsupported(path, f"virtual size {size} is not a multiple of 512")
-        l2_entries = cluster_size >> 3
-        covered = cluster_size * l2_entries  # bytes one L1 entry maps
-        needed = -(-size // covered)
-        if needed * 8 > MAX_L1_BYTES:
-            raise _invalid(path, f"virtual size {size} needs an L1 table over {MAX_L1_BYTES} bytes")
-        if l1_size < needed:
-            raise _invalid(path, f"l1_size {l1_size} is too small for virtual size {size} (needs {needed})")
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise _invalid(path, f"l1_size {l1_size} is over QEMU's limit of {MAX_L1_BYTES // 8}")
-        if needed and (l1_offset % cluster_size or l1_offset == 0 or l1_offset + needed * 8 > file.size):
-            raise _invalid(path, f"the L1 table's offset {l1_offset:#x} is unaligned or outside the file")
-        l1 = _be64(_read(file, l1_offset, needed * 8)) if needed else array("Q")
+        host = Host(file, 512)
+        head = host.read(0, min(file.size, 1 << MAX_CLUSTER_BITS))
+        header = parse_header(path, head, file.size, _zstd is not None)
+        if not read_only:
+            refusal = writable_refusal(header)
+            if refusal is not None:
+                raise BlockError(errno.EROFS, f"{path} cannot be written: {refusal}")
+        needed = header.l1_needed()
+        entries = needed
+        if not read_only and header.l1_offset + header.l1_size * 8 <= file.size:
+            entries = header.l1_size  # all of it: a grown disk uses the entries past ``needed``
+        l1 = be64(host.read(header.l1_offset, entries * 8)) if entries else array("Q")
         backing: FileNode | Qcow2Node | None = None
-        name = ""
-        backing_format = ""
-        if backing_offset:
-            if backing_size == 0 or backing_size > MAX_BACKING_NAME:
-                raise _invalid(path, f"backing file name of {backing_size} bytes (1..{MAX_BACKING_NAME})")
-            if backing_offset + backing_size > min(cluster_size, file.size):
-                raise _invalid(path, "the backing file name lies outside the first cluster")
-            raw_name = head[backing_offset : backing_offset + backing_size]
-            if b"\0" in raw_name:
-                raise _invalid(path, "the backing file name holds a NUL byte")
-            name = os.fsdecode(raw_name)
-            backing_format = extensions.get(EXT_BACKING_FORMAT, b"").decode("ascii", "replace")
-            backing = _open_backing(path, name, backing_format, force_share, l2_cache_bytes, chain)
-        try:
-            return cls(
-                file,
-                version=version,
-                cluster_bits=cluster_bits,
-                size=size,
-                l1=l1,
-                compression=compression,
-                backing=backing,
-                backing_name=name,
-                backing_format=backing_format,
-                dirty=bool(incompatible & INCOMPAT_DIRTY),
-                l2_cache_bytes=l2_cache_bytes,
+        if header.backing_name:
+            backing = _open_backing(
+                path, header.backing_name, header.backing_format, force_share, l2_cache_bytes, chain
             )
+        try:
+            node = cls(file, header, l1, backing, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
+            if not read_only and header.autoclear:
+                node._clear_autoclear(header)
+            return node
         except BaseException:
             if backing is not None:
                 backing.close()
             raise
 
+    def _clear_autoclear(self, header: Header) -> None:
+        """A writer clears the autoclear bits: vblk does not keep what they vouch for."""
+        if header.autoclear & AUTOCLEAR_BITMAPS:
+            log.warning(
+                "qcow2_bitmaps_invalidated",
+                path=str(self.path),
+                why="vblk writes the image and does not update its persistent bitmaps",
+            )
+        self._host.write_bytes(HEADER_FEATURES_AT + 16, bytes(8))
+        self._host.barrier()
+
     # -- the node -----------------------------------------------------------------------------------
 
     @property
     def capabilities(self) -> Capabilities:
-        return _CAPABILITIES
+        if self._read_only:
+            return _CAPABILITIES_RO
+        return _CAPABILITIES_V3 if self.version == 3 else _CAPABILITIES_V2
 
     @property
     def inner(self) -> BlockNode:
-        return self._file
+        return cast(BlockNode, self._file)  # a file node, or a layer over one
+
+    @property
+    def host_fd(self) -> int:
+        """The image file's descriptor (its locks say who else has it open), or -1."""
+        return self._file.fd if isinstance(self._file, FileNode) else -1
 
     def describe(self) -> dict[str, Any]:
         chain: list[dict[str, Any]] = []
@@ -346,8 +289,9 @@ class Qcow2Node(BlockingNode):
             "format": "qcow2",
             "version": self.version,
             "cluster_size": self.cluster_size,
+            "refcount_bits": self.refcount_bits,
             "size": self._size,
-            "read_only": True,
+            "read_only": self._read_only,
             "compression": self.compression,
             "dirty": self.dirty,
             "backing": chain,
@@ -362,29 +306,25 @@ class Qcow2Node(BlockingNode):
                 self._read_into(offset, view)
                 offset += view.nbytes
 
-    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        raise self._not_writable()
-
-    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
-        raise self._not_writable()  # BlockingNode's discard_now comes here too
-
-    def _not_writable(self) -> BlockError:
-        return BlockError(errno.EROFS, f"{self.path} is read-only (writing qcow2 is not supported yet)")
-
-    def resize(self, new_size: int) -> None:
-        raise BlockError(errno.EROFS, f"{self.path} is read-only")
-
     def advise_willneed(self, offset: int, length: int) -> None:
         """Nothing: the image's clusters are not where the guest's bytes are."""
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._l2_cache.clear()
-        if self.backing is not None:
-            self.backing.close()
-        self._file.close()
+        try:
+            if self._refcounts is not None and self._broken is None:
+                with self._lock, _host_errors(self.path):
+                    self._flush_metadata()
+                    self._host.barrier()
+        except OSError as failed:
+            log.error("qcow2_close_failed", path=str(self.path), error=str(failed))
+        finally:
+            self._closed = True
+            self._l2_cache.clear()
+            if self.backing is not None:
+                self.backing.close()
+            self._file.close()
 
     # -- mapping ------------------------------------------------------------------------------------
 
@@ -436,15 +376,15 @@ class Qcow2Node(BlockingNode):
             return COMPRESSED, entry
         if entry & L2_ZERO:
             if self.version < 3:
-                raise _corrupt(self.path, f"a zero cluster in a version 2 image (guest offset {pos:#x})")
+                raise corrupt(self.path, f"a zero cluster in a version 2 image (guest offset {pos:#x})")
             return ZERO, 0
         host = entry & OFFSET_MASK
         if host == 0:
             return UNALLOCATED, 0
         if host & (self.cluster_size - 1):
-            raise _corrupt(self.path, f"data cluster offset {host:#x} unaligned (guest offset {pos:#x})")
-        if host >= self._file.size:
-            raise _corrupt(self.path, f"data cluster offset {host:#x} past the end of the file")
+            raise corrupt(self.path, f"data cluster offset {host:#x} unaligned (guest offset {pos:#x})")
+        if host >= self._host.size:
+            raise corrupt(self.path, f"data cluster offset {host:#x} past the end of the file")
         return DATA, host
 
     def _l2_table(self, l1_index: int) -> array[int] | None:
@@ -459,17 +399,26 @@ class Qcow2Node(BlockingNode):
             if table is not None:
                 self._l2_cache.move_to_end(l2_offset)
                 return table
-        if l2_offset & (self.cluster_size - 1):
-            raise _corrupt(self.path, f"L2 table offset {l2_offset:#x} unaligned (L1 index {l1_index})")
-        if l2_offset + self.cluster_size > self._file.size:
-            raise _corrupt(self.path, f"L2 table offset {l2_offset:#x} past the end of the file")
-        table = _be64(_read(self._file, l2_offset, self.cluster_size))
-        with self._lock:
-            self._l2_cache[l2_offset] = table
-            self._l2_cache.move_to_end(l2_offset)
-            while len(self._l2_cache) > self._cache_tables:
-                self._l2_cache.popitem(last=False)
-        return table
+            if l2_offset & (self.cluster_size - 1):
+                raise corrupt(self.path, f"L2 table offset {l2_offset:#x} unaligned (L1 index {l1_index})")
+            if l2_offset + self.cluster_size > self._host.size:
+                raise corrupt(self.path, f"L2 table offset {l2_offset:#x} past the end of the file")
+            table = be64(self._host.read(l2_offset, self.cluster_size))
+            self._cache_insert(l2_offset, table)
+            return table
+
+    def _cache_insert(self, l2_offset: int, table: array[int]) -> None:
+        cache = self._l2_cache
+        cache[l2_offset] = table
+        cache.move_to_end(l2_offset)
+        while len(cache) > self._cache_tables:
+            victim = next(iter(cache))
+            if victim in self._l2_dirty:
+                # It reaches the disk after what it points at (and stays cached if it cannot).
+                self._refcounts_down()
+                self._host.write_bytes(victim, be64_bytes(cache[victim]))
+                self._l2_dirty.discard(victim)
+            del cache[victim]
 
     @property
     def l2_cache_tables(self) -> int:
@@ -488,8 +437,8 @@ class Qcow2Node(BlockingNode):
         for start, length, kind, host in self.runs(offset, view.nbytes):
             out = view[done : done + length]
             if kind == DATA:
-                if host + length > self._file.size:
-                    raise _corrupt(self.path, f"data at {host:#x}+{length} runs past the end of the file")
+                if host + length > self._host.size:
+                    raise corrupt(self.path, f"data at {host:#x}+{length} runs past the end of the file")
                 self._file.read_now(host, [out])
             elif kind == ZERO:
                 out[:] = bytes(length)
@@ -518,14 +467,14 @@ class Qcow2Node(BlockingNode):
         host = entry & self._coffset_mask
         sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
         length = sectors * 512 - (host & 511)
-        file_size = self._file.size
+        file_size = self._host.size
         if host == 0 or host >= file_size:
-            raise _corrupt(self.path, f"compressed cluster at {host:#x} outside the file")
+            raise corrupt(self.path, f"compressed cluster at {host:#x} outside the file")
         length = min(length, file_size - host)  # the last one may end mid-sector, at the file's end
-        compressed = _read(self._file, host, length)
+        compressed = self._host.read(host, length)
         cluster = self._decompress(compressed)
         if len(cluster) != self.cluster_size:
-            raise _corrupt(self.path, f"the compressed cluster at {host:#x} does not inflate to a cluster")
+            raise corrupt(self.path, f"the compressed cluster at {host:#x} does not inflate to a cluster")
         self._inflated = (entry, cluster)
         return cluster
 
@@ -535,9 +484,9 @@ class Qcow2Node(BlockingNode):
                 return zlib.decompressobj(-12).decompress(compressed, self.cluster_size)
             return self._unzstd(compressed)
         except zlib.error as bad:
-            raise _corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
+            raise corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
         except Exception as bad:  # zstandard.ZstdError and its kin
-            raise _corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
+            raise corrupt(self.path, f"a compressed cluster does not inflate: {bad}") from bad
 
     def _unzstd(self, compressed: bytes) -> bytes:
         """zstd frames, one after another, until they fill a cluster; what follows is ignored
@@ -551,6 +500,436 @@ class Qcow2Node(BlockingNode):
                 break  # cut short: fewer bytes than a cluster
             rest = frame.unused_data
         return bytes(out[: self.cluster_size])
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in buffers)
+        check_access(self.path, self._size, self._read_only, offset, total, True)
+        if not total:
+            return
+        views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in buffers]
+        with _host_errors(self.path):
+            if self._write_in_place(offset, total, views):
+                return
+            with self._lock:
+                self._writable()
+                self._write(offset, total, views)
+
+    def _writable(self) -> Refcounts:
+        if self._broken is not None:
+            raise BlockError(
+                errno.EIO, f"{self.path} is marked corrupt and no longer written: {self._broken}"
+            )
+        refcounts = self._refcounts
+        if refcounts is None:
+            raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        return refcounts
+
+    def _write_in_place(self, offset: int, total: int, views: list[memoryview]) -> bool:
+        """The common write: every cluster it touches is this image's alone. False if not."""
+        bits = self.cluster_bits
+        mask = self.cluster_size - 1
+        spans: list[tuple[int, int]] = []  # host offset, length
+        with self._lock:
+            if self._broken is not None or self._refcounts is None:
+                return False
+            pos = offset
+            end = offset + total
+            file_size = self._host.size
+            while pos < end:
+                l1_index = pos >> (self._l2_bits + bits)
+                if not self._l1[l1_index] & COPIED:
+                    return False
+                table = self._l2_table(l1_index)
+                if table is None:
+                    return False
+                entry = table[(pos >> bits) & (self._l2_entries - 1)]
+                host = entry & OFFSET_MASK
+                if entry & (COPIED | L2_COMPRESSED | L2_ZERO) != COPIED or not host or host & mask:
+                    return False
+                if host + self.cluster_size > file_size or self._is_metadata(host >> bits):
+                    return False  # the slow path says what is wrong
+                take = min(end - pos, self.cluster_size - (pos & mask))
+                at = host + (pos & mask)
+                if spans and spans[-1][0] + spans[-1][1] == at:
+                    spans[-1] = (spans[-1][0], spans[-1][1] + take)
+                else:
+                    spans.append((at, take))
+                pos += take
+            self._inflight += 1
+        try:
+            done = 0
+            for at, length in spans:
+                self._host.write(at, _slice(views, done, length))
+                done += length
+            self._host.unsynced = True  # again: a barrier may have run while this was written
+        finally:
+            with self._lock:
+                self._inflight -= 1
+        return True
+
+    def _write(self, offset: int, total: int, views: list[memoryview]) -> None:
+        """Any write, under the lock: in place where it can, allocating where it must."""
+        bits = self.cluster_bits
+        size = self.cluster_size
+        mask = size - 1
+        end = offset + total
+        pos = offset
+        while pos < end:
+            l1_index = pos >> (self._l2_bits + bits)
+            table, l2_offset = self._l2_for_write(l1_index)
+            index = (pos >> bits) & (self._l2_entries - 1)
+            entry = table[index]
+            host = entry & OFFSET_MASK
+            if entry & (COPIED | L2_COMPRESSED | L2_ZERO) == COPIED and host:
+                self._check_data_cluster(host, pos)
+                take = min(end - pos, size - (pos & mask))
+                self._host.write(host + (pos & mask), _slice(views, pos - offset, take))
+                pos += take
+                continue
+            # A run of clusters of this table that need new ones.
+            table_end = (l1_index + 1) << (self._l2_bits + bits)
+            count = 1
+            while True:
+                nxt = ((pos >> bits) + count) << bits
+                if nxt >= end or nxt >= table_end:
+                    break
+                following = table[index + count]
+                if following & (COPIED | L2_COMPRESSED | L2_ZERO) == COPIED and following & OFFSET_MASK:
+                    break
+                count += 1
+            run_end = min(end, ((pos >> bits) + count) << bits)
+            self._allocate_and_write(table, l2_offset, index, count, pos, run_end, views, offset)
+            pos = run_end
+
+    def _allocate_and_write(
+        self,
+        table: array[int],
+        l2_offset: int,
+        index: int,
+        count: int,
+        pos: int,
+        run_end: int,
+        views: list[memoryview],
+        offset: int,
+    ) -> None:
+        """New clusters for ``count`` entries from ``index``: the write's bytes from ``pos`` to
+        ``run_end``, what the guest saw in the rest of the first and last cluster."""
+        refcounts = self._writable()
+        bits = self.cluster_bits
+        first_guest = (pos >> bits) << bits
+        last_guest_end = first_guest + (count << bits)
+        head = pos - first_guest
+        tail = last_guest_end - run_end
+        # What the head and tail hold now (read before the entries change).
+        head_fill = self._current(first_guest, head)
+        tail_fill = self._current(run_end, tail)
+        start = refcounts.allocate(count)
+        for cluster in range(start, start + count):
+            if self._is_metadata(cluster):
+                self._mark_corrupt(f"cluster {cluster} is allocated but holds metadata (its refcount is 0)")
+        host = start << bits
+        fresh = host >= self._host.size  # past the end: it reads as zeroes already
+        self._host.grow(host + (count << bits))
+        data = _slice(views, pos - offset, run_end - pos)
+        if fresh and head_fill is None and tail_fill is None:
+            self._host.write(host + head, data)
+        else:
+            iov: list[memoryview] = []
+            if head:
+                iov.append(memoryview(head_fill if head_fill is not None else bytes(head)))
+            iov += data
+            if tail:
+                iov.append(memoryview(tail_fill if tail_fill is not None else bytes(tail)))
+            self._host.write(host, iov)
+        for n in range(count):
+            self._unlink(table[index + n])
+            table[index + n] = ((start + n) << bits) | COPIED
+        self._l2_dirty.add(l2_offset)
+
+    def _current(self, offset: int, length: int) -> bytes | None:
+        """What the guest reads at ``[offset, offset+length)`` now; None for zeroes (or nothing)."""
+        if length == 0:
+            return None
+        visible = max(0, min(length, self._size - offset))
+        out = bytearray(length)
+        if visible:
+            self._read_into(offset, memoryview(out)[:visible])
+        if not any(out):
+            return None
+        return bytes(out)
+
+    def _l2_for_write(self, l1_index: int) -> tuple[array[int], int]:
+        """The L2 table of ``l1_index`` to change, and its offset: a new one (zeroed, or copied
+        from a table this image shares) when it has none of its own."""
+        refcounts = self._writable()
+        entry = self._l1[l1_index]
+        old = entry & OFFSET_MASK
+        if old and entry & COPIED:
+            table = self._l2_table(l1_index)
+            assert table is not None
+            return table, old
+        source = self._l2_table(l1_index) if old else None
+        cluster = refcounts.allocate(1)
+        if self._is_metadata(cluster):
+            self._mark_corrupt(f"cluster {cluster} is allocated but holds metadata (its refcount is 0)")
+        offset = cluster << self.cluster_bits
+        self._host.grow(offset + self.cluster_size)
+        table = array("Q", source) if source is not None else array("Q", bytes(self.cluster_size))
+        self._metadata.add(cluster)
+        self._l2_dirty.add(offset)
+        self._cache_insert(offset, table)
+        if old:
+            self._free_later(old >> self.cluster_bits, 1)
+            self._l2_dirty.discard(old)
+            self._l2_cache.pop(old, None)
+        self._l1[l1_index] = offset | COPIED
+        self._l1_dirty.add(l1_index)
+        return table, offset
+
+    def _unlink(self, entry: int) -> None:
+        """The host clusters an L2 entry held are freed once its replacement is on disk."""
+        if entry & L2_COMPRESSED:
+            start = (entry & self._coffset_mask) & ~511
+            sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+            first = start >> self.cluster_bits
+            last = (start + sectors * 512 - 1) >> self.cluster_bits
+            self._free_later(first, last - first + 1)
+        elif entry & OFFSET_MASK:
+            self._free_later((entry & OFFSET_MASK) >> self.cluster_bits, 1)
+
+    def _free_later(self, cluster: int, count: int) -> None:
+        self._pending_free.append((cluster, count))
+
+    def _is_metadata(self, cluster: int) -> bool:
+        refcounts = self._refcounts
+        return cluster in self._metadata or (refcounts is not None and cluster in refcounts.metadata)
+
+    def _check_data_cluster(self, host: int, pos: int) -> None:
+        if host & (self.cluster_size - 1) or host + self.cluster_size > self._host.size:
+            raise corrupt(
+                self.path, f"data cluster offset {host:#x} unaligned or past the end (guest {pos:#x})"
+            )
+        if self._is_metadata(host >> self.cluster_bits):
+            self._mark_corrupt(f"guest offset {pos:#x} maps to metadata at {host:#x}")
+
+    def _mark_corrupt(self, why: str) -> None:
+        """Stop writing, set the corrupt bit (as QEMU does), fail the request."""
+        self._broken = why
+        log.error("qcow2_marked_corrupt", path=str(self.path), why=why)
+        if self.version == 3:
+            self._incompatible |= INCOMPAT_CORRUPT
+            try:
+                self._host.write_bytes(HEADER_FEATURES_AT, struct.pack(">Q", self._incompatible))
+                self._host.barrier()
+            except OSError as failed:
+                log.error("qcow2_corrupt_bit_not_written", path=str(self.path), error=str(failed))
+        raise corrupt(self.path, f"{why}; the image is now marked corrupt (qemu-img check -r all repairs it)")
+
+    # -- zeroes -------------------------------------------------------------------------------------
+
+    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
+        check_access(self.path, self._size, self._read_only, offset, length, True)
+        with _host_errors(self.path), self._lock:
+            self._writable()
+            self._zero(offset, length, may_unmap)
+
+    def _zero(self, offset: int, length: int, unmap: bool) -> None:
+        """``[offset, offset+length)`` reads as zeroes: whole clusters by their entries (the
+        zero flag, or none), the rest by writing zeroes where it does not read as zeroes."""
+        bits = self.cluster_bits
+        size = self.cluster_size
+        end = offset + length
+        pos = offset
+        while pos < end:
+            cluster_start = (pos >> bits) << bits
+            cluster_end = cluster_start + size
+            take = min(end, cluster_end) - pos
+            if pos == cluster_start and min(cluster_end, self._size) <= end:
+                self._zero_cluster(pos, unmap)
+            elif self._current(pos, take) is not None:
+                zeroes = memoryview(bytes(take))
+                self._write(pos, take, [zeroes])
+            pos += take
+
+    def _zero_cluster(self, pos: int, unmap: bool) -> None:
+        bits = self.cluster_bits
+        l1_index = pos >> (self._l2_bits + bits)
+        table = self._l2_table(l1_index)
+        entry = table[(pos >> bits) & (self._l2_entries - 1)] if table is not None else 0
+        host = entry & OFFSET_MASK
+        shows_backing = self.backing is not None and pos < self.backing.size
+        if entry & L2_ZERO and (host == 0 or not unmap):
+            return  # zeroes already
+        if entry == 0 and not shows_backing:
+            return  # unallocated, nothing beneath: zeroes already
+        if self.version < 3:  # no zero flag: deallocate where nothing shows beneath, else write
+            if shows_backing or not unmap:
+                self._write(pos, self.cluster_size, [memoryview(bytes(self.cluster_size))])
+                return
+            new = 0
+        elif unmap:
+            new = L2_ZERO if shows_backing else 0
+        elif entry & COPIED and host and not entry & L2_COMPRESSED:
+            new = host | COPIED | L2_ZERO  # keeps its cluster, reads as zeroes
+        else:
+            new = L2_ZERO
+        table, l2_offset = self._l2_for_write(l1_index)
+        index = (pos >> bits) & (self._l2_entries - 1)
+        old = table[index]
+        if new & OFFSET_MASK == 0:
+            self._unlink(old)
+        table[index] = new
+        self._l2_dirty.add(l2_offset)
+
+    # -- flushing -----------------------------------------------------------------------------------
+
+    def flush_now(self) -> None:
+        with _host_errors(self.path), self._lock:
+            if self._refcounts is None:
+                return
+            if self._broken is None:
+                self._flush_metadata()
+            self._host.barrier()
+
+    def _refcounts_down(self) -> None:
+        """Refcount blocks, then the refcount table, each on disk before what comes after."""
+        refcounts = self._refcounts
+        assert refcounts is not None
+        refcounts.write_blocks()
+        if refcounts.table_dirty:
+            self._host.barrier()
+            refcounts.write_table()
+        self._host.barrier()
+
+    def _flush_metadata(self) -> None:
+        """Every cached change on disk, in the order that keeps a crash safe (module doc)."""
+        refcounts = self._refcounts
+        if refcounts is None:
+            return
+        if not (refcounts.dirty or self._l2_dirty or self._l1_dirty or self._pending_free):
+            return
+        self._refcounts_down()
+        for offset in sorted(self._l2_dirty):
+            self._host.write_bytes(offset, be64_bytes(self._l2_cache[offset]))
+        self._l2_dirty.clear()
+        if self._l1_dirty:
+            self._host.barrier()
+            for first, last in _spans(sorted(self._l1_dirty)):
+                entries = self._l1[first : last + 1]
+                self._host.write_bytes(self._l1_offset + first * 8, be64_bytes(entries))
+            self._l1_dirty.clear()
+        self._host.barrier()
+        if self._pending_free and self._inflight == 0:
+            freed, self._pending_free = self._pending_free, []
+            for cluster, count in freed:
+                refcounts.change(cluster, count, -1)
+                self._metadata.difference_update(range(cluster, cluster + count))
+            refcounts.write_blocks()
+            self._host.barrier()
+
+    # -- resizing -----------------------------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        if new_size <= 0 or new_size % 512:
+            raise ValueError(f"size {new_size} is not a positive multiple of 512")
+        if self._read_only:
+            raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        with _host_errors(self.path), self._lock:
+            self._writable()
+            old = self._size
+            if new_size > old:
+                self._grow(old, new_size)
+            elif new_size < old:
+                self._shrink(new_size)
+            else:
+                return
+            self._flush_metadata()
+            self._host.write_header_size(new_size)
+            self._host.barrier()
+            self._size = new_size
+
+    def _grow(self, old: int, new_size: int) -> None:
+        covered = 1 << (2 * self.cluster_bits - 3)
+        needed = -(-new_size // covered)
+        if needed * 8 > MAX_L1_BYTES:
+            raise BlockError(
+                errno.EFBIG, f"{self.path}: {new_size} bytes needs an L1 table over QEMU's limit"
+            )
+        if needed > len(self._l1):
+            self._move_l1(needed)
+        # What the grown part would show: the old last cluster's tail, a longer backing file.
+        mask = self.cluster_size - 1
+        shown = min(new_size, (old + mask) & ~mask)
+        if self.backing is not None:
+            shown = max(shown, min(new_size, self.backing.size))
+        if shown > old:
+            self._size = new_size  # the zeroing works in the new bounds
+            try:
+                self._zero(old, shown - old, True)
+            finally:
+                self._size = old
+
+    def _shrink(self, new_size: int) -> None:
+        bits = self.cluster_bits
+        mask = self.cluster_size - 1
+        start = (new_size + mask) & ~mask
+        per_table = 1 << (self._l2_bits + bits)
+        first_table = -(-new_size // per_table)
+        pos = start
+        while pos < self._size:  # the clusters past the end in tables that stay
+            l1_index = pos >> (self._l2_bits + bits)
+            if l1_index >= first_table:
+                break
+            table = self._l2_table(l1_index)
+            table_end = min(self._size, (l1_index + 1) * per_table)
+            if table is not None:
+                table, l2_offset = self._l2_for_write(l1_index)
+                for index in range(
+                    (pos >> bits) & (self._l2_entries - 1),
+                    ((table_end - 1) >> bits & (self._l2_entries - 1)) + 1,
+                ):
+                    self._unlink(table[index])
+                    table[index] = 0
+                self._l2_dirty.add(l2_offset)
+            pos = table_end
+        for l1_index in range(first_table, len(self._l1)):  # tables wholly past it
+            entry = self._l1[l1_index]
+            offset = entry & OFFSET_MASK
+            if not offset:
+                continue
+            table = self._l2_table(l1_index)
+            assert table is not None
+            if entry & COPIED:
+                for index in range(self._l2_entries):
+                    self._unlink(table[index])
+            self._free_later(offset >> bits, 1)
+            self._l2_cache.pop(offset, None)
+            self._l2_dirty.discard(offset)
+            self._l1[l1_index] = 0
+            self._l1_dirty.add(l1_index)
+
+    def _move_l1(self, needed: int) -> None:
+        """A bigger L1 table in new clusters; the header points at it once it is on disk."""
+        refcounts = self._writable()
+        self._flush_metadata()  # the tables the new L1 points at are on disk first
+        clusters = -(-needed * 8 // self.cluster_size)
+        start = refcounts.allocate(clusters)
+        offset = start << self.cluster_bits
+        self._host.grow(offset + (clusters << self.cluster_bits))
+        l1 = array("Q", self._l1)
+        l1.extend([0] * ((clusters << self.cluster_bits) // 8 - len(l1)))
+        self._host.write_bytes(offset, be64_bytes(l1))
+        self._refcounts_down()
+        self._host.write_header_l1(len(l1), offset)
+        self._host.barrier()
+        old_first = self._l1_offset >> self.cluster_bits
+        old_clusters = max(1, -(-len(self._l1) * 8 >> self.cluster_bits))
+        self._l1, self._l1_offset = l1, offset
+        self._metadata.difference_update(range(old_first, old_first + old_clusters))
+        self._metadata.update(range(start, start + clusters))
+        refcounts.change(old_first, old_clusters, -1)
 
     # -- the allocation map ---------------------------------------------------------------------------
 
@@ -581,7 +960,7 @@ class Qcow2Node(BlockingNode):
 
     def _host_extents(self, host: int, length: int) -> list[Extent]:
         """The host file's map of a data run: its holes read as zeroes (still data here)."""
-        inside = max(0, min(length, self._file.size - host))
+        inside = max(0, min(length, self._host.size - host))
         parts = self._file.extents(host, inside) if inside else []
         if inside < length:
             parts.append(Extent(host + inside, length - inside, True, True))
@@ -621,7 +1000,37 @@ class Qcow2Node(BlockingNode):
         return out
 
 
-_CAPABILITIES: Final = Capabilities(read_only=True, discard=False, fast_zero=False, cache=False)
+_CAPABILITIES_RO: Final = Capabilities(read_only=True, discard=False, fast_zero=False, cache=False)
+_CAPABILITIES_V3: Final = Capabilities(read_only=False, discard=True, fast_zero=True, cache=False)
+_CAPABILITIES_V2: Final = Capabilities(read_only=False, discard=True, fast_zero=False, cache=False)
+
+
+def _slice(views: list[memoryview], skip: int, length: int) -> list[memoryview]:
+    """``length`` bytes from byte ``skip`` of the buffers, as views (no copy)."""
+    out: list[memoryview] = []
+    for view in views:
+        n = view.nbytes
+        if skip >= n:
+            skip -= n
+            continue
+        take = min(n - skip, length)
+        out.append(view[skip : skip + take])
+        length -= take
+        skip = 0
+        if not length:
+            break
+    return out
+
+
+def _spans(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """Sorted indices as ``(first, last)`` runs of consecutive ones."""
+    first = last = indices[0]
+    for index in indices[1:]:
+        if index != last + 1:
+            yield first, last
+            first = index
+        last = index
+    yield first, last
 
 
 def _append(out: list[Extent], extent: Extent) -> None:
@@ -658,63 +1067,25 @@ def _host_errors(path: Path) -> Iterator[None]:
         raise error from failed
 
 
-def _read(file: FileNode, offset: int, length: int) -> bytes:
-    """``length`` bytes of the host file at ``offset``, which must lie inside it (else EIO)."""
-    if offset < 0 or length < 0 or offset + length > file.size:
-        raise _corrupt(file.path, f"metadata at {offset:#x}+{length} outside the file ({file.size} bytes)")
-    data = bytearray(length)
-    if length:
-        file.read_now(offset, [memoryview(data)])
-    return bytes(data)
-
-
-def _extensions(path: Path, head: bytes, start: int, end: int, cluster_size: int) -> dict[int, bytes]:
-    """The header extensions between the header and ``end`` (the backing name, or cluster 1)."""
-    found: dict[int, bytes] = {}
-    end = min(end, cluster_size, len(head))
-    pos = start
-    while pos + 8 <= end:
-        kind, length = _U32_PAIR.unpack_from(head, pos)
-        pos += 8
-        if kind == EXT_END:
-            break
-        if pos + length > end:
-            raise _invalid(path, f"header extension {kind:#x} runs past the first cluster")
-        if kind in found:
-            raise _invalid(path, f"header extension {kind:#x} appears twice")
-        found[kind] = head[pos : pos + length]
-        pos += (length + 7) & ~7
-    return found
-
-
-def _feature_names(table: bytes) -> dict[int, str]:
-    """Incompatible features' names from the feature name table, by bit."""
-    names: dict[int, str] = {}
-    for pos in range(0, len(table) - 47, 48):
-        if table[pos] == 0:
-            names[table[pos + 1]] = table[pos + 2 : pos + 48].split(b"\0", 1)[0].decode("ascii", "replace")
-    return names
-
-
 def _open_backing(
     path: Path, name: str, backing_format: str, force_share: bool, l2_cache_bytes: int, chain: tuple[str, ...]
 ) -> FileNode | Qcow2Node:
     """The backing file ``name`` of the image at ``path``: relative to the image's directory."""
     if "://" in name or name.startswith("json:"):
-        raise _unsupported(path, f"backing file {name!r} is not a local file")
+        raise unsupported(path, f"backing file {name!r} is not a local file")
     target = Path(name) if os.path.isabs(name) else path.parent / name
     if target.is_dir():
-        raise _invalid(path, f"its backing file {target} is a directory")
+        raise invalid(path, f"its backing file {target} is a directory")
     if not backing_format:
-        raise _unsupported(
+        raise unsupported(
             path,
             f"the backing file {name!r} has no recorded format, and vblk never guesses one; record it "
             f"with qemu-img rebase -u -b {name} -F raw|qcow2 {path}",
         )
     if os.path.realpath(target) in chain:
-        raise _invalid(path, f"its backing chain loops back to {target}")
+        raise invalid(path, f"its backing chain loops back to {target}")
     if len(chain) > MAX_CHAIN:
-        raise _unsupported(path, f"its backing chain is deeper than {MAX_CHAIN}")
+        raise unsupported(path, f"its backing chain is deeper than {MAX_CHAIN}")
     if backing_format == "qcow2":
         return Qcow2Node.open(target, force_share=force_share, l2_cache_bytes=l2_cache_bytes, _below=chain)
     if backing_format == "raw":
@@ -729,6 +1100,4 @@ def _open_backing(
             ) from failed
         except ValueError as bad:
             raise BlockError(errno.EINVAL, f"{path}: backing file {target}: {bad}") from bad
-    raise _unsupported(
-        path, f"backing file {name!r} has format {backing_format!r} (vblk reads raw and qcow2)"
-    )
+    raise unsupported(path, f"backing file {name!r} has format {backing_format!r} (vblk reads raw and qcow2)")

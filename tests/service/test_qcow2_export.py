@@ -150,9 +150,6 @@ async def test_vblk_serve_exports_a_qcow2_image_over_nbd() -> None:
 @pytest.mark.parametrize(
     ("disk", "message"),
     [
-        ("format=qcow2", "disk q: format=qcow2 needs read-only (writing qcow2 images is not supported yet)"),
-        ("format=qcow2,read-only,size=1M", "disk q: size is not for a qcow2 disk"),
-        ("format=qcow2,read-only,grow", "disk q: grow is not for a qcow2 disk"),
         ("format=qcow2,read-only,backend=memory", "disk q: format=qcow2 is a file disk's option"),
         ("format=vmdk,read-only", "disk q: 'vmdk' is not one of raw, qcow2"),
     ],
@@ -169,7 +166,7 @@ async def test_what_a_qcow2_disk_cannot_do_is_one_usage_line(tmp_path: Path, dis
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("missing", "q.qcow2 does not exist (a qcow2 image is never created)"),
+        ("missing", "q.qcow2 does not exist (a read-only disk is never created)"),
         ("raw", "no qcow2 magic"),
         ("unrecorded backing format", "has no recorded format"),
     ],
@@ -195,14 +192,14 @@ async def test_a_qcow2_image_that_cannot_be_served_is_one_error_line(
     assert error["event"] == "disk_open_failed" and message in str(error["error"]), error
 
 
-def test_format_is_a_disk_key_and_the_default_size_is_for_raw_images(tmp_path: Path) -> None:
+def test_format_is_a_disk_key_and_the_size_rules_are_the_same_for_both(tmp_path: Path) -> None:
     config_file = tmp_path / "vblk.toml"
     config_file.write_text("[[disk]]\nname = 'a'\nformat = 'qcow2'\nread-only = true\n")
     config, _ = from_sources(
         {"size": 4 * MiB, "grow": True}, {"VBLK_DISK": "name=q,format=qcow2,read-only; name=r"}
     )
     assert [(d.name, d.format, d.size_explicit, d.grow) for d in config.disks] == [
-        ("q", "qcow2", False, False),  # the defaults' --size and --grow are not for qcow2 images
+        ("q", "qcow2", True, True),  # a new qcow2 image's size, and an existing one's growth
         ("r", "raw", True, True),
     ]
     config, _ = from_sources({}, {}, config_file)
