@@ -140,6 +140,11 @@ class DiskControl(Protocol):
 
     def advise_willneed(self, offset: int, length: int) -> None: ...
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """``(offset, length, depth)`` runs of the backing chain (0 nowhere, 1 the image, 2 and
+        more its backing files), or None when the storage has no chain to count."""
+        ...
+
     def describe(self) -> list[dict[str, Any]]:
         """The block stack, top first (empty when the storage is not ours to see)."""
         ...
@@ -165,6 +170,14 @@ class StackControl:
     def advise_willneed(self, offset: int, length: int) -> None:
         self.node.advise_willneed(offset, length)
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        for node in stack(self.node):  # a format node with a chain (qcow2), under any layers
+            count = getattr(node, "allocation_depth", None)
+            if count is not None:
+                runs: list[tuple[int, int, int]] = count(offset, length)
+                return runs
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
         return describe_stack(self.node)
 
@@ -183,6 +196,8 @@ class ByteDisk:
         self.driver = driver
         self.control = control  # the control plane: the allocation map, cache hints
         self.edge_locks = EdgeLocks()
+        #: Its storage has a backing chain, and :meth:`allocation_depth` counts it.
+        self.has_chain = control.allocation_depth(0, 0) is not None
 
     @property
     def size(self) -> int:
@@ -339,6 +354,13 @@ class ByteDisk:
     def extents(self, offset: int, length: int) -> list[Extent]:
         """The allocation map of ``[offset, offset+length)`` (control plane)."""
         return self.control.extents(offset, length)
+
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Where in the backing chain ``[offset, offset+length)`` is allocated (control plane)."""
+        runs = self.control.allocation_depth(offset, length)
+        if runs is None:
+            raise UnsupportedError(f"disk {self.name} has no backing chain to count")
+        return runs
 
     def cache(self, offset: int, length: int) -> None:
         """Hint that ``[offset, offset+length)`` will be read soon (control plane)."""

@@ -56,6 +56,9 @@ class RemoteControl:
     def advise_willneed(self, offset: int, length: int) -> None:
         pass
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
         return [{"node": "vhost-user", "socket": self._driver.name}]
 

@@ -591,7 +591,8 @@ class Qcow2Node(BlockingNode):
             # A run of clusters of this table that need new ones.
             table_end = (l1_index + 1) << (self._l2_bits + bits)
             count = 1
-            while True:
+            most = self._writable().max_run
+            while count < most:
                 nxt = ((pos >> bits) + count) << bits
                 if nxt >= end or nxt >= table_end:
                     break
@@ -630,19 +631,22 @@ class Qcow2Node(BlockingNode):
             if self._is_metadata(cluster):
                 self._mark_corrupt(f"cluster {cluster} is allocated but holds metadata (its refcount is 0)")
         host = start << bits
-        fresh = host >= self._host.size  # past the end: it reads as zeroes already
+        fresh = host >= self._host.size  # past the end of the file
         self._host.grow(host + (count << bits))
-        data = _slice(views, pos - offset, run_end - pos)
-        if fresh and head_fill is None and tail_fill is None:
-            self._host.write(host + head, data)
-        else:
-            iov: list[memoryview] = []
-            if head:
-                iov.append(memoryview(head_fill if head_fill is not None else bytes(head)))
-            iov += data
-            if tail:
-                iov.append(memoryview(tail_fill if tail_fill is not None else bytes(tail)))
-            self._host.write(host, iov)
+        iov: list[memoryview] = []
+        at = host
+        if fresh and (head_fill is None or tail_fill is None):
+            # Zeroes allocated in the file (as QEMU's zero copy-on-write): only the rest is written.
+            self._host.preallocate(host, count << bits)
+            at += head if head_fill is None else 0
+            head = 0 if head_fill is None else head
+            tail = 0 if tail_fill is None else tail
+        if head:
+            iov.append(memoryview(head_fill if head_fill is not None else bytes(head)))
+        iov += _slice(views, pos - offset, run_end - pos)
+        if tail:
+            iov.append(memoryview(tail_fill if tail_fill is not None else bytes(tail)))
+        self._host.write(at, iov)
         for n in range(count):
             self._unlink(table[index + n])
             table[index + n] = ((start + n) << bits) | COPIED
@@ -758,9 +762,10 @@ class Qcow2Node(BlockingNode):
         l1_index = pos >> (self._l2_bits + bits)
         table = self._l2_table(l1_index)
         entry = table[(pos >> bits) & (self._l2_entries - 1)] if table is not None else 0
-        host = entry & OFFSET_MASK
+        compressed = entry & L2_COMPRESSED  # its low bits are a byte offset, not flags
+        host = 0 if compressed else entry & OFFSET_MASK
         shows_backing = self.backing is not None and pos < self.backing.size
-        if entry & L2_ZERO and (host == 0 or not unmap):
+        if not compressed and entry & L2_ZERO and (host == 0 or not unmap):
             return  # zeroes already
         if entry == 0 and not shows_backing:
             return  # unallocated, nothing beneath: zeroes already
@@ -771,7 +776,7 @@ class Qcow2Node(BlockingNode):
             new = 0
         elif unmap:
             new = L2_ZERO if shows_backing else 0
-        elif entry & COPIED and host and not entry & L2_COMPRESSED:
+        elif entry & COPIED and host:
             new = host | COPIED | L2_ZERO  # keeps its cluster, reads as zeroes
         else:
             new = L2_ZERO
@@ -936,8 +941,9 @@ class Qcow2Node(BlockingNode):
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Data (allocated here or in a backing file), zero clusters (zero, not data) and holes.
 
-        As ``qemu-img map`` tells them: a data cluster over a hole of the host file reads as
-        zeroes (data and zero), a hole with no backing file is hole and zero.
+        As ``qemu-img map`` tells them: a data cluster is data (QEMU looks into the host file's
+        holes only for images with preallocated metadata), a hole with no backing file is hole
+        and zero.
         """
         check_access(self.path, self._size, True, offset, length, False)
         with _host_errors(self.path):
@@ -945,11 +951,8 @@ class Qcow2Node(BlockingNode):
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        for start, run, kind, host in self.runs(offset, length):
-            if kind == DATA:
-                for part in self._host_extents(host, run):
-                    _append(out, Extent(start + part.offset - host, part.length, False, part.zero))
-            elif kind == COMPRESSED:
+        for start, run, kind, _host in self.runs(offset, length):
+            if kind in (DATA, COMPRESSED):
                 _append(out, Extent(start, run, False, False))
             elif kind == ZERO:
                 _append(out, Extent(start, run, True, True))
@@ -957,14 +960,6 @@ class Qcow2Node(BlockingNode):
                 for part in self._backing_extents(start, run):
                     _append(out, part)
         return out
-
-    def _host_extents(self, host: int, length: int) -> list[Extent]:
-        """The host file's map of a data run: its holes read as zeroes (still data here)."""
-        inside = max(0, min(length, self._host.size - host))
-        parts = self._file.extents(host, inside) if inside else []
-        if inside < length:
-            parts.append(Extent(host + inside, length - inside, True, True))
-        return parts
 
     def _backing_extents(self, offset: int, length: int) -> list[Extent]:
         backing = self.backing

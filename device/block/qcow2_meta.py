@@ -80,6 +80,8 @@ class HostFile(Protocol):
 
     def flush_now(self) -> None: ...
 
+    def zero_now(self, offset: int, length: int, may_unmap: bool) -> None: ...
+
     def resize(self, new_size: int) -> None: ...
 
     def extents(self, offset: int, length: int) -> list[Extent]: ...
@@ -124,6 +126,11 @@ class Host:
         if end > self.file.size:
             self.unsynced = True
             self.file.resize(-(-end // 512) * 512)
+
+    def preallocate(self, offset: int, length: int) -> None:
+        """Allocate ``[offset, offset+length)`` in the file as zeroes (inside its size)."""
+        self.unsynced = True
+        self.file.zero_now(offset, length, False)
 
     def barrier(self) -> None:
         """Everything written so far reaches the disk before anything written after."""
@@ -200,8 +207,19 @@ class Refcounts:
         if delta < 0:
             self.free_hint = min(self.free_hint, cluster)
 
+    @property
+    def max_run(self) -> int:
+        """The most clusters :meth:`allocate` gives at once: a quarter of a block's range, so a
+        run always fits in a range beside the block that a new range's first cluster holds."""
+        return 1 << max(0, self.block_bits - 2)
+
     def allocate(self, count: int) -> int:
-        """``count`` contiguous free clusters, counted once each: the first one's index."""
+        """``count`` (at most :attr:`max_run`) contiguous free clusters, counted once each: the
+        first one's index."""
+        if count <= 0:
+            raise ValueError(f"{count} clusters")
+        if count > self.max_run:
+            return self._allocate_beyond(count)
         while True:
             start = self._find_free(count)
             if self._cover(start, count):
@@ -210,6 +228,40 @@ class Refcounts:
             if start == self.free_hint:
                 self.free_hint = start + count
             return start
+
+    def _allocate_beyond(self, count: int) -> int:
+        """A long run (a moved L1 table) past the end of the file and of every block's range,
+        after the new blocks that count it."""
+        while True:
+            # Past the file's end and every range that has a block: free, and no block there.
+            top = max((i + 1 for i, entry in enumerate(self.table) if entry >> 9), default=0)
+            base = max(top << self.block_bits, -(-self.host.size // self.cluster_size))
+            blocks = 0
+            while True:
+                end = base + blocks + count
+                want = ((end - 1) >> self.block_bits) - (base >> self.block_bits) + 1
+                if want == blocks:
+                    break
+                blocks = want
+            last_index = (end - 1) >> self.block_bits
+            if last_index < len(self.table):
+                break
+            self._grow_table(last_index)
+        self.host.grow(end << self.cluster_bits)
+        mask = (1 << self.block_bits) - 1
+        for n in range(blocks):
+            index = (base >> self.block_bits) + n
+            block = self._decode(bytes(self.cluster_size))
+            for cluster in range(
+                max(base, index << self.block_bits), min(end, (index + 1) << self.block_bits)
+            ):
+                self._set(block, cluster & mask, 1)
+            self._blocks[index] = block
+            self._dirty.add(index)
+            self.table[index] = (base + n) << self.cluster_bits
+            self.metadata.add(base + n)
+        self.table_dirty = True
+        return base + blocks
 
     def _find_free(self, count: int) -> int:
         mask = (1 << self.block_bits) - 1

@@ -629,5 +629,11 @@ class Connection:
         allocation = [
             (e.length, (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)) for e in extents
         ]
-        answers = [(context_id, allocation) for context_id in self.meta_contexts]
+        answers = []
+        for context_id in self.meta_contexts:
+            if context_id == p.ALLOCATION_DEPTH_ID:
+                runs = export.disk.allocation_depth(request.offset, request.length)
+                answers.append((context_id, [(length, depth) for _, length, depth in runs]))
+            else:
+                answers.append((context_id, allocation))
         self.channel.write_all(self.codec.reply_block_status(request, answers))

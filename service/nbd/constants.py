@@ -168,6 +168,9 @@ NBD_REPLY_FLAG_DONE: Final = 1 << 0
 NBD_STATE_HOLE: Final = 1 << 0
 NBD_STATE_ZERO: Final = 1 << 1
 BASE_ALLOCATION: Final = "base:allocation"
+#: QEMU's context: how deep in the backing chain each extent is allocated (0: nowhere, 1: the
+#: image itself, 2 and more: a backing file), as ``qemu-nbd -A`` exports it.
+QEMU_ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
 
 
 class Errno(enum.IntEnum):

@@ -43,6 +43,7 @@ from service.nbd.constants import (
     OPTION_HEADER,
     OPTION_REPLY,
     PREFERRED_BLOCK_SIZE,
+    QEMU_ALLOCATION_DEPTH,
     REQUEST,
     Command,
     CommandFlag,
@@ -56,6 +57,12 @@ from service.nbd.constants import (
 MAX_OPTIONS: Final = 256  # options per connection before we give up on the client
 MAX_OPTION_LENGTH: Final = 64 * 1024  # enough for INFO/GO and meta-context queries
 BASE_ALLOCATION_ID: Final = 1
+ALLOCATION_DEPTH_ID: Final = 2
+#: Every meta context vblk can serve, with the id it answers it by.
+CONTEXT_IDS: Final[dict[str, int]] = {
+    BASE_ALLOCATION: BASE_ALLOCATION_ID,
+    QEMU_ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID,
+}
 
 
 class RemoteProtocolError(Exception):
@@ -79,6 +86,8 @@ class Export:
     max_block_size: int = MAX_PAYLOAD
     multi_conn: bool = True
     rotational: bool = False
+    #: The meta contexts it offers (``qemu:allocation-depth`` for a disk with a backing chain).
+    meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
 
     def transmission_flags(self, structured: bool) -> int:
         flags = (
@@ -208,6 +217,7 @@ class ServerConnection:
         self.no_zeroes = False
         self.structured_replies = False
         self.meta_contexts: dict[int, str] = {}
+        self._meta_export: str | None = None  # the export the contexts were chosen for
         self.export: Export | None = None
         self.options_seen = 0
         self.shutting_down = shutting_down
@@ -465,6 +475,8 @@ class ServerConnection:
     def _start(self, export: Export) -> Negotiated:
         self.export = export
         self.state = State.TRANSMISSION
+        if self._meta_export != export.name:
+            self.meta_contexts = {}  # chosen for another export: they do not carry over
         return Negotiated(export, self.structured_replies, dict(self.meta_contexts))
 
     def _info_go(self, option: int, data: bytes) -> Event | None:
@@ -511,20 +523,24 @@ class ServerConnection:
         if self.catalog.lookup(name) is None:
             self._error(option, Reply.ERR_UNKNOWN, f"no export named {name!r}")
             return
-        matched = False
+        offered = self.catalog.lookup(name)
+        assert offered is not None
         if option == Option.LIST_META_CONTEXT:
-            matched = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+            matched = [
+                c for c in offered.meta_contexts if not queries or any(_matches(q, c) for q in queries)
+            ]
         else:
-            matched = BASE_ALLOCATION in queries
-        if option == Option.SET_META_CONTEXT:
-            self.meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if matched else {}
-        if matched:
-            self._reply(
-                option,
-                Reply.META_CONTEXT,
-                _STR_LEN.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode(),
-            )
+            matched = [c for c in offered.meta_contexts if c in queries]
+            self.meta_contexts = {CONTEXT_IDS[c]: c for c in matched}
+            self._meta_export = offered.name
+        for context in matched:
+            self._reply(option, Reply.META_CONTEXT, _STR_LEN.pack(CONTEXT_IDS[context]) + context.encode())
         self._reply(option, Reply.ACK)
+
+
+def _matches(query: str, context: str) -> bool:
+    """A LIST query names a context, or a whole namespace (``base:``, ``qemu:``)."""
+    return query == context or (query.endswith(":") and context.startswith(query))
 
 
 def _decode_string(raw: bytes) -> str | None:

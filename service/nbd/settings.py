@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import ssl
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from service.blockio import ByteDisk
 from service.latency import FrontendObserver
 from service.nbd import protocol as p
+from service.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +42,10 @@ class NbdLimits:
     poll_us: float = 50.0
 
 
+_PLAIN_CONTEXTS: Final = (BASE_ALLOCATION,)
+_CHAIN_CONTEXTS: Final = (BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH)
+
+
 @dataclasses.dataclass(slots=True)
 class NbdExport:
     """One disk as NBD sees it: byte-addressed I/O through its virtqueues, and a description."""
@@ -63,6 +69,7 @@ class NbdExport:
             size=disk.size,
             description=self.description,
             read_only=disk.read_only,
+            meta_contexts=_CHAIN_CONTEXTS if disk.has_chain else _PLAIN_CONTEXTS,
         )
         return described
 
