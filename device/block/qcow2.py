@@ -971,8 +971,8 @@ class Qcow2Node(BlockingNode):
 
     def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """``(offset, length, depth)`` runs: 0 allocated nowhere in the chain, 1 in this image
-        (zero clusters too), 2 and more in the backing chain (a raw file: all of it, up to its
-        end), as QEMU's ``qemu:allocation-depth`` counts."""
+        (zero clusters too), 2 and more in the backing chain (a raw file: all of it; past the end
+        of a shorter backing file, that file's depth), as ``qemu-nbd -A`` counts."""
         check_access(self.path, self._size, True, offset, length, False)
         with _host_errors(self.path):
             return self._allocation_depth(offset, length)
@@ -990,8 +990,8 @@ class Qcow2Node(BlockingNode):
                     _append_depth(out, part_start, part_length, depth + 1 if depth else 0)
             elif have:
                 _append_depth(out, start, have, 2)
-            if have < run:
-                _append_depth(out, start + have, run - have, 0)
+            if have < run:  # past a shorter backing file: its zeroes, as QEMU counts them
+                _append_depth(out, start + have, run - have, 0 if backing is None else 2)
         return out
 
 

@@ -104,6 +104,53 @@ def test_set_meta_context_needs_structured_replies() -> None:
     assert conn.meta_contexts == {1: "base:allocation"}
 
 
+class TwoExports:
+    """A plain disk and one with a backing chain (it offers qemu:allocation-depth too)."""
+
+    plain = p.Export(name="plain", size=1 << 20)
+    chain = p.Export(name="chain", size=1 << 20, meta_contexts=("base:allocation", "qemu:allocation-depth"))
+
+    def lookup(self, name: str) -> p.Export | None:
+        return {"plain": self.plain, "chain": self.chain}.get(name)
+
+    def exports(self) -> Sequence[p.Export]:
+        return [self.plain, self.chain]
+
+
+def _contexts(export: str, *queries: str) -> bytes:
+    body = struct.pack(">I", len(export)) + export.encode() + struct.pack(">I", len(queries))
+    return body + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+
+
+def test_meta_contexts_are_listed_by_namespace_and_set_per_export() -> None:
+    conn = p.ServerConnection(TwoExports())
+    conn.receive_data(struct.pack(">I", 1) + option(Option.STRUCTURED_REPLY))
+    assert conn.next_event() is p.NEED_DATA
+    conn.data_to_send()
+
+    def ask(opt: int, export: str, *queries: str) -> list[bytes]:
+        conn.receive_data(option(opt, _contexts(export, *queries)))
+        assert conn.next_event() is p.NEED_DATA
+        got = replies(conn.data_to_send())
+        assert got[-1][1] == Reply.ACK
+        return [r[2] for r in got if r[1] == Reply.META_CONTEXT]
+
+    depth = struct.pack(">I", 2) + b"qemu:allocation-depth"
+    base = struct.pack(">I", 1) + b"base:allocation"
+    assert ask(Option.LIST_META_CONTEXT, "chain") == [base, depth]
+    assert ask(Option.LIST_META_CONTEXT, "chain", "qemu:") == [depth]
+    assert ask(Option.LIST_META_CONTEXT, "chain", "base:") == [base]
+    assert ask(Option.LIST_META_CONTEXT, "plain", "qemu:") == []
+    assert ask(Option.LIST_META_CONTEXT, "plain") == [base]
+    assert ask(Option.SET_META_CONTEXT, "plain", "qemu:allocation-depth") == []
+    assert ask(Option.SET_META_CONTEXT, "chain", "qemu:allocation-depth", "base:allocation") == [base, depth]
+    assert conn.meta_contexts == {1: "base:allocation", 2: "qemu:allocation-depth"}
+    # Chosen for "chain": going to "plain" keeps none of them.
+    conn.receive_data(option(Option.GO, struct.pack(">I", 5) + b"plain" + struct.pack(">H", 0)))
+    event = conn.next_event()
+    assert isinstance(event, p.Negotiated) and event.meta_contexts == {}
+
+
 def test_requests_and_write_payload_accounting() -> None:
     conn = negotiated()
     payload = b"\xaa" * 1024

@@ -222,3 +222,93 @@ def test_vblk_info_describes_a_qcow2_image_and_its_chain(
     assert json.loads(capsys.readouterr().out)["size"] == top.stat().st_size
     assert main(["info", "--format", "qcow2", str(tmp_path / "base.raw")]) == 1
     assert "no qcow2 magic" in capsys.readouterr().err
+
+
+def writable_chain(where: Path) -> Path:
+    """A raw base, a qcow2 middle with data of its own, and an empty qcow2 on top (4 KiB clusters)."""
+    base = where / "base.raw"
+    base.write_bytes(bytes(range(256)) * (3 * MiB // 256))
+    mid = where / "mid.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid, "8M"], check=True
+    )
+    subprocess.run(["qemu-io", "-c", "write -P 0x02 1M 1M", mid], check=True, capture_output=True)
+    top = where / "top.qcow2"
+    assert main(["create-image", str(top), "--format", "qcow2", "--size", "8M", "--cluster-size", "4K",
+                 "--backing", "mid.qcow2", "--backing-format", "qcow2"]) == 0  # fmt: skip
+    return top
+
+
+async def test_nbd_clients_write_a_qcow2_chain_and_qemu_img_agrees(tmp_path: Path) -> None:
+    top = writable_chain(tmp_path)
+    reference = tmp_path / "reference.qcow2"  # the same chain, written by QEMU
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "mid.qcow2", "-F", "qcow2",
+         reference, "8M"], check=True,
+    )  # fmt: skip
+    writes = ["write -P 0x33 1536k 8k", "write -P 0x44 100k 3k", "write -z 1M 64k", "discard 2M 128k",
+              "write -P 0x55 7M 1M"]  # fmt: skip
+    subprocess.run(["qemu-io", *[arg for w in writes for arg in ("-c", w)], reference], check=True)
+    spec = DiskSpec(name="q", path=top, format="qcow2")
+    async with serving(spec) as rig:
+        argv = ["qemu-io", "-f", "raw"]
+        for command in writes:
+            argv += ["-c", command]
+        await run(*argv, rig.uri("q"))
+        await run("qemu-io", "-f", "raw", "-c", "flush", rig.uri("q"))
+        info = json.loads((await run("nbdinfo", "--json", rig.uri("q"))).stdout)["exports"][0]
+        assert info["is_read_only"] is False and info["can_trim"] and info["can_zero"]
+        contexts = (await run("nbdinfo", "--list", "--content", "--json", rig.uri("q"))).stdout
+        assert "qemu:allocation-depth" in contexts and "base:allocation" in contexts
+        served = (await run("nbdinfo", "--map=qemu:allocation-depth", "--json", rig.uri("q"))).stdout
+        copy = tmp_path / "served.raw"
+        await run("qemu-img", "convert", "-f", "raw", "-O", "raw", rig.uri("q"), str(copy))
+    # The reference server's view of QEMU's own image.
+    sock = tmp_path / "ref.sock"
+    server = subprocess.Popen(
+        ["qemu-nbd", "-r", "-A", "-f", "qcow2", "-k", str(sock), "-x", "q", str(reference)]
+    )
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        uri = f"nbd+unix:///q?socket={sock}"
+        expected = (await run("nbdinfo", "--map=qemu:allocation-depth", "--json", uri)).stdout
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    def depths(text: str) -> list[tuple[int, int, int]]:
+        out: list[tuple[int, int, int]] = []
+        for e in json.loads(text):
+            if out and out[-1][2] == e["type"] and out[-1][0] + out[-1][1] == e["offset"]:
+                out[-1] = (out[-1][0], out[-1][1] + e["length"], e["type"])
+            else:
+                out.append((e["offset"], e["length"], e["type"]))
+        return out
+
+    assert depths(served) == depths(expected)
+    assert {d for _, _, d in depths(served)} == {1, 2, 3}  # this image, mid, base (and past its end)
+    assert copy.read_bytes() == raw_of(reference)
+    done = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        subprocess.run(["qemu-img", "compare", top, reference], capture_output=True, check=False).returncode
+        == 0
+    )
+
+
+async def test_a_missing_qcow2_image_is_created_and_a_size_grows_it(tmp_path: Path) -> None:
+    image = tmp_path / "new.qcow2"
+    async with serving(DiskSpec(name="q", path=image, format="qcow2", size=4 * MiB)) as rig:
+        await run("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 1M", rig.uri("q"))
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", image], capture_output=True,
+                                     check=True).stdout)  # fmt: skip
+    assert (info["format"], info["virtual-size"], info["cluster-size"]) == ("qcow2", 4 * MiB, 64 * 1024)
+    grown = DiskSpec(name="q", path=image, format="qcow2", size=16 * MiB, size_explicit=True, grow=True)
+    async with serving(grown) as rig:
+        nbd = json.loads((await run("nbdinfo", "--json", rig.uri("q"))).stdout)["exports"][0]
+        assert nbd["export-size"] == 16 * MiB
+        await run("qemu-io", "-f", "raw", "-c", "read -P 0x61 0 1M", "-c", "read -P 0 1M 15M", rig.uri("q"))
+    assert subprocess.run(["qemu-img", "check", image], capture_output=True, check=False).returncode == 0
