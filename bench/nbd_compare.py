@@ -43,9 +43,10 @@ from bench.servers import (
     Server,
     ServerSpec,
     contenders,
-    fill_image,
+    image_format,
     parse_servers,
     pick_baseline,
+    prepare_image,
     server_for,
     settle_image,
     vblk_has_http_listen,
@@ -203,7 +204,8 @@ def check_tools(specs: Sequence[ServerSpec], workloads: Sequence[Workload]) -> N
     needed += ["fio"] if any(w.tool == "fio" for w in workloads) else []
     needed += ["nbdcopy"] if any(w.tool == "nbdcopy" for w in workloads) else []
     needed += ["nbdkit"] if kinds & {"nbdkit-file", "nbdkit-python"} else []
-    needed += ["qemu-nbd"] if "qemu-nbd" in kinds else []
+    needed += ["qemu-nbd"] if any(k.startswith("qemu-nbd") for k in kinds) else []
+    needed += ["qemu-img"] if any(image_format(k) != "raw" for k in kinds) else []
     for tool in needed:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found; run `make tools`")
@@ -245,8 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for contender in chosen:
             http_listen = contender.vblk is not None and vblk_has_http_listen(contender.vblk)
             image = work / f"image-{contender.label}.raw"
-            log(f"writing {args.size // MiB} MiB of non-zero data to {image}")
-            fill_image(image, args.size)
+            shape = image_format(contender.kind)
+            log(f"preparing the {shape} image of {contender.label} ({args.size // MiB} MiB)")
+            image = prepare_image(image, args.size, contender.kind)
             server = server_for(
                 contender,
                 image,

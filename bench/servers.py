@@ -28,8 +28,18 @@ KINDS: dict[str, str] = {
     "nbdkit-file": "nbdkit file",
     "qemu-nbd": "qemu-nbd",
     "nbdkit-python": "nbdkit python",
+    # The same data in a qcow2 image (every cluster allocated), and an empty one (writes allocate).
+    "vblk-qcow2": "vblk qcow2",
+    "qemu-nbd-qcow2": "qemu-nbd qcow2",
+    "vblk-qcow2-thin": "vblk qcow2 thin",
+    "qemu-nbd-qcow2-thin": "qemu-nbd qcow2 thin",
 }
-DEFAULT_SERVERS = ",".join(KINDS)
+DEFAULT_SERVERS = "vblk,nbdkit-file,qemu-nbd,nbdkit-python"
+
+
+def image_format(kind: str) -> str:
+    """``raw``, ``qcow2`` (allocated) or ``qcow2-thin`` (empty): the image a kind serves."""
+    return "qcow2-thin" if kind.endswith("-qcow2-thin") else "qcow2" if kind.endswith("-qcow2") else "raw"
 
 
 # -- --servers -------------------------------------------------------------------------------------
@@ -51,7 +61,7 @@ def parse_server(item: str) -> ServerSpec:
     kind, at, revision = item.strip().partition("@")
     if kind not in KINDS:
         raise ValueError(f"unknown server {item.strip()!r}; known: {', '.join(KINDS)}, vblk@REV")
-    if at and kind != "vblk":
+    if at and kind != "vblk" and not kind.startswith("vblk-"):
         raise ValueError(f"{item.strip()!r}: only vblk takes @REV")
     if at and not revision.strip():
         raise ValueError(f"{item.strip()!r}: a git revision goes after @ (vblk@HEAD~1, vblk@v1.0)")
@@ -126,7 +136,7 @@ def contenders(
         if spec.revision is not None:
             tree = VblkTree.from_build(build(revisions[str(spec)]))
             chosen.append(Contender(label, spec.kind, label, str(spec), tree))
-        elif spec.kind == "vblk":
+        elif spec.kind.startswith("vblk"):
             chosen.append(Contender(label, spec.kind, KINDS[spec.kind], str(spec), VblkTree.working_tree()))
         else:
             chosen.append(Contender(label, spec.kind, KINDS[spec.kind], str(spec)))
@@ -203,14 +213,14 @@ def nbdkit_python_command(image: Path, port: int) -> list[str]:
     return _nbdkit(port, "python", str(PEER_PLUGIN), f"file={image}")
 
 
-def qemu_nbd_command(image: Path, port: int) -> list[str]:
+def qemu_nbd_command(image: Path, port: int, image_format: str = "raw") -> list[str]:
     return [
         "qemu-nbd",
         "-t",
         "--cache=writeback",
         "--aio=threads",
         "-f",
-        "raw",
+        image_format,
         "-b",
         HOST,
         "-p",
@@ -226,6 +236,8 @@ PEER_COMMANDS: dict[str, Callable[[Path, int], list[str]]] = {
     "nbdkit-file": nbdkit_file_command,
     "qemu-nbd": qemu_nbd_command,
     "nbdkit-python": nbdkit_python_command,
+    "qemu-nbd-qcow2": lambda image, port: qemu_nbd_command(image, port, "qcow2"),
+    "qemu-nbd-qcow2-thin": lambda image, port: qemu_nbd_command(image, port, "qcow2"),
 }
 
 
@@ -422,6 +434,8 @@ def server_for(
     if contender.vblk is not None:
         tree = contender.vblk
         http_port = free_port() if http_listen else None
+        if image_format(contender.kind) != "raw":
+            disk_options = ",".join(o for o in ("format=qcow2", disk_options) if o)
         return Server(
             contender.label,
             vblk_command(tree, image, port, http_port, disk_options),
@@ -457,6 +471,24 @@ def fill_image(path: Path, size: int) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def prepare_image(path: Path, size: int, kind: str) -> Path:
+    """The image a contender serves: raw filled with data, the same converted to qcow2 (every
+    cluster allocated, 64 KiB clusters), or an empty qcow2 image. Returns its path."""
+    shape = image_format(kind)
+    if shape == "qcow2-thin":
+        path = path.with_suffix(".qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+        return path
+    fill_image(path, size)
+    if shape == "raw":
+        return path
+    qcow2 = path.with_suffix(".qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(path), str(qcow2)], check=True)
+    path.unlink()
+    settle_image(qcow2)  # its pages written back now, not during the first round
+    return qcow2
 
 
 def settle_image(image: Path) -> None:

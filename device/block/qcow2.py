@@ -129,6 +129,8 @@ class Qcow2Node(BlockingNode):
         self.cluster_size = 1 << bits
         self._l2_bits = bits - 3
         self._l2_entries = 1 << self._l2_bits
+        self._l1_shift = bits + self._l2_bits  # log2 of the bytes one L2 table maps
+        self._cluster_mask = (1 << bits) - 1
         self._l1 = l1
         self._l1_offset = header.l1_offset
         self._l1_dirty: set[int] = set()
@@ -298,6 +300,21 @@ class Qcow2Node(BlockingNode):
         }
 
     def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if len(buffers) == 1:  # the hot path: one buffer in one allocated, cached cluster
+            length = buffers[0].nbytes
+            within = offset & self._cluster_mask
+            if offset >= 0 and offset + length <= self._size and within + length <= self.cluster_size:
+                entry = self._cached_entry(offset, False)
+                host = entry & OFFSET_MASK
+                if (
+                    entry > 0
+                    and not entry & (L2_COMPRESSED | L2_ZERO)
+                    and host
+                    and not host & self._cluster_mask
+                    and host + self.cluster_size <= self._host.size
+                ):
+                    self._file.read_now(host + within, buffers)
+                    return
         total = sum(b.nbytes for b in buffers)
         check_access(self.path, self._size, True, offset, total, False)
         with _host_errors(self.path):
@@ -305,6 +322,20 @@ class Qcow2Node(BlockingNode):
                 view = buffer if buffer.format == "B" and buffer.ndim == 1 else buffer.cast("B")
                 self._read_into(offset, view)
                 offset += view.nbytes
+
+    def _cached_entry(self, offset: int, own_table: bool) -> int:
+        """The L2 entry of ``offset`` if its table is cached (and, with ``own_table``, the
+        image's alone), else -1: what the hot paths look at, without a metadata read."""
+        l1_index = offset >> self._l1_shift
+        if l1_index >= len(self._l1):
+            return -1
+        l1_entry = self._l1[l1_index]
+        if own_table and not l1_entry & COPIED:
+            return -1
+        table = self._l2_cache.get(l1_entry & OFFSET_MASK)
+        if table is None:
+            return -1
+        return table[(offset >> self.cluster_bits) & (self._l2_entries - 1)]
 
     def advise_willneed(self, offset: int, length: int) -> None:
         """Nothing: the image's clusters are not where the guest's bytes are."""
@@ -504,6 +535,8 @@ class Qcow2Node(BlockingNode):
     # -- writing ------------------------------------------------------------------------------------
 
     def write_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if len(buffers) == 1 and self._fast_write(offset, buffers):
+            return
         total = sum(b.nbytes for b in buffers)
         check_access(self.path, self._size, self._read_only, offset, total, True)
         if not total:
@@ -515,6 +548,37 @@ class Qcow2Node(BlockingNode):
             with self._lock:
                 self._writable()
                 self._write(offset, total, views)
+
+    def _fast_write(self, offset: int, buffers: Sequence[memoryview]) -> bool:
+        """The hot write: one buffer in one cluster this image owns alone, its table cached."""
+        length = buffers[0].nbytes
+        within = offset & self._cluster_mask
+        if not (offset >= 0 and offset + length <= self._size and 0 < within + length <= self.cluster_size):
+            return False
+        refcounts = self._refcounts
+        with self._lock:
+            if refcounts is None or self._broken is not None:
+                return False
+            entry = self._cached_entry(offset, True)
+            host = entry & OFFSET_MASK
+            if (
+                entry <= 0
+                or entry & (COPIED | L2_COMPRESSED | L2_ZERO) != COPIED
+                or not host
+                or host & self._cluster_mask
+                or host + self.cluster_size > self._host.size
+                or host >> self.cluster_bits in self._metadata
+                or host >> self.cluster_bits in refcounts.metadata
+            ):
+                return False
+            self._inflight += 1
+        try:
+            self._host.write(host + within, buffers)
+            self._host.unsynced = True  # again: a barrier may have run while this was written
+        finally:
+            with self._lock:
+                self._inflight -= 1
+        return True
 
     def _writable(self) -> Refcounts:
         if self._broken is not None:
