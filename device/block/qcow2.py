@@ -82,9 +82,9 @@ COPIED: Final = 1 << 63  # the cluster (or L2 table) is this image's alone: writ
 L2_COMPRESSED: Final = 1 << 62
 L2_ZERO: Final = 1 << 0
 
-#: The L2 cache's default size in bytes of tables: 16 tables of a 64 KiB-cluster image, which
-#: map 8 GiB of it.
-DEFAULT_L2_CACHE: Final = 1 << 20
+#: The L2 cache's largest default size, as QEMU's on Linux: by default the cache holds every
+#: table of the image up to this many bytes (32 MiB of 64 KiB-cluster tables map 256 GiB).
+DEFAULT_L2_CACHE: Final = 32 << 20
 
 # Kinds of runs of guest bytes.
 DATA: Final = 0  # a normal cluster: host bytes at ``host``
@@ -141,7 +141,8 @@ class Qcow2Node(BlockingNode):
         self.backing_format = header.backing_format
         self.dirty = bool(header.incompatible & 1)
         self._incompatible = header.incompatible
-        self._cache_tables = max(1, l2_cache_bytes >> bits)
+        # As QEMU's l2-cache-size: at most this many bytes, never more than the image has tables.
+        self._cache_tables = max(1, min(l2_cache_bytes >> bits, len(l1)))
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_dirty: set[int] = set()
         self._lock = threading.RLock()  # metadata: the L2 cache, the refcounts, the L1 table
@@ -718,13 +719,19 @@ class Qcow2Node(BlockingNode):
 
     def _current(self, offset: int, length: int) -> bytes | None:
         """What the guest reads at ``[offset, offset+length)`` now; None for zeroes (or nothing)."""
-        if length == 0:
-            return None
         visible = max(0, min(length, self._size - offset))
+        if visible == 0:
+            return None
+        backing = self.backing
+        beneath = 0 if backing is None else backing.size
+        if all(
+            kind == ZERO or (kind == UNALLOCATED and start >= beneath)
+            for start, _, kind, _ in self.runs(offset, visible)
+        ):
+            return None  # zeroes, known from the tables alone
         out = bytearray(length)
-        if visible:
-            self._read_into(offset, memoryview(out)[:visible])
-        if not any(out):
+        self._read_into(offset, memoryview(out)[:visible])
+        if out.count(0) == length:
             return None
         return bytes(out)
 

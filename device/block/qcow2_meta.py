@@ -266,16 +266,21 @@ class Refcounts:
     def _find_free(self, count: int) -> int:
         mask = (1 << self.block_bits) - 1
         run_start = pos = self.free_hint
+        seen_free = False  # a free cluster (too few in a row) lies between the hint and pos
         while pos - run_start < count:
             index = pos >> self.block_bits
             if index >= len(self.table) or self.table[index] & REFTABLE_OFFSET_MASK == 0:
                 pos = (index + 1) << self.block_bits  # a range without a block is all free
+                seen_free = True
                 continue
             block = self._block(index)
             entry = pos & mask
             if self._get(block, entry):
                 run_start = pos = self._next_zero(block, entry, index)
+                if not seen_free:
+                    self.free_hint = run_start  # every cluster before it is used
                 continue
+            seen_free = True
             pos += 1
         return run_start
 

@@ -312,3 +312,29 @@ async def test_a_missing_qcow2_image_is_created_and_a_size_grows_it(tmp_path: Pa
         assert nbd["export-size"] == 16 * MiB
         await run("qemu-io", "-f", "raw", "-c", "read -P 0x61 0 1M", "-c", "read -P 0 1M 15M", rig.uri("q"))
     assert subprocess.run(["qemu-img", "check", image], capture_output=True, check=False).returncode == 0
+
+
+async def test_a_damaged_qcow2_disk_fails_its_requests_and_the_other_disk_serves_on(tmp_path: Path) -> None:
+    image = tmp_path / "bad.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image, "4M"], check=True
+    )
+    subprocess.run(["qemu-io", "-c", "write -P 0x21 0 64k", image], check=True, capture_output=True)
+    data = bytearray(image.read_bytes())
+    l1_offset = int.from_bytes(data[40:48], "big")
+    l2 = int.from_bytes(data[l1_offset : l1_offset + 8], "big") & 0x00FFFFFFFFFFFE00
+    data[l2 + 8 : l2 + 16] = ((1 << 63) | (1 << 44)).to_bytes(8, "big")  # cluster 1: past the end
+    image.write_bytes(data)
+    disks = (
+        DiskSpec(name="bad", path=image, format="qcow2"),
+        DiskSpec(name="good", backend="memory", size=MiB),
+    )
+    async with serving(*disks) as rig:
+        failed = await run("qemu-io", "-f", "raw", "-c", "read 4k 4k", rig.uri("bad"), check=False)
+        assert "Input/output error" in failed.stdout + failed.stderr
+        await run(
+            "qemu-io", "-f", "raw", "-c", "read -P 0x21 0 4k", "-c", "read -P 0x21 8k 56k", rig.uri("bad")
+        )
+        await run(
+            "qemu-io", "-f", "raw", "-c", "write -P 0x5 0 64k", "-c", "read -P 0x5 0 64k", rig.uri("good")
+        )
