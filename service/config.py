@@ -38,6 +38,7 @@ DISK_KEYS = (
     "create",
     "cache",
     "format",
+    "l2-cache-size",
     "fault",
 )
 FORMATS = ("raw", "qcow2")
@@ -337,6 +338,7 @@ _DISK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "pool": ("pool", _text),
     "create": ("create", parse_bool),
     "format": ("format", _choice(FORMATS)),
+    "l2-cache-size": ("l2_cache_size", parse_size),
 }
 
 
@@ -382,6 +384,8 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["fault"] = options["fault"]
             if spec.get("format", "raw") == "qcow2":
                 _check_qcow2(spec)
+            elif "l2-cache-size" in options:
+                raise ValueError("l2-cache-size is a qcow2 disk's option (format=qcow2)")
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
             elif "cache" in options:
@@ -417,6 +421,8 @@ def _check_qcow2(spec: dict[str, Any]) -> None:
     """A qcow2 disk: a file disk; a missing image is created empty at the size (64 KiB clusters)."""
     if spec["backend"] != "file":
         raise ValueError("format=qcow2 is a file disk's option")
+    if spec.get("l2_cache_size", 1) <= 0:
+        raise ValueError("l2-cache-size must be positive (bytes of L2 tables, 1M, 32M...)")
 
 
 def service_config(values: Mapping[str, Any]) -> ServiceConfig:

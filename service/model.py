@@ -13,6 +13,7 @@ from pathlib import Path
 
 from device.blk import IoMode, VirtioBlkDevice
 from device.block.node import BlockError
+from device.block.qcow2 import DEFAULT_L2_CACHE
 from device.block.rbd import DEFAULT_CACHE
 from driver.blk import VirtioBlk
 from service.blockio import ByteDisk
@@ -77,6 +78,7 @@ class DiskSpec:
     create: bool = False  # backend "rbd": create a missing image with ``size``
     cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
     format: str = "raw"  # backend "file": the image's format, "raw" or "qcow2", never guessed
+    l2_cache_size: int = DEFAULT_L2_CACHE  # format qcow2: the most bytes of L2 tables cached
     fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 

@@ -105,7 +105,9 @@ def _open_qcow2(spec: DiskSpec) -> Qcow2Node:
         except OSError as failed:
             raise BlockError(failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}") from failed
         log.info("image_created", disk=spec.name, path=str(path), format="qcow2", size=spec.size)
-    node = Qcow2Node.open(path, read_only=spec.read_only, force_share=spec.force_share)
+    node = Qcow2Node.open(
+        path, read_only=spec.read_only, force_share=spec.force_share, l2_cache_bytes=spec.l2_cache_size
+    )
     if not exists or not spec.size_explicit or node.size == spec.size:
         return node
     try:

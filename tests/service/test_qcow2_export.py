@@ -151,6 +151,8 @@ async def test_vblk_serve_exports_a_qcow2_image_over_nbd() -> None:
     ("disk", "message"),
     [
         ("format=qcow2,read-only,backend=memory", "disk q: format=qcow2 is a file disk's option"),
+        ("l2-cache-size=1M", "disk q: l2-cache-size is a qcow2 disk's option"),
+        ("format=qcow2,l2-cache-size=0", "disk q: l2-cache-size must be positive"),
         ("format=vmdk,read-only", "disk q: 'vmdk' is not one of raw, qcow2"),
     ],
 )
@@ -204,6 +206,8 @@ def test_format_is_a_disk_key_and_the_size_rules_are_the_same_for_both(tmp_path:
     ]
     config, _ = from_sources({}, {}, config_file)
     assert [(d.name, d.format, d.read_only) for d in config.disks] == [("a", "qcow2", True)]
+    config, _ = from_sources({}, {"VBLK_DISK": "name=q,format=qcow2,l2-cache-size=4M"})
+    assert config.disks[0].l2_cache_size == 4 * MiB
 
 
 def test_vblk_info_describes_a_qcow2_image_and_its_chain(
