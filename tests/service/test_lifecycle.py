@@ -149,7 +149,7 @@ async def test_config_file_env_and_http_default_disk(tmp_path: Path) -> None:
 async def test_create_image_and_info(tmp_path: Path) -> None:
     image = tmp_path / "new.img"
     made = await run(sys.executable, "-m", "service.cli", "create-image", str(image), "--size", "16M")
-    assert json.loads(made.stdout) == {"path": str(image), "size": 16 * MiB}
+    assert json.loads(made.stdout) == {"path": str(image), "format": "raw", "size": 16 * MiB}
     assert image.stat().st_size == 16 * MiB and image.stat().st_blocks * 512 < MiB  # sparse
     again = await run(
         sys.executable, "-m", "service.cli", "create-image", str(image), "--size", "16M", check=False
@@ -162,3 +162,43 @@ async def test_create_image_and_info(tmp_path: Path) -> None:
     assert info["size"] == 16 * MiB and 65536 <= info["allocated"] < 16 * MiB
     missing = await run(sys.executable, "-m", "service.cli", "info", str(tmp_path / "nope"), check=False)
     assert missing.returncode == 1
+
+
+async def test_create_image_makes_qcow2_images_and_refuses_what_it_cannot(tmp_path: Path) -> None:
+    vblk = (sys.executable, "-m", "service.cli", "create-image")
+    base = tmp_path / "base.raw"
+    await run(*vblk, str(base), "--size", "1M")
+    top = tmp_path / "top.qcow2"
+    made = await run(*vblk, str(top), "--format", "qcow2", "--size", "64M", "--cluster-size", "4K",
+                     "--backing", "base.raw", "--backing-format", "raw")  # fmt: skip
+    assert json.loads(made.stdout) == {
+        "path": str(top), "format": "qcow2", "size": 64 * MiB, "cluster_size": 4096,
+        "backing": {"path": "base.raw", "format": "raw"},
+    }  # fmt: skip
+    info = json.loads((await run("qemu-img", "info", "--output=json", str(top))).stdout)
+    assert (info["virtual-size"], info["cluster-size"], info["backing-filename"]) == (
+        64 * MiB,
+        4096,
+        "base.raw",
+    )
+    await run("qemu-img", "check", str(top))
+    shown = json.loads(
+        (await run(sys.executable, "-m", "service.cli", "info", "--format", "qcow2", str(top))).stdout
+    )
+    assert (
+        shown["backing"] == [{"path": str(base), "format": "raw", "size": MiB}]
+        and shown["refcount_bits"] == 16
+    )
+    for argv, code, message in [
+        ((str(tmp_path / "a.qcow2"), "--format", "qcow2", "--size", "1M", "--backing", "base.raw"), 2,
+         "needs --backing-format"),
+        ((str(tmp_path / "a.qcow2"), "--format", "qcow2", "--size", "1M", "--cluster-size", "3K"), 2,
+         "power of two"),
+        ((str(tmp_path / "a.img"), "--size", "1M", "--cluster-size", "4K"), 2, "for --format qcow2"),
+        ((str(tmp_path / "a.qcow2"), "--format", "qcow2", "--size", "1M", "--backing", "gone.raw",
+          "--backing-format", "raw"), 1, "does not exist"),
+        ((str(top), "--format", "qcow2", "--size", "1M"), 1, "exists"),
+    ]:  # fmt: skip
+        refused = await run(*vblk, *argv, check=False)
+        assert refused.returncode == code and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "a.qcow2").exists()
