@@ -82,13 +82,8 @@ def _open_image(spec: DiskSpec) -> FileNode:
         raise BlockError(failed.errno or errno.EIO, f"{where}: {failed.strerror or failed}") from failed
     except ValueError as bad:  # an image whose size is not a positive multiple of 512
         raise BlockError(errno.EINVAL, str(bad)) from bad
-    if not exists or not spec.size_explicit or backend.size == spec.size:
-        return backend
-    try:
-        _fit(spec, backend, backend.fd)
-    except BaseException:
-        backend.close()
-        raise
+    if exists:
+        _fit_or_close(spec, backend, backend.fd)
     return backend
 
 
@@ -108,14 +103,20 @@ def _open_qcow2(spec: DiskSpec) -> Qcow2Node:
     node = Qcow2Node.open(
         path, read_only=spec.read_only, force_share=spec.force_share, l2_cache_bytes=spec.l2_cache_size
     )
-    if not exists or not spec.size_explicit or node.size == spec.size:
-        return node
-    try:
-        _fit(spec, node, node.host_fd)
-    except BaseException:
-        node.close()
-        raise
+    if exists:
+        _fit_or_close(spec, node, node.host_fd)
     return node
+
+
+def _fit_or_close(spec: DiskSpec, backend: FileNode | Qcow2Node, fd: int) -> None:
+    """An existing image at the size asked for (grown when asked), or closed and refused."""
+    if not spec.size_explicit or backend.size == spec.size:
+        return
+    try:
+        _fit(spec, backend, fd)
+    except BaseException:
+        backend.close()
+        raise
 
 
 def _fit(spec: DiskSpec, backend: FileNode | Qcow2Node, fd: int) -> None:

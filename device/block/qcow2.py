@@ -153,6 +153,7 @@ class Qcow2Node(BlockingNode):
         self._coffset_mask = (1 << self._csize_shift) - 1
         self._csize_mask = (1 << (bits - 8)) - 1
         self._refcounts: Refcounts | None = None
+        self._set_host_limit(header.size)
         if not read_only:
             self._refcounts = Refcounts(
                 self._host,
@@ -170,6 +171,11 @@ class Qcow2Node(BlockingNode):
         self._inflight = 0  # writes in place outside the lock
         self._broken: str | None = None  # why writing stopped (metadata found corrupt)
         self._closed = False
+
+    def _set_host_limit(self, size: int) -> None:
+        """The file may grow to what it is, plus twice the virtual size and its tables."""
+        tables = (-(-size // (1 << self._l1_shift)) + 1024) << self.cluster_bits
+        self._host.limit = self._host.size + 2 * size + 2 * tables
 
     # -- opening ------------------------------------------------------------------------------------
 
@@ -769,10 +775,14 @@ class Qcow2Node(BlockingNode):
             start = (entry & self._coffset_mask) & ~511
             sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
             first = start >> self.cluster_bits
-            last = (start + sectors * 512 - 1) >> self.cluster_bits
-            self._free_later(first, last - first + 1)
+            count = ((start + sectors * 512 - 1) >> self.cluster_bits) - first + 1
         elif entry & OFFSET_MASK:
-            self._free_later((entry & OFFSET_MASK) >> self.cluster_bits, 1)
+            first, count = (entry & OFFSET_MASK) >> self.cluster_bits, 1
+        else:
+            return
+        if first == 0 or (first + count - 1) << self.cluster_bits >= self._host.size:
+            raise corrupt(self.path, f"an L2 entry ({entry:#x}) points outside the file")
+        self._free_later(first, count)
 
     def _free_later(self, cluster: int, count: int) -> None:
         self._pending_free.append((cluster, count))
@@ -916,6 +926,7 @@ class Qcow2Node(BlockingNode):
             self._writable()
             old = self._size
             if new_size > old:
+                self._set_host_limit(new_size)
                 self._grow(old, new_size)
             elif new_size < old:
                 self._shrink(new_size)
@@ -925,6 +936,7 @@ class Qcow2Node(BlockingNode):
             self._host.write_header_size(new_size)
             self._host.barrier()
             self._size = new_size
+            self._set_host_limit(new_size)
 
     def _grow(self, old: int, new_size: int) -> None:
         covered = 1 << (2 * self.cluster_bits - 3)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from device.block.node import BlockError, Extent
+from device.block.qcow2_header import MAX_REFTABLE_BYTES
 
 #: Bits 9-63 of a refcount table entry: the refcount block's offset.
 REFTABLE_OFFSET_MASK: Final = 0xFFFFFFFFFFFFFE00
@@ -97,6 +98,7 @@ class Host:
         self.path = file.path
         self.cluster_size = cluster_size
         self.unsynced = False  # written since the last barrier
+        self.limit = 1 << 62  # how far the file may grow (the format node sets it)
 
     @property
     def size(self) -> int:
@@ -122,8 +124,15 @@ class Host:
         self.write(offset, [memoryview(data)])
 
     def grow(self, end: int) -> None:
-        """Make the file at least ``end`` bytes long (new bytes read as zeroes)."""
+        """Make the file at least ``end`` bytes long (new bytes read as zeroes), never past
+        :attr:`limit` (damaged refcounts would otherwise send clusters anywhere)."""
         if end > self.file.size:
+            if end > self.limit:
+                raise corrupt(
+                    self.path,
+                    f"an allocation would grow the file to {end} bytes, past {self.limit} (twice the "
+                    "virtual size and the metadata); its refcounts are likely damaged",
+                )
             self.unsynced = True
             self.file.resize(-(-end // 512) * 512)
 
@@ -164,6 +173,12 @@ class Refcounts:
         if table_clusters <= 0 or table_offset <= 0 or table_offset % self.cluster_size:
             raise corrupt(self.path, f"refcount table at {table_offset:#x} ({table_clusters} clusters)")
         self.table = be64(host.read(table_offset, table_clusters << cluster_bits))
+        for index, entry in enumerate(self.table):
+            offset = entry & REFTABLE_OFFSET_MASK
+            if entry and (entry != offset or offset % self.cluster_size or offset >= host.size):
+                raise corrupt(
+                    self.path, f"refcount table entry {index} ({entry:#x}) is not a cluster of the file"
+                )
         self._blocks: dict[int, array[int] | bytearray] = {}
         self._dirty: set[int] = set()
         self.table_dirty = False
@@ -187,6 +202,10 @@ class Refcounts:
 
     def change(self, cluster: int, count: int, delta: int) -> None:
         """Add ``delta`` (+1 or -1) to the refcounts of ``count`` clusters from ``cluster``."""
+        if delta < 0 and (cluster + count - 1) << self.cluster_bits >= self.host.size:
+            raise corrupt(
+                self.path, f"freeing clusters {cluster}..{cluster + count - 1}, past the file's end"
+            )
         mask = (1 << self.block_bits) - 1
         pos = cluster
         end = cluster + count
@@ -381,6 +400,8 @@ class Refcounts:
             self._dirty.add(index)
             table[index] = (base + n) << self.cluster_bits
         self.metadata.update(range(base, base + blocks + table_clusters))
+        if table_clusters * cluster_size > MAX_REFTABLE_BYTES:
+            raise corrupt(self.path, f"the refcount table would grow past {MAX_REFTABLE_BYTES} bytes")
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = table
         self.table_offset = (base + blocks) << self.cluster_bits

@@ -29,7 +29,7 @@ from device.block.file import FileNode
 from device.block.node import BlockError, Extent
 from device.block.qcow2 import Qcow2Node, create_image
 from device.block.qcow2_meta import HostFile
-from tests.device.test_qcow2 import qemu_io, tool
+from tests.device.test_qcow2 import merged, qemu_io, tool
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -54,21 +54,11 @@ def compare(image: Path, model: bytes, where: Path) -> None:
 
 def qemu_map(image: Path) -> list[tuple[int, int, bool, bool]]:
     entries = json.loads(tool("qemu-img", "map", "--output=json", image))
-    return _merged([(e["start"], e["length"], e["data"], e["zero"]) for e in entries])
+    return merged([(e["start"], e["length"], e["data"], e["zero"]) for e in entries])
 
 
 def node_map(extents: list[Extent]) -> list[tuple[int, int, bool, bool]]:
-    return _merged([(e.offset, e.length, not e.hole, e.zero) for e in extents])
-
-
-def _merged(runs: Sequence[tuple[int, int, bool, bool]]) -> list[tuple[int, int, bool, bool]]:
-    out: list[tuple[int, int, bool, bool]] = []
-    for start, length, data, zero in runs:
-        if out and out[-1][2:] == (data, zero) and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length, data, zero)
-        elif length:
-            out.append((start, length, data, zero))
-    return out
+    return merged([(e.offset, e.length, not e.hole, e.zero) for e in extents])
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -572,7 +562,7 @@ def test_a_power_loss_at_any_moment_corrupts_nothing_and_loses_no_flushed_write(
 
 
 @pytest.fixture(scope="module")
-def writable_victim(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def writable_victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("wvictim")
     plain = where / "plain.qcow2"
     tool("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", plain, "1M")
@@ -580,11 +570,11 @@ def writable_victim(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     image = where / "victim.qcow2"
     tool("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", plain, image)
     qemu_io(image, "write -P 0x33 256k 8k", "write -z 128k 8k")
-    return image.read_bytes()
+    return image
 
 
-@pytest.mark.expect_errors("qcow2_marked_corrupt")
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.expect_errors("qcow2_marked_corrupt", "qcow2_close_failed")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     patches=st.lists(
         st.tuples(st.integers(0, 24 * 1024 - 1), st.binary(min_size=1, max_size=8)), min_size=1, max_size=10
@@ -597,11 +587,11 @@ def writable_victim(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 )
 def test_writing_a_damaged_image_fails_requests_cleanly(
     tmp_path: Path,
-    writable_victim: bytes,
+    writable_victim: Path,
     patches: list[tuple[int, bytes]],
     operations: list[tuple[str, int]],
 ) -> None:
-    data = bytearray(writable_victim)
+    data = bytearray(writable_victim.read_bytes())
     for at, patch in patches:
         data[at : at + len(patch)] = patch[: len(data) - at]
     image = tmp_path / "victim.qcow2"
