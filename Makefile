@@ -9,7 +9,7 @@ SHELL := /bin/bash
 .PHONY: run test venv test-venv tools client-tools lint typecheck pytest bench clean
 
 # The request path mypyc compiles (pyproject.toml [tool.vblk] compiled, setup.py).
-COMPILED := $(shell sed -n '/^compiled = \[/,/^\]/p' pyproject.toml | grep -o '[a-z_/]*\.py')
+COMPILED := $(shell sed -n '/^compiled = \[/,/^\]/p' pyproject.toml | grep -o '[a-z0-9_/]*\.py')
 STAMP := $(VENV)/.compiled
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.test-installed
