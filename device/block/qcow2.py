@@ -52,6 +52,7 @@ from device.block.qcow2_header import (
     AUTOCLEAR_BITMAPS,
     HEADER_V3_LENGTH,
     INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
     Header,
@@ -139,7 +140,7 @@ class Qcow2Node(BlockingNode):
         self.backing = backing
         self.backing_name = header.backing_name
         self.backing_format = header.backing_format
-        self.dirty = bool(header.incompatible & 1)
+        self.dirty = bool(header.incompatible & INCOMPAT_DIRTY)
         self._incompatible = header.incompatible
         # As QEMU's l2-cache-size: at most this many bytes, never more than the image has tables.
         self._cache_tables = max(1, min(l2_cache_bytes >> bits, len(l1)))
@@ -384,7 +385,7 @@ class Qcow2Node(BlockingNode):
             within = pos & cluster_mask
             table = self._l2_table(l1_index)
             # Walk the clusters of this L2 table that fall in the range.
-            table_end = min(end, (l1_index + 1) << (self._l2_bits + bits))
+            table_end = min(end, (l1_index + 1) << self._l1_shift)
             index = guest_cluster & (self._l2_entries - 1)
             while pos < table_end:
                 take = min(table_end - pos, self.cluster_size - within)
@@ -560,21 +561,12 @@ class Qcow2Node(BlockingNode):
         within = offset & self._cluster_mask
         if not (offset >= 0 and offset + length <= self._size and 0 < within + length <= self.cluster_size):
             return False
-        refcounts = self._refcounts
         with self._lock:
-            if refcounts is None or self._broken is not None:
+            if self._refcounts is None or self._broken is not None:
                 return False
             entry = self._cached_entry(offset, True)
-            host = entry & OFFSET_MASK
-            if (
-                entry <= 0
-                or entry & (COPIED | L2_COMPRESSED | L2_ZERO) != COPIED
-                or not host
-                or host & self._cluster_mask
-                or host + self.cluster_size > self._host.size
-                or host >> self.cluster_bits in self._metadata
-                or host >> self.cluster_bits in refcounts.metadata
-            ):
+            host = self._owned_host(entry) if entry >= 0 else 0
+            if not host:
                 return False
             self._inflight += 1
         try:
@@ -584,6 +576,21 @@ class Qcow2Node(BlockingNode):
             with self._lock:
                 self._inflight -= 1
         return True
+
+    def _owned_host(self, entry: int) -> int:
+        """The host cluster of an L2 entry a write may go to in place (this image's alone, not
+        compressed or zero, inside the file, not metadata), else 0: the slow path then says what
+        is wrong, or allocates."""
+        host = entry & OFFSET_MASK
+        if (
+            entry & (COPIED | L2_COMPRESSED | L2_ZERO) != COPIED
+            or not host
+            or host & self._cluster_mask
+            or host + self.cluster_size > self._host.size
+            or self._is_metadata(host >> self.cluster_bits)
+        ):
+            return 0
+        return host
 
     def _writable(self) -> Refcounts:
         if self._broken is not None:
@@ -605,20 +612,16 @@ class Qcow2Node(BlockingNode):
                 return False
             pos = offset
             end = offset + total
-            file_size = self._host.size
             while pos < end:
-                l1_index = pos >> (self._l2_bits + bits)
+                l1_index = pos >> self._l1_shift
                 if not self._l1[l1_index] & COPIED:
                     return False
                 table = self._l2_table(l1_index)
                 if table is None:
                     return False
-                entry = table[(pos >> bits) & (self._l2_entries - 1)]
-                host = entry & OFFSET_MASK
-                if entry & (COPIED | L2_COMPRESSED | L2_ZERO) != COPIED or not host or host & mask:
+                host = self._owned_host(table[(pos >> bits) & (self._l2_entries - 1)])
+                if not host:
                     return False
-                if host + self.cluster_size > file_size or self._is_metadata(host >> bits):
-                    return False  # the slow path says what is wrong
                 take = min(end - pos, self.cluster_size - (pos & mask))
                 at = host + (pos & mask)
                 if spans and spans[-1][0] + spans[-1][1] == at:
@@ -646,7 +649,7 @@ class Qcow2Node(BlockingNode):
         end = offset + total
         pos = offset
         while pos < end:
-            l1_index = pos >> (self._l2_bits + bits)
+            l1_index = pos >> self._l1_shift
             table, l2_offset = self._l2_for_write(l1_index)
             index = (pos >> bits) & (self._l2_entries - 1)
             entry = table[index]
@@ -658,7 +661,7 @@ class Qcow2Node(BlockingNode):
                 pos += take
                 continue
             # A run of clusters of this table that need new ones.
-            table_end = (l1_index + 1) << (self._l2_bits + bits)
+            table_end = (l1_index + 1) << self._l1_shift
             count = 1
             most = self._writable().max_run
             while count < most:
@@ -838,7 +841,7 @@ class Qcow2Node(BlockingNode):
 
     def _zero_cluster(self, pos: int, unmap: bool) -> None:
         bits = self.cluster_bits
-        l1_index = pos >> (self._l2_bits + bits)
+        l1_index = pos >> self._l1_shift
         table = self._l2_table(l1_index)
         entry = table[(pos >> bits) & (self._l2_entries - 1)] if table is not None else 0
         compressed = entry & L2_COMPRESSED  # its low bits are a byte offset, not flags
@@ -961,11 +964,11 @@ class Qcow2Node(BlockingNode):
         bits = self.cluster_bits
         mask = self.cluster_size - 1
         start = (new_size + mask) & ~mask
-        per_table = 1 << (self._l2_bits + bits)
+        per_table = 1 << self._l1_shift
         first_table = -(-new_size // per_table)
         pos = start
         while pos < self._size:  # the clusters past the end in tables that stay
-            l1_index = pos >> (self._l2_bits + bits)
+            l1_index = pos >> self._l1_shift
             if l1_index >= first_table:
                 break
             table = self._l2_table(l1_index)

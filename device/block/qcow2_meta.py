@@ -267,6 +267,13 @@ class Refcounts:
                 break
             self._grow_table(last_index)
         self.host.grow(end << self.cluster_bits)
+        self._counting_blocks(self.table, base, blocks, end)
+        self.table_dirty = True
+        return base + blocks
+
+    def _counting_blocks(self, table: array[int], base: int, blocks: int, end: int) -> None:
+        """New blocks in clusters ``[base, base+blocks)`` for the ranges of ``[base, end)``,
+        each counting the clusters of that span in its range; ``table`` points at them."""
         mask = (1 << self.block_bits) - 1
         for n in range(blocks):
             index = (base >> self.block_bits) + n
@@ -277,10 +284,8 @@ class Refcounts:
                 self._set(block, cluster & mask, 1)
             self._blocks[index] = block
             self._dirty.add(index)
-            self.table[index] = (base + n) << self.cluster_bits
-            self.metadata.add(base + n)
-        self.table_dirty = True
-        return base + blocks
+            table[index] = (base + n) << self.cluster_bits
+        self.metadata.update(range(base, end))
 
     def _find_free(self, count: int) -> int:
         mask = (1 << self.block_bits) - 1
@@ -384,24 +389,13 @@ class Refcounts:
             if want_clusters == table_clusters and want_blocks == blocks:
                 break
             table_clusters, blocks = max(want_clusters, table_clusters), max(want_blocks, blocks)
-        first_block_index = base >> self.block_bits
+        if table_clusters * cluster_size > MAX_REFTABLE_BYTES:  # before anything changes
+            raise corrupt(self.path, f"the refcount table would grow past {MAX_REFTABLE_BYTES} bytes")
         table = array("Q", self.table)
         table.extend([0] * (table_clusters * per_cluster - len(table)))
-        self.host.grow((base + blocks + table_clusters) << self.cluster_bits)
-        mask = (1 << self.block_bits) - 1
-        for n in range(blocks):
-            index = first_block_index + n
-            block = self._decode(bytes(cluster_size))
-            lo = max(base, index << self.block_bits)
-            hi = min(base + blocks + table_clusters, (index + 1) << self.block_bits)
-            for cluster in range(lo, hi):
-                self._set(block, cluster & mask, 1)
-            self._blocks[index] = block
-            self._dirty.add(index)
-            table[index] = (base + n) << self.cluster_bits
-        self.metadata.update(range(base, base + blocks + table_clusters))
-        if table_clusters * cluster_size > MAX_REFTABLE_BYTES:
-            raise corrupt(self.path, f"the refcount table would grow past {MAX_REFTABLE_BYTES} bytes")
+        end = base + blocks + table_clusters
+        self.host.grow(end << self.cluster_bits)
+        self._counting_blocks(table, base, blocks, end)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = table
         self.table_offset = (base + blocks) << self.cluster_bits
