@@ -252,8 +252,12 @@ class VirtioDevice:
         if not queue.active:
             self.stats.kicks_ignored += 1
             return
-        if index not in self._scheduled:
-            self._scheduled.add(index)
+        self.schedule(queue)
+
+    def schedule(self, queue: DeviceVirtqueue) -> None:
+        """Have :meth:`process_queue` look at ``queue`` in the loop's deferred work (once)."""
+        if queue.index not in self._scheduled:
+            self._scheduled.add(queue.index)
             self._running.work().defer(self._run_queue, queue)
 
     def _run_queue(self, queue: DeviceVirtqueue) -> None:

@@ -112,7 +112,7 @@ class Service:
         for (spec, device), driver in zip(self._devices, drivers, strict=True):
             driver.observer = self.metrics.virtio_observer(spec.name)
             serial = await driver.get_id()
-            byte_disk = ByteDisk(spec.name, driver, StackControl(device.node))
+            byte_disk = ByteDisk(spec.name, driver, StackControl(device.node, device))
             self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
             log.info(
                 "disk_ready",

@@ -16,10 +16,20 @@ import asyncio
 import enum
 import errno
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from mypy_extensions import mypyc_attr
 
+from device.block.dirty import (
+    DEFAULT_GRANULARITY,
+    MAX_GRANULARITY,
+    MIN_GRANULARITY,
+    Bitmap,
+    BitmapError,
+    DirtyLayer,
+    check_name,
+    dirty_layer,
+)
 from device.block.node import BlockNode, Capabilities, Extent, describe_stack, stack
 from device.platform import work_queue
 from device.spec import virtio_blk as vb
@@ -33,7 +43,23 @@ IoBuffer = DmaBuffer
 #: Told once when a fast-path request ends: None, or the exception it failed with.
 IoDone = Callable[[BaseException | None], None]
 
-__all__ = ["ByteDisk", "ErrorKind", "IoBuffer", "IoDone", "error_kind", "work_queue"]
+__all__ = [
+    "DEFAULT_GRANULARITY",
+    "MAX_GRANULARITY",
+    "MIN_GRANULARITY",
+    "Bitmap",
+    "BitmapError",
+    "ByteDisk",
+    "DirtyLayer",
+    "ErrorKind",
+    "IoBuffer",
+    "IoDone",
+    "check_name",
+    "error_kind",
+    "work_queue",
+]
+# The bitmaps (DirtyLayer, Bitmap, BitmapError, ...) are the port's too: a front end reaches a
+# disk's bitmaps as ``ByteDisk.dirty`` and names their types from here, never from device/.
 # ``work_queue(loop)``: the loop's deferred work, the queue the device answers requests on; a
 # front end that defers its replies there sends them after the completions of the same pass.
 
@@ -76,6 +102,8 @@ class UnsupportedError(BlkUnsupportedError):
 
 
 SECTOR: Final = 512
+QUIESCE_TIMEOUT: Final = 30.0  # seconds a drained section waits for the requests in flight
+T = TypeVar("T")
 
 
 class EdgeLocks:
@@ -153,12 +181,46 @@ class DiskControl(Protocol):
         """The stack's own counters (RBD requests in flight, faults injected...)."""
         ...
 
+    @property
+    def dirty(self) -> DirtyLayer | None:
+        """The stack's dirty-tracking layer (its bitmaps), or None where bitmaps are not kept."""
+        ...
+
+    async def quiesce(self) -> None:
+        """Start no request and wait for the ones running (a drained section); then :meth:`resume`."""
+        ...
+
+    def resume(self) -> None: ...
+
+
+class Quiescing(Protocol):
+    """The device a stack serves, as far as draining it goes (:class:`device.blk.VirtioBlkDevice`)."""
+
+    async def quiesce(self) -> None: ...
+
+    def resume(self) -> None: ...
+
 
 class StackControl:
-    """The control plane of a block stack in this process: its top node answers."""
+    """The control plane of a block stack in this process: its top node answers; the device it
+    serves drains for changes that must fall between requests."""
 
-    def __init__(self, node: BlockNode) -> None:
+    def __init__(self, node: BlockNode, device: Quiescing | None = None) -> None:
         self.node = node
+        self.device = device
+        self._dirty = dirty_layer(node)
+
+    @property
+    def dirty(self) -> DirtyLayer | None:
+        return self._dirty
+
+    async def quiesce(self) -> None:
+        if self.device is not None:
+            await self.device.quiesce()
+
+    def resume(self) -> None:
+        if self.device is not None:
+            self.device.resume()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -196,6 +258,8 @@ class ByteDisk:
         self.driver = driver
         self.control = control  # the control plane: the allocation map, cache hints
         self.edge_locks = EdgeLocks()
+        #: The disk's bitmaps (its dirty-tracking layer), or None where none can be kept.
+        self.dirty: DirtyLayer | None = control.dirty
         #: Its storage has a backing chain, and :meth:`allocation_depth` counts it.
         self.has_chain = control.allocation_depth(0, 0) is not None
 
@@ -361,6 +425,17 @@ class ByteDisk:
         if runs is None:
             raise UnsupportedError(f"disk {self.name} has no backing chain to count")
         return runs
+
+    async def quiesced(self, action: Callable[[], T], timeout: float = QUIESCE_TIMEOUT) -> T:
+        """Run ``action`` with the disk drained: every request started before has ended, none
+        starts until it returns (they wait in the virtqueues). TimeoutError if the requests in
+        flight do not end within ``timeout`` seconds (nothing is run then)."""
+        control = self.control
+        await asyncio.wait_for(control.quiesce(), timeout)
+        try:
+            return action()
+        finally:
+            control.resume()
 
     def cache(self, offset: int, length: int) -> None:
         """Hint that ``[offset, offset+length)`` will be read soon (control plane)."""

@@ -146,7 +146,29 @@ class _DiskCollector(Collector):
             "1 once a write, discard, write-zeroes or FLUSH failed: every FLUSH fails until restart",
             labels=["disk"],
         )
+        bitmap_dirty = g(
+            "vblk_bitmap_dirty_bytes",
+            "Bytes of disk a dirty bitmap marks as written since it was made or cleared",
+            labels=["disk", "bitmap"],
+        )
+        bitmap_recording = g(
+            "vblk_bitmap_recording", "1 while the bitmap marks every write", labels=["disk", "bitmap"]
+        )
+        bitmap_inconsistent = g(
+            "vblk_bitmap_inconsistent",
+            "1 for a bitmap in use when its image was last closed (it may miss writes)",
+            labels=["disk", "bitmap"],
+        )
         for name, disk in self._disks().items():
+            dirty = disk.bytes.dirty
+            if dirty is not None:
+                with dirty.lock:
+                    for bitmap in dirty.bitmaps.values():
+                        labels = [name, bitmap.name]
+                        described = bitmap.describe()
+                        bitmap_dirty.add_metric(labels, described["dirty_bytes"])
+                        bitmap_recording.add_metric(labels, int(described["recording"]))
+                        bitmap_inconsistent.add_metric(labels, int(bitmap.inconsistent))
             counters = disk.bytes.control.counters()  # the stack's own: RBD's when a node is RBD
             if "rbd_requests_inflight" in counters:
                 rbd_inflight.add_metric([name], counters["rbd_requests_inflight"])
@@ -180,7 +202,7 @@ class _DiskCollector(Collector):
             config_irqs.add_metric([name], stats.config_interrupts)
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
-        yield from (resets, needs_reset, config_irqs)
+        yield from (resets, needs_reset, config_irqs, bitmap_dirty, bitmap_recording, bitmap_inconsistent)
         if rbd_failed.samples:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
             yield from (rbd_inflight, rbd_completed, rbd_failed)
         current, total, refused_total, poll_hits, poll_misses = self._nbd()

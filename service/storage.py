@@ -14,6 +14,8 @@ import errno
 import structlog
 
 from device.block import locks
+from device.block.bitmap_sidecar import SidecarStore
+from device.block.dirty import BitmapStore, DirtyLayer
 from device.block.faults import FaultLayer, FaultPlan
 from device.block.file import FileNode
 from device.block.memory import MemoryNode
@@ -27,8 +29,14 @@ log = structlog.get_logger("vblk.service")
 
 
 def open_stack(spec: DiskSpec) -> BlockNode:
-    """A disk's block stack: its storage node, with the layers the spec names above it."""
-    node = open_storage(spec)
+    """A disk's block stack: its storage node, the dirty-tracking layer over it (with the store
+    its persistent bitmaps live in), and the layers the spec names above that."""
+    storage = open_storage(spec)
+    try:
+        node: BlockNode = DirtyLayer(storage, _bitmap_store(spec, storage))
+    except BaseException:
+        storage.close()
+        raise
     if spec.fault:
         try:
             node = FaultLayer(node, FaultPlan.parse(spec.fault))
@@ -36,6 +44,13 @@ def open_stack(spec: DiskSpec) -> BlockNode:
             node.close()
             raise
     return node
+
+
+def _bitmap_store(spec: DiskSpec, storage: BlockNode) -> BitmapStore | None:
+    """Where a disk's persistent bitmaps live: a raw image's sidecar file (none elsewhere yet)."""
+    if spec.backend == "file" and spec.format == "raw":
+        return SidecarStore(spec.path, storage)
+    return None
 
 
 def open_storage(spec: DiskSpec) -> BlockNode:

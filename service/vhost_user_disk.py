@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from device.block.dirty import DirtyLayer
 from device.block.node import Capabilities, Extent
 from device.virtio import DeviceStatistics
 from device.virtqueue import DeviceVirtqueue
@@ -64,6 +65,16 @@ class RemoteControl:
 
     def counters(self) -> Mapping[str, int]:
         return {}
+
+    @property
+    def dirty(self) -> DirtyLayer | None:
+        return None  # the back end's stack is not ours: no bitmaps here
+
+    async def quiesce(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
 
 
 async def start_vhost_user_driver(

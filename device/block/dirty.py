@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.block.node import BlockError, BlockNode, Completion, Layer
 
@@ -45,6 +46,7 @@ _NOT_ONES: Final = re.compile(b"[^\xff]")
 _ONES: Final = b"\xff" * 4096
 
 
+@mypyc_attr(native_class=False)  # an OSError, as BlockError
 class BitmapError(BlockError):
     """A bitmap operation refused: ``errno`` says why (ENOENT unknown, EEXIST taken, EBUSY
     inconsistent, EINVAL a bad name or granularity, ENOSPC over the memory budget, ENOTSUP not
@@ -57,13 +59,14 @@ def bitmap_bytes(size: int, granularity: int) -> int:
     return -(-bits // 8)
 
 
-def check_name(name: str) -> None:
-    """A bitmap name: 1 to 1023 bytes of UTF-8, no control characters, no ``/``."""
+def check_name(name: str, *, new: bool = True) -> None:
+    """A bitmap name: 1 to 1023 bytes of UTF-8 (the qcow2 extension's rule, all a stored bitmap's
+    name must meet); a ``new`` one, made here, is also printable and has no ``/``."""
     encoded = name.encode("utf-8", "surrogatepass")
     if not encoded or len(encoded) > MAX_NAME_BYTES:
         raise BitmapError(errno.EINVAL, f"a bitmap name has 1 to {MAX_NAME_BYTES} bytes, not {len(encoded)}")
-    if "/" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise BitmapError(errno.EINVAL, f"bitmap name {name!r} has a control character or '/'")
+    if new and ("/" in name or not name.isprintable()):
+        raise BitmapError(errno.EINVAL, "a bitmap name is printable characters, without '/'")
 
 
 def check_granularity(granularity: int) -> None:
@@ -125,7 +128,7 @@ class Bitmap:
         inconsistent: bool = False,
         data: bytes | None = None,
     ) -> None:
-        check_name(name)
+        check_name(name, new=False)
         check_granularity(granularity)
         self.name = name
         self.granularity = granularity
@@ -142,7 +145,7 @@ class Bitmap:
             if len(data) != nbytes:
                 raise BitmapError(
                     errno.EINVAL,
-                    f"bitmap {name!r}: {len(data)} bytes of data, not the {nbytes} its size needs",
+                    f"bitmap '{name}': {len(data)} bytes of data, not the {nbytes} its size needs",
                 )
             self.bits = bytearray(data)
             self._clear_tail()
@@ -282,6 +285,9 @@ class DirtyLayer(Layer):
         self.lock = threading.Lock()  # the data path may run in worker threads
         self._bitmaps: dict[str, Bitmap] = {}
         self._recording: list[Bitmap] = []  # the enabled, consistent ones: what a write marks
+        #: Counts changes to the set of bitmaps (added, removed): front ends that list them
+        #: (NBD's meta contexts) know when to look again.
+        self.generation = 0
         if store is not None:
             size = inner.size
             for record in store.load():
@@ -336,6 +342,7 @@ class DirtyLayer(Layer):
     # -- the bitmaps (control plane, on the loop) -------------------------------------------------
 
     def _rebuild(self) -> None:
+        self.generation += 1
         self._recording = [b for b in self._bitmaps.values() if b.enabled and not b.inconsistent]
 
     @property
@@ -346,11 +353,11 @@ class DirtyLayer(Layer):
         """The bitmap named ``name`` (ENOENT); ``usable``: refused when inconsistent (EBUSY)."""
         bitmap = self._bitmaps.get(name)
         if bitmap is None:
-            raise BitmapError(errno.ENOENT, f"no bitmap is named {name!r}")
+            raise BitmapError(errno.ENOENT, f"no bitmap is named '{name}'")
         if usable and bitmap.inconsistent:
             raise BitmapError(
                 errno.EBUSY,
-                f"bitmap {name!r} is inconsistent (it was in use when its image was last closed, "
+                f"bitmap '{name}' is inconsistent (it was in use when its image was last closed, "
                 f"so it may miss writes): it can only be removed",
             )
         return bitmap
@@ -373,13 +380,13 @@ class DirtyLayer(Layer):
         check_name(name)
         check_granularity(granularity)
         if name in self._bitmaps:
-            raise BitmapError(errno.EEXIST, f"a bitmap is already named {name!r}")
+            raise BitmapError(errno.EEXIST, f"a bitmap is already named '{name}'")
         if len(self._bitmaps) >= MAX_BITMAPS:
             raise BitmapError(errno.ENOSPC, f"a disk has at most {MAX_BITMAPS} bitmaps")
         if persistent:
             refusal = self.persistence_refusal()
             if refusal is not None:
-                raise BitmapError(errno.ENOTSUP, f"bitmap {name!r} cannot be persistent: {refusal}")
+                raise BitmapError(errno.ENOTSUP, f"bitmap '{name}' cannot be persistent: {refusal}")
         size = self.size
         need = bitmap_bytes(size, granularity)
         if need > MAX_BITMAP_BYTES:

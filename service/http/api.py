@@ -20,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from service.blockio import SECTOR, ByteDisk, IoBuffer
-from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe
+from service.http.bitmaps import BitmapsApi, dirty_extents
+from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
 from service.http.params import (
@@ -92,7 +93,7 @@ class RestApi:
             )
         return disk.bytes
 
-    def _writable(self, disk: ByteDisk) -> None:
+    def writable(self, disk: ByteDisk) -> None:
         if disk.read_only:
             raise ApiError(ErrorCode.READ_ONLY, f"disk {disk.name} is read-only")
 
@@ -236,7 +237,7 @@ class RestApi:
     @takes_query("offset", "flush")
     async def put_disk(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        self._writable(disk)
+        self.writable(disk)
         target = parse_write_target(request.headers, request.content_length, request.query, disk.size)
         observe(request, disk.name, "write")
         if target.length:
@@ -297,8 +298,8 @@ class RestApi:
     @takes_query()
     async def patch_disk(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        patch = parse_patch(await _json_body(request), disk.size)
-        self._writable(disk)
+        patch = parse_patch(await read_json_body(request), disk.size)
+        self.writable(disk)
         observe(request, disk.name, patch.op)
         if patch.op == "flush":
             await disk.flush()
@@ -311,12 +312,15 @@ class RestApi:
             {"op": patch.op, "offset": patch.offset, "size": patch.size, "flushed": patch.flush}
         )
 
-    @takes_query("context", "offset", "length")
+    @takes_query("context", "bitmap", "offset", "length")
     async def extents(self, request: web.Request) -> web.Response:
-        """The allocation map as imageio's zero extents: ``[{start, length, zero, hole}]``."""
+        """The allocation map as imageio's zero extents, ``[{start, length, zero, hole}]``, or with
+        ``context=dirty`` a bitmap's as its dirty extents, ``[{start, length, dirty, zero}]``."""
         disk = self.disk(request)
         query = parse_extents(request.query, disk.size)
         observe(request, disk.name, "extents")
+        if query.context == "dirty":
+            return json_response(dirty_extents(disk, query.bitmap, query.offset, query.length))
         merged: list[dict[str, Any]] = []
         for extent in disk.extents(query.offset, query.length):
             last = merged[-1] if merged else None
@@ -344,7 +348,7 @@ class RestApi:
     @takes_query("count", "flush")
     async def put_sectors(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        self._writable(disk)
+        self.writable(disk)
         span = parse_sector_write(request.match_info["lba"], request.query, request.content_length, disk.size)
         flush = query_bool(request.query, "flush", True)
         observe(request, disk.name, "write")
@@ -375,16 +379,10 @@ async def _read_exactly(request: web.Request, view: memoryview) -> None:
         filled += len(data)
 
 
-async def _json_body(request: web.Request) -> bytes:
-    """The raw body of a PATCH, refused unread when it is declared too large."""
-    if request.content_length is not None and request.content_length > MAX_JSON:
-        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"a JSON body may have at most {MAX_JSON} bytes")
-    return await request.content.read(MAX_JSON + 1)
-
-
 def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
     """Every route: the application and the OpenAPI document are built from this one list."""
     service = api.service
+    bitmaps = BitmapsApi(api.disk, api.writable)
     rings = RingsView(
         lambda name: disk_snapshot(service.disks[name], service.metrics.virtio_latency),
         lambda: list(service.disks),
@@ -403,6 +401,12 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("OPTIONS", "/v1/disks/{name}", api.options),
         ("GET", "/v1/disks/{name}/info", api.disk_info),
         ("GET", "/v1/disks/{name}/extents", api.extents),
+        ("GET", "/v1/disks/{name}/bitmaps", bitmaps.list_bitmaps),
+        ("POST", "/v1/disks/{name}/bitmaps", bitmaps.add_bitmap),
+        ("GET", "/v1/disks/{name}/bitmaps/{bitmap}", bitmaps.get_bitmap),
+        ("PATCH", "/v1/disks/{name}/bitmaps/{bitmap}", bitmaps.patch_bitmap),
+        ("DELETE", "/v1/disks/{name}/bitmaps/{bitmap}", bitmaps.remove_bitmap),
+        ("POST", "/v1/disks/{name}/checkpoints", bitmaps.checkpoint),
         ("GET", "/v1/disks/{name}/sectors/{lba}", api.get_sectors),
         ("PUT", "/v1/disks/{name}/sectors/{lba}", api.put_sectors),
         ("GET", "/v1/disks/{name}/rings", rings.rings),

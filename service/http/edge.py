@@ -25,7 +25,7 @@ from aiohttp import HttpVersion11, web
 from service.addresses import format_peer
 from service.blockio import ErrorKind, error_kind
 from service.http.errors import ApiError, ErrorCode
-from service.http.params import check_query, declared_query, parse_bearer
+from service.http.params import MAX_JSON, check_query, declared_query, parse_bearer
 from service.http.responses import error_body, error_response
 
 if TYPE_CHECKING:
@@ -134,6 +134,14 @@ def observe(request: web.Request, disk: str, op: str) -> None:
     exchange = request[EXCHANGE]
     exchange.disk = disk
     exchange.op = op
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    """The raw body of a JSON request, refused unread when it is declared too large (the parser
+    refuses one that turns out larger: it gets one byte more than it may have)."""
+    if request.content_length is not None and request.content_length > MAX_JSON:
+        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"a JSON body may have at most {MAX_JSON} bytes")
+    return await request.content.read(MAX_JSON + 1)
 
 
 class Edge:

@@ -31,7 +31,12 @@ class ErrorCode(enum.Enum):
         400,
         "a field of the JSON body is missing, unknown, of the wrong type or out of range",
     )
-    BAD_OP = ("bad_op", 400, "PATCH op is missing or not one of zero, discard, flush")
+    BAD_OP = (
+        "bad_op",
+        400,
+        "PATCH op is missing or not one the route takes (a disk: zero, discard, flush; "
+        "a bitmap: clear, enable, disable, merge)",
+    )
     BAD_CONTENT_RANGE = (
         "bad_content_range",
         400,
@@ -47,7 +52,20 @@ class ErrorCode(enum.Enum):
     NO_SUCH_DISK = ("no_such_disk", 404, "no disk has this name")
     NOT_FOUND = ("not_found", 404, "no such route")
     NO_DIRTY_TRACKING = ("no_dirty_tracking", 404, "extents context=dirty: the disk tracks no dirty blocks")
+    NO_SUCH_BITMAP = ("no_such_bitmap", 404, "the disk has no bitmap of this name")
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the route does not take this method (see Allow)")
+    BITMAP_EXISTS = ("bitmap_exists", 409, "the disk already has a bitmap of this name")
+    BITMAP_INCONSISTENT = (
+        "bitmap_inconsistent",
+        409,
+        "the bitmap was in use when its image was last closed (it may miss writes): it can only be removed",
+    )
+    BITMAP_REFUSED = (
+        "bitmap_refused",
+        409,
+        "the bitmap cannot be made as asked: persistence this disk cannot keep, "
+        "or more bitmaps or memory than a disk may have",
+    )
     LENGTH_REQUIRED = ("length_required", 411, "a PUT needs Content-Length (or Content-Range)")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the JSON body is over 64 KiB")
     URI_TOO_LONG = ("uri_too_long", 414, "the request target is too long")

@@ -13,6 +13,7 @@ from service.http.params import MAX_INT, MAX_SECTORS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_BITMAP = {"name": "bitmap", "in": "path", "required": True, "schema": {"type": "string"}}
 _FLUSH = {
     "name": "flush",
     "in": "query",
@@ -38,6 +39,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     disk_ref = {"$ref": "#/components/schemas/Disk"}
+    bitmap_ref = {"$ref": "#/components/schemas/Bitmap"}
     errors = {"400": _ERROR, "403": _ERROR, "404": _ERROR, "416": _ERROR, "500": _ERROR}
     count = {
         "name": "count",
@@ -135,15 +137,23 @@ def openapi_document() -> dict[str, Any]:
             "/v1/disks/{name}/extents": {
                 "parameters": [_NAME],
                 "get": {
-                    "summary": "Allocation map (imageio's zero extents)",
+                    "summary": "Allocation map (imageio's zero extents) or a bitmap's dirty extents",
                     "parameters": [
                         {
                             "name": "context",
                             "in": "query",
                             "schema": {"type": "string", "enum": ["zero", "dirty"], "default": "zero"},
-                            "description": "zero: the allocation map. dirty: 404 no_dirty_tracking "
-                            "(vblk tracks no dirty blocks; imageio clients read that as no "
-                            "incremental backup).",
+                            "description": "zero: the allocation map [{start, length, zero, hole}]. "
+                            "dirty: a bitmap's dirty extents [{start, length, dirty, zero}], as "
+                            "ovirt-imageio serves them (404 no_dirty_tracking when the disk has no "
+                            "bitmap; imageio clients read that as no incremental backup).",
+                        },
+                        {
+                            "name": "bitmap",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "context=dirty: the bitmap (may be left out when the disk "
+                            "has exactly one usable bitmap).",
                         },
                         {"name": "offset", "in": "query", "schema": _OFFSET},
                         {
@@ -156,6 +166,51 @@ def openapi_document() -> dict[str, Any]:
                         "200": _json(
                             {"type": "array", "items": {"$ref": "#/components/schemas/Extent"}}, "map"
                         ),
+                        **errors,
+                    },
+                },
+            },
+            "/v1/disks/{name}/bitmaps": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "The disk's dirty bitmaps, and where persistent ones are kept",
+                    "responses": {"200": _json({"type": "object"}, "bitmaps"), "404": _ERROR},
+                },
+                "post": {
+                    "summary": "Add a clean bitmap {name, granularity?, persistent?, disabled?}: it records "
+                    "every write from now on (unless disabled); persistent by default where the disk "
+                    "can keep it (a qcow2 image, a raw image's sidecar file)",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {"201": _json(bitmap_ref, "added"), "409": _ERROR, **errors},
+                },
+            },
+            "/v1/disks/{name}/bitmaps/{bitmap}": {
+                "parameters": [_NAME, _BITMAP],
+                "get": {
+                    "summary": "One bitmap",
+                    "responses": {"200": _json(bitmap_ref, "bitmap"), "404": _ERROR},
+                },
+                "patch": {
+                    "summary": "{op: clear | enable | disable} or {op: merge, bitmaps: [SOURCE, ...]} "
+                    "(the sources OR-ed in), with the disk drained",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {"200": _json(bitmap_ref, "changed"), "409": _ERROR, **errors},
+                },
+                "delete": {
+                    "summary": "Remove a bitmap (from its image too, at the next clean close)",
+                    "responses": {"200": _json({"type": "object"}, "removed"), **errors},
+                },
+            },
+            "/v1/disks/{name}/checkpoints": {
+                "parameters": [_NAME],
+                "post": {
+                    "summary": "A checkpoint {bitmap, granularity?, persistent?}: the new bitmap starts "
+                    "recording and every bitmap recording until now stops, at one instant (no write "
+                    "falls between the two)",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {
+                        "201": _json({"type": "object"}, "{bitmap, disabled}"),
+                        "409": _ERROR,
                         **errors,
                     },
                 },
@@ -290,6 +345,22 @@ def openapi_document() -> dict[str, Any]:
                         "length": {"type": "integer"},
                         "zero": {"type": "boolean"},
                         "hole": {"type": "boolean"},
+                    },
+                },
+                "Bitmap": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "granularity": {"type": "integer", "description": "bytes of disk one bit covers"},
+                        "recording": {"type": "boolean"},
+                        "persistent": {"type": "boolean"},
+                        "inconsistent": {
+                            "type": "boolean",
+                            "description": "in use when its image was last closed: may miss writes, "
+                            "can only be removed",
+                        },
+                        "dirty_bytes": {"type": "integer"},
+                        "size": {"type": "integer"},
                     },
                 },
                 "Rings": {

@@ -264,6 +264,23 @@ class JsonFields:
             raise ApiError(ErrorCode.BAD_FIELD, f"{name} must be true or false, not {_json_type(value)}")
         return value
 
+    def string(self, name: str) -> str:
+        """A required JSON string."""
+        value = self.body.get(name)
+        if not isinstance(value, str):
+            raise ApiError(ErrorCode.BAD_FIELD, f"{name} is required: a string, not {_json_type(value)}")
+        return value
+
+    def strings(self, name: str) -> list[str]:
+        """A required JSON array of strings (one at least)."""
+        value = self.body.get(name)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ApiError(
+                ErrorCode.BAD_FIELD,
+                f"{name} is required: an array of strings (one or more), not {_json_type(value)}",
+            )
+        return [str(v) for v in value]
+
 
 def _json_type(value: object) -> str:
     if value is None:
@@ -423,23 +440,21 @@ class ExtentsQuery:
     offset: int
     length: int
     context: ExtentsContext
+    bitmap: str | None = None
 
 
 def parse_extents(query: Mapping[str, str], size: int) -> ExtentsQuery:
-    """``GET .../extents?context=zero|dirty&offset=&length=`` (the whole disk by default).
+    """``GET .../extents?context=zero|dirty&bitmap=&offset=&length=`` (the whole disk by default).
 
-    ``context=dirty`` is 404, as an imageio server without dirty tracking answers it: clients
-    (ovirt-imageio's) take that for "incremental backup is not available".
+    ``bitmap`` names the bitmap of ``context=dirty`` (it may be left out when the disk has one).
     """
     context = parse_choice(query.get("context", "zero"), "context", ("zero", "dirty"))
-    if context == "dirty":
-        raise ApiError(
-            ErrorCode.NO_DIRTY_TRACKING,
-            "this disk keeps no dirty bitmap: context=dirty is not available (use context=zero)",
-        )
+    bitmap = query.get("bitmap")
+    if bitmap is not None and context != "dirty":
+        raise ApiError(ErrorCode.BAD_PARAMETER, "bitmap= goes with context=dirty")
     offset = query_uint(query, "offset", 0)
     if offset >= size:
         raise unsatisfiable(size, _past_end(size, f"offset {offset} is"))
     length = query_uint(query, "length", size - offset, minimum=1)
     check_span(size, offset, length, "the extents")
-    return ExtentsQuery(offset, length, "zero")
+    return ExtentsQuery(offset, length, "dirty" if context == "dirty" else "zero", bitmap)

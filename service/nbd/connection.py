@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import itertools
 import ssl
@@ -22,7 +23,7 @@ from typing import Final
 import structlog
 from mypy_extensions import mypyc_attr
 
-from service.blockio import ByteDisk, ErrorKind, IoBuffer, error_kind
+from service.blockio import BitmapError, ByteDisk, ErrorKind, IoBuffer, error_kind
 from service.nbd import protocol as p
 from service.nbd.channel import Channel
 from service.nbd.constants import (
@@ -32,8 +33,10 @@ from service.nbd.constants import (
     NBD_CMD_FLAG_NO_HOLE,
     NBD_CMD_READ,
     NBD_CMD_WRITE,
+    NBD_STATE_DIRTY,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
+    QEMU_DIRTY_BITMAP,
     Command,
     Errno,
     Option,
@@ -630,10 +633,26 @@ class Connection:
             (e.length, (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)) for e in extents
         ]
         answers = []
-        for context_id in self.meta_contexts:
+        for context_id, context in self.meta_contexts.items():
             if context_id == p.ALLOCATION_DEPTH_ID:
                 runs = export.disk.allocation_depth(request.offset, request.length)
                 answers.append((context_id, [(length, depth) for _, length, depth in runs]))
+            elif context_id >= p.FIRST_BITMAP_ID:
+                try:
+                    answers.append((context_id, self._dirty_runs(export, context, request)))
+                except BitmapError as gone:  # removed since the client chose it
+                    self._send_error(request, Errno.EINVAL, str(gone))
+                    return
             else:
                 answers.append((context_id, allocation))
         self.channel.write_all(self.codec.reply_block_status(request, answers))
+
+    @staticmethod
+    def _dirty_runs(export: NbdExport, context: str, request: p.Request) -> list[tuple[int, int]]:
+        """``qemu:dirty-bitmap:NAME``'s extents: flags 1 where dirty, 0 where clean."""
+        dirty = export.disk.dirty
+        name = context[len(QEMU_DIRTY_BITMAP) :]
+        if dirty is None:
+            raise BitmapError(errno.ENOENT, f"no bitmap is named {name!r}")
+        runs = dirty.runs(name, request.offset, request.length)
+        return [(length, NBD_STATE_DIRTY if is_dirty else 0) for _, length, is_dirty in runs]

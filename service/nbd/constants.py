@@ -171,6 +171,9 @@ BASE_ALLOCATION: Final = "base:allocation"
 #: QEMU's context: how deep in the backing chain each extent is allocated (0: nowhere, 1: the
 #: image itself, 2 and more: a backing file), as ``qemu-nbd -A`` exports it.
 QEMU_ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
+#: ``qemu:dirty-bitmap:NAME``: bit 0 of an extent's flags is set where bitmap NAME is dirty.
+QEMU_DIRTY_BITMAP: Final = "qemu:dirty-bitmap:"
+NBD_STATE_DIRTY: Final = 1 << 0
 
 
 class Errno(enum.IntEnum):

@@ -58,7 +58,8 @@ MAX_OPTIONS: Final = 256  # options per connection before we give up on the clie
 MAX_OPTION_LENGTH: Final = 64 * 1024  # enough for INFO/GO and meta-context queries
 BASE_ALLOCATION_ID: Final = 1
 ALLOCATION_DEPTH_ID: Final = 2
-#: Every meta context vblk can serve, with the id it answers it by.
+FIRST_BITMAP_ID: Final = 3
+#: The meta contexts every export answers by a fixed id (bitmaps' ids follow, per selection).
 CONTEXT_IDS: Final[dict[str, int]] = {
     BASE_ALLOCATION: BASE_ALLOCATION_ID,
     QEMU_ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID,
@@ -531,11 +532,21 @@ class ServerConnection:
             ]
         else:
             matched = [c for c in offered.meta_contexts if c in queries]
-            self.meta_contexts = {CONTEXT_IDS[c]: c for c in matched}
+            self.meta_contexts = {context_id(c, i): c for i, c in enumerate(matched)}
             self._meta_export = offered.name
+        ids = {name: i for i, name in self.meta_contexts.items()} if option == Option.SET_META_CONTEXT else {}
         for context in matched:
-            self._reply(option, Reply.META_CONTEXT, _STR_LEN.pack(CONTEXT_IDS[context]) + context.encode())
+            # A LIST reply's id is reserved (proto.md): 0 but for the fixed ones, as before.
+            number = ids.get(context, CONTEXT_IDS.get(context, 0))
+            self._reply(option, Reply.META_CONTEXT, _STR_LEN.pack(number) + context.encode())
         self._reply(option, Reply.ACK)
+
+
+def context_id(context: str, index: int) -> int:
+    """The id a SET selection answers ``context`` by: fixed for the base and allocation-depth
+    contexts, and past them, by position, for the dirty bitmaps (their names come and go)."""
+    fixed = CONTEXT_IDS.get(context)
+    return fixed if fixed is not None else FIRST_BITMAP_ID + index
 
 
 def _matches(query: str, context: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Final
 from service.blockio import ByteDisk
 from service.latency import FrontendObserver
 from service.nbd import protocol as p
-from service.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
+from service.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,23 +53,35 @@ class NbdExport:
     disk: ByteDisk
     description: str = ""
     _described: p.Export | None = dataclasses.field(default=None, repr=False)
+    _generation: int = dataclasses.field(default=0, repr=False)
 
     @property
     def name(self) -> str:
         return self.disk.name
 
     def describe(self) -> p.Export:
-        """The export as the codec sees it; rebuilt only when the disk's size changes."""
+        """The export as the codec sees it; rebuilt only when the disk's size or its set of
+        bitmaps changes."""
         disk = self.disk
         cached = self._described
-        if cached is not None and cached.size == disk.size:
+        dirty = disk.dirty
+        generation = dirty.generation if dirty is not None else 0
+        if cached is not None and cached.size == disk.size and self._generation == generation:
             return cached
+        contexts: tuple[str, ...] = _CHAIN_CONTEXTS if disk.has_chain else _PLAIN_CONTEXTS
+        if dirty is not None:
+            contexts += tuple(
+                QEMU_DIRTY_BITMAP + bitmap.name
+                for bitmap in dirty.bitmaps.values()
+                if not bitmap.inconsistent
+            )
+        self._generation = generation
         self._described = described = p.Export(
             name=self.name,
             size=disk.size,
             description=self.description,
             read_only=disk.read_only,
-            meta_contexts=_CHAIN_CONTEXTS if disk.has_chain else _PLAIN_CONTEXTS,
+            meta_contexts=contexts,
         )
         return described
 

@@ -139,7 +139,7 @@ async def test_a_disk_spec_can_name_a_fault_layer_and_the_api_shows_the_stack() 
     async with serving(spec) as rig, aiohttp.ClientSession() as http:
         async with http.get(f"{rig.base_url}/v1/disks/d/info") as r:
             stack = (await r.json())["stack"]
-        assert [n["node"] for n in stack] == ["faults", "memory"]
+        assert [n["node"] for n in stack] == ["faults", "dirty", "memory"]
         assert stack[0]["read"] == "eio" and stack[0]["remaining"] == 1
         async with http.get(f"{rig.base_url}/v1/disks/d", headers={"Range": "bytes=0-511"}) as r:
             assert r.status == 500 and (await r.json())["error"] == "io_error"  # the planted fault

@@ -271,9 +271,11 @@ def test_extents_query() -> None:
     assert (query.offset, query.length, query.context) == (0, SIZE, "zero")
     query = parse_extents({"context": "zero", "offset": "512", "length": "512"}, SIZE)
     assert (query.offset, query.length) == (512, 512)
-    with refused(ErrorCode.NO_DIRTY_TRACKING) as caught:
-        parse_extents({"context": "dirty"}, SIZE)
-    assert caught.value.status == 404
+    query = parse_extents({"context": "dirty", "bitmap": "b0", "length": "4096"}, SIZE)
+    assert (query.offset, query.length, query.context, query.bitmap) == (0, 4096, "dirty", "b0")
+    assert parse_extents({"context": "dirty"}, SIZE).bitmap is None
+    with refused(ErrorCode.BAD_PARAMETER):
+        parse_extents({"bitmap": "b0"}, SIZE)  # a bitmap without context=dirty
     with refused(ErrorCode.BAD_PARAMETER):
         parse_extents({"context": "ZERO"}, SIZE)
     with refused(ErrorCode.RANGE_NOT_SATISFIABLE) as caught:

@@ -102,7 +102,8 @@ async def test_nbd_clients_read_a_qcow2_chain_as_qemu_does(tmp_path: Path) -> No
         ):
             described = await response.json()
         assert described["read_only"] is True and described["size"] == 8 * MiB
-        qcow2, file = described["stack"]
+        dirty, qcow2, file = described["stack"]
+        assert dirty == {"node": "dirty", "bitmaps": []}
         assert (qcow2["node"], qcow2["format"], qcow2["version"], qcow2["cluster_size"]) == (
             "qcow2",
             "qcow2",
