@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from device.block.node import BlockError, BlockNode, Completion, Layer
 
@@ -45,6 +46,7 @@ _NOT_ONES: Final = re.compile(b"[^\xff]")
 _ONES: Final = b"\xff" * 4096
 
 
+@mypyc_attr(native_class=False)  # an OSError: compiled code cannot subclass it natively
 class BitmapError(BlockError):
     """A bitmap operation refused: ``errno`` says why (ENOENT unknown, EEXIST taken, EBUSY
     inconsistent, EINVAL a bad name or granularity, ENOSPC over the memory budget, ENOTSUP not
