@@ -273,7 +273,7 @@ class Qcow2Node(BlockingNode):
             raise BlockError(
                 errno.EROFS,
                 f"{path} cannot be written: its persistent bitmaps are damaged ({damage}); serve it "
-                "read-only, or copy it without them (qemu-img convert -O qcow2)",
+                "read-only (the data is intact, QEMU does not open it at all) and copy the data out",
             )
         try:
             node = cls(file, header, l1, backing, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
