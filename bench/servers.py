@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +36,8 @@ KINDS: dict[str, str] = {
     "qemu-nbd-qcow2": "qemu-nbd qcow2",
     "vblk-qcow2-thin": "vblk qcow2 thin",
     "qemu-nbd-qcow2-thin": "qemu-nbd qcow2 thin",
+    # vblk with one recording dirty bitmap (what dirty tracking costs).
+    "vblk-bitmap": "vblk bitmap",
 }
 DEFAULT_SERVERS = "vblk,nbdkit-file,qemu-nbd,nbdkit-python"
 
@@ -324,8 +329,11 @@ class Server:
         metrics_url: str | None = None,
         cwd: Path = REPO,
         env: dict[str, str] | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> None:
+        """``ready`` runs once the server answers (a contender's set-up over its REST API)."""
         self.label = label
+        self.ready = ready
         self.command = command
         self.port = port
         self.size = size
@@ -397,6 +405,8 @@ class Server:
         )
         if info.returncode != 0 or int(info.stdout.strip() or -1) != self.size:
             raise RuntimeError(f"{self.label}: nbdinfo --size {self.uri}: {info.stdout}{info.stderr}")
+        if self.ready is not None:
+            self.ready()
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -433,7 +443,8 @@ def server_for(
     port = free_port()
     if contender.vblk is not None:
         tree = contender.vblk
-        http_port = free_port() if http_listen else None
+        bitmap = contender.kind == "vblk-bitmap"
+        http_port = free_port() if http_listen or bitmap else None
         if image_format(contender.kind) != "raw":
             disk_options = ",".join(o for o in ("format=qcow2", disk_options) if o)
         return Server(
@@ -446,9 +457,23 @@ def server_for(
             metrics_url=None if http_port is None else f"http://{HOST}:{http_port}/metrics",
             cwd=tree.root,
             env=tree.env,
+            ready=functools.partial(add_bitmap, f"http://{HOST}:{http_port}") if bitmap else None,
         )
     command = PEER_COMMANDS[contender.kind](image, port)
     return Server(contender.label, command, port=port, size=size, log_dir=log_dir, image=image)
+
+
+def add_bitmap(base_url: str) -> None:
+    """One recording dirty bitmap (64 KiB granularity, in memory) on the bench disk."""
+    request = urllib.request.Request(
+        f"{base_url}/v1/disks/{EXPORT}/bitmaps",
+        data=json.dumps({"name": "bench", "persistent": False}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        if response.status != 201:
+            raise RuntimeError(f"POST {request.full_url}: {response.status}")
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ log = structlog.get_logger("vblk.device.block")
 FORMAT: Final = "vblk-bitmaps"
 VERSION: Final = 1
 SUFFIX: Final = ".bitmaps"
+#: What reading a damaged sidecar raises (RecursionError: JSON nested too deeply).
+_DAMAGE: Final = (ValueError, KeyError, TypeError, RecursionError, binascii.Error, zlib.error, BlockError)
 
 
 def sidecar_path(image: Path) -> Path:
@@ -71,7 +73,15 @@ class SidecarStore:
             return []
         try:
             records = self._parse(text)
-        except (ValueError, KeyError, TypeError, binascii.Error, zlib.error, BlockError) as bad:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+            binascii.Error,
+            zlib.error,
+            BlockError,
+        ) as bad:
             if self.read_only:
                 log.warning("bitmaps_sidecar_unreadable", path=str(self.path), error=str(bad))
                 return []
@@ -100,13 +110,15 @@ class SidecarStore:
             check_name(name, new=False)
             check_granularity(granularity)
             names.add(name)
-            data = zlib.decompress(base64.b64decode(entry["data"], validate=True))
-            if len(data) != bitmap_bytes(document["image_size"], granularity):
+            expected = bitmap_bytes(document["image_size"], granularity)
+            inflate = zlib.decompressobj()
+            data = inflate.decompress(base64.b64decode(entry["data"], validate=True), expected + 1)
+            if len(data) != expected or not inflate.eof:
                 raise ValueError(f"bitmap {name!r}: {len(data)} bytes of data do not fit its image size")
             in_use = bool(entry["in_use"])
             if resized:
                 in_use = True  # the image changed size behind vblk's back: the bits may be wrong
-                data = _fit(data, bitmap_bytes(self.size, granularity))
+                data = _fit(data, self.size, granularity)
             records.append(BitmapRecord(name, granularity, bool(entry["enabled"]), in_use, data))
         if resized:
             log.warning(
@@ -148,8 +160,14 @@ class SidecarStore:
         _sync_directory(self.path.parent)
 
 
-def _fit(data: bytes, nbytes: int) -> bytes:
-    return data[:nbytes] if len(data) >= nbytes else data + bytes(nbytes - len(data))
+def _fit(data: bytes, size: int, granularity: int) -> bytes:
+    """``data`` cut or padded to a bitmap of ``granularity`` over ``size`` bytes, tail bits zero."""
+    nbits = -(-size // granularity)
+    nbytes = -(-nbits // 8)
+    fitted = bytearray(data[:nbytes] if len(data) >= nbytes else data + bytes(nbytes - len(data)))
+    if nbits & 7 and fitted:
+        fitted[-1] &= (1 << (nbits & 7)) - 1
+    return bytes(fitted)
 
 
 def _sync_directory(directory: Path) -> None:

@@ -25,12 +25,19 @@ discard or zeroing unlinks are freed only once the unlinking L2 tables are on di
 the v3 zero flag; ``resize`` grows (zeroing what the old tail or a longer backing file would show)
 and shrinks. An image vblk must not write (lazy refcounts left dirty, internal snapshots) is
 refused writable with the reason; a data write that would land on metadata marks the image
-corrupt (as QEMU's overlap check) and fails. Autoclear bits are cleared on a writable open, as
-the format asks of a writer that does not keep what they vouch for (persistent bitmaps).
+corrupt (as QEMU's overlap check) and fails. A writable open clears the autoclear bits vblk does
+not keep, as the format asks of such a writer; the bitmaps bit stays while its extension is valid.
+
+Persistent bitmaps: the node parses and checks the bitmap directory at open (a damaged one
+refuses a writable open; a read-only one serves the data without them) and, on a writable
+open, sets every bitmap's in_use flag on disk before any data write, as QEMU does, so that a
+process that never stores them back leaves them inconsistent. Storing them is
+:mod:`device.block.qcow2_bitmaps`'s; after a store, the next change marks them in use again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import os
@@ -50,15 +57,23 @@ from device.block.file import FileNode
 from device.block.node import BlockError, BlockingNode, BlockNode, Capabilities, Extent, check_access
 from device.block.qcow2_header import (
     AUTOCLEAR_BITMAPS,
+    BME_IN_USE,
+    BMT_ALL_ONES,
+    BMT_OFFSET_MASK,
+    BMT_RESERVED_MASK,
     HEADER_V3_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
+    BitmapEntry,
     Header,
     create_image,
+    directory_flag_offsets,
     invalid,
+    parse_directory,
     parse_header,
+    rewrite_cluster0,
     unsupported,
     writable_refusal,
 )
@@ -172,6 +187,15 @@ class Qcow2Node(BlockingNode):
         self._inflight = 0  # writes in place outside the lock
         self._broken: str | None = None  # why writing stopped (metadata found corrupt)
         self._closed = False
+        # Persistent bitmaps (device.block.qcow2_bitmaps): the directory as found at open (flags
+        # before this open set in_use), each entry's bitmap table, and where the directory is.
+        self.bitmaps_found: list[BitmapEntry] = []
+        self.bitmap_entries: list[BitmapEntry] = []  # as on disk now
+        self.bitmap_tables: list[array[int]] = []
+        self.bitmap_directory: tuple[int, int] = (0, 0)  # offset, size
+        self.bitmaps_damage = ""  # why the bitmaps cannot be used (a read-only open serves the data)
+        # Bitmaps stored consistent while the node stays open: the next change marks them in use.
+        self.bitmaps_clean = False
 
     def _set_host_limit(self, size: int) -> None:
         """The file may grow to what it is, plus twice the virtual size and its tables."""
@@ -244,26 +268,117 @@ class Qcow2Node(BlockingNode):
             backing = _open_backing(
                 path, header.backing_name, header.backing_format, force_share, l2_cache_bytes, chain
             )
+        found, tables, damage = _bitmap_directory(host, header, file.size)
+        if damage and not read_only:
+            raise BlockError(
+                errno.EROFS,
+                f"{path} cannot be written: its persistent bitmaps are damaged ({damage}); serve it "
+                "read-only (the data is intact, QEMU does not open it at all) and copy the data out",
+            )
         try:
             node = cls(file, header, l1, backing, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
-            if not read_only and header.autoclear:
-                node._clear_autoclear(header)
+            node._take_bitmaps(header, found, tables, damage)
+            if not read_only:
+                node._open_for_writing(header, head)
             return node
         except BaseException:
             if backing is not None:
                 backing.close()
             raise
 
-    def _clear_autoclear(self, header: Header) -> None:
-        """A writer clears the autoclear bits: vblk does not keep what they vouch for."""
-        if header.autoclear & AUTOCLEAR_BITMAPS:
+    def _take_bitmaps(
+        self, header: Header, entries: list[BitmapEntry], tables: list[array[int]], damage: str
+    ) -> None:
+        self.bitmaps_damage = damage
+        if damage:
+            log.warning("qcow2_bitmaps_damaged", path=str(self.path), why=damage)
+            return
+        ext = header.bitmaps
+        if ext is None:
+            return
+        self.bitmaps_found = [dataclasses.replace(e) for e in entries]
+        self.bitmap_entries = entries
+        self.bitmap_tables = tables
+        self.bitmap_directory = (ext.directory_offset, ext.directory_size)
+        self._metadata.update(self.bitmap_clusters())
+
+    # -- for the bitmap store (device.block.qcow2_bitmaps), under metadata_lock ------------------
+
+    @property
+    def metadata_lock(self) -> threading.RLock:
+        return self._lock
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    @property
+    def broken(self) -> str | None:
+        """Why writing stopped (the image is marked corrupt), or None."""
+        return self._broken
+
+    def writable_refcounts(self) -> Refcounts:
+        return self._writable()
+
+    def flush_metadata(self) -> None:
+        self._flush_metadata()
+
+    def refcounts_down(self) -> None:
+        """The refcount blocks and table on disk, then a barrier."""
+        self._refcounts_down()
+
+    def allocate_metadata(self, count: int) -> int:
+        """``count`` contiguous new clusters for metadata (counted, inside the file): the first."""
+        start = self._writable().allocate(count)
+        for cluster in range(start, start + count):
+            if self._is_metadata(cluster):
+                self._mark_corrupt(f"cluster {cluster} is allocated but holds metadata (its refcount is 0)")
+        self._host.grow((start + count) << self.cluster_bits)
+        self._metadata.update(range(start, start + count))
+        return start
+
+    def forget_metadata(self, cluster: int, count: int) -> None:
+        self._metadata.difference_update(range(cluster, cluster + count))
+
+    def bitmap_clusters(self) -> set[int]:
+        """The clusters the persistent bitmaps hold: the directory, the tables, the data."""
+        bits = self.cluster_bits
+        offset, size = self.bitmap_directory
+        out: set[int] = set()
+        if size:
+            out.update(range(offset >> bits, ((offset + size - 1) >> bits) + 1))
+        for entry, table in zip(self.bitmap_entries, self.bitmap_tables, strict=True):
+            first = entry.table_offset >> bits
+            out.update(range(first, ((entry.table_offset + entry.table_size * 8 - 1) >> bits) + 1))
+            out.update((e & BMT_OFFSET_MASK) >> bits for e in table if e & BMT_OFFSET_MASK)
+        return out
+
+    def _open_for_writing(self, header: Header, head: bytes) -> None:
+        """What a writer does first, durably, before any data write: clear the autoclear bits it
+        does not keep (all but the bitmaps bit, which stays while its extension is valid), drop
+        a bitmaps extension no bit vouches for, and mark every bitmap in use (as QEMU does: a
+        crash from now on leaves them inconsistent)."""
+        keep = header.autoclear & AUTOCLEAR_BITMAPS if header.bitmaps is not None else 0
+        if header.bitmaps_stale:
             log.warning(
-                "qcow2_bitmaps_invalidated",
+                "qcow2_bitmaps_dropped",
                 path=str(self.path),
-                why="vblk writes the image and does not update its persistent bitmaps",
+                why="a program without bitmap support wrote the image since they were stored",
             )
-        self._host.write_bytes(HEADER_FEATURES_AT + 16, bytes(8))
+            self._host.write_bytes(0, rewrite_cluster0(self.path, head, header, None, keep))
+        elif header.autoclear != keep:
+            self._host.write_bytes(HEADER_FEATURES_AT + 16, struct.pack(">Q", keep))
+        self._mark_bitmaps_in_use()
         self._host.barrier()
+
+    def _mark_bitmaps_in_use(self) -> None:
+        """Set in_use in the directory's entries in place (each flags word in one sector)."""
+        offset = self.bitmap_directory[0]
+        for entry, at in zip(self.bitmap_entries, directory_flag_offsets(self.bitmap_entries), strict=True):
+            if not entry.flags & BME_IN_USE:
+                entry.flags |= BME_IN_USE
+                self._host.write_bytes(offset + at, struct.pack(">I", entry.flags))
+        self.bitmaps_clean = False
 
     # -- the node -----------------------------------------------------------------------------------
 
@@ -562,7 +677,7 @@ class Qcow2Node(BlockingNode):
         if not (offset >= 0 and offset + length <= self._size and 0 < within + length <= self.cluster_size):
             return False
         with self._lock:
-            if self._refcounts is None or self._broken is not None:
+            if self._refcounts is None or self._broken is not None or self.bitmaps_clean:
                 return False
             entry = self._cached_entry(offset, True)
             host = self._owned_host(entry) if entry >= 0 else 0
@@ -600,6 +715,9 @@ class Qcow2Node(BlockingNode):
         refcounts = self._refcounts
         if refcounts is None:
             raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        if self.bitmaps_clean:  # stored consistent, and about to change: in use again first
+            self._mark_bitmaps_in_use()
+            self._host.barrier()
         return refcounts
 
     def _write_in_place(self, offset: int, total: int, views: list[memoryview]) -> bool:
@@ -608,7 +726,7 @@ class Qcow2Node(BlockingNode):
         mask = self.cluster_size - 1
         spans: list[tuple[int, int]] = []  # host offset, length
         with self._lock:
-            if self._broken is not None or self._refcounts is None:
+            if self._broken is not None or self._refcounts is None or self.bitmaps_clean:
                 return False
             pos = offset
             end = offset + total
@@ -1180,3 +1298,33 @@ def _open_backing(
         except ValueError as bad:
             raise BlockError(errno.EINVAL, f"{path}: backing file {target}: {bad}") from bad
     raise unsupported(path, f"backing file {name!r} has format {backing_format!r} (vblk reads raw and qcow2)")
+
+
+def _bitmap_directory(
+    host: Host, header: Header, file_size: int
+) -> tuple[list[BitmapEntry], list[array[int]], str]:
+    """The bitmap directory and tables the header's extension points at, checked as QEMU checks
+    them, or why they are damaged (then no entries)."""
+    ext = header.bitmaps
+    if header.bitmaps_damage or ext is None:
+        return [], [], header.bitmaps_damage
+    cluster_size = header.cluster_size
+    try:
+        raw = host.read(ext.directory_offset, ext.directory_size)
+        entries = parse_directory(raw, ext.nb_bitmaps, header.size, cluster_size, file_size)
+        tables: list[array[int]] = []
+        for entry in entries:
+            table = be64(host.read(entry.table_offset, entry.table_size * 8))
+            for value in table:
+                data = value & BMT_OFFSET_MASK
+                if (
+                    value & BMT_RESERVED_MASK
+                    or (data and value & BMT_ALL_ONES)
+                    or data % cluster_size
+                    or data + cluster_size > file_size
+                ):
+                    raise ValueError(f"bitmap {entry.name!r} has a bad bitmap table entry ({value:#x})")
+            tables.append(table)
+    except ValueError as bad:
+        return [], [], str(bad)
+    return entries, tables, ""

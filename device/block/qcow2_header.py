@@ -24,6 +24,7 @@ MAGIC: Final = b"QFI\xfb"
 EXT_END: Final = 0x00000000
 EXT_BACKING_FORMAT: Final = 0xE2792ACA
 EXT_FEATURE_NAMES: Final = 0x6803F857
+EXT_BITMAPS: Final = 0x23852875
 
 INCOMPAT_DIRTY: Final = 1 << 0
 INCOMPAT_CORRUPT: Final = 1 << 1
@@ -47,6 +48,26 @@ HEADER_V3_LENGTH: Final = 112  # as QEMU 7.2 writes it: through compression_type
 _HEADER_V2: Final = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
 _HEADER_V3: Final = struct.Struct(">QQQII")  # bytes 72..104
 _U32_PAIR: Final = struct.Struct(">II")
+_BITMAPS_EXT: Final = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
+_DIR_ENTRY: Final = struct.Struct(">QIIBBHI")  # a bitmap directory entry's fixed 24 bytes
+
+# The bitmaps extension and its directory (QEMU's limits, block/qcow2-bitmap.c).
+MAX_BITMAPS: Final = 65535
+MAX_BITMAP_DIRECTORY: Final = 1024 * MAX_BITMAPS
+MAX_BITMAP_TABLE: Final = 0x8000000  # entries
+MAX_BITMAP_BYTES: Final = 0x20000000  # one bitmap's table clusters, in bytes
+MIN_GRANULARITY_BITS: Final = 9
+MAX_GRANULARITY_BITS: Final = 31
+MAX_BITMAP_NAME: Final = 1023
+BME_IN_USE: Final = 1 << 0
+BME_AUTO: Final = 1 << 1
+BME_EXTRA_DATA_COMPATIBLE: Final = 1 << 2
+BME_RESERVED: Final = ~(BME_IN_USE | BME_AUTO | BME_EXTRA_DATA_COMPATIBLE) & 0xFFFFFFFF
+BITMAP_TYPE_DIRTY: Final = 1
+#: A bitmap table entry: bits 9-55 the data cluster; with none, bit 0 says all ones.
+BMT_OFFSET_MASK: Final = 0x00FFFFFFFFFFFE00
+BMT_RESERVED_MASK: Final = 0xFF000000000001FE
+BMT_ALL_ONES: Final = 1 << 0
 
 #: The feature name table QEMU writes (type 0 incompatible, 1 compatible, 2 autoclear).
 FEATURE_NAMES: Final = (
@@ -70,6 +91,15 @@ def unsupported(path: Path, why: str) -> BlockError:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BitmapsExtension:
+    """The bitmaps extension's fields: how many bitmaps, where their directory is."""
+
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Header:
     """What an image's cluster 0 says (the fields vblk uses), checked."""
 
@@ -90,6 +120,17 @@ class Header:
     backing_name: str
     backing_format: str
     feature_names: dict[int, str]
+    #: Where the backing file name lies in cluster 0 (0: none), and its bytes.
+    backing_offset: int = 0
+    backing_raw: bytes = b""
+    #: Every header extension, in the order found (type, data); kept when cluster 0 is rewritten.
+    extensions: tuple[tuple[int, bytes], ...] = ()
+    #: The bitmaps extension, when autoclear bit 0 vouches for it (else None).
+    bitmaps: BitmapsExtension | None = None
+    #: A bitmaps extension the autoclear bit no longer vouches for (a writer drops it).
+    bitmaps_stale: bool = False
+    #: Why the bitmaps extension is unusable ("" when it is fine, or absent).
+    bitmaps_damage: str = ""
 
     @property
     def cluster_size(self) -> int:
@@ -146,7 +187,8 @@ def parse_header(path: Path, head: bytes, file_size: int, zstd: bool) -> Header:
             raise invalid(path, f"header_length {header_length} runs past the end of the file")
         if header_length > 104:
             compression_type = head[104]
-    extensions = _extensions(path, head, header_length, backing_offset or cluster_size, cluster_size)
+    found = _extensions(path, head, header_length, backing_offset or cluster_size, cluster_size)
+    extensions = dict(found)
     names = _feature_names(extensions.get(EXT_FEATURE_NAMES, b""))
     if crypt_method != 0:
         raise unsupported(path, "the image is encrypted; vblk does not read encrypted qcow2 images")
@@ -195,7 +237,14 @@ def parse_header(path: Path, head: bytes, file_size: int, zstd: bool) -> Header:
         raise invalid(path, f"l1_size {l1_size} is over QEMU's limit of {MAX_L1_BYTES // 8}")
     if needed and (l1_offset % cluster_size or l1_offset == 0 or l1_offset + needed * 8 > file_size):
         raise invalid(path, f"the L1 table's offset {l1_offset:#x} is unaligned or outside the file")
+    bitmaps: BitmapsExtension | None = None
+    damage = ""
+    raw_bitmaps = extensions.get(EXT_BITMAPS)
+    stale = raw_bitmaps is not None and not autoclear & AUTOCLEAR_BITMAPS
+    if raw_bitmaps is not None and not stale:
+        bitmaps, damage = _bitmaps_extension(raw_bitmaps, cluster_size, file_size)
     name = ""
+    raw_name = b""
     backing_format = ""
     if backing_offset:
         if backing_size == 0 or backing_size > MAX_BACKING_NAME:
@@ -225,7 +274,29 @@ def parse_header(path: Path, head: bytes, file_size: int, zstd: bool) -> Header:
         backing_name=name,
         backing_format=backing_format,
         feature_names=names,
+        backing_offset=backing_offset,
+        backing_raw=raw_name,
+        extensions=tuple(found),
+        bitmaps=bitmaps,
+        bitmaps_stale=stale,
+        bitmaps_damage=damage,
     )
+
+
+def _bitmaps_extension(raw: bytes, cluster_size: int, file_size: int) -> tuple[BitmapsExtension | None, str]:
+    """The bitmaps extension checked as QEMU checks it, or why it is damaged."""
+    if len(raw) != _BITMAPS_EXT.size:
+        return None, f"the bitmaps extension is {len(raw)} bytes, not {_BITMAPS_EXT.size}"
+    nb_bitmaps, reserved, size, offset = _BITMAPS_EXT.unpack(raw)
+    if reserved:
+        return None, "the bitmaps extension's reserved field is not zero"
+    if nb_bitmaps == 0 or nb_bitmaps > MAX_BITMAPS:
+        return None, f"the bitmaps extension counts {nb_bitmaps} bitmaps (1..{MAX_BITMAPS})"
+    if size == 0 or size > MAX_BITMAP_DIRECTORY:
+        return None, f"a bitmap directory of {size} bytes (1..{MAX_BITMAP_DIRECTORY})"
+    if offset == 0 or offset % cluster_size or offset + size > file_size:
+        return None, f"the bitmap directory at {offset:#x} is unaligned or outside the file"
+    return BitmapsExtension(nb_bitmaps, size, offset), ""
 
 
 def writable_refusal(header: Header) -> str | None:
@@ -245,9 +316,10 @@ def writable_refusal(header: Header) -> str | None:
     return None
 
 
-def _extensions(path: Path, head: bytes, start: int, end: int, cluster_size: int) -> dict[int, bytes]:
+def _extensions(path: Path, head: bytes, start: int, end: int, cluster_size: int) -> list[tuple[int, bytes]]:
     """The header extensions between the header and ``end`` (the backing name, or cluster 1)."""
-    found: dict[int, bytes] = {}
+    found: list[tuple[int, bytes]] = []
+    kinds: set[int] = set()
     end = min(end, cluster_size, len(head))
     pos = start
     while pos + 8 <= end:
@@ -257,9 +329,10 @@ def _extensions(path: Path, head: bytes, start: int, end: int, cluster_size: int
             break
         if pos + length > end:
             raise invalid(path, f"header extension {kind:#x} runs past the first cluster")
-        if kind in found:
+        if kind in kinds:
             raise invalid(path, f"header extension {kind:#x} appears twice")
-        found[kind] = head[pos : pos + length]
+        kinds.add(kind)
+        found.append((kind, head[pos : pos + length]))
         pos += (length + 7) & ~7
     return found
 
@@ -382,3 +455,176 @@ def _header_cluster(
 def _extension(kind: int, data: bytes) -> bytes:
     padded = data + bytes(-len(data) % 8)
     return struct.pack(">II", kind, len(data)) + padded
+
+
+# -- the bitmap directory ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class BitmapEntry:
+    """One bitmap directory entry (``docs/interop/qcow2.txt``, "Bitmap directory")."""
+
+    name: str
+    table_offset: int
+    table_size: int  # entries
+    flags: int
+    granularity_bits: int
+    extra_data: bytes = b""
+
+
+def bitmap_name_bytes(name: str) -> bytes:
+    """A bitmap name as the directory stores it (bytes a name was read from come back as they were)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def table_entries(size: int, granularity_bits: int, cluster_size: int) -> int:
+    """The bitmap table entries a bitmap of ``1 << granularity_bits`` over ``size`` bytes needs."""
+    data = bitmap_data_bytes(size, granularity_bits)
+    return -(-data // cluster_size)
+
+
+def bitmap_data_bytes(size: int, granularity_bits: int) -> int:
+    """The bytes of a bitmap's data: one bit per granule of the disk, rounded up to a byte."""
+    bits = -(-size >> granularity_bits)
+    return -(-bits // 8)
+
+
+def parse_directory(
+    raw: bytes, nb_bitmaps: int, size: int, cluster_size: int, file_size: int
+) -> list[BitmapEntry]:
+    """The entries of a bitmap directory, checked as QEMU checks them; ValueError (one sentence)
+    when it is damaged. ``size``: the disk's virtual size."""
+    entries: list[BitmapEntry] = []
+    names: set[bytes] = set()
+    pos = 0
+    while pos < len(raw):
+        if pos + _DIR_ENTRY.size > len(raw):
+            raise ValueError("the bitmap directory ends inside an entry")
+        if len(entries) == nb_bitmaps:
+            raise ValueError(
+                f"the bitmap directory holds more than the {nb_bitmaps} bitmaps its extension counts"
+            )
+        table_offset, table_size, flags, kind, granularity_bits, name_size, extra_size = (
+            _DIR_ENTRY.unpack_from(raw, pos)
+        )
+        length = _DIR_ENTRY.size + extra_size + name_size
+        end = pos + ((length + 7) & ~7)
+        if end > len(raw):
+            raise ValueError("a bitmap directory entry runs past the directory's end")
+        extra = raw[pos + _DIR_ENTRY.size : pos + _DIR_ENTRY.size + extra_size]
+        raw_name = raw[pos + _DIR_ENTRY.size + extra_size : pos + length]
+        shown = raw_name.decode("utf-8", "replace")
+        if any(raw[pos + length : end]):
+            raise ValueError(f"bitmap {shown!r}: its directory entry's padding is not zero")
+        if not 1 <= name_size <= MAX_BITMAP_NAME:
+            raise ValueError(f"a bitmap name of {name_size} bytes (1..{MAX_BITMAP_NAME})")
+        if raw_name in names:
+            raise ValueError(f"two bitmaps are named {shown!r}")
+        names.add(raw_name)
+        if kind != BITMAP_TYPE_DIRTY:
+            raise ValueError(f"bitmap {shown!r} has type {kind} (1, dirty tracking, is the only one)")
+        if not MIN_GRANULARITY_BITS <= granularity_bits <= MAX_GRANULARITY_BITS:
+            raise ValueError(
+                f"bitmap {shown!r} has granularity_bits {granularity_bits} "
+                f"({MIN_GRANULARITY_BITS}..{MAX_GRANULARITY_BITS})"
+            )
+        if flags & BME_RESERVED:
+            raise ValueError(f"bitmap {shown!r} has reserved flags set ({flags:#x})")
+        if extra_size and not flags & BME_EXTRA_DATA_COMPATIBLE:
+            raise ValueError(f"bitmap {shown!r} has extra data it may not be used without")
+        if table_size == 0 or table_size > MAX_BITMAP_TABLE or table_size * cluster_size > MAX_BITMAP_BYTES:
+            raise ValueError(f"bitmap {shown!r} has a bitmap table of {table_size} entries")
+        if table_offset == 0 or table_offset % cluster_size or table_offset + table_size * 8 > file_size:
+            raise ValueError(
+                f"bitmap {shown!r}: its table at {table_offset:#x} is unaligned or outside the file"
+            )
+        if not flags & BME_IN_USE and table_size != table_entries(size, granularity_bits, cluster_size):
+            raise ValueError(
+                f"bitmap {shown!r} has {table_size} table entries; a disk of {size} bytes needs "
+                f"{table_entries(size, granularity_bits, cluster_size)}"
+            )
+        name = raw_name.decode("utf-8", "surrogateescape")
+        entries.append(BitmapEntry(name, table_offset, table_size, flags, granularity_bits, extra))
+        pos = end
+    if len(entries) != nb_bitmaps:
+        raise ValueError(
+            f"the bitmap directory holds {len(entries)} bitmaps, its extension counts {nb_bitmaps}"
+        )
+    return entries
+
+
+def encode_directory(entries: list[BitmapEntry]) -> bytes:
+    out = bytearray()
+    for entry in entries:
+        name = bitmap_name_bytes(entry.name)
+        out += _DIR_ENTRY.pack(
+            entry.table_offset,
+            entry.table_size,
+            entry.flags,
+            BITMAP_TYPE_DIRTY,
+            entry.granularity_bits,
+            len(name),
+            len(entry.extra_data),
+        )
+        out += entry.extra_data + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def directory_flag_offsets(entries: list[BitmapEntry]) -> list[int]:
+    """Where each entry's ``flags`` field lies in the encoded directory."""
+    out: list[int] = []
+    pos = 0
+    for entry in entries:
+        out.append(pos + 12)
+        length = _DIR_ENTRY.size + len(entry.extra_data) + len(bitmap_name_bytes(entry.name))
+        pos += (length + 7) & ~7
+    return out
+
+
+def bitmaps_extension(nb_bitmaps: int, directory_size: int, directory_offset: int) -> bytes:
+    return _BITMAPS_EXT.pack(nb_bitmaps, 0, directory_size, directory_offset)
+
+
+def rewrite_cluster0(path: Path, head: bytes, header: Header, bitmaps: bytes | None, autoclear: int) -> bytes:
+    """Cluster 0 (up to the end of the backing file name) with the bitmaps extension replaced by
+    ``bitmaps`` (None: dropped) and ``autoclear`` as the autoclear features; every other
+    extension and the backing file name are kept, the name moved further only when the
+    extensions would reach it. Unchanged bytes stay as they were (so a rewrite touches few)."""
+    cluster_size = header.cluster_size
+    length = header.header_length
+    out = bytearray(head[:length])
+    kept: list[tuple[int, bytes]] = []
+    placed = False
+    for kind, data in header.extensions:
+        if kind == EXT_BITMAPS:
+            if bitmaps is not None:
+                kept.append((kind, bitmaps))
+                placed = True
+            continue
+        kept.append((kind, data))
+    if bitmaps is not None and not placed:
+        kept.append((EXT_BITMAPS, bitmaps))  # where QEMU puts it: after the others
+    for kind, data in kept:
+        out += _extension(kind, data)
+    out += _U32_PAIR.pack(EXT_END, 0)
+    name = header.backing_raw
+    if name:
+        at = header.backing_offset
+        if at >= len(out):
+            out += head[len(out) : at]  # what lay between is nobody's: left as it was
+        else:
+            at = len(out)
+        out += name
+        if len(out) > cluster_size:
+            raise BlockError(
+                errno.ENOSPC,
+                f"{path}: the header extensions and the backing file name ({len(name)} bytes) do not fit "
+                f"in the first cluster ({cluster_size} bytes) with the bitmaps extension",
+            )
+        struct.pack_into(">QI", out, 8, at, len(name))
+    elif len(out) > cluster_size:
+        raise BlockError(errno.ENOSPC, f"{path}: the header extensions do not fit in the first cluster")
+    if header.version == 3:
+        struct.pack_into(">Q", out, 88, autoclear)
+    return bytes(out)

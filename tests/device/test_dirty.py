@@ -91,7 +91,10 @@ def model_dirty_bytes(model: set[int], size: int, granularity: int) -> int:
 def set_bits(bitmap: Bitmap) -> set[int]:
     """The chunks whose bit is set, read from the bit array itself (byte k bit j is chunk 8k+j)."""
     return {
-        8 * index + bit for index, byte in enumerate(bytes(bitmap.bits)) for bit in range(8) if byte >> bit & 1
+        8 * index + bit
+        for index, byte in enumerate(bytes(bitmap.bits))
+        for bit in range(8)
+        if byte >> bit & 1
     }
 
 
@@ -133,7 +136,9 @@ class BitmapMachine(RuleBasedStateMachine):
     def mark(self, data: st.DataObject) -> None:
         size, granularity = self.bitmap.size, self.bitmap.granularity
         offset = data.draw(st.integers(0, size + 2 * granularity), label="offset")
-        length = data.draw(st.integers(0, 3 * granularity) | st.integers(0, size + granularity), label="length")
+        length = data.draw(
+            st.integers(0, 3 * granularity) | st.integers(0, size + granularity), label="length"
+        )
         self.bitmap.mark(offset, length)
         self.model |= touched(offset, length, size, granularity)
 
@@ -159,7 +164,9 @@ class BitmapMachine(RuleBasedStateMachine):
         source = Bitmap("s", source_size, granularity)
         source_model: set[int] = set()
         marks = data.draw(
-            st.lists(st.tuples(st.integers(0, source_size + granularity), st.integers(0, source_size)), max_size=4),
+            st.lists(
+                st.tuples(st.integers(0, source_size + granularity), st.integers(0, source_size)), max_size=4
+            ),
             label="source marks",
         )
         for offset, length in marks:
@@ -258,10 +265,17 @@ def test_a_record_round_trips_and_wrong_lengths_are_refused(
     nbytes = bitmap_bytes(size, granularity)
     raw = data.draw(st.binary(min_size=nbytes, max_size=nbytes), label="bits")
     bitmap = Bitmap("r", size, granularity, enabled=False, data=raw)
-    expected = {8 * i + j for i, byte in enumerate(raw) for j in range(8) if byte >> j & 1 and 8 * i + j < count}
+    expected = {
+        8 * i + j for i, byte in enumerate(raw) for j in range(8) if byte >> j & 1 and 8 * i + j < count
+    }
     check_against_model(bitmap, expected)
     record = bitmap.record()
-    assert (record.name, record.granularity, record.enabled, record.in_use) == ("r", granularity, False, False)
+    assert (record.name, record.granularity, record.enabled, record.in_use) == (
+        "r",
+        granularity,
+        False,
+        False,
+    )
     again = Bitmap("r", size, granularity, data=record.data)
     assert bytes(again.bits) == bytes(bitmap.bits) == record.data
     for wrong in (nbytes + 1, nbytes - 1):
@@ -365,7 +379,9 @@ LAYER_GRANULARITIES = {"fine": 512, "page": 4096, "coarse": 65536}
 @st.composite
 def operations(draw: st.DrawFn) -> tuple[str, int, int, int]:
     kind = draw(st.sampled_from(["write", "write2", "discard", "zero", "zero_unmap", "read"]))
-    offset = draw(st.integers(0, LAYER_SIZE - 1) | st.integers(0, LAYER_SIZE // SECTOR - 1).map(lambda n: n * SECTOR))
+    offset = draw(
+        st.integers(0, LAYER_SIZE - 1) | st.integers(0, LAYER_SIZE // SECTOR - 1).map(lambda n: n * SECTOR)
+    )
     length = draw(st.integers(0, min(LAYER_SIZE - offset, 80 * KiB)))
     return kind, offset, length, draw(st.integers(1, 255))
 
@@ -400,7 +416,9 @@ def test_the_layer_marks_exactly_what_changes_touch_and_passes_them_down(
     for name, model in models.items():
         bitmap = layer.get(name)
         check_against_model(bitmap, model)
-        assert layer.runs(name, 0, LAYER_SIZE) == model_runs(model, LAYER_SIZE, bitmap.granularity, 0, LAYER_SIZE)
+        assert layer.runs(name, 0, LAYER_SIZE) == model_runs(
+            model, LAYER_SIZE, bitmap.granularity, 0, LAYER_SIZE
+        )
     assert read(layer.inner, 0, LAYER_SIZE) == disk  # every change reached the storage
 
 
@@ -527,7 +545,9 @@ def test_a_good_name_is_taken(name: str) -> None:
     assert layer.get(name).name == name
 
 
-@pytest.mark.parametrize("granularity", [0, -512, 256, 511, 513, 1000, 3 * 1024, 1 << 32, MAX_GRANULARITY + 512])
+@pytest.mark.parametrize(
+    "granularity", [0, -512, 256, 511, 513, 1000, 3 * 1024, 1 << 32, MAX_GRANULARITY + 512]
+)
 def test_a_bad_granularity_is_refused(granularity: int) -> None:
     layer = DirtyLayer(MemoryNode(MiB))
     assert errno_of(lambda: layer.add("g", granularity)) == errno.EINVAL
@@ -651,7 +671,10 @@ def test_an_inconsistent_bitmap_is_kept_never_marked_and_can_only_be_removed() -
 
 def test_a_checkpoint_leaves_an_inconsistent_bitmap_alone() -> None:
     layer, _, _ = loaded_layer(
-        [BitmapRecord("stale", 4096, True, True, b"\x01\x00"), BitmapRecord("fresh", 4096, True, False, bytes(2))]
+        [
+            BitmapRecord("stale", 4096, True, True, b"\x01\x00"),
+            BitmapRecord("fresh", 4096, True, False, bytes(2)),
+        ]
     )
     new, disabled = layer.checkpoint("new", 4096)
     assert disabled == ["fresh"]
@@ -751,7 +774,11 @@ def test_the_sidecar_round_trips_and_a_writable_load_marks_it_in_use(image: Path
     store.save(records)
     assert not Path(str(sidecar_path(image)) + ".new").exists()
     document = sidecar_document(image)
-    assert (document["format"], document["version"], document["image_size"]) == ("vblk-bitmaps", 1, IMAGE_SIZE)
+    assert (document["format"], document["version"], document["image_size"]) == (
+        "vblk-bitmaps",
+        1,
+        IMAGE_SIZE,
+    )
     assert [entry["in_use"] for entry in document["bitmaps"]] == [False, False]
     node.close()
 
@@ -788,7 +815,10 @@ def test_bitmaps_survive_a_clean_close_and_go_inconsistent_after_a_crash(image: 
     bits, runs = bytes(kept.bits), kept.runs(0, IMAGE_SIZE)
     off_bits = bytes(off.bits)
     layer.close()
-    assert [(e["name"], e["in_use"]) for e in sidecar_document(image)["bitmaps"]] == [("kept", False), ("off", False)]
+    assert [(e["name"], e["in_use"]) for e in sidecar_document(image)["bitmaps"]] == [
+        ("kept", False),
+        ("off", False),
+    ]
 
     node, store = open_image(image)
     layer = DirtyLayer(node, store)
@@ -887,7 +917,9 @@ DAMAGES = {
     "no in_use": damaged(lambda d: d["bitmaps"][0].pop("in_use")),
     "bad base64": damaged(lambda d: d["bitmaps"][0].update(data="!!!")),
     "not zlib": damaged(lambda d: d["bitmaps"][0].update(data=base64.b64encode(b"plain").decode())),
-    "short data": damaged(lambda d: d["bitmaps"][0].update(data=base64.b64encode(zlib.compress(b"\0")).decode())),
+    "short data": damaged(
+        lambda d: d["bitmaps"][0].update(data=base64.b64encode(zlib.compress(b"\0")).decode())
+    ),
     "bad granularity": damaged(lambda d: d["bitmaps"][0].update(granularity=1000)),
     "granularity a string": damaged(lambda d: d["bitmaps"][0].update(granularity="4096")),
     "empty name": damaged(lambda d: d["bitmaps"][0].update(name="")),
@@ -981,7 +1013,7 @@ def test_threads_marking_disjoint_chunks_mark_every_chunk() -> None:
             start.wait()
             for chunk in range(index, chunks, 4):  # neighbours share a byte of the bit array
                 write(layer, chunk * SECTOR, bytes([index + 1]) * SECTOR)
-        except BaseException as failed:  # noqa: BLE001 - reported below
+        except BaseException as failed:
             failures.append(failed)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]

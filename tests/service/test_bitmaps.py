@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,14 @@ from service.model import DiskSpec
 from tests.service.conftest import MiB, NbdRig, nbdsh, run, serving
 
 KiB = 1024
+LIST_CONTEXTS = """
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(uri)
+out = []
+h.opt_list_meta_context(lambda c: out.append(c))
+print(sorted(out))
+"""
 G = 64 * KiB  # the default granularity
 
 
@@ -257,11 +267,7 @@ async def test_bitmap_management_and_its_refusals(nbd_rig: NbdRig) -> None:
         assert names == ["a", "b"]
         assert (await api(http, "DELETE", "/v1/disks/disk0/bitmaps/a")) == {"removed": "a"}
         # the NBD server stops offering a removed bitmap
-        contexts = await nbdsh(
-            nbd_rig.uri(),
-            "h = nbd.NBD()\nh.set_opt_mode(True)\nh.connect_uri(uri)\nout = []\n"
-            "h.opt_list_meta_context(lambda c: out.append(c))\nprint(sorted(out))\n",
-        )
+        contexts = await nbdsh(nbd_rig.uri(), LIST_CONTEXTS)
         assert contexts.stdout.strip() == "['base:allocation', 'qemu:dirty-bitmap:b']"
 
 
@@ -288,3 +294,135 @@ async def test_a_raw_images_bitmaps_persist_in_its_sidecar_across_a_restart(tmp_
             ("keep", True, False)
         ]
         assert dirty_chunks(await nbdinfo_map(rig, "qemu:dirty-bitmap:keep", "d")) == {16}
+
+
+# -- persistent bitmaps in qcow2 images, with QEMU on the same file -------------------------------
+
+
+def qemu_bitmaps(image: Path) -> dict[str, list[str]]:
+    """``qemu-img info``'s bitmaps of ``image``: name → sorted flags."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+    data = json.loads(out)["format-specific"]["data"]
+    return {b["name"]: sorted(b["flags"]) for b in data.get("bitmaps", [])}
+
+
+async def qemu_nbd_map(image: Path, bitmap: str, tmp_path: Path, granularity: int = G) -> set[int]:
+    """The dirty chunks ``qemu-nbd -r -B bitmap`` serves of ``image``, as nbdinfo reads them."""
+    sock = str(tmp_path / "qemu-nbd.sock")
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, "-k", sock, "-x", "q", "-t", str(image),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if Path(sock).exists():
+                break
+            await asyncio.sleep(0.02)
+        out = await run(
+            "nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", "--json", f"nbd+unix:///q?socket={sock}"
+        )
+        return dirty_chunks(json.loads(out.stdout), granularity)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_qcow2_bitmaps_are_shared_with_qemu_both_ways(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    # QEMU's bitmap, QEMU's writes: vblk serves what qemu-nbd -B serves
+    await run("qemu-img", "bitmap", "--add", str(image), "theirs")
+    await run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4k", "-c", "write -P 2 5M 200k", str(image))
+    theirs = await qemu_nbd_map(image, "theirs", tmp_path)
+    assert theirs == chunks_of([(0, 4096), (5 * MiB, 200 * KiB)])
+    spec = DiskSpec(name="q", path=image, format="qcow2")
+    async with serving(spec) as rig, aiohttp.ClientSession(base_url=rig.base_url) as http:
+        assert qemu_bitmaps(image) == {"theirs": ["auto", "in-use"]}  # vblk holds it open, writable
+        assert dirty_chunks(await nbdinfo_map(rig, "qemu:dirty-bitmap:theirs", "q")) == theirs
+        listed = await api(http, "GET", "/v1/disks/q/bitmaps")
+        assert listed["persistence"] == {"available": True, "where": f"qcow2 image {image}", "reason": None}
+        made = await api(http, "POST", "/v1/disks/q/bitmaps", {"name": "ours", "granularity": 4096}, 201)
+        assert made["persistent"] is True
+        await run("qemu-io", "-f", "raw", "-c", "write -P 3 8M 4k", "-c", "write -P 4 12M 512", rig.uri("q"))
+        ours = dirty_chunks(await nbdinfo_map(rig, "qemu:dirty-bitmap:ours", "q"), 4096)
+        assert ours == chunks_of([(8 * MiB, 4096), (12 * MiB, 512)], 4096)
+    # vblk closed it cleanly: QEMU sees both bitmaps, consistent, with every write vblk took
+    assert qemu_bitmaps(image) == {"theirs": ["auto"], "ours": ["auto"]}
+    check = json.loads((await run("qemu-img", "check", "--output=json", str(image))).stdout)
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
+    assert await qemu_nbd_map(image, "theirs", tmp_path) == theirs | chunks_of(
+        [(8 * MiB, 4096), (12 * MiB, 512)]
+    )
+    assert await qemu_nbd_map(image, "ours", tmp_path, 4096) == ours
+
+
+async def test_sigkill_leaves_persistent_bitmaps_inconsistent(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    await run("qemu-img", "bitmap", "--add", str(image), "b0")
+    raw = tmp_path / "disk.img"
+    sock, http_sock = str(tmp_path / "nbd.sock"), str(tmp_path / "http.sock")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve",
+        "--disk", f"name=q,image={image},format=qcow2", "--disk", f"name=r,image={raw},size=16M",
+        "--nbd-listen", "none", "--nbd-socket", sock, "--http-listen", "none", "--http-socket", http_sock,
+        "--log-level", "warning", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(500):
+            if Path(http_sock).exists():
+                break
+            await asyncio.sleep(0.02)
+        curl = ("curl", "-sf", "--unix-socket", http_sock, "-H", "Content-Type: application/json")
+        await run(*curl, "-X", "POST", "-d", '{"name": "k"}', "http://vblk/v1/disks/r/bitmaps")
+        await run(*curl, "-X", "POST", "-d", '{"name": "k"}', "http://vblk/v1/disks/q/bitmaps")
+        await run("qemu-io", "-f", "raw", "-c", "write 0 4k", f"nbd+unix:///q?socket={sock}")
+    finally:
+        proc.kill()
+        await proc.wait()
+    # b0 was in use when vblk died ("k" on q was never stored: made after the open)
+    assert qemu_bitmaps(image) == {"b0": ["auto", "in-use"]}
+    refused = await run(
+        "qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", "-k", str(tmp_path / "x.sock"), str(image), check=False
+    )
+    assert refused.returncode != 0 and "inconsistent" in refused.stderr
+    # the raw image's sidecar: "k" was made after the open, so it was never stored either; make
+    # one stored, in use, as a crash leaves it, and see vblk refuse it
+    async with (
+        serving(DiskSpec(name="q", path=image, format="qcow2"), DiskSpec(name="r", path=raw)) as rig,
+        aiohttp.ClientSession(base_url=rig.base_url) as http,
+    ):
+        b0 = await api(http, "GET", "/v1/disks/q/bitmaps/b0")
+        assert b0["inconsistent"] is True and b0["recording"] is False
+        refusal = await api(http, "PATCH", "/v1/disks/q/bitmaps/b0", {"op": "clear"}, 409)
+        assert refusal["error"] == "bitmap_inconsistent"
+        refusal = await api(http, "GET", "/v1/disks/q/extents?context=dirty&bitmap=b0", None, 409)
+        assert refusal["error"] == "bitmap_inconsistent"
+        contexts = await nbdsh(rig.uri("q"), LIST_CONTEXTS)
+        assert "dirty-bitmap" not in contexts.stdout
+        metrics = (await run("curl", "-sf", f"{rig.base_url}/metrics")).stdout
+        assert 'vblk_bitmap_inconsistent{bitmap="b0",disk="q"} 1.0' in metrics
+        await api(http, "DELETE", "/v1/disks/q/bitmaps/b0")
+        await api(http, "POST", "/v1/disks/r/bitmaps", {"name": "k"}, 201)
+    assert qemu_bitmaps(image) == {}
+    # r's "k" was stored at that clean close; a kill while it is open leaves it in use
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--disk", f"name=r,image={raw}",
+        "--nbd-listen", "none", "--nbd-socket", sock, "--http-listen", "none", "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        for _ in range(500):
+            sidecar = json.loads(Path(f"{raw}.bitmaps").read_text())
+            if sidecar["bitmaps"][0]["in_use"]:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        proc.kill()
+        await proc.wait()
+    async with (
+        serving(DiskSpec(name="r", path=raw)) as rig,
+        aiohttp.ClientSession(base_url=rig.base_url) as http,
+    ):
+        assert (await api(http, "GET", "/v1/disks/r/bitmaps/k"))["inconsistent"] is True
