@@ -135,6 +135,7 @@ class VirtioBlkDevice(VirtioDevice):
         self._processing: DeviceVirtqueue | None = None  # the queue process_queue works on now
         self._pushed = False
         self._epoch = 0
+        self.pci_slot = -1  # the PCI device number it is plugged in at (plug_blk)
         self._holds = 0  # quiesce() calls not yet resumed: no request is started meanwhile
         self._held: dict[int, DeviceVirtqueue] = {}  # queues kicked while held
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -390,5 +391,5 @@ class VirtioBlkDevice(VirtioDevice):
 def plug_blk(machine: Machine, node: BlockNode, config: BlkConfig | None = None) -> VirtioBlkDevice:
     """Create a virtio-blk device for the stack ``node`` tops and plug it into ``machine``."""
     device = VirtioBlkDevice(machine.memory, node, config or BlkConfig())
-    machine.plug(VirtioPciFunction(device))
+    device.pci_slot = machine.plug(VirtioPciFunction(device))
     return device

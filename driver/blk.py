@@ -214,6 +214,7 @@ class VirtioBlk:
         self.transport = transport
         self.dma = dma
         self.name = transport.name
+        self.pci_address = (-1, -1)  # (device, function), once a guest binds it
         self._features_mask = features_mask
         self._want_queue_size = queue_size
         self._want_queues = num_queues

@@ -44,10 +44,19 @@ class Guest:
                 continue
             disk = VirtioBlk(PciTransport(self.platform, info, VIRTIO_ID_BLOCK), self.dma, **options)
             await disk.start()
-            self._bound.add((info.device, info.function))
+            disk.pci_address = (info.device, info.function)
+            self._bound.add(disk.pci_address)
             self.disks.append(disk)
             started.append(disk)
         return started
+
+    async def unbind(self, disk: VirtioBlk) -> None:
+        """Let go of one disk (its device is about to be unplugged): reset and forget it."""
+        if disk not in self.disks:
+            return
+        self.disks.remove(disk)
+        self._bound.discard(disk.pci_address)
+        await disk.close()
 
     async def close(self) -> None:
         for disk in self.disks:

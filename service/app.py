@@ -42,6 +42,7 @@ from service.vhost_user_disk import (
     start_vhost_user_driver,
     vhost_user_socket,
 )
+from service.views import Views
 
 log = structlog.get_logger("vblk.service")
 
@@ -61,6 +62,8 @@ class Service:
         self.disks: dict[str, Disk] = {}
         self._devices: list[tuple[DiskSpec, VirtioBlkDevice]] = []
         self.nbd: NbdServer | None = None
+        self.nbd_exports: dict[str, NbdExport] = {}  # the NBD server's, live: views come and go
+        self.views = Views(self.machine, self.guest, self.disks, self.nbd_exports)
         self.nbd_addresses: list[str] = []
         self.http: web.AppRunner | None = None
         self.http_addresses: list[str] = []
@@ -154,10 +157,11 @@ class Service:
         nbd_listen = () if "nbd" in inherited else self.config.nbd_listen
         http_listen = () if "http" in inherited else self.config.http_listen
         if nbd_listen or "nbd" in inherited:
-            exports = {
-                name: NbdExport(disk.bytes, f"vblk virtio-blk disk {name}")
+            exports = self.nbd_exports
+            exports.update(
+                (name, NbdExport(disk.bytes, f"vblk virtio-blk disk {name}"))
                 for name, disk in self.disks.items()
-            }
+            )
             metrics = self.metrics
             self.nbd = NbdServer(
                 exports,
@@ -246,6 +250,7 @@ class Service:
         if self.http is not None:
             await self.http.cleanup()
         self._remove_unix_sockets()
+        await self.views.stop_all()
         for disk in self.disks.values():
             if not disk.driver.read_only and disk.driver.ready:
                 try:

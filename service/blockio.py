@@ -260,6 +260,8 @@ class ByteDisk:
         self.edge_locks = EdgeLocks()
         #: The disk's bitmaps (its dirty-tracking layer), or None where none can be kept.
         self.dirty: DirtyLayer | None = control.dirty
+        #: The bitmap ``extents?context=dirty`` reads when none is named (a view's checkpoint).
+        self.default_bitmap: str | None = None
         #: Its storage has a backing chain, and :meth:`allocation_depth` counts it.
         self.has_chain = control.allocation_depth(0, 0) is not None
 

@@ -159,9 +159,28 @@ class _DiskCollector(Collector):
             "1 for a bitmap in use when its image was last closed (it may miss writes)",
             labels=["disk", "bitmap"],
         )
+        view_scratch = g(
+            "vblk_view_scratch_bytes",
+            "Bytes of old data a point-in-time view's scratch file holds",
+            labels=["disk", "view"],
+        )
+        view_limit = g(
+            "vblk_view_scratch_limit_bytes", "The most its scratch file may hold", labels=["disk", "view"]
+        )
+        view_broken = g(
+            "vblk_view_broken",
+            "1 once the view broke (scratch full, a copy failed): its reads fail",
+            labels=["disk", "view"],
+        )
         for name, disk in self._disks().items():
             dirty = disk.bytes.dirty
-            if dirty is not None:
+            if dirty is not None and disk.spec.backend != "view":
+                for view in list(dirty.views.values()):
+                    labels = [name, view.name]
+                    view_scratch.add_metric(labels, view.scratch_bytes)
+                    view_limit.add_metric(labels, view.limit)
+                    view_broken.add_metric(labels, int(view.broken is not None))
+            if dirty is not None and disk.spec.backend != "view":
                 with dirty.lock:
                     for bitmap in dirty.bitmaps.values():
                         labels = [name, bitmap.name]
@@ -203,6 +222,7 @@ class _DiskCollector(Collector):
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
         yield from (resets, needs_reset, config_irqs, bitmap_dirty, bitmap_recording, bitmap_inconsistent)
+        yield from (view_scratch, view_limit, view_broken)
         if rbd_failed.samples:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
             yield from (rbd_inflight, rbd_completed, rbd_failed)
         current, total, refused_total, poll_hits, poll_misses = self._nbd()

@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 import structlog
 from mypy_extensions import mypyc_attr
 
+from device.block.fleece import View
 from device.block.node import BlockError, BlockNode, Completion, Layer
 
 log = structlog.get_logger("vblk.device.block")
@@ -288,6 +289,11 @@ class DirtyLayer(Layer):
         #: Counts changes to the set of bitmaps (added, removed): front ends that list them
         #: (NBD's meta contexts) know when to look again.
         self.generation = 0
+        #: Point-in-time views (:mod:`device.block.fleece`): before a change goes down, each
+        #: copies the old data it still needs. ``view_lock`` orders copies against view reads.
+        self.views: dict[str, View] = {}
+        self._copying: list[View] = []
+        self.view_lock = threading.Lock()
         if store is not None:
             size = inner.size
             for record in store.load():
@@ -316,24 +322,62 @@ class DirtyLayer(Layer):
                 bitmap.mark(offset, length)
 
     def writev(self, offset: int, buffers: Sequence[memoryview], done: Completion) -> None:
-        if self._recording:
+        if self._recording or self._copying:
             length = 0
             for buffer in buffers:
                 length += buffer.nbytes
-            self._mark(offset, length)
+            self._before_change(offset, length)
         self._inner.writev(offset, buffers, done)
 
     def discard(self, offset: int, length: int, done: Completion) -> None:
-        if self._recording:
-            self._mark(offset, length)
+        if self._recording or self._copying:
+            self._before_change(offset, length)
         self._inner.discard(offset, length, done)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Completion) -> None:
-        if self._recording:
-            self._mark(offset, length)
+        if self._recording or self._copying:
+            self._before_change(offset, length)
         self._inner.write_zeroes(offset, length, may_unmap, done)
 
+    def _before_change(self, offset: int, length: int) -> None:
+        """Mark the recording bitmaps, and have every view save what the change overwrites."""
+        if self._recording:
+            self._mark(offset, length)
+        if self._copying:
+            with self.view_lock:
+                for view in self._copying:
+                    view.before_change(offset, length)
+
+    # -- views (control plane, on the loop; the caller holds the device drained) -------------------
+
+    def add_view(self, name: str, scratch: str, limit: int) -> View:
+        """A point-in-time view of the disk from now on, saving old data in the file ``scratch``
+        (made here, removed with the view) up to ``limit`` bytes."""
+        if name in self.views:
+            raise BitmapError(errno.EEXIST, f"a view is already named '{name}'")
+        if not self._inner.capabilities.blocking:
+            raise BitmapError(
+                errno.ENOTSUP, "point-in-time views need storage whose operations complete at once (not RBD)"
+            )
+        view = View(name, self._inner, scratch, limit)
+        with self.view_lock:
+            self.views[name] = view
+            self._copying = list(self.views.values())
+        return view
+
+    def remove_view(self, name: str) -> View:
+        view = self.views.get(name)
+        if view is None:
+            raise BitmapError(errno.ENOENT, f"no view is named '{name}'")
+        with self.view_lock:
+            del self.views[name]
+            self._copying = list(self.views.values())
+            view.close()
+        return view
+
     def resize(self, new_size: int) -> None:
+        if self.views:
+            raise BlockError(errno.EBUSY, "the disk has point-in-time views: remove them before resizing")
         self._inner.resize(new_size)
         with self.lock:
             for bitmap in self._bitmaps.values():
@@ -474,6 +518,8 @@ class DirtyLayer(Layer):
         store.save(records)
 
     def close(self) -> None:
+        for name in list(self.views):
+            self.remove_view(name)
         try:
             self.save()
         except OSError as failed:  # the bitmaps stay in use in the store: inconsistent next time

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from service.blockio import SECTOR, ByteDisk, IoBuffer
-from service.http.bitmaps import BitmapsApi, dirty_extents
+from service.http.bitmaps import BitmapsApi, ViewsApi, dirty_extents
 from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
@@ -44,6 +44,7 @@ from service.rings import disk_snapshot
 
 if TYPE_CHECKING:
     from service.model import Disk
+    from service.views import Views
 
 __all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
 
@@ -60,6 +61,9 @@ class ApiHost(EdgeHost, Protocol):
 
     @property
     def stopping(self) -> bool: ...
+
+    @property
+    def views(self) -> Views: ...
 
 
 log = structlog.get_logger("vblk.http")
@@ -383,6 +387,7 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
     """Every route: the application and the OpenAPI document are built from this one list."""
     service = api.service
     bitmaps = BitmapsApi(api.disk, api.writable)
+    views = ViewsApi(service.views, api.disk, api.writable)
     rings = RingsView(
         lambda name: disk_snapshot(service.disks[name], service.metrics.virtio_latency),
         lambda: list(service.disks),
@@ -407,6 +412,9 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("PATCH", "/v1/disks/{name}/bitmaps/{bitmap}", bitmaps.patch_bitmap),
         ("DELETE", "/v1/disks/{name}/bitmaps/{bitmap}", bitmaps.remove_bitmap),
         ("POST", "/v1/disks/{name}/checkpoints", bitmaps.checkpoint),
+        ("GET", "/v1/disks/{name}/views", views.list_views),
+        ("POST", "/v1/disks/{name}/views", views.start_view),
+        ("DELETE", "/v1/disks/{name}/views/{view}", views.stop_view),
         ("GET", "/v1/disks/{name}/sectors/{lba}", api.get_sectors),
         ("PUT", "/v1/disks/{name}/sectors/{lba}", api.put_sectors),
         ("GET", "/v1/disks/{name}/rings", rings.rings),

@@ -33,6 +33,7 @@ from service.http.edge import observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.params import JsonFields, parse_json_object, shown, takes_query
 from service.http.responses import json_response
+from service.views import ViewError, Views
 
 log = structlog.get_logger("vblk.http")
 
@@ -219,11 +220,97 @@ class BitmapsApi:
         return json_response({"bitmap": self._describe(disk, bitmap), "disabled": disabled}, status=201)
 
 
+_VIEW_CODES = {
+    "no_such_disk": ErrorCode.NO_SUCH_DISK,
+    "no_such_view": ErrorCode.NO_SUCH_VIEW,
+    "view_exists": ErrorCode.VIEW_EXISTS,
+    "bad_name": ErrorCode.BAD_FIELD,
+    "refused": ErrorCode.VIEW_REFUSED,
+    "unavailable": ErrorCode.UNAVAILABLE,
+    "bitmap_exists": ErrorCode.BITMAP_EXISTS,
+    "no_such_bitmap": ErrorCode.NO_SUCH_BITMAP,
+    "bitmap_inconsistent": ErrorCode.BITMAP_INCONSISTENT,
+}
+
+
+class ViewsApi:
+    """The handlers of ``/v1/disks/{name}/views...``: point-in-time views, each served as a disk."""
+
+    def __init__(
+        self, views: Views, disk: Callable[[web.Request], ByteDisk], writable: Callable[[ByteDisk], None]
+    ) -> None:
+        self.views = views
+        self._disk = disk
+        self._writable = writable
+
+    @takes_query()
+    async def list_views(self, request: web.Request) -> web.Response:
+        disk = self._disk(request)
+        observe(request, disk.name, "views")
+        return json_response({"views": [live.describe() for live in self.views.of(disk.name)]})
+
+    @takes_query()
+    async def start_view(self, request: web.Request) -> web.Response:
+        """``{"name", "checkpoint"?, "bitmap"?, "scratch_limit"?}``: a read-only disk named
+        ``name`` showing this disk as it is now, for as long as it is not stopped."""
+        disk = self._disk(request)
+        self._writable(disk)
+        body = parse_json_object(await read_json_body(request))
+        fields = JsonFields(body, ("name", "checkpoint", "bitmap", "scratch_limit"), "a view")
+        name = fields.string("name")
+        checkpoint = fields.string("checkpoint") if "checkpoint" in body else None
+        bitmap = fields.string("bitmap") if "bitmap" in body else None
+        limit = fields.uint("scratch_limit", minimum=1) if "scratch_limit" in body else None
+        if checkpoint is not None:
+            _known_new_name(checkpoint)
+        observe(request, disk.name, "view_start")
+        try:
+            live = await self.views.start(
+                disk.name, name, checkpoint=checkpoint, bitmap=bitmap, scratch_limit=limit
+            )
+        except ViewError as refused:
+            raise ApiError(
+                _VIEW_CODES.get(refused.kind, ErrorCode.VIEW_REFUSED), _plain(refused.message)
+            ) from None
+        return json_response(live.describe(), status=201)
+
+    @takes_query()
+    async def stop_view(self, request: web.Request) -> web.Response:
+        disk = self._disk(request)
+        self._writable(disk)
+        name = request.match_info["view"]
+        observe(request, disk.name, "view_stop")
+        live = self.views.views.get(name)
+        if live is None or live.source != disk.name:
+            quoted = shown(name)
+            raise ApiError(
+                ErrorCode.NO_SUCH_VIEW,
+                f"disk {disk.name} has no view {quoted}"
+                if quoted
+                else f"disk {disk.name} has no view of that name",
+            )
+        await self.views.stop(name)
+        return json_response({"removed": name, **live.describe()})
+
+
+def _known_new_name(name: str) -> None:
+    try:
+        check_name(name)
+    except BitmapError as refused:
+        raise bitmap_api_error(refused) from None
+
+
+def _plain(message: str) -> str:
+    return _QUOTED.sub(lambda m: shown(m.group(1)) or "that", message)
+
+
 def dirty_extents(disk: ByteDisk, bitmap_name: str | None, offset: int, length: int) -> list[dict[str, Any]]:
     """``[{"start", "length", "dirty", "zero"}]`` over the range: the bitmap's runs split where the
     allocation map's zero runs begin and end, equal neighbours merged."""
     layer = disk.dirty
     usable = [] if layer is None else [b.name for b in layer.bitmaps.values() if not b.inconsistent]
+    if bitmap_name is None:
+        bitmap_name = disk.default_bitmap
     if bitmap_name is None:
         if not usable:
             raise ApiError(

@@ -53,6 +53,7 @@ class ErrorCode(enum.Enum):
     NOT_FOUND = ("not_found", 404, "no such route")
     NO_DIRTY_TRACKING = ("no_dirty_tracking", 404, "extents context=dirty: the disk tracks no dirty blocks")
     NO_SUCH_BITMAP = ("no_such_bitmap", 404, "the disk has no bitmap of this name")
+    NO_SUCH_VIEW = ("no_such_view", 404, "the disk has no point-in-time view of this name")
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the route does not take this method (see Allow)")
     BITMAP_EXISTS = ("bitmap_exists", 409, "the disk already has a bitmap of this name")
     BITMAP_INCONSISTENT = (
@@ -65,6 +66,13 @@ class ErrorCode(enum.Enum):
         409,
         "the bitmap cannot be made as asked: persistence this disk cannot keep, "
         "or more bitmaps or memory than a disk may have",
+    )
+    VIEW_EXISTS = ("view_exists", 409, "a disk or view already has this name")
+    VIEW_REFUSED = (
+        "view_refused",
+        409,
+        "the view cannot be made: the disk's storage cannot copy before writes (RBD, vhost-user), "
+        "it is a view itself, or its scratch file cannot be made",
     )
     LENGTH_REQUIRED = ("length_required", 411, "a PUT needs Content-Length (or Content-Range)")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the JSON body is over 64 KiB")

@@ -215,6 +215,31 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/disks/{name}/views": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "The disk's point-in-time views",
+                    "responses": {"200": _json({"type": "object"}, "{views: [VIEW...]}"), "404": _ERROR},
+                },
+                "post": {
+                    "summary": "Start a point-in-time view {name, checkpoint?, bitmap?, scratch_limit?}: a "
+                    "read-only disk named name, served over NBD and REST, that keeps showing this disk as it "
+                    "is now (old data is copied to a scratch file before writes overwrite it); with "
+                    "checkpoint, a checkpoint at the same instant (its disabled bitmap is the view's)",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {"201": _json({"type": "object"}, "VIEW"), "409": _ERROR, **errors},
+                },
+            },
+            "/v1/disks/{name}/views/{view}": {
+                "parameters": [
+                    _NAME,
+                    {"name": "view", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                "delete": {
+                    "summary": "Stop a view: unexported, its device unplugged, its scratch file removed",
+                    "responses": {"200": _json({"type": "object"}, "removed"), **errors},
+                },
+            },
             "/v1/disks/{name}/sectors/{lba}": {
                 "parameters": sectors_params,
                 "get": {

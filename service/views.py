@@ -1,0 +1,216 @@
+"""Point-in-time views as disks: each one a read-only virtio-blk device plugged in while vblk runs.
+
+Service layer, beside the composition root (:mod:`service.app` owns one :class:`Views`). Starting a
+view drains the source disk, has its tracking layer begin copying before writes
+(:mod:`device.block.fleece`) and, in the same drained instant, takes a checkpoint when asked (so
+the view and the bitmap describe one instant: an incremental backup is consistent); then it plugs
+a new virtio-blk PCI function whose storage is the view, lets the guest driver probe it, and
+exports it under the view's name over NBD and REST like any disk (read-only, with the source's
+bitmaps as its meta contexts). Stopping a view unexports it, unplugs the device and removes its
+scratch file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import tempfile
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.block.dirty import BitmapError, DirtyLayer
+from device.block.fleece import View, ViewNode
+from service.blockio import ByteDisk, StackControl
+from service.model import Disk, DiskSpec
+from service.nbd.settings import NbdExport
+from service.values import DISK_NAME
+
+if TYPE_CHECKING:
+    from device.machine import Machine
+    from driver.guest import Guest
+
+log = structlog.get_logger("vblk.service")
+
+
+class ViewError(Exception):
+    """A view cannot be started or stopped as asked: ``kind`` says why, for the front end."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # no_such_disk, no_such_view, view_exists, bad_name, refused, unavailable
+        self.message = message
+
+
+@dataclasses.dataclass(slots=True)
+class LiveView:
+    """A started view: its disk, where it came from, and the bitmap its backup reads."""
+
+    name: str
+    source: str
+    view: View
+    device: VirtioBlkDevice
+    disk: Disk
+    bitmap: str | None  # the bitmap frozen with it (its checkpoint's), if any
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.view.describe(), "disk": self.source, "bitmap": self.bitmap}
+
+
+class Views:
+    """Every view of the running service, by name (a view's name is a disk name too)."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        guest: Guest,
+        disks: MutableMapping[str, Disk],
+        exports: MutableMapping[str, NbdExport],
+    ) -> None:
+        self.machine = machine
+        self.guest = guest
+        self.disks = disks
+        self.exports = exports  # the NBD server's live export table (empty without NBD)
+        self.views: dict[str, LiveView] = {}
+
+    def _tracking(self, disk_name: str) -> tuple[Disk, DirtyLayer]:
+        disk = self.disks.get(disk_name)
+        if disk is None:
+            raise ViewError("no_such_disk", "no disk has that name: GET /v1/disks lists them")
+        if disk_name in self.views:
+            raise ViewError("refused", f"{disk_name} is a view: a view of a view is not made")
+        layer = disk.bytes.dirty
+        if layer is None or not isinstance(disk.device, VirtioBlkDevice):
+            raise ViewError("refused", f"disk {disk_name}'s storage is another process's: it has no views")
+        return disk, layer
+
+    async def start(
+        self,
+        disk_name: str,
+        name: str,
+        *,
+        checkpoint: str | None = None,
+        bitmap: str | None = None,
+        scratch_limit: int | None = None,
+        scratch_dir: Path | None = None,
+    ) -> LiveView:
+        """Start view ``name`` of disk ``disk_name`` (with ``checkpoint``: a new recording bitmap,
+        the recording ones disabled, at the view's instant)."""
+        disk, layer = self._tracking(disk_name)
+        if not DISK_NAME.fullmatch(name):
+            raise ViewError("bad_name", "a view's name is a disk name: letters, digits, '.', '_', '-'")
+        if name in self.disks:
+            raise ViewError("view_exists", f"a disk or view is already named {name}")
+        if bitmap is not None and checkpoint is not None:
+            raise ViewError("refused", "give a checkpoint (a new bitmap) or the bitmap to read, not both")
+        if bitmap is not None:
+            try:
+                layer.get(bitmap)
+            except BitmapError as refused:
+                raise ViewError(_bitmap_kind(refused), str(refused)) from None
+        directory = scratch_dir or _scratch_dir(disk.spec)
+        scratch = str(directory / f".{disk_name}.{name}.{os.getpid()}.scratch")
+        limit = disk.bytes.size if scratch_limit is None else scratch_limit
+
+        def begin() -> tuple[View, str | None]:
+            frozen = bitmap
+            if checkpoint is not None:
+                _, disabled = layer.checkpoint(checkpoint, persistent=layer.persistence_refusal() is None)
+                frozen = disabled[0] if len(disabled) == 1 else None
+            try:
+                return layer.add_view(name, scratch, limit), frozen
+            except BaseException:
+                if checkpoint is not None:  # undo: the checkpoint without its view is not asked for
+                    layer.remove(checkpoint)
+                raise
+
+        try:
+            view, frozen = await disk.bytes.quiesced(begin)
+        except BitmapError as refused:
+            raise ViewError(_bitmap_kind(refused), str(refused)) from None
+        except TimeoutError:
+            raise ViewError("unavailable", f"disk {disk_name}: requests in flight did not end") from None
+        except OSError as failed:  # the scratch file
+            raise ViewError("refused", f"scratch file {scratch}: {failed.strerror or failed}") from None
+        try:
+            live = await self._plug(disk, layer, view, frozen)
+        except BaseException:
+            layer.remove_view(name)
+            raise
+        log.info(
+            "view_started", disk=disk_name, view=name, scratch=scratch, checkpoint=checkpoint, bitmap=frozen
+        )
+        return live
+
+    async def _plug(self, source: Disk, layer: DirtyLayer, view: View, bitmap: str | None) -> LiveView:
+        node = ViewNode(view, layer.view_lock, source.spec.name)
+        spec = DiskSpec(name=view.name, backend="view", size=view.size, read_only=True)
+        device = plug_blk(self.machine, node, BlkConfig(serial=view.name[:20], read_only=True))
+        try:
+            (driver,) = await self.guest.probe()
+        except BaseException:
+            device.close()
+            self.machine.unplug(device.pci_slot)
+            raise
+        driver.observer = source.driver.observer
+        serial = await driver.get_id()
+        port = ByteDisk(view.name, driver, StackControl(node, device))
+        port.dirty = layer  # the source's bitmaps, read through the view (never changed: read-only)
+        port.default_bitmap = bitmap
+        disk = Disk(spec, device, driver, serial, port)
+        self.disks[view.name] = disk
+        live = LiveView(view.name, source.spec.name, view, device, disk, bitmap)
+        self.views[view.name] = live
+        self.exports[view.name] = NbdExport(
+            port, f"vblk point-in-time view {view.name} of {source.spec.name}"
+        )
+        return live
+
+    async def stop(self, name: str) -> LiveView:
+        live = self.views.pop(name, None)
+        if live is None:
+            raise ViewError("no_such_view", "no view has that name")
+        self.exports.pop(name, None)
+        self.disks.pop(name, None)
+        await self.guest.unbind(live.disk.driver)
+        live.device.close()
+        self.machine.unplug(live.device.pci_slot)
+        source = self.disks.get(live.source)
+        if source is not None and source.bytes.dirty is not None:
+            source.bytes.dirty.remove_view(name)
+        log.info("view_stopped", disk=live.source, view=name, **_sizes(live.view))
+        return live
+
+    async def stop_all(self) -> None:
+        for name in list(self.views):
+            await self.stop(name)
+
+    def of(self, disk_name: str) -> list[LiveView]:
+        return [live for live in self.views.values() if live.source == disk_name]
+
+
+def _sizes(view: View) -> dict[str, Any]:
+    return {
+        "scratch_bytes": view.scratch_bytes,
+        "clusters_copied": view.clusters_copied,
+        "broken": view.broken,
+    }
+
+
+def _bitmap_kind(error: BitmapError) -> str:
+    return {
+        errno.EEXIST: "bitmap_exists",
+        errno.ENOENT: "no_such_bitmap",
+        errno.EBUSY: "bitmap_inconsistent",
+    }.get(error.errno or 0, "refused")
+
+
+def _scratch_dir(spec: DiskSpec) -> Path:
+    """Beside a file disk's image (same file system, so sparse), else the system's temporary one."""
+    if spec.backend == "file":
+        return spec.path.resolve().parent
+    return Path(tempfile.gettempdir())
