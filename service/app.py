@@ -35,6 +35,7 @@ from service.model import Disk, DiskSpec, ServiceConfig, StartupError, describe_
 from service.nbd.server import NbdServer
 from service.nbd.settings import NbdExport, NbdTls
 from service.security import SecurityConfigError, Tokens
+from service.snapshots import Snapshots
 from service.storage import open_stack
 from service.vhost_user_disk import (
     RemoteControl,
@@ -64,6 +65,7 @@ class Service:
         self.nbd: NbdServer | None = None
         self.nbd_exports: dict[str, NbdExport] = {}  # the NBD server's, live: views come and go
         self.views = Views(self.machine, self.guest, self.disks, self.nbd_exports)
+        self.snapshots = Snapshots()
         self.nbd_addresses: list[str] = []
         self.http: web.AppRunner | None = None
         self.http_addresses: list[str] = []

@@ -286,6 +286,7 @@ class DirtyLayer(Layer):
         self.lock = threading.Lock()  # the data path may run in worker threads
         self._bitmaps: dict[str, Bitmap] = {}
         self._recording: list[Bitmap] = []  # the enabled, consistent ones: what a write marks
+        self._internal: list[Bitmap] = []  # recording, never listed (a commit's tracking)
         #: Counts changes to the set of bitmaps (added, removed): front ends that list them
         #: (NBD's meta contexts) know when to look again.
         self.generation = 0
@@ -348,6 +349,42 @@ class DirtyLayer(Layer):
                 for view in self._copying:
                     view.before_change(offset, length)
 
+    # -- the storage underneath (snapshots and commits: the caller holds the device drained) -------
+
+    def replace_inner(self, node: BlockNode, store: BitmapStore | None) -> None:
+        """Go on with ``node`` as the storage (a new overlay, or the base a commit went back to),
+        its persistent bitmaps in ``store``. The bitmaps in memory carry on: what ``store`` holds is
+        only marked in use (``load``), and overwritten by the next save."""
+        if self.views:
+            raise BlockError(errno.EBUSY, "the disk has point-in-time views: remove them first")
+        if store is not None:
+            store.load()
+        with self.lock:
+            self._inner = node
+            self.store = store
+            self.generation += 1
+
+    def track(self, granularity: int = DEFAULT_GRANULARITY) -> Bitmap:
+        """An internal recording bitmap (a commit's): marked like the others, never listed."""
+        bitmap = Bitmap("(internal)", self.size, granularity)
+        with self.lock:
+            self._internal.append(bitmap)
+            self._rebuild()
+        return bitmap
+
+    def take(self, bitmap: Bitmap) -> list[tuple[int, int]]:
+        """The dirty ``(offset, length)`` runs of ``bitmap``, which is cleared at the same time."""
+        with self.lock:
+            runs = [(offset, length) for offset, length, dirty in bitmap.runs(0, bitmap.size) if dirty]
+            bitmap.clear()
+        return runs
+
+    def untrack(self, bitmap: Bitmap) -> None:
+        with self.lock:
+            if bitmap in self._internal:
+                self._internal.remove(bitmap)
+            self._rebuild()
+
     # -- views (control plane, on the loop; the caller holds the device drained) -------------------
 
     def add_view(self, name: str, scratch: str, limit: int) -> View:
@@ -380,7 +417,7 @@ class DirtyLayer(Layer):
             raise BlockError(errno.EBUSY, "the disk has point-in-time views: remove them before resizing")
         self._inner.resize(new_size)
         with self.lock:
-            for bitmap in self._bitmaps.values():
+            for bitmap in [*self._bitmaps.values(), *self._internal]:
                 bitmap.resize(new_size)
 
     # -- the bitmaps (control plane, on the loop) -------------------------------------------------
@@ -388,6 +425,7 @@ class DirtyLayer(Layer):
     def _rebuild(self) -> None:
         self.generation += 1
         self._recording = [b for b in self._bitmaps.values() if b.enabled and not b.inconsistent]
+        self._recording.extend(self._internal)
 
     @property
     def bitmaps(self) -> Mapping[str, Bitmap]:
@@ -506,7 +544,10 @@ class DirtyLayer(Layer):
         return {"node": self.kind, "bitmaps": sorted(self._bitmaps)}
 
     def counters(self) -> Mapping[str, int]:
-        return {"bitmaps": len(self._bitmaps), "bitmaps_recording": len(self._recording)}
+        return {
+            "bitmaps": len(self._bitmaps),
+            "bitmaps_recording": len(self._recording) - len(self._internal),
+        }
 
     def save(self) -> None:
         """Store the persistent bitmaps now (their store's ``save``); close does it too."""

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from service.blockio import SECTOR, ByteDisk, IoBuffer
-from service.http.bitmaps import BitmapsApi, ViewsApi, dirty_extents
+from service.http.bitmaps import BitmapsApi, SnapshotsApi, ViewsApi, dirty_extents
 from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
@@ -44,6 +44,7 @@ from service.rings import disk_snapshot
 
 if TYPE_CHECKING:
     from service.model import Disk
+    from service.snapshots import Snapshots
     from service.views import Views
 
 __all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
@@ -64,6 +65,9 @@ class ApiHost(EdgeHost, Protocol):
 
     @property
     def views(self) -> Views: ...
+
+    @property
+    def snapshots(self) -> Snapshots: ...
 
 
 log = structlog.get_logger("vblk.http")
@@ -387,7 +391,8 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
     """Every route: the application and the OpenAPI document are built from this one list."""
     service = api.service
     bitmaps = BitmapsApi(api.disk, api.writable)
-    views = ViewsApi(service.views, api.disk, api.writable)
+    views = ViewsApi(lambda: service.views, api.disk, api.writable)
+    snapshots = SnapshotsApi(lambda: service.snapshots, lambda: service.disks, api.disk, api.writable)
     rings = RingsView(
         lambda name: disk_snapshot(service.disks[name], service.metrics.virtio_latency),
         lambda: list(service.disks),
@@ -415,6 +420,8 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("GET", "/v1/disks/{name}/views", views.list_views),
         ("POST", "/v1/disks/{name}/views", views.start_view),
         ("DELETE", "/v1/disks/{name}/views/{view}", views.stop_view),
+        ("POST", "/v1/disks/{name}/snapshot", snapshots.snapshot),
+        ("POST", "/v1/disks/{name}/commit", snapshots.commit),
         ("GET", "/v1/disks/{name}/sectors/{lba}", api.get_sectors),
         ("PUT", "/v1/disks/{name}/sectors/{lba}", api.put_sectors),
         ("GET", "/v1/disks/{name}/rings", rings.rings),

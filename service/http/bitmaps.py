@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -33,7 +33,11 @@ from service.http.edge import observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.params import JsonFields, parse_json_object, shown, takes_query
 from service.http.responses import json_response
+from service.snapshots import SnapshotError, Snapshots
 from service.views import ViewError, Views
+
+if TYPE_CHECKING:
+    from service.model import Disk
 
 log = structlog.get_logger("vblk.http")
 
@@ -237,9 +241,12 @@ class ViewsApi:
     """The handlers of ``/v1/disks/{name}/views...``: point-in-time views, each served as a disk."""
 
     def __init__(
-        self, views: Views, disk: Callable[[web.Request], ByteDisk], writable: Callable[[ByteDisk], None]
+        self,
+        views: Callable[[], Views],
+        disk: Callable[[web.Request], ByteDisk],
+        writable: Callable[[ByteDisk], None],
     ) -> None:
-        self.views = views
+        self._views = views
         self._disk = disk
         self._writable = writable
 
@@ -247,7 +254,7 @@ class ViewsApi:
     async def list_views(self, request: web.Request) -> web.Response:
         disk = self._disk(request)
         observe(request, disk.name, "views")
-        return json_response({"views": [live.describe() for live in self.views.of(disk.name)]})
+        return json_response({"views": [live.describe() for live in self._views().of(disk.name)]})
 
     @takes_query()
     async def start_view(self, request: web.Request) -> web.Response:
@@ -265,7 +272,7 @@ class ViewsApi:
             _known_new_name(checkpoint)
         observe(request, disk.name, "view_start")
         try:
-            live = await self.views.start(
+            live = await self._views().start(
                 disk.name, name, checkpoint=checkpoint, bitmap=bitmap, scratch_limit=limit
             )
         except ViewError as refused:
@@ -280,7 +287,7 @@ class ViewsApi:
         self._writable(disk)
         name = request.match_info["view"]
         observe(request, disk.name, "view_stop")
-        live = self.views.views.get(name)
+        live = self._views().views.get(name)
         if live is None or live.source != disk.name:
             quoted = shown(name)
             raise ApiError(
@@ -289,8 +296,68 @@ class ViewsApi:
                 if quoted
                 else f"disk {disk.name} has no view of that name",
             )
-        await self.views.stop(name)
+        await self._views().stop(name)
         return json_response({"removed": name, **live.describe()})
+
+
+_SNAPSHOT_CODES = {
+    "refused": ErrorCode.SNAPSHOT_REFUSED,
+    "exists": ErrorCode.SNAPSHOT_EXISTS,
+    "bad_name": ErrorCode.BAD_FIELD,
+    "unavailable": ErrorCode.UNAVAILABLE,
+}
+
+
+class SnapshotsApi:
+    """``POST /v1/disks/{name}/snapshot`` (a new qcow2 overlay on top, live) and ``.../commit``
+    (the overlay copied back into its base, live)."""
+
+    def __init__(
+        self,
+        snapshots: Callable[[], Snapshots],
+        disks: Callable[[], Mapping[str, Disk]],
+        disk: Callable[[web.Request], ByteDisk],
+        writable: Callable[[ByteDisk], None],
+    ) -> None:
+        self.snapshots = snapshots
+        self._disks = disks
+        self._disk = disk
+        self._writable = writable
+
+    def _target(self, request: web.Request) -> Disk:
+        port = self._disk(request)
+        self._writable(port)
+        return self._disks()[port.name]
+
+    @takes_query()
+    async def snapshot(self, request: web.Request) -> web.Response:
+        """``{"overlay": FILE}``: FILE (a name in the image's directory) becomes the disk's image,
+        a qcow2 overlay over the image it had, which stays as it is now."""
+        disk = self._target(request)
+        body = parse_json_object(await read_json_body(request))
+        overlay = JsonFields(body, ("overlay",), "a snapshot").string("overlay")
+        observe(request, disk.spec.name, "snapshot")
+        try:
+            answer = await self.snapshots().snapshot(disk, overlay)
+        except SnapshotError as refused:
+            raise ApiError(
+                _SNAPSHOT_CODES.get(refused.kind, ErrorCode.SNAPSHOT_REFUSED), _plain(refused.message)
+            ) from None
+        return json_response(answer, status=201)
+
+    @takes_query()
+    async def commit(self, request: web.Request) -> web.Response:
+        """``{}``: what the disk's overlay holds is copied into its base, which becomes the image."""
+        disk = self._target(request)
+        JsonFields(parse_json_object(await read_json_body(request) or b"{}"), (), "a commit")
+        observe(request, disk.spec.name, "commit")
+        try:
+            answer = await self.snapshots().commit(disk)
+        except SnapshotError as refused:
+            raise ApiError(
+                _SNAPSHOT_CODES.get(refused.kind, ErrorCode.SNAPSHOT_REFUSED), _plain(refused.message)
+            ) from None
+        return json_response(answer)
 
 
 def _known_new_name(name: str) -> None:

@@ -74,6 +74,13 @@ class ErrorCode(enum.Enum):
         "the view cannot be made: the disk's storage cannot copy before writes (RBD, vhost-user), "
         "it is a view itself, or its scratch file cannot be made",
     )
+    SNAPSHOT_EXISTS = ("snapshot_exists", 409, "the overlay file named already exists")
+    SNAPSHOT_REFUSED = (
+        "snapshot_refused",
+        409,
+        "the snapshot or commit cannot be made: not a writable file disk, point-in-time views are open, "
+        "nothing to commit into, or the image files cannot be made or opened",
+    )
     LENGTH_REQUIRED = ("length_required", 411, "a PUT needs Content-Length (or Content-Range)")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the JSON body is over 64 KiB")
     URI_TOO_LONG = ("uri_too_long", 414, "the request target is too long")

@@ -240,6 +240,32 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "removed"), **errors},
                 },
             },
+            "/v1/disks/{name}/snapshot": {
+                "parameters": [_NAME],
+                "post": {
+                    "summary": "External snapshot, live: {overlay: FILE} (a file name in the image's "
+                    "directory) becomes the disk's image, a qcow2 overlay over the image it had, which "
+                    "stays as it is now",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {
+                        "201": _json({"type": "object"}, "{disk, top, base}"),
+                        "409": _ERROR,
+                        **errors,
+                    },
+                },
+            },
+            "/v1/disks/{name}/commit": {
+                "parameters": [_NAME],
+                "post": {
+                    "summary": "Commit, live: what the disk's overlay holds is copied into its base, which "
+                    "becomes the disk's image again (the overlay file is left unused)",
+                    "responses": {
+                        "200": _json({"type": "object"}, "{disk, top, committed, copied}"),
+                        "409": _ERROR,
+                        **errors,
+                    },
+                },
+            },
             "/v1/disks/{name}/sectors/{lba}": {
                 "parameters": sectors_params,
                 "get": {

@@ -15,6 +15,7 @@ import pytest
 
 from device.blk import VirtioBlkDevice
 from device.block import ceph
+from device.block.node import stack
 from device.block.rbd import CACHE_MODES, RbdNode
 from service.app import Service
 from service.model import CephOptions, DiskSpec
@@ -58,7 +59,7 @@ def create_image(cluster: Cluster, name: str, size: int) -> None:
 def rbd_backend(service: Service, disk: str = "disk0") -> RbdNode:
     device = service.disks[disk].device
     assert isinstance(device, VirtioBlkDevice)
-    backend = device.node
+    backend = stack(device.node)[-1]  # the storage, under the dirty-tracking layer
     assert isinstance(backend, RbdNode)
     return backend
 

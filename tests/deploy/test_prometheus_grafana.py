@@ -318,6 +318,11 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(nbd_rig
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    async with aiohttp.ClientSession(nbd_rig.base_url) as http:  # a bitmap and a view to show
+        async with http.post("/v1/disks/disk0/bitmaps", json={"name": "b0"}) as r:
+            assert r.status == 201
+        async with http.post("/v1/disks/disk0/views", json={"name": "v0"}) as r:
+            assert r.status == 201
     stop = asyncio.Event()
     rest = asyncio.get_running_loop().create_task(workload(nbd_rig, stop))
     try:
