@@ -36,8 +36,10 @@ KINDS: dict[str, str] = {
     "qemu-nbd-qcow2": "qemu-nbd qcow2",
     "vblk-qcow2-thin": "vblk qcow2 thin",
     "qemu-nbd-qcow2-thin": "qemu-nbd qcow2 thin",
-    # vblk with one recording dirty bitmap (what dirty tracking costs).
+    # vblk with one recording dirty bitmap (what dirty tracking costs), and with a point-in-time
+    # view open (what copy-before-write costs: each first write to a 64 KiB cluster copies it).
     "vblk-bitmap": "vblk bitmap",
+    "vblk-view": "vblk view",
 }
 DEFAULT_SERVERS = "vblk,nbdkit-file,qemu-nbd,nbdkit-python"
 
@@ -443,8 +445,8 @@ def server_for(
     port = free_port()
     if contender.vblk is not None:
         tree = contender.vblk
-        bitmap = contender.kind == "vblk-bitmap"
-        http_port = free_port() if http_listen or bitmap else None
+        setup = _SETUPS.get(contender.kind)
+        http_port = free_port() if http_listen or setup is not None else None
         if image_format(contender.kind) != "raw":
             disk_options = ",".join(o for o in ("format=qcow2", disk_options) if o)
         return Server(
@@ -457,23 +459,32 @@ def server_for(
             metrics_url=None if http_port is None else f"http://{HOST}:{http_port}/metrics",
             cwd=tree.root,
             env=tree.env,
-            ready=functools.partial(add_bitmap, f"http://{HOST}:{http_port}") if bitmap else None,
+            ready=functools.partial(setup, f"http://{HOST}:{http_port}") if setup is not None else None,
         )
     command = PEER_COMMANDS[contender.kind](image, port)
     return Server(contender.label, command, port=port, size=size, log_dir=log_dir, image=image)
 
 
-def add_bitmap(base_url: str) -> None:
-    """One recording dirty bitmap (64 KiB granularity, in memory) on the bench disk."""
+def _post(url: str, body: dict[str, object]) -> None:
     request = urllib.request.Request(
-        f"{base_url}/v1/disks/{EXPORT}/bitmaps",
-        data=json.dumps({"name": "bench", "persistent": False}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         if response.status != 201:
-            raise RuntimeError(f"POST {request.full_url}: {response.status}")
+            raise RuntimeError(f"POST {url}: {response.status}")
+
+
+def add_bitmap(base_url: str) -> None:
+    """One recording dirty bitmap (64 KiB granularity, in memory) on the bench disk."""
+    _post(f"{base_url}/v1/disks/{EXPORT}/bitmaps", {"name": "bench", "persistent": False})
+
+
+def add_view(base_url: str) -> None:
+    """A point-in-time view of the bench disk (its scratch file beside the image)."""
+    _post(f"{base_url}/v1/disks/{EXPORT}/views", {"name": "bench-view"})
+
+
+_SETUPS: dict[str, Callable[[str], None]] = {"vblk-bitmap": add_bitmap, "vblk-view": add_view}
 
 
 # -- images ----------------------------------------------------------------------------------------
