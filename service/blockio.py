@@ -177,6 +177,10 @@ class DiskControl(Protocol):
         """The block stack, top first (empty when the storage is not ours to see)."""
         ...
 
+    def internal_snapshots(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The storage's internal snapshots (a qcow2 image's), and the one served, if any."""
+        ...
+
     def counters(self) -> Mapping[str, int]:
         """The stack's own counters (RBD requests in flight, faults injected...)."""
         ...
@@ -242,6 +246,14 @@ class StackControl:
 
     def describe(self) -> list[dict[str, Any]]:
         return describe_stack(self.node)
+
+    def internal_snapshots(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The internal snapshots of the stack's qcow2 image (and the one it serves, if any)."""
+        for node in stack(self.node):
+            found = getattr(node, "snapshots", None)
+            if isinstance(found, list):
+                return [s.describe() for s in found], getattr(node, "snapshot", None)
+        return [], None
 
     def counters(self) -> Mapping[str, int]:
         out: dict[str, int] = {}

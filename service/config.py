@@ -39,6 +39,7 @@ DISK_KEYS = (
     "cache",
     "format",
     "l2-cache-size",
+    "snapshot",
     "fault",
 )
 FORMATS = ("raw", "qcow2")
@@ -339,6 +340,7 @@ _DISK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "create": ("create", parse_bool),
     "format": ("format", _choice(FORMATS)),
     "l2-cache-size": ("l2_cache_size", parse_size),
+    "snapshot": ("snapshot", _text),
 }
 
 
@@ -384,8 +386,9 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
                 spec["fault"] = options["fault"]
             if spec.get("format", "raw") == "qcow2":
                 _check_qcow2(spec)
-            elif "l2-cache-size" in options:
-                raise ValueError("l2-cache-size is a qcow2 disk's option (format=qcow2)")
+            elif "l2-cache-size" in options or "snapshot" in options:
+                key = "l2-cache-size" if "l2-cache-size" in options else "snapshot"
+                raise ValueError(f"{key} is a qcow2 disk's option (format=qcow2)")
             if spec["backend"] == "rbd":
                 spec["rbd_image"] = options.get("image", name)
             elif "cache" in options:
@@ -423,6 +426,8 @@ def _check_qcow2(spec: dict[str, Any]) -> None:
         raise ValueError("format=qcow2 is a file disk's option")
     if spec.get("l2_cache_size", 1) <= 0:
         raise ValueError("l2-cache-size must be positive (bytes of L2 tables, 1M, 32M...)")
+    if spec.get("snapshot") is not None and not spec.get("read_only", False):
+        raise ValueError("snapshot= serves an internal snapshot, read-only: add read-only")
 
 
 def service_config(values: Mapping[str, Any]) -> ServiceConfig:

@@ -79,6 +79,7 @@ class DiskSpec:
     cache: str = DEFAULT_CACHE  # backend "rbd": librbd's cache, "none" or "writeback"
     format: str = "raw"  # backend "file": the image's format, "raw" or "qcow2", never guessed
     l2_cache_size: int = DEFAULT_L2_CACHE  # format qcow2: the most bytes of L2 tables cached
+    snapshot: str | None = None  # format qcow2, read-only: serve this internal snapshot (id or name)
     fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 

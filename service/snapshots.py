@@ -135,6 +135,7 @@ class Snapshots:
         base = _backing_image(top, top_image.path)
         spec = disk.spec
         self.committing.add(spec.name)
+        layer.replacing = True
         tracked = None
         try:
 
@@ -189,6 +190,7 @@ class Snapshots:
         finally:
             if tracked is not None:
                 layer.untrack(tracked)
+            layer.replacing = False
             self.committing.discard(spec.name)
         if base.path == spec.path:
             self.tops.pop(spec.name, None)

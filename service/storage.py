@@ -120,7 +120,11 @@ def _open_qcow2(spec: DiskSpec) -> Qcow2Node:
             raise BlockError(failed.errno or errno.EIO, f"{path}: {failed.strerror or failed}") from failed
         log.info("image_created", disk=spec.name, path=str(path), format="qcow2", size=spec.size)
     node = Qcow2Node.open(
-        path, read_only=spec.read_only, force_share=spec.force_share, l2_cache_bytes=spec.l2_cache_size
+        path,
+        read_only=spec.read_only,
+        force_share=spec.force_share,
+        l2_cache_bytes=spec.l2_cache_size,
+        snapshot=spec.snapshot,
     )
     if exists:
         _fit_or_close(spec, node, node.host_fd)

@@ -66,6 +66,9 @@ class RemoteControl:
     def counters(self) -> Mapping[str, int]:
         return {}
 
+    def internal_snapshots(self) -> tuple[list[dict[str, Any]], str | None]:
+        return [], None
+
     @property
     def dirty(self) -> DirtyLayer | None:
         return None  # the back end's stack is not ours: no bitmaps here

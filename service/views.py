@@ -130,8 +130,9 @@ class Views:
 
         try:
             view, frozen = await disk.bytes.quiesced(begin)
-        except BitmapError as refused:
-            raise ViewError(_bitmap_kind(refused), str(refused)) from None
+        except BitmapError as refused:  # EBUSY here: a commit is running
+            kind = "refused" if refused.errno == errno.EBUSY else _bitmap_kind(refused)
+            raise ViewError(kind, str(refused)) from None
         except TimeoutError:
             raise ViewError("unavailable", f"disk {disk_name}: requests in flight did not end") from None
         except OSError as failed:  # the scratch file

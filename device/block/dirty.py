@@ -293,6 +293,8 @@ class DirtyLayer(Layer):
         #: Point-in-time views (:mod:`device.block.fleece`): before a change goes down, each
         #: copies the old data it still needs. ``view_lock`` orders copies against view reads.
         self.views: dict[str, View] = {}
+        #: A commit is moving the storage: no view may start (it would read the node replaced).
+        self.replacing = False
         self._copying: list[View] = []
         self.view_lock = threading.Lock()
         if store is not None:
@@ -392,6 +394,8 @@ class DirtyLayer(Layer):
         (made here, removed with the view) up to ``limit`` bytes."""
         if name in self.views:
             raise BitmapError(errno.EEXIST, f"a view is already named '{name}'")
+        if self.replacing:
+            raise BitmapError(errno.EBUSY, "a commit is running: start the view when it is done")
         if not self._inner.capabilities.blocking:
             raise BitmapError(
                 errno.ENOTSUP, "point-in-time views need storage whose operations complete at once (not RBD)"

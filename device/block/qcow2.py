@@ -68,11 +68,14 @@ from device.block.qcow2_header import (
     MAX_L1_BYTES,
     BitmapEntry,
     Header,
+    Snapshot,
     create_image,
     directory_flag_offsets,
+    find_snapshot,
     invalid,
     parse_directory,
     parse_header,
+    parse_snapshots,
     rewrite_cluster0,
     unsupported,
     writable_refusal,
@@ -155,6 +158,9 @@ class Qcow2Node(BlockingNode):
         self.backing = backing
         self.backing_name = header.backing_name
         self.backing_format = header.backing_format
+        #: The image's internal snapshots, and the one served (read-only), if any.
+        self.snapshots: list[Snapshot] = []
+        self.snapshot: str | None = None
         self.dirty = bool(header.incompatible & INCOMPAT_DIRTY)
         self._incompatible = header.incompatible
         # As QEMU's l2-cache-size: at most this many bytes, never more than the image has tables.
@@ -213,6 +219,7 @@ class Qcow2Node(BlockingNode):
         force_share: bool = False,
         l2_cache_bytes: int = DEFAULT_L2_CACHE,
         file: HostFile | None = None,
+        snapshot: str | None = None,
         _below: tuple[str, ...] = (),
     ) -> Qcow2Node:
         """Open the qcow2 image at ``path`` with its backing chain (always read-only).
@@ -240,7 +247,7 @@ class Qcow2Node(BlockingNode):
         try:
             with _host_errors(path):
                 return cls._open_file(
-                    file, read_only, force_share, l2_cache_bytes, (*_below, os.path.realpath(path))
+                    file, read_only, force_share, l2_cache_bytes, (*_below, os.path.realpath(path)), snapshot
                 )
         except BaseException:
             file.close()
@@ -248,12 +255,28 @@ class Qcow2Node(BlockingNode):
 
     @classmethod
     def _open_file(
-        cls, file: HostFile, read_only: bool, force_share: bool, l2_cache_bytes: int, chain: tuple[str, ...]
+        cls,
+        file: HostFile,
+        read_only: bool,
+        force_share: bool,
+        l2_cache_bytes: int,
+        chain: tuple[str, ...],
+        snapshot: str | None = None,
     ) -> Qcow2Node:
         path = file.path
         host = Host(file, 512)
         head = host.read(0, min(file.size, 1 << MAX_CLUSTER_BITS))
         header = parse_header(path, head, file.size, _zstd is not None)
+        snapshots = parse_snapshots(path, header, host.read, file.size)
+        if snapshot is not None:  # serve the snapshot's tables, at its size (qemu-nbd -l)
+            if not read_only:
+                raise BlockError(errno.EROFS, f"{path}: an internal snapshot is served read-only")
+            # at the image's current size, as qemu-nbd -l and qemu-img convert -l serve it (past
+            # what the snapshot's L1 table maps: zeroes)
+            taken = find_snapshot(path, snapshots, snapshot)
+            header = dataclasses.replace(
+                header, l1_offset=taken.l1_offset, l1_size=taken.l1_size, bitmaps=None
+            )
         if not read_only:
             refusal = writable_refusal(header)
             if refusal is not None:
@@ -262,7 +285,11 @@ class Qcow2Node(BlockingNode):
         entries = needed
         if not read_only and header.l1_offset + header.l1_size * 8 <= file.size:
             entries = header.l1_size  # all of it: a grown disk uses the entries past ``needed``
+        if snapshot is not None:
+            entries = min(entries, header.l1_size)
         l1 = be64(host.read(header.l1_offset, entries * 8)) if entries else array("Q")
+        if len(l1) < needed:
+            l1.extend([0] * (needed - len(l1)))
         backing: FileNode | Qcow2Node | None = None
         if header.backing_name:
             backing = _open_backing(
@@ -277,6 +304,8 @@ class Qcow2Node(BlockingNode):
             )
         try:
             node = cls(file, header, l1, backing, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
+            node.snapshots = snapshots
+            node.snapshot = snapshot
             node._take_bitmaps(header, found, tables, damage)
             if not read_only:
                 node._open_for_writing(header, head)
@@ -420,6 +449,7 @@ class Qcow2Node(BlockingNode):
             "compression": self.compression,
             "dirty": self.dirty,
             "backing": chain,
+            **({"snapshot": self.snapshot} if self.snapshot is not None else {}),
         }
 
     def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -131,6 +132,8 @@ class Header:
     bitmaps_stale: bool = False
     #: Why the bitmaps extension is unusable ("" when it is fine, or absent).
     bitmaps_damage: str = ""
+    #: Where the internal snapshot table starts (``nb_snapshots`` entries).
+    snapshots_offset: int = 0
 
     @property
     def cluster_size(self) -> int:
@@ -162,7 +165,7 @@ def parse_header(path: Path, head: bytes, file_size: int, zstd: bool) -> Header:
         refcount_table_offset,
         refcount_table_clusters,
         nb_snapshots,
-        _snapshots_offset,
+        snapshots_offset,
     ) = _HEADER_V2.unpack_from(head, 0)
     if magic != MAGIC:
         raise invalid(path, "no qcow2 magic (is it a raw image? then leave out format=qcow2)")
@@ -265,6 +268,7 @@ def parse_header(path: Path, head: bytes, file_size: int, zstd: bool) -> Header:
         refcount_table_offset=refcount_table_offset,
         refcount_table_clusters=refcount_table_clusters,
         nb_snapshots=nb_snapshots,
+        snapshots_offset=snapshots_offset,
         incompatible=incompatible,
         compatible=compatible,
         autoclear=autoclear,
@@ -297,6 +301,107 @@ def _bitmaps_extension(raw: bytes, cluster_size: int, file_size: int) -> tuple[B
     if offset == 0 or offset % cluster_size or offset + size > file_size:
         return None, f"the bitmap directory at {offset:#x} is unaligned or outside the file"
     return BitmapsExtension(nb_bitmaps, size, offset), ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One internal snapshot (an entry of the snapshot table), as ``qemu-img snapshot -l`` lists it."""
+
+    id: str
+    name: str
+    l1_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int  # the virtual size when it was taken (the image's, for v2 entries without it)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "date_sec": self.date_sec,
+            "date_nsec": self.date_nsec,
+            "vm_clock_nsec": self.vm_clock_nsec,
+            "vm_state_size": self.vm_state_size,
+            "disk_size": self.disk_size,
+        }
+
+
+_SNAPSHOT_ENTRY: Final = struct.Struct(">QIHHIIQII")  # 40 bytes
+MAX_SNAPSHOTS: Final = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOT_EXTRA: Final = 1024  # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_SNAPSHOT_TABLE: Final = 64 << 20  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
+
+
+def parse_snapshots(
+    path: Path, header: Header, read: Callable[[int, int], bytes], file_size: int
+) -> list[Snapshot]:
+    """The internal snapshot table, each entry checked as QEMU checks it (``read(offset, length)``
+    reads the image file)."""
+    count = header.nb_snapshots
+    if not count:
+        return []
+    if count > MAX_SNAPSHOTS:
+        raise invalid(path, f"{count} internal snapshots (at most {MAX_SNAPSHOTS})")
+    offset = header.snapshots_offset
+    cluster_size = header.cluster_size
+    if offset % cluster_size or offset == 0 or offset >= file_size:
+        raise invalid(path, f"the snapshot table at {offset} is not a cluster inside the file")
+    out: list[Snapshot] = []
+    position = offset
+    for _ in range(count):
+        if (
+            position - offset + _SNAPSHOT_ENTRY.size > MAX_SNAPSHOT_TABLE
+            or position + _SNAPSHOT_ENTRY.size > file_size
+        ):
+            raise invalid(path, "the snapshot table runs past the end of the file")
+        fixed = read(position, _SNAPSHOT_ENTRY.size)
+        l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len = (
+            _SNAPSHOT_ENTRY.unpack(fixed)
+        )
+        if extra_len > MAX_SNAPSHOT_EXTRA:
+            raise invalid(
+                path, f"a snapshot's extra data of {extra_len} bytes (at most {MAX_SNAPSHOT_EXTRA})"
+            )
+        rest_len = extra_len + id_len + name_len
+        if position + _SNAPSHOT_ENTRY.size + rest_len > file_size:
+            raise invalid(path, "the snapshot table runs past the end of the file")
+        rest = read(position + _SNAPSHOT_ENTRY.size, rest_len)
+        extra = rest[:extra_len]
+        disk_size = header.size
+        if len(extra) >= 8:
+            vm_state = struct.unpack_from(">Q", extra, 0)[0]
+        if len(extra) >= 16:
+            disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        elif header.version >= 3:
+            raise invalid(path, "a version 3 snapshot entry without its disk size (extra data up to byte 55)")
+        if l1_offset % cluster_size or l1_size > (1 << 28) or l1_offset + l1_size * 8 > file_size:
+            raise invalid(path, f"snapshot L1 table at {l1_offset} ({l1_size} entries) is outside the file")
+        covered = 1 << (2 * header.cluster_bits - 3)
+        if disk_size % 512 or l1_size * covered < disk_size:
+            raise invalid(path, f"a snapshot of {disk_size} bytes that its {l1_size} L1 entries do not map")
+        ident = rest[extra_len : extra_len + id_len].decode("utf-8", "replace")
+        name = rest[extra_len + id_len :].decode("utf-8", "replace")
+        out.append(
+            Snapshot(ident, name, l1_offset, l1_size, date_sec, date_nsec, vm_clock, vm_state, disk_size)
+        )
+        position += _SNAPSHOT_ENTRY.size + rest_len
+        position += -position % 8
+    return out
+
+
+def find_snapshot(path: Path, snapshots: list[Snapshot], wanted: str) -> Snapshot:
+    """A snapshot by id or by name, as ``qemu-nbd -l`` finds one (an id first)."""
+    for snapshot in snapshots:
+        if snapshot.id == wanted:
+            return snapshot
+    for snapshot in snapshots:
+        if snapshot.name == wanted:
+            return snapshot
+    known = ", ".join(s.name or s.id for s in snapshots) or "none"
+    raise BlockError(errno.ENOENT, f"{path} has no internal snapshot {wanted!r} (it has: {known})")
 
 
 def writable_refusal(header: Header) -> str | None:

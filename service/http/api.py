@@ -421,6 +421,7 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("POST", "/v1/disks/{name}/views", views.start_view),
         ("DELETE", "/v1/disks/{name}/views/{view}", views.stop_view),
         ("POST", "/v1/disks/{name}/snapshot", snapshots.snapshot),
+        ("GET", "/v1/disks/{name}/snapshots", snapshots.list_snapshots),
         ("POST", "/v1/disks/{name}/commit", snapshots.commit),
         ("GET", "/v1/disks/{name}/sectors/{lba}", api.get_sectors),
         ("PUT", "/v1/disks/{name}/sectors/{lba}", api.put_sectors),

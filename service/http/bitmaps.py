@@ -346,6 +346,15 @@ class SnapshotsApi:
         return json_response(answer, status=201)
 
     @takes_query()
+    async def list_snapshots(self, request: web.Request) -> web.Response:
+        """The internal snapshots of a qcow2 disk's image, as ``qemu-img snapshot -l`` lists them,
+        and the one the disk serves (``snapshot=``), if any."""
+        port = self._disk(request)
+        observe(request, port.name, "snapshots")
+        internal, serving = port.control.internal_snapshots()
+        return json_response({"internal": internal, "serving": serving})
+
+    @takes_query()
     async def commit(self, request: web.Request) -> web.Response:
         """``{}``: what the disk's overlay holds is copied into its base, which becomes the image."""
         disk = self._target(request)

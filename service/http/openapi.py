@@ -254,6 +254,17 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/disks/{name}/snapshots": {
+                "parameters": [_NAME],
+                "get": {
+                    "summary": "The internal snapshots of a qcow2 disk's image (id, name, dates, sizes), "
+                    "and the one it serves (disk key snapshot=), if any",
+                    "responses": {
+                        "200": _json({"type": "object"}, "{internal: [...], serving}"),
+                        "404": _ERROR,
+                    },
+                },
+            },
             "/v1/disks/{name}/commit": {
                 "parameters": [_NAME],
                 "post": {
