@@ -274,6 +274,9 @@ class ByteDisk:
         self.dirty: DirtyLayer | None = control.dirty
         #: The bitmap ``extents?context=dirty`` reads when none is named (a view's checkpoint).
         self.default_bitmap: str | None = None
+        #: Held by changes of the disk's storage or views (a snapshot, a commit, a view's start
+        #: or stop): one at a time, each checking its preconditions under it.
+        self.control_lock = asyncio.Lock()
         #: Its storage has a backing chain, and :meth:`allocation_depth` counts it.
         self.has_chain = control.allocation_depth(0, 0) is not None
 

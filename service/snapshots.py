@@ -88,6 +88,10 @@ class Snapshots:
     async def snapshot(self, disk: Disk, overlay_name: str) -> dict[str, Any]:
         """Make the disk's current image a read-only base under a new qcow2 overlay named
         ``overlay_name`` (a file in the image's directory), live."""
+        async with disk.bytes.control_lock:  # one snapshot, commit or view change at a time
+            return await self._snapshot(disk, overlay_name)
+
+    async def _snapshot(self, disk: Disk, overlay_name: str) -> dict[str, Any]:
         layer = self._layer(disk)
         if not DISK_NAME.fullmatch(overlay_name) or overlay_name.startswith("."):
             raise SnapshotError("bad_name", "an overlay is a file name: letters, digits, '.', '_', '-'")
@@ -98,19 +102,31 @@ class Snapshots:
         spec = disk.spec
 
         def switch() -> None:
+            if layer.views:
+                raise BlockError(errno.EBUSY, "the disk has point-in-time views")
             old = layer.inner
             _flush(old)
-            layer.save()  # the bitmaps, consistent, in the base as of this instant
             create_image(overlay, old.size, backing=str(base.path.resolve()), backing_format=base.format)
-            old.close()
+            closed = False
             try:
+                layer.save()  # the bitmaps, consistent, in the base as of this instant
+                old.close()
+                closed = True
                 node = Qcow2Node.open(overlay, read_only=False, l2_cache_bytes=spec.l2_cache_size)
             except BaseException:
+                # back on the image it had (its bitmaps marked in use again by the store's load)
+                back = _reopen(base, spec.l2_cache_size) if closed else old
+                layer.replace_inner(back, _store(back, base))
+                overlay.unlink(missing_ok=True)
+                raise
+            try:
+                layer.replace_inner(node, Qcow2BitmapStore(node))
+            except BaseException:
+                node.close()
                 reopened = _reopen(base, spec.l2_cache_size)
                 layer.replace_inner(reopened, _store(reopened, base))
                 overlay.unlink(missing_ok=True)
                 raise
-            layer.replace_inner(node, Qcow2BitmapStore(node))
 
         try:
             await disk.bytes.quiesced(switch)
@@ -125,6 +141,10 @@ class Snapshots:
 
     async def commit(self, disk: Disk) -> dict[str, Any]:
         """Copy the top overlay into its base and continue on the base, live."""
+        async with disk.bytes.control_lock:
+            return await self._commit(disk)
+
+    async def _commit(self, disk: Disk) -> dict[str, Any]:
         layer = self._layer(disk)
         top_image = self.top(disk)
         top = layer.inner
@@ -175,10 +195,17 @@ class Snapshots:
                 for offset, length in runs:
                     done += _copy_now(top, writable, offset, length)
                 _flush(writable)
+                store = _store(writable, base)
+                store.load()  # may fail: then nothing has changed, the overlay serves on
                 layer.untrack(changes)
+                layer.replace_inner(writable, store, loaded=True)
                 top.backing = None  # the base stays open: it is the storage now
-                layer.replace_inner(writable, _store(writable, base))
-                top.close()
+                try:
+                    top.close()
+                except OSError as failed:  # the overlay is left behind anyway
+                    log.warning(
+                        "commit_overlay_close_failed", disk=spec.name, error=failed.strerror or str(failed)
+                    )
                 return done
 
             copied += await disk.bytes.quiesced(pivot)

@@ -12,8 +12,10 @@ scratch file.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+import functools
 import os
 import tempfile
 from collections.abc import MutableMapping
@@ -76,6 +78,7 @@ class Views:
         self.disks = disks
         self.exports = exports  # the NBD server's live export table (empty without NBD)
         self.views: dict[str, LiveView] = {}
+        self._plugging = asyncio.Lock()
 
     def _tracking(self, disk_name: str) -> tuple[Disk, DirtyLayer]:
         disk = self.disks.get(disk_name)
@@ -116,32 +119,36 @@ class Views:
         scratch = str(directory / f".{disk_name}.{name}.{os.getpid()}.scratch")
         limit = disk.bytes.size if scratch_limit is None else scratch_limit
 
-        def begin() -> tuple[View, str | None]:
-            frozen = bitmap
-            if checkpoint is not None:
-                _, disabled = layer.checkpoint(checkpoint, persistent=layer.persistence_refusal() is None)
-                frozen = disabled[0] if len(disabled) == 1 else None
+        def begin() -> tuple[View, str | None, list[str]]:
+            view = layer.add_view(name, scratch, limit)  # first: simply undone if the rest fails
+            if checkpoint is None:
+                return view, bitmap, []
             try:
-                return layer.add_view(name, scratch, limit), frozen
+                _, disabled = layer.checkpoint(checkpoint, persistent=layer.persistence_refusal() is None)
             except BaseException:
-                if checkpoint is not None:  # undo: the checkpoint without its view is not asked for
-                    layer.remove(checkpoint)
+                layer.remove_view(name)
                 raise
+            return view, disabled[0] if len(disabled) == 1 else None, disabled
 
-        try:
-            view, frozen = await disk.bytes.quiesced(begin)
-        except BitmapError as refused:  # EBUSY here: a commit is running
-            kind = "refused" if refused.errno == errno.EBUSY else _bitmap_kind(refused)
-            raise ViewError(kind, str(refused)) from None
-        except TimeoutError:
-            raise ViewError("unavailable", f"disk {disk_name}: requests in flight did not end") from None
-        except OSError as failed:  # the scratch file
-            raise ViewError("refused", f"scratch file {scratch}: {failed.strerror or failed}") from None
-        try:
-            live = await self._plug(disk, layer, view, frozen)
-        except BaseException:
-            layer.remove_view(name)
-            raise
+        async with disk.bytes.control_lock:  # one snapshot, commit or view change of a disk at a time
+            if name in self.disks:
+                raise ViewError("view_exists", f"a disk or view is already named {name}")
+            try:
+                view, frozen, disabled = await disk.bytes.quiesced(begin)
+            except BitmapError as refused:  # EBUSY here: a commit is running
+                kind = "refused" if refused.errno == errno.EBUSY else _bitmap_kind(refused)
+                raise ViewError(kind, str(refused)) from None
+            except TimeoutError:
+                raise ViewError("unavailable", f"disk {disk_name}: requests in flight did not end") from None
+            except OSError as failed:  # the scratch file
+                raise ViewError("refused", f"scratch file {scratch}: {failed.strerror or failed}") from None
+            try:
+                live = await self._plug(disk, layer, view, frozen)
+            except BaseException:
+                layer.remove_view(name)
+                if checkpoint is not None:  # the view failed: so did its checkpoint, losing no write
+                    await disk.bytes.quiesced(functools.partial(layer.undo_checkpoint, checkpoint, disabled))
+                raise
         log.info(
             "view_started", disk=disk_name, view=name, scratch=scratch, checkpoint=checkpoint, bitmap=frozen
         )
@@ -150,15 +157,19 @@ class Views:
     async def _plug(self, source: Disk, layer: DirtyLayer, view: View, bitmap: str | None) -> LiveView:
         node = ViewNode(view, layer.view_lock, source.spec.name)
         spec = DiskSpec(name=view.name, backend="view", size=view.size, read_only=True)
-        device = plug_blk(self.machine, node, BlkConfig(serial=view.name[:20], read_only=True))
-        try:
-            (driver,) = await self.guest.probe()
-        except BaseException:
-            device.close()
-            self.machine.unplug(device.pci_slot)
-            raise
+        async with self._plugging:  # one probe at a time: each binds the function just plugged
+            device = plug_blk(self.machine, node, BlkConfig(serial=view.name[:20], read_only=True))
+            driver = None
+            try:
+                (driver,) = await self.guest.probe()
+                serial = await driver.get_id()
+            except BaseException:
+                if driver is not None:
+                    await self.guest.unbind(driver)
+                device.close()
+                self.machine.unplug(device.pci_slot)
+                raise
         driver.observer = source.driver.observer
-        serial = await driver.get_id()
         port = ByteDisk(view.name, driver, StackControl(node, device))
         port.dirty = layer  # the source's bitmaps, read through the view (never changed: read-only)
         port.default_bitmap = bitmap
@@ -172,17 +183,31 @@ class Views:
         return live
 
     async def stop(self, name: str) -> LiveView:
+        live = self.views.get(name)
+        if live is None:
+            raise ViewError("no_such_view", "no view has that name")
+        source = self.disks.get(live.source)
+        if source is None:
+            return await self._stop(name)
+        async with source.bytes.control_lock:
+            return await self._stop(name)
+
+    async def _stop(self, name: str) -> LiveView:
         live = self.views.pop(name, None)
         if live is None:
             raise ViewError("no_such_view", "no view has that name")
         self.exports.pop(name, None)
         self.disks.pop(name, None)
-        await self.guest.unbind(live.disk.driver)
-        live.device.close()
-        self.machine.unplug(live.device.pci_slot)
-        source = self.disks.get(live.source)
-        if source is not None and source.bytes.dirty is not None:
-            source.bytes.dirty.remove_view(name)
+        try:
+            await self.guest.unbind(live.disk.driver)
+        except OSError as failed:  # the device goes anyway: nothing reads it any more
+            log.warning("view_driver_close_failed", view=name, error=failed.strerror or str(failed))
+        finally:
+            live.device.close()
+            self.machine.unplug(live.device.pci_slot)
+            source = self.disks.get(live.source)
+            if source is not None and source.bytes.dirty is not None:
+                source.bytes.dirty.remove_view(name)
         log.info("view_stopped", disk=live.source, view=name, **_sizes(live.view))
         return live
 

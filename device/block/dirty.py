@@ -353,13 +353,14 @@ class DirtyLayer(Layer):
 
     # -- the storage underneath (snapshots and commits: the caller holds the device drained) -------
 
-    def replace_inner(self, node: BlockNode, store: BitmapStore | None) -> None:
+    def replace_inner(self, node: BlockNode, store: BitmapStore | None, *, loaded: bool = False) -> None:
         """Go on with ``node`` as the storage (a new overlay, or the base a commit went back to),
         its persistent bitmaps in ``store``. The bitmaps in memory carry on: what ``store`` holds is
-        only marked in use (``load``), and overwritten by the next save."""
+        only marked in use (``load``, unless the caller ``loaded`` it already), and overwritten by
+        the next save."""
         if self.views:
             raise BlockError(errno.EBUSY, "the disk has point-in-time views: remove them first")
-        if store is not None:
+        if store is not None and not loaded:
             store.load()
         with self.lock:
             self._inner = node
@@ -419,6 +420,8 @@ class DirtyLayer(Layer):
     def resize(self, new_size: int) -> None:
         if self.views:
             raise BlockError(errno.EBUSY, "the disk has point-in-time views: remove them before resizing")
+        if self.replacing:
+            raise BlockError(errno.EBUSY, "a commit is running: resize the disk when it is done")
         self._inner.resize(new_size)
         with self.lock:
             for bitmap in [*self._bitmaps.values(), *self._internal]:
@@ -528,13 +531,28 @@ class DirtyLayer(Layer):
     ) -> tuple[Bitmap, list[str]]:
         """A new recording bitmap, and every other one that was recording disabled, at one
         instant (the caller holds the device quiesced): no write falls between the two."""
-        recording = [b for b in self._recording]
+        recording = [b for b in self._recording if b not in self._internal]
         bitmap = self.add(name, granularity, persistent=persistent)
         with self.lock:
             for old in recording:
                 old.enabled = False
             self._rebuild()
         return bitmap, [old.name for old in recording]
+
+    def undo_checkpoint(self, name: str, disabled: Sequence[str]) -> None:
+        """Take back :meth:`checkpoint` (the caller holds the device drained): what the new bitmap
+        recorded goes into the ones it disabled, which record again, and the new one goes."""
+        new = self._bitmaps.get(name)
+        with self.lock:
+            for old_name in disabled:
+                old = self._bitmaps.get(old_name)
+                if old is not None:
+                    if new is not None:
+                        old.merge_from(new)
+                    old.enabled = True
+            if new is not None:
+                del self._bitmaps[name]
+            self._rebuild()
 
     def runs(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, dirty)`` runs of bitmap ``name`` over ``[offset, offset+length)``."""

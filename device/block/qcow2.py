@@ -267,7 +267,13 @@ class Qcow2Node(BlockingNode):
         host = Host(file, 512)
         head = host.read(0, min(file.size, 1 << MAX_CLUSTER_BITS))
         header = parse_header(path, head, file.size, _zstd is not None)
-        snapshots = parse_snapshots(path, header, host.read, file.size)
+        try:
+            snapshots = parse_snapshots(path, header, host.read, file.size)
+        except BlockError as damaged:  # as QEMU: the image itself is served; only its snapshots fail
+            if snapshot is not None:
+                raise
+            log.warning("qcow2_snapshot_table_damaged", path=str(path), why=str(damaged))
+            snapshots = []
         if snapshot is not None:  # serve the snapshot's tables, at its size (qemu-nbd -l)
             if not read_only:
                 raise BlockError(errno.EROFS, f"{path}: an internal snapshot is served read-only")

@@ -23,7 +23,7 @@ from typing import Final
 import structlog
 from mypy_extensions import mypyc_attr
 
-from service.blockio import BitmapError, ByteDisk, ErrorKind, IoBuffer, error_kind
+from service.blockio import Bitmap, BitmapError, ByteDisk, ErrorKind, IoBuffer, error_kind
 from service.nbd import protocol as p
 from service.nbd.channel import Channel
 from service.nbd.constants import (
@@ -156,6 +156,7 @@ class Connection:
         self.export: NbdExport | None = None
         self.structured = False
         self.meta_contexts: dict[int, str] = {}
+        self.pinned: dict[int, Bitmap] = {}  # the bitmaps of the chosen dirty-bitmap contexts
         self._closing = False
         self.id = next(_connection_ids)
         self._last_active = 0.0
@@ -312,6 +313,7 @@ class Connection:
                 self.export = self.server.exports.get(event.export.name)
                 self.structured = event.structured_replies
                 self.meta_contexts = event.meta_contexts
+                self._pin_bitmaps()
                 structlog.contextvars.bind_contextvars(export=event.export.name)
                 log.info(
                     "nbd_negotiated",
@@ -627,32 +629,55 @@ class Connection:
             return
         await export.disk.zero(request.offset, request.length, unmap=unmap, fua=fua)
 
+    def _pin_bitmaps(self) -> None:
+        """The bitmaps the client chose, as they are now (a later one of the same name is not it)."""
+        export = self.export
+        dirty = export.disk.dirty if export is not None else None
+        self.pinned = {}
+        if dirty is None:
+            return
+        for context_id, context in self.meta_contexts.items():
+            if context_id >= p.FIRST_BITMAP_ID:
+                bitmap = dirty.bitmaps.get(context[len(QEMU_DIRTY_BITMAP) :])
+                if bitmap is not None:
+                    self.pinned[context_id] = bitmap
+
     def _block_status(self, request: p.Request, export: NbdExport) -> None:
+        try:
+            answers = self._status_of(request, export)
+        except OSError as failed:  # a bitmap removed since chosen, a map that cannot be read
+            log.warning("nbd_block_status_failed", offset=request.offset, error=str(failed))
+            code = Errno.EINVAL if issubclass(type(failed), BitmapError) else _errno_of(failed)
+            self._send_error(request, code, str(failed))
+            return
+        self.channel.write_all(self.codec.reply_block_status(request, answers))
+
+    def _status_of(self, request: p.Request, export: NbdExport) -> list[tuple[int, list[tuple[int, int]]]]:
         extents = export.disk.extents(request.offset, request.length)
         allocation = [
             (e.length, (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)) for e in extents
         ]
-        answers = []
+        answers: list[tuple[int, list[tuple[int, int]]]] = []
         for context_id, context in self.meta_contexts.items():
             if context_id == p.ALLOCATION_DEPTH_ID:
                 runs = export.disk.allocation_depth(request.offset, request.length)
                 answers.append((context_id, [(length, depth) for _, length, depth in runs]))
             elif context_id >= p.FIRST_BITMAP_ID:
-                try:
-                    answers.append((context_id, self._dirty_runs(export, context, request)))
-                except BitmapError as gone:  # removed since the client chose it
-                    self._send_error(request, Errno.EINVAL, str(gone))
-                    return
+                answers.append((context_id, self._dirty_runs(export, context_id, context, request)))
             else:
                 answers.append((context_id, allocation))
-        self.channel.write_all(self.codec.reply_block_status(request, answers))
+        return answers
 
-    @staticmethod
-    def _dirty_runs(export: NbdExport, context: str, request: p.Request) -> list[tuple[int, int]]:
-        """``qemu:dirty-bitmap:NAME``'s extents: flags 1 where dirty, 0 where clean."""
+    def _dirty_runs(
+        self, export: NbdExport, context_id: int, context: str, request: p.Request
+    ) -> list[tuple[int, int]]:
+        """``qemu:dirty-bitmap:NAME``'s extents: flags 1 where dirty, 0 where clean. The bitmap is
+        the one the client chose: removed since (even if another took its name), it is EINVAL."""
         dirty = export.disk.dirty
         name = context[len(QEMU_DIRTY_BITMAP) :]
-        if dirty is None:
-            raise BitmapError(errno.ENOENT, f"no bitmap is named {name!r}")
-        runs = dirty.runs(name, request.offset, request.length)
+        chosen = self.pinned.get(context_id)
+        if dirty is None or chosen is None or dirty.bitmaps.get(name) is not chosen:
+            raise BitmapError(errno.ENOENT, f"bitmap {name!r} was removed since it was chosen")
+        with dirty.lock:
+            runs = chosen.runs(request.offset, request.length)
         return [(length, NBD_STATE_DIRTY if is_dirty else 0) for _, length, is_dirty in runs]

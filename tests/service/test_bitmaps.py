@@ -6,6 +6,7 @@ persistent bitmaps of a raw image kept across a restart."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import subprocess
 import sys
@@ -214,6 +215,36 @@ h.shutdown()
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"ready"
     return proc
+
+
+async def test_a_bitmap_removed_after_a_client_chose_it_is_an_error_not_its_namesake(nbd_rig: NbdRig) -> None:
+    script = f"""
+import json, urllib.request
+def rest(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    headers = {{"Content-Type": "application/json"}}
+    request = urllib.request.Request("{nbd_rig.base_url}" + path, method=method, data=data, headers=headers)
+    urllib.request.urlopen(request).read()
+rest("POST", "/v1/disks/disk0/bitmaps", {{"name": "b"}})
+h = nbd.NBD()
+h.add_meta_context("qemu:dirty-bitmap:b")
+h.connect_uri(uri)
+h.pwrite(b"\\x01" * 4096, 0)
+seen = []
+h.block_status(1 << 20, 0, lambda ctx, off, entries, err: seen.append(list(entries)) or 0)
+assert seen[0][:2] == [65536, 1], seen
+rest("DELETE", "/v1/disks/disk0/bitmaps/b")
+rest("POST", "/v1/disks/disk0/bitmaps", {{"name": "b"}})  # a new, clean one of the same name
+try:
+    h.block_status(1 << 20, 0, lambda ctx, off, entries, err: 0)
+    print("answered")
+except nbd.Error as e:
+    print("refused", e.errno)
+h.pread(4096, 0)  # the connection goes on
+h.shutdown()
+"""
+    out = (await nbdsh(nbd_rig.uri(), script)).stdout.split()
+    assert out[0] == "refused" and out[1] in ("EINVAL", str(errno.EINVAL)), out
 
 
 async def test_bitmap_management_and_its_refusals(nbd_rig: NbdRig) -> None:

@@ -105,7 +105,12 @@ async def test_a_damaged_snapshot_table_is_refused_at_open(
     data[field : field + len(value)] = value
     image.write_bytes(data)
     with pytest.raises(BlockError, match=re.escape(why)):
-        Qcow2Node.open(image)
+        Qcow2Node.open(image, snapshot="first")
+    node = Qcow2Node.open(image)  # the image itself is still served (read-only), as QEMU serves it
+    try:
+        assert node.snapshots == [] and node.size == 12 * MiB
+    finally:
+        node.close()
 
 
 async def test_a_snapshot_entry_pointing_outside_the_file_is_refused(tmp_path: Path) -> None:

@@ -170,6 +170,12 @@ async def test_view_refusals(nbd_rig: NbdRig, tmp_path: Path) -> None:
                 continue
             answer = await api(http, method, path, body, status)
             assert answer["error"] == code, (method, path, answer)
+        # a view whose checkpoint is refused is not made, and the recording bitmaps go on recording
+        await api(http, "POST", "/v1/disks/disk0/bitmaps", {"name": "b0"}, 201)
+        answer = await api(http, "POST", "/v1/disks/disk0/views", {"name": "w", "checkpoint": "b0"}, 409)
+        assert answer["error"] == "bitmap_exists"
+        assert [v["name"] for v in (await api(http, "GET", "/v1/disks/disk0/views"))["views"]] == ["v"]
+        assert (await api(http, "GET", "/v1/disks/disk0/bitmaps/b0"))["recording"] is True
         # writes to a view over NBD: refused, the view unchanged
         refused = await run("qemu-io", "-f", "raw", "-c", "write 0 4k", nbd_rig.uri("v"), check=False)
         assert refused.returncode != 0
