@@ -27,6 +27,8 @@ import structlog
 from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
 from device.block.dirty import BitmapError, DirtyLayer
 from device.block.fleece import View, ViewNode
+from device.block.node import BlockNode
+from device.block.rbd import RbdNode
 from service.blockio import ByteDisk, StackControl
 from service.model import Disk, DiskSpec
 from service.nbd.settings import NbdExport
@@ -54,13 +56,21 @@ class LiveView:
 
     name: str
     source: str
-    view: View
+    view: View | None  # copy-before-write into a scratch file; None for an RBD snapshot
     device: VirtioBlkDevice
     disk: Disk
     bitmap: str | None  # the bitmap frozen with it (its checkpoint's), if any
+    rbd_snapshot: str | None = None  # an RBD disk's view: the snapshot it reads
 
     def describe(self) -> dict[str, Any]:
-        return {**self.view.describe(), "disk": self.source, "bitmap": self.bitmap}
+        if self.view is not None:
+            described = self.view.describe()
+        else:
+            described = {
+                "name": self.name, "size": self.disk.bytes.size, "scratch": None, "scratch_bytes": 0,
+                "scratch_limit": None, "clusters_copied": 0, "broken": None,
+            }  # fmt: skip
+        return {**described, "disk": self.source, "bitmap": self.bitmap, "rbd_snapshot": self.rbd_snapshot}
 
 
 class Views:
@@ -115,6 +125,8 @@ class Views:
                 layer.get(bitmap)
             except BitmapError as refused:
                 raise ViewError(_bitmap_kind(refused), str(refused)) from None
+        if isinstance(layer.inner, RbdNode):
+            return await self._start_rbd(disk, layer, layer.inner, name, checkpoint, bitmap)
         directory = scratch_dir or _scratch_dir(disk.spec)
         scratch = str(directory / f".{disk_name}.{name}.{os.getpid()}.scratch")
         limit = disk.bytes.size if scratch_limit is None else scratch_limit
@@ -143,7 +155,8 @@ class Views:
             except OSError as failed:  # the scratch file
                 raise ViewError("refused", f"scratch file {scratch}: {failed.strerror or failed}") from None
             try:
-                live = await self._plug(disk, layer, view, frozen)
+                node = ViewNode(view, layer.view_lock, disk.spec.name)
+                live = await self._plug(disk, layer, node, name, frozen, view, None)
             except BaseException:
                 layer.remove_view(name)
                 if checkpoint is not None:  # the view failed: so did its checkpoint, losing no write
@@ -154,11 +167,74 @@ class Views:
         )
         return live
 
-    async def _plug(self, source: Disk, layer: DirtyLayer, view: View, bitmap: str | None) -> LiveView:
-        node = ViewNode(view, layer.view_lock, source.spec.name)
-        spec = DiskSpec(name=view.name, backend="view", size=view.size, read_only=True)
+    async def _start_rbd(
+        self,
+        disk: Disk,
+        layer: DirtyLayer,
+        source: RbdNode,
+        name: str,
+        checkpoint: str | None,
+        bitmap: str | None,
+    ) -> LiveView:
+        """An RBD disk's view: an RBD snapshot taken drained, opened read-only by a client of its own
+        (RBD keeps the old data itself: no copy before writes)."""
+        snapshot = f"vblk-view-{name}"
+
+        def begin() -> tuple[str | None, list[str]]:
+            source.snap_create(snapshot)
+            if checkpoint is None:
+                return bitmap, []
+            try:
+                _, disabled = layer.checkpoint(checkpoint, persistent=False)
+            except BaseException:
+                source.snap_remove(snapshot)
+                raise
+            return disabled[0] if len(disabled) == 1 else None, disabled
+
+        async with disk.bytes.control_lock:
+            if name in self.disks:
+                raise ViewError("view_exists", f"a disk or view is already named {name}")
+            try:
+                frozen, disabled = await disk.bytes.quiesced(begin)
+            except BitmapError as refused:
+                raise ViewError(_bitmap_kind(refused), str(refused)) from None
+            except TimeoutError:
+                raise ViewError(
+                    "unavailable", f"disk {disk.spec.name}: requests in flight did not end"
+                ) from None
+            except OSError as failed:
+                raise ViewError("refused", f"RBD snapshot {snapshot}: {failed.strerror or failed}") from None
+            try:
+                target = dataclasses.replace(
+                    source.target, snapshot=snapshot, read_only=True, create_size=None, take_over=False
+                )
+                node = await asyncio.to_thread(RbdNode.open, target)
+                try:
+                    live = await self._plug(disk, layer, node, name, frozen, None, snapshot)
+                except BaseException:
+                    node.close()
+                    raise
+            except BaseException:
+                source.snap_remove(snapshot)
+                if checkpoint is not None:
+                    await disk.bytes.quiesced(functools.partial(layer.undo_checkpoint, checkpoint, disabled))
+                raise
+        log.info("view_started", disk=disk.spec.name, view=name, rbd_snapshot=snapshot, bitmap=frozen)
+        return live
+
+    async def _plug(
+        self,
+        source: Disk,
+        layer: DirtyLayer,
+        node: BlockNode,
+        name: str,
+        bitmap: str | None,
+        view: View | None,
+        rbd_snapshot: str | None,
+    ) -> LiveView:
+        spec = DiskSpec(name=name, backend="view", size=node.size, read_only=True)
         async with self._plugging:  # one probe at a time: each binds the function just plugged
-            device = plug_blk(self.machine, node, BlkConfig(serial=view.name[:20], read_only=True))
+            device = plug_blk(self.machine, node, BlkConfig(serial=name[:20], read_only=True))
             driver = None
             try:
                 (driver,) = await self.guest.probe()
@@ -170,16 +246,14 @@ class Views:
                 self.machine.unplug(device.pci_slot)
                 raise
         driver.observer = source.driver.observer
-        port = ByteDisk(view.name, driver, StackControl(node, device))
+        port = ByteDisk(name, driver, StackControl(node, device))
         port.dirty = layer  # the source's bitmaps, read through the view (never changed: read-only)
         port.default_bitmap = bitmap
         disk = Disk(spec, device, driver, serial, port)
-        self.disks[view.name] = disk
-        live = LiveView(view.name, source.spec.name, view, device, disk, bitmap)
-        self.views[view.name] = live
-        self.exports[view.name] = NbdExport(
-            port, f"vblk point-in-time view {view.name} of {source.spec.name}"
-        )
+        self.disks[name] = disk
+        live = LiveView(name, source.spec.name, view, device, disk, bitmap, rbd_snapshot)
+        self.views[name] = live
+        self.exports[name] = NbdExport(port, f"vblk point-in-time view {name} of {source.spec.name}")
         return live
 
     async def stop(self, name: str) -> LiveView:
@@ -206,9 +280,19 @@ class Views:
             live.device.close()
             self.machine.unplug(live.device.pci_slot)
             source = self.disks.get(live.source)
-            if source is not None and source.bytes.dirty is not None:
-                source.bytes.dirty.remove_view(name)
-        log.info("view_stopped", disk=live.source, view=name, **_sizes(live.view))
+            layer = source.bytes.dirty if source is not None else None
+            if live.view is not None and layer is not None:
+                layer.remove_view(name)
+            if live.rbd_snapshot is not None:
+                live.device.node.close()
+                if layer is not None and isinstance(layer.inner, RbdNode):
+                    try:
+                        layer.inner.snap_remove(live.rbd_snapshot)
+                    except OSError as failed:
+                        log.warning(
+                            "view_snapshot_not_removed", view=name, error=failed.strerror or str(failed)
+                        )
+        log.info("view_stopped", disk=live.source, view=name, **(_sizes(live.view) if live.view else {}))
         return live
 
     async def stop_all(self) -> None:

@@ -91,6 +91,8 @@ class _Libs:
                 "rbd_open": (c_int, [c_void_p, c_char_p, p(c_void_p), c_char_p]),
                 "rbd_open_read_only": (c_int, [c_void_p, c_char_p, p(c_void_p), c_char_p]),
                 "rbd_close": (c_int, [c_void_p]),
+                "rbd_snap_create": (c_int, [c_void_p, c_char_p]),
+                "rbd_snap_remove": (c_int, [c_void_p, c_char_p]),
                 "rbd_get_size": (c_int, [c_void_p, p(c_uint64)]),
                 "rbd_get_features": (c_int, [c_void_p, p(c_uint64)]),
                 "rbd_resize": (c_int, [c_void_p, c_uint64]),
@@ -232,13 +234,25 @@ def image_create(ioctx: int, name: str, size: int) -> None:
     check(libs().rbd.rbd_create(ioctx, name.encode(), size, ctypes.byref(order)), f"creating image {name}")
 
 
-def image_open(ioctx: int, name: str, read_only: bool) -> int:
+def image_open(ioctx: int, name: str, read_only: bool, snapshot: str | None = None) -> int:
+    """An image handle: of its head, or (read-only) of its snapshot ``snapshot``."""
     lib = libs().rbd
     image = c_void_p()
-    opener = lib.rbd_open_read_only if read_only else lib.rbd_open
-    check(opener(ioctx, name.encode(), ctypes.byref(image), None), f"opening image {name}")
+    opener = lib.rbd_open_read_only if read_only or snapshot is not None else lib.rbd_open
+    snap = snapshot.encode() if snapshot is not None else None
+    where = name if snapshot is None else f"{name}@{snapshot}"
+    check(opener(ioctx, name.encode(), ctypes.byref(image), snap), f"opening image {where}")
     assert image.value is not None
     return image.value
+
+
+def snap_create(image: int, name: str) -> None:
+    """Take snapshot ``name`` of the image (librbd flushes what it caches first)."""
+    check(libs().rbd.rbd_snap_create(image, name.encode()), f"creating snapshot {name}")
+
+
+def snap_remove(image: int, name: str) -> None:
+    check(libs().rbd.rbd_snap_remove(image, name.encode()), f"removing snapshot {name}")
 
 
 def _u64(fn: Callable[..., int], image: int, what: str) -> int:

@@ -93,6 +93,7 @@ class RbdTarget:
     read_only: bool = False
     take_over: bool = False  # break a (dead) owner's exclusive lock, blocklisting it
     cache: str = DEFAULT_CACHE  # "none": librbd's cache off; "writeback": its writeback cache
+    snapshot: str | None = None  # open this snapshot of the image (read-only), not its head
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
@@ -100,7 +101,8 @@ class RbdTarget:
 
     @property
     def spec(self) -> str:
-        return f"{self.pool}/{self.image}"
+        head = f"{self.pool}/{self.image}"
+        return head if self.snapshot is None else f"{head}@{self.snapshot}"
 
     def options(self) -> list[tuple[str, str]]:
         t = str(math.ceil(self.timeout))  # Ceph's timeouts are whole seconds ("2.5" is EINVAL)
@@ -155,7 +157,7 @@ class RbdNode(StorageNode):
         if self._size != size:
             log.warning("rbd_image_size_not_sectors", image=target.spec, size=size, served=self._size)
         self._lock = threading.Lock()  # the map and the failure flag (sync calls may use threads)
-        if target.read_only:  # no lock: others may write under this client, a hole could be stale
+        if target.read_only and target.snapshot is None:  # no lock: others may write, a hole could be stale
             runs = [(0, self._size)]
         else:  # with fast-diff, whole objects from the object map: one query, not one per object
             fast_diff = bool(ceph.image_features(image) & ceph.RBD_FEATURE_FAST_DIFF)
@@ -210,9 +212,14 @@ class RbdNode(StorageNode):
         try:
             ioctx = rados.open_ioctx(target.pool)
             try:
-                image = ceph.image_open(ioctx, target.image, target.read_only)
+                image = ceph.image_open(ioctx, target.image, target.read_only, target.snapshot)
             except ceph.CephError as missing:
-                if missing.errno != errno.ENOENT or target.create_size is None or target.read_only:
+                if (
+                    missing.errno != errno.ENOENT
+                    or target.create_size is None
+                    or target.read_only
+                    or target.snapshot is not None
+                ):
                     raise
                 ceph.image_create(ioctx, target.image, target.create_size)
                 log.info("rbd_image_created", image=target.spec, size=target.create_size)
@@ -253,6 +260,23 @@ class RbdNode(StorageNode):
             "rbd_requests_completed": self.completed,
             "rbd_write_failed": int(self._write_errno is not None),
         }
+
+    def snap_create(self, name: str) -> None:
+        """Take an RBD snapshot of the image (the caller holds the device drained)."""
+        if self._image is None:
+            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
+        try:
+            ceph.snap_create(self._image, name)
+        except ceph.CephError as failed:
+            raise BlockError(failed.errno or errno.EIO, f"{self.target.spec}: {failed.strerror}") from failed
+
+    def snap_remove(self, name: str) -> None:
+        if self._image is None:
+            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
+        try:
+            ceph.snap_remove(self._image, name)
+        except ceph.CephError as gone:
+            raise BlockError(gone.errno or errno.EIO, f"{self.target.spec}: {gone.strerror}") from gone
 
     def option(self, key: str) -> str:
         """The value of a Ceph option for this image's client (``rbd_cache_policy``)."""
