@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from ovirt_imageio import client  # type: ignore[import-untyped]
 
+from device.blk import IoMode
 from service.model import DiskSpec
 from tests.service.conftest import SYSTEM_PYTHON, MiB, NbdRig, run, serving
 from tests.service.test_bitmaps import api
@@ -63,9 +65,10 @@ async def full_copy(rig: NbdRig, export: str, path: Path) -> None:
     await run("nbdcopy", rig.uri(export), str(path))
 
 
-async def test_a_backup_cycle_while_fio_writes_to_the_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("io_mode", ["inline", "thread"])
+async def test_a_backup_cycle_while_fio_writes_to_the_disk(tmp_path: Path, io_mode: IoMode) -> None:
     image = tmp_path / "disk.img"
-    async with serving(DiskSpec(name="disk0", path=image, size=SIZE)) as rig:
+    async with serving(DiskSpec(name="disk0", path=image, size=SIZE, io_mode=io_mode)) as rig:
         await run("qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {SIZE}", rig.uri("disk0"))
         fio = await fio_writer(rig, 5)
         async with aiohttp.ClientSession(base_url=rig.base_url) as http:
