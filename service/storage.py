@@ -23,6 +23,7 @@ from device.block.node import BlockError, BlockNode
 from device.block.qcow2 import Qcow2Node, create_image
 from device.block.qcow2_bitmaps import Qcow2BitmapStore
 from device.block.rbd import RbdNode, RbdTarget
+from device.block.rbd_bitmaps import RbdBitmapStore
 from service.model import DiskSpec
 from service.values import format_size
 
@@ -49,9 +50,11 @@ def open_stack(spec: DiskSpec) -> BlockNode:
 
 def _bitmap_store(spec: DiskSpec, storage: BlockNode) -> BitmapStore | None:
     """Where a disk's persistent bitmaps live: a qcow2 image's bitmaps extension, a raw image's
-    sidecar file (none for memory and RBD disks yet)."""
+    sidecar file, an RBD image's snapshots (none for memory disks)."""
     if isinstance(storage, Qcow2Node):
         return Qcow2BitmapStore(storage)
+    if isinstance(storage, RbdNode):
+        return RbdBitmapStore(storage)
     if spec.backend == "file" and spec.format == "raw":
         return SidecarStore(spec.path, storage)
     return None

@@ -185,7 +185,7 @@ class Views:
             if checkpoint is None:
                 return bitmap, []
             try:
-                _, disabled = layer.checkpoint(checkpoint, persistent=False)
+                _, disabled = layer.checkpoint(checkpoint, persistent=layer.persistence_refusal() is None)
             except BaseException:
                 source.snap_remove(snapshot)
                 raise

@@ -92,6 +92,8 @@ class _Libs:
                 "rbd_open_read_only": (c_int, [c_void_p, c_char_p, p(c_void_p), c_char_p]),
                 "rbd_close": (c_int, [c_void_p]),
                 "rbd_snap_create": (c_int, [c_void_p, c_char_p]),
+                "rbd_metadata_get": (c_int, [c_void_p, c_char_p, c_char_p, p(c_size_t)]),
+                "rbd_metadata_set": (c_int, [c_void_p, c_char_p, c_char_p]),
                 "rbd_snap_remove": (c_int, [c_void_p, c_char_p]),
                 "rbd_get_size": (c_int, [c_void_p, p(c_uint64)]),
                 "rbd_get_features": (c_int, [c_void_p, p(c_uint64)]),
@@ -283,6 +285,46 @@ def lock_owners(image: int) -> list[str]:
         return [(owners[i] or b"").decode() for i in range(count.value)]
     finally:
         lib.rbd_lock_get_owners_cleanup(owners, count)
+
+
+def metadata_get(image: int, key: str) -> str | None:
+    """The image's metadata value of ``key`` (None when it has none)."""
+    lib = libs().rbd
+    size = c_size_t(4096)
+    while True:
+        buffer = ctypes.create_string_buffer(size.value)
+        result = lib.rbd_metadata_get(image, key.encode(), buffer, ctypes.byref(size))
+        if result == -errno.ENOENT:
+            return None
+        if result == -errno.ERANGE:
+            continue  # ``size`` now says how much it needs
+        check(result, f"reading image metadata {key}")
+        return buffer.value.decode()
+
+
+def metadata_set(image: int, key: str, value: str) -> None:
+    check(libs().rbd.rbd_metadata_set(image, key.encode(), value.encode()), f"writing image metadata {key}")
+
+
+def changed_since(image: int, snapshot: str, length: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` runs where the image (the head, or the snapshot a handle was opened at)
+    differs from snapshot ``snapshot``: data written and ranges zeroed or discarded alike."""
+    found: list[tuple[int, int]] = []
+
+    def collect(offset: int, size: int, _exists: int, _arg: int | None) -> int:
+        if found and found[-1][0] + found[-1][1] == offset:
+            found[-1] = (found[-1][0], found[-1][1] + size)
+        else:
+            found.append((offset, size))
+        return 0
+
+    callback = DIFF_CALLBACK(collect)
+    check(
+        libs().rbd.rbd_diff_iterate2(image, snapshot.encode(), 0, length, 0, 0, callback, None),
+        f"rbd_diff_iterate2 from {snapshot}",
+    )
+    found.sort()
+    return found
 
 
 def diff_extents(image: int, length: int, whole_object: bool = False) -> list[tuple[int, int]]:

@@ -451,6 +451,16 @@ class DirtyLayer(Layer):
             )
         return bitmap
 
+    def _hook(self, bitmap: Bitmap, hook: str, *args: Any) -> None:
+        """Tell the store of a persistent bitmap's change, where it acts on changes (RBD's makes
+        snapshots); a store that keeps bitmaps only at close has no such hooks."""
+        store = self.store
+        if not bitmap.persistent or store is None:
+            return
+        act = getattr(store, hook, None)
+        if act is not None:
+            act(*args)
+
     def persistence_refusal(self) -> str | None:
         """Why persistent bitmaps cannot be kept for this disk, or None."""
         if self.store is None:
@@ -491,6 +501,7 @@ class DirtyLayer(Layer):
                 f"this disk's bitmaps would need more than {MAX_DISK_BITMAP_BYTES} bytes of memory",
             )
         bitmap = Bitmap(name, size, granularity, enabled=enabled, persistent=persistent)
+        self._hook(bitmap, "bitmap_added", bitmap)
         with self.lock:
             self._bitmaps[name] = bitmap
             self._rebuild()
@@ -498,6 +509,7 @@ class DirtyLayer(Layer):
 
     def remove(self, name: str) -> Bitmap:
         bitmap = self.get(name, usable=False)
+        self._hook(bitmap, "bitmap_removed", name)
         with self.lock:
             del self._bitmaps[name]
             self._rebuild()
@@ -505,6 +517,8 @@ class DirtyLayer(Layer):
 
     def set_enabled(self, name: str, enabled: bool) -> Bitmap:
         bitmap = self.get(name)
+        if bitmap.enabled != enabled:
+            self._hook(bitmap, "bitmap_enabled", name, enabled)
         with self.lock:
             bitmap.enabled = enabled
             self._rebuild()
@@ -512,6 +526,7 @@ class DirtyLayer(Layer):
 
     def clear(self, name: str) -> Bitmap:
         bitmap = self.get(name)
+        self._hook(bitmap, "bitmap_cleared", name)
         with self.lock:
             bitmap.clear()
         return bitmap
@@ -520,6 +535,9 @@ class DirtyLayer(Layer):
         """OR ``sources`` into ``target`` (which keeps its own bits), as QEMU's merge."""
         into = self.get(target)
         froms = [self.get(name) for name in sources]
+        refuse = getattr(self.store, "merge_refusal", None) if into.persistent else None
+        if refuse is not None:
+            raise BitmapError(errno.ENOTSUP, refuse())
         with self.lock:
             for source in froms:
                 if source is not into:
@@ -533,6 +551,8 @@ class DirtyLayer(Layer):
         instant (the caller holds the device quiesced): no write falls between the two."""
         recording = [b for b in self._recording if b not in self._internal]
         bitmap = self.add(name, granularity, persistent=persistent)
+        for old in recording:
+            self._hook(old, "bitmap_enabled", old.name, False)
         with self.lock:
             for old in recording:
                 old.enabled = False
@@ -543,13 +563,16 @@ class DirtyLayer(Layer):
         """Take back :meth:`checkpoint` (the caller holds the device drained): what the new bitmap
         recorded goes into the ones it disabled, which record again, and the new one goes."""
         new = self._bitmaps.get(name)
+        olds = [b for b in (self._bitmaps.get(n) for n in disabled) if b is not None]
+        for old in olds:
+            self._hook(old, "bitmap_enabled", old.name, True)
+        if new is not None:
+            self._hook(new, "bitmap_removed", name)
         with self.lock:
-            for old_name in disabled:
-                old = self._bitmaps.get(old_name)
-                if old is not None:
-                    if new is not None:
-                        old.merge_from(new)
-                    old.enabled = True
+            for old in olds:
+                if new is not None:
+                    old.merge_from(new)
+                old.enabled = True
             if new is not None:
                 del self._bitmaps[name]
             self._rebuild()

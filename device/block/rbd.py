@@ -278,6 +278,29 @@ class RbdNode(StorageNode):
         except ceph.CephError as gone:
             raise BlockError(gone.errno or errno.EIO, f"{self.target.spec}: {gone.strerror}") from gone
 
+    def metadata(self, key: str) -> str | None:
+        """The image's metadata value of ``key`` (librbd's image-meta), or None."""
+        if self._image is None:
+            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
+        return ceph.metadata_get(self._image, key)
+
+    def set_metadata(self, key: str, value: str) -> None:
+        if self._image is None:
+            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
+        ceph.metadata_set(self._image, key, value)
+
+    def changed_since(self, snapshot: str, until: str | None = None) -> list[tuple[int, int]]:
+        """Where the image (or its snapshot ``until``) differs from its snapshot ``snapshot``."""
+        if self._image is None or self._ioctx is None:
+            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
+        if until is None:
+            return ceph.changed_since(self._image, snapshot, self._size)
+        handle = ceph.image_open(self._ioctx, self.target.image, True, until)
+        try:
+            return ceph.changed_since(handle, snapshot, self._size)
+        finally:
+            ceph.libs().rbd.rbd_close(handle)
+
     def option(self, key: str) -> str:
         """The value of a Ceph option for this image's client (``rbd_cache_policy``)."""
         if self._rados is None:
