@@ -309,22 +309,7 @@ def metadata_set(image: int, key: str, value: str) -> None:
 def changed_since(image: int, snapshot: str, length: int) -> list[tuple[int, int]]:
     """``(offset, length)`` runs where the image (the head, or the snapshot a handle was opened at)
     differs from snapshot ``snapshot``: data written and ranges zeroed or discarded alike."""
-    found: list[tuple[int, int]] = []
-
-    def collect(offset: int, size: int, _exists: int, _arg: int | None) -> int:
-        if found and found[-1][0] + found[-1][1] == offset:
-            found[-1] = (found[-1][0], found[-1][1] + size)
-        else:
-            found.append((offset, size))
-        return 0
-
-    callback = DIFF_CALLBACK(collect)
-    check(
-        libs().rbd.rbd_diff_iterate2(image, snapshot.encode(), 0, length, 0, 0, callback, None),
-        f"rbd_diff_iterate2 from {snapshot}",
-    )
-    found.sort()
-    return found
+    return _diff(image, snapshot, length, include_parent=False, whole_object=False, existing_only=False)
 
 
 def diff_extents(image: int, length: int, whole_object: bool = False) -> list[tuple[int, int]]:
@@ -333,10 +318,24 @@ def diff_extents(image: int, length: int, whole_object: bool = False) -> list[tu
     ``whole_object``: whole objects, which librbd answers from the object map when the image has
     fast-diff (no request per object); otherwise it asks the OSDs about every object.
     """
+    return _diff(image, None, length, include_parent=True, whole_object=whole_object, existing_only=True)
+
+
+def _diff(
+    image: int,
+    since: str | None,
+    length: int,
+    *,
+    include_parent: bool,
+    whole_object: bool,
+    existing_only: bool,
+) -> list[tuple[int, int]]:
+    """librbd's diff iteration as sorted, merged ``(offset, length)`` runs (``existing_only``: the
+    runs that hold data, not those zeroed)."""
     found: list[tuple[int, int]] = []
 
     def collect(offset: int, size: int, exists: int, _arg: int | None) -> int:
-        if exists:
+        if exists or not existing_only:
             if found and found[-1][0] + found[-1][1] == offset:
                 found[-1] = (found[-1][0], found[-1][1] + size)
             else:
@@ -344,9 +343,13 @@ def diff_extents(image: int, length: int, whole_object: bool = False) -> list[tu
         return 0
 
     callback = DIFF_CALLBACK(collect)
+    what = "rbd_diff_iterate2" if since is None else f"rbd_diff_iterate2 from {since}"
+    start = since.encode() if since is not None else None
     check(
-        libs().rbd.rbd_diff_iterate2(image, None, 0, length, 1, int(whole_object), callback, None),
-        "rbd_diff_iterate2",
+        libs().rbd.rbd_diff_iterate2(
+            image, start, 0, length, int(include_parent), int(whole_object), callback, None
+        ),
+        what,
     )
     found.sort()
     return found

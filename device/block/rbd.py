@@ -53,7 +53,7 @@ import errno
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import structlog
@@ -263,20 +263,18 @@ class RbdNode(StorageNode):
 
     def snap_create(self, name: str) -> None:
         """Take an RBD snapshot of the image (the caller holds the device drained)."""
-        if self._image is None:
-            raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
-        try:
-            ceph.snap_create(self._image, name)
-        except ceph.CephError as failed:
-            raise BlockError(failed.errno or errno.EIO, f"{self.target.spec}: {failed.strerror}") from failed
+        self._snapshot_op(ceph.snap_create, name)
 
     def snap_remove(self, name: str) -> None:
+        self._snapshot_op(ceph.snap_remove, name)
+
+    def _snapshot_op(self, op: Callable[[int, str], None], name: str) -> None:
         if self._image is None:
             raise BlockError(errno.ESHUTDOWN, f"{self.target.spec} is closed")
         try:
-            ceph.snap_remove(self._image, name)
-        except ceph.CephError as gone:
-            raise BlockError(gone.errno or errno.EIO, f"{self.target.spec}: {gone.strerror}") from gone
+            op(self._image, name)
+        except ceph.CephError as failed:
+            raise BlockError(failed.errno or errno.EIO, f"{self.target.spec}: {failed.strerror}") from failed
 
     def metadata(self, key: str) -> str | None:
         """The image's metadata value of ``key`` (librbd's image-meta), or None."""
