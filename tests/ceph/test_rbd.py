@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -517,6 +518,19 @@ async def wait_serving(
     raise AssertionError(f"vblk did not start serving: {log.read_text()[-3000:]}")
 
 
+async def logged(log: Path, marker: str, timeout: float = 20) -> dict[str, Any]:
+    """The first JSON log line holding ``marker`` (the socket is bound a moment before vblk logs
+    that it runs: wait for the line, do not race it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if marker in line:
+                found: dict[str, Any] = json.loads(line)
+                return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {marker} line in {log}: {log.read_text()[-3000:]}")
+
+
 def serve_args(cluster: Cluster, image: str, sock: Path, *extra: str, cache: str = "none") -> list[str]:
     return [
         "--disk", f"name=d,backend=rbd,image={image},size=64M,create,cache={cache}",
@@ -567,9 +581,7 @@ async def test_vblk_serving_rbd_runs_tcmalloc_unless_told_not_to(
     with vblk_process(tmp_path, "v", *args) as proc:
         await wait_serving(proc, sock, tmp_path / "v.log")
         maps = Path(f"/proc/{proc.pid}/maps").read_text()  # the same pid after the exec
-        running = next(
-            json.loads(line) for line in (tmp_path / "v.log").read_text().splitlines() if '"running"' in line
-        )
+        running = await logged(tmp_path / "v.log", '"running"')
         script = "h = nbd.NBD()\nh.connect_uri(uri)\nh.pwrite(b'm' * 4096, 0)\n"
         script += "assert h.pread(4096, 0) == b'm' * 4096\n"
         await nbdsh(f"nbd+unix:///d?socket={sock}", script)  # it serves
