@@ -174,13 +174,12 @@ class _DiskCollector(Collector):
         )
         for name, disk in self._disks().items():
             dirty = disk.bytes.dirty
-            if dirty is not None and disk.spec.backend != "view":
+            if dirty is not None and disk.spec.backend != "view":  # a view shows its source's
                 for view in list(dirty.views.values()):
                     labels = [name, view.name]
                     view_scratch.add_metric(labels, view.scratch_bytes)
                     view_limit.add_metric(labels, view.limit)
                     view_broken.add_metric(labels, int(view.broken is not None))
-            if dirty is not None and disk.spec.backend != "view":
                 with dirty.lock:
                     for bitmap in dirty.bitmaps.values():
                         labels = [name, bitmap.name]

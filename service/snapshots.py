@@ -166,7 +166,7 @@ class Snapshots:
                 below.close()
                 top.backing = None
                 try:
-                    writable = _open_writable(base, spec.l2_cache_size)
+                    writable = _reopen(base, spec.l2_cache_size)
                 except BaseException:
                     top.backing = _reopen(base, spec.l2_cache_size, read_only=True)
                     raise
@@ -248,10 +248,6 @@ def _reopen(image: Image, l2_cache: int, *, read_only: bool = False) -> FileNode
     if image.format == "qcow2":
         return Qcow2Node.open(image.path, read_only=read_only, l2_cache_bytes=l2_cache)
     return FileNode.open(image.path, read_only=read_only, create=False)
-
-
-def _open_writable(image: Image, l2_cache: int) -> FileNode | Qcow2Node:
-    return _reopen(image, l2_cache, read_only=False)
 
 
 def _store(node: BlockNode, image: Image) -> BitmapStore:

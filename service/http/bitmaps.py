@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -55,9 +55,7 @@ _BY_ERRNO = {
 def bitmap_api_error(error: BitmapError) -> ApiError:
     """A refused bitmap operation as the REST API answers it."""
     code = _BY_ERRNO.get(error.errno or 0, ErrorCode.BITMAP_REFUSED)
-    # The names it quotes came from the client: shown only when plain, as everywhere in the API.
-    message = _QUOTED.sub(lambda m: shown(m.group(1)) or "that", error.strerror or str(error))
-    return ApiError(code, message)
+    return ApiError(code, _plain(error.strerror or str(error)))
 
 
 def _dirty(disk: ByteDisk) -> DirtyLayer:
@@ -337,13 +335,7 @@ class SnapshotsApi:
         body = parse_json_object(await read_json_body(request))
         overlay = JsonFields(body, ("overlay",), "a snapshot").string("overlay")
         observe(request, disk.spec.name, "snapshot")
-        try:
-            answer = await self.snapshots().snapshot(disk, overlay)
-        except SnapshotError as refused:
-            raise ApiError(
-                _SNAPSHOT_CODES.get(refused.kind, ErrorCode.SNAPSHOT_REFUSED), _plain(refused.message)
-            ) from None
-        return json_response(answer, status=201)
+        return json_response(await _answered(self.snapshots().snapshot(disk, overlay)), status=201)
 
     @takes_query()
     async def list_snapshots(self, request: web.Request) -> web.Response:
@@ -360,13 +352,16 @@ class SnapshotsApi:
         disk = self._target(request)
         JsonFields(parse_json_object(await read_json_body(request) or b"{}"), (), "a commit")
         observe(request, disk.spec.name, "commit")
-        try:
-            answer = await self.snapshots().commit(disk)
-        except SnapshotError as refused:
-            raise ApiError(
-                _SNAPSHOT_CODES.get(refused.kind, ErrorCode.SNAPSHOT_REFUSED), _plain(refused.message)
-            ) from None
-        return json_response(answer)
+        return json_response(await _answered(self.snapshots().commit(disk)))
+
+
+async def _answered(change: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """A snapshot's or commit's answer; its refusal as the API's error."""
+    try:
+        return await change
+    except SnapshotError as refused:
+        code = _SNAPSHOT_CODES.get(refused.kind, ErrorCode.SNAPSHOT_REFUSED)
+        raise ApiError(code, _plain(refused.message)) from None
 
 
 def _known_new_name(name: str) -> None:
@@ -377,6 +372,8 @@ def _known_new_name(name: str) -> None:
 
 
 def _plain(message: str) -> str:
+    """``message`` with the names it quotes (they came from the client) shown only when plain,
+    as everywhere in the API."""
     return _QUOTED.sub(lambda m: shown(m.group(1)) or "that", message)
 
 
