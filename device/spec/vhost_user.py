@@ -79,7 +79,8 @@ class Request(enum.IntEnum):
     SET_VRING_ENABLE = 18
     SEND_RARP = 19
     NET_SET_MTU = 20
-    SET_SLAVE_REQ_FD = 21
+    SET_BACKEND_REQ_FD = 21  # the back-end channel's socket (one fd, no payload)
+    SET_SLAVE_REQ_FD = 21  # its name before QEMU 8.1 (same id)
     IOTLB_MSG = 22
     SET_VRING_ENDIAN = 23
     GET_CONFIG = 24
@@ -109,18 +110,39 @@ class ProtocolFeature(enum.IntEnum):
     RARP = 2
     REPLY_ACK = 3
     MTU = 4
-    SLAVE_REQ = 5
+    BACKEND_REQ = 5  # the back-end channel (SET_BACKEND_REQ_FD, :class:`BackendRequest`)
+    SLAVE_REQ = 5  # its name before QEMU 8.1 (same bit)
     CROSS_ENDIAN = 6
     CRYPTO_SESSION = 7
     PAGEFAULT = 8
     CONFIG = 9
-    SLAVE_SEND_FD = 10
+    BACKEND_SEND_FD = 10
+    SLAVE_SEND_FD = 10  # its name before QEMU 8.1
     HOST_NOTIFIER = 11
     INFLIGHT_SHMFD = 12
     RESET_DEVICE = 13
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end message types: what the back end sends on the back-end channel (the socket the
+    front end handed over with SET_BACKEND_REQ_FD), ids of their own. Before QEMU 8.1 these were
+    ``VHOST_USER_SLAVE_*``; the ids are the same."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2  # no payload: the device's config space changed, GET_CONFIG it again
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+
+
+def backend_request_name(request: int) -> str:
+    try:
+        return BackendRequest(request).name
+    except ValueError:
+        return f"back-end request {request}"
 
 
 # Requests the back end always answers (besides the u64 ack of REPLY_ACK).
