@@ -1,7 +1,9 @@
 """The vhost-user back end's protocol: one message in, its reply bytes out; no socket here.
 
 Device layer, between the socket (:mod:`device.vhost_user.server`) and the device model: features,
-memory table, config space, and each ring's setup, start and stop (GET_VRING_BASE).
+memory table, config space, and each ring's setup, start and stop (GET_VRING_BASE). The owner
+resizes the disk here too (:meth:`VhostUserBlk.resize`), and the front end hears of it on the
+back-end channel (:mod:`device.vhost_user.channel`) when it handed one over.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 
 import structlog
 
 from device.blk import BlkConfig
-from device.block.node import BlockNode, awaited
+from device.block.node import BlockError, BlockNode, awaited
 from device.platform import GuestMemoryError
 from device.spec import vhost_user as vu
 from device.spec.virtio import (
@@ -24,6 +27,7 @@ from device.spec.virtio import (
     VIRTIO_CONFIG_S_FEATURES_OK,
 )
 from device.spec.virtio_blk import VIRTIO_BLK_CFG_WRITEBACK
+from device.vhost_user.channel import BackendChannel, ChannelError
 from device.vhost_user.regions import RegionMemory
 from device.vhost_user.rings import Ring, RingStart, VhostUserBlkDevice, configure_queue
 from device.virtqueue import DeviceVirtqueue
@@ -31,9 +35,39 @@ from device.virtqueue import DeviceVirtqueue
 log = structlog.get_logger("vblk.device.vhost_user")
 
 OFFERED_PROTOCOL_FEATURES = vu.protocol_mask(
-    vu.ProtocolFeature.MQ, vu.ProtocolFeature.REPLY_ACK, vu.ProtocolFeature.CONFIG
+    vu.ProtocolFeature.MQ,
+    vu.ProtocolFeature.REPLY_ACK,
+    vu.ProtocolFeature.BACKEND_REQ,
+    vu.ProtocolFeature.CONFIG,
 )
 DEFAULT_QUEUE_SIZE = 128  # QEMU's vhost-user-blk queue-size default
+ANSWER_TIMEOUT = 5.0  # seconds a front end gets to answer a config-change notice
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResizeOutcome:
+    """What a resize did: the sizes, and whether (and how) the front end heard of it.
+
+    ``notice`` is one of ``acknowledged`` (the front end answered that it reread the config),
+    ``sent`` (the notice went out; no answer asked for, REPLY_ACK not negotiated),
+    ``unacknowledged`` (no answer in time, or a failed one), ``no_channel`` (the front end
+    gave no back-end channel), ``no_front_end`` (none connected), ``failed`` (the channel
+    broke) or ``unchanged`` (the size was already that). ``message`` says it in a sentence.
+    """
+
+    old_size: int
+    size: int
+    notice: str
+    message: str
+
+    @property
+    def told(self) -> bool:
+        """The front end was told (it rereads the capacity now)."""
+        return self.notice in ("acknowledged", "sent", "unacknowledged")
+
+
+class ShrinkRefusedError(ValueError):
+    """A smaller size without ``shrink=True``: data past the new end would be lost."""
 
 
 class VhostUserBlk:
@@ -60,6 +94,10 @@ class VhostUserBlk:
         self.messages: dict[str, int] = {}
         self.config_reads: list[tuple[int, int]] = []  # (offset, size) of each GET_CONFIG
         self.connections = 0
+        self.connected = False  # a front end's session is open (the server says so)
+        self.channel: BackendChannel | None = None  # the back-end channel, if handed over
+        self.resizes: list[ResizeOutcome] = []
+        self._resizing = asyncio.Lock()  # one resize at a time: each outcome's sizes are its own
 
     @property
     def node(self) -> BlockNode:
@@ -75,7 +113,7 @@ class VhostUserBlk:
 
     def config_interrupt(self) -> None:
         if self.device.broken_reason is None:
-            return  # a config change needs the back-end channel (SLAVE_REQ), not offered
+            return  # a resize: :meth:`resize` tells the front end, on the back-end channel
         for ring in self.rings:
             if ring.err is not None and ring.started:
                 os.eventfd_write(ring.err, 1)
@@ -189,6 +227,9 @@ class VhostUserBlk:
             if ring.enabled and ring.started:
                 self.device.kick(ring.index)  # anything made available while disabled
             return None
+        if request == rq.SET_BACKEND_REQ_FD:
+            self._set_backend_req_fd(msg, fds)
+            return None
         if request == rq.GET_CONFIG:
             return vu.encode_reply(request, self._get_config(vu.ConfigSpace.decode(payload)).encode())
         if request == rq.SET_CONFIG:
@@ -230,6 +271,25 @@ class VhostUserBlk:
         for ring in self.rings:  # running rings: recompute their offsets in the new mapping
             if ring.started:
                 configure_queue(self.device, self.memory, ring)
+
+    def _set_backend_req_fd(self, msg: vu.Message, fds: list[int]) -> None:
+        """Keep the back-end channel's socket (replacing, and closing, an earlier one)."""
+        if msg.payload:
+            raise vu.VhostUserProtocolError(f"{msg.name}: a payload of {len(msg.payload)} bytes, want none")
+        if len(fds) != 1:
+            raise vu.VhostUserProtocolError(f"{msg.name}: {len(fds)} fds, want one socket")
+        if not self.protocol_features >> vu.ProtocolFeature.BACKEND_REQ & 1:
+            raise RequestRefusedError(f"{msg.name} without VHOST_USER_PROTOCOL_F_BACKEND_REQ negotiated")
+        fd = fds.pop()  # the channel owns it now, refused or not
+        try:
+            channel = BackendChannel.adopt(fd)
+        except ChannelError as exc:
+            raise RequestRefusedError(str(exc)) from exc
+        replaced = self.channel is not None
+        if self.channel is not None:
+            self.channel.close("replaced by a new one")
+        self.channel = channel
+        log.info("vhost_user_backend_channel", replaced=replaced)
 
     def _get_config(self, request: vu.ConfigSpace) -> vu.ConfigSpace:
         """Exactly the bytes asked for (QEMU rejects a reply of another size)."""
@@ -348,6 +408,10 @@ class VhostUserBlk:
 
     async def disconnect(self) -> None:
         """The front end went away: stop, forget its fds and memory, make writes durable."""
+        self.connected = False
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         await self._stop_all()
         for ring in self.rings:
             if ring.kick is not None:
@@ -365,7 +429,100 @@ class VhostUserBlk:
             except OSError as exc:
                 log.error("vhost_user_flush_failed", error=str(exc))
 
+    # -- control plane -----------------------------------------------------------------------
+
+    async def resize(self, new_size: int, *, shrink: bool = False) -> ResizeOutcome:
+        """Resize the disk's stack and tell the front end on the back-end channel.
+
+        Growing is always allowed; shrinking only with ``shrink`` (what lies past the new end
+        is gone). The stack is resized between two requests (the device is quiesced for it).
+        The front end is told with BACKEND_CONFIG_CHANGE_MSG; with REPLY_ACK negotiated the
+        message asks for an answer, which is awaited here (at most :data:`ANSWER_TIMEOUT`),
+        never on the main socket, which goes on serving the GET_CONFIG the front end sends
+        before it answers. Without a channel the resize still happens, and the outcome says
+        that the front end sees it only once it reads the config again (QEMU caches it: a
+        re-plugged device or a new QEMU).
+        """
+        async with self._resizing:
+            return await self._resize(new_size, shrink)
+
+    async def _resize(self, new_size: int, shrink: bool) -> ResizeOutcome:
+        device = self.device
+        old = self.node.size
+        block = device.blk_config.blk_size
+        if new_size <= 0 or new_size % block:
+            raise ValueError(f"size {new_size} is not a positive multiple of the block size ({block})")
+        if device.read_only:
+            raise BlockError(errno.EROFS, "the disk is read-only: it cannot be resized")
+        if new_size < old and not shrink:
+            raise ShrinkRefusedError(
+                f"{new_size} bytes is smaller than the disk ({old} bytes): shrinking loses what lies "
+                "past the new end, so it must be asked for explicitly"
+            )
+        if new_size == old:
+            outcome = ResizeOutcome(old, old, "unchanged", f"the disk already has {old} bytes")
+        else:
+            await device.quiesce()
+            try:
+                device.resize(new_size)
+            finally:
+                device.resume()
+            outcome = await self._announce(old, new_size)
+        self.resizes.append(outcome)
+        log.info("vhost_user_resized", old_size=old, size=new_size, notice=outcome.notice)
+        return outcome
+
+    async def _announce(self, old: int, size: int) -> ResizeOutcome:
+        """Tell the front end the config changed, and what came of it."""
+        channel = self.channel
+        if not self.connected:
+            return ResizeOutcome(
+                old, size, "no_front_end", "no front end is connected; the next one reads the new size"
+            )
+        if channel is not None and channel.closed:
+            return ResizeOutcome(
+                old,
+                size,
+                "no_channel",
+                "the front end closed its back-end channel, so it cannot be told: it sees the new size "
+                "only when it reads the config again",
+            )
+        if channel is None:
+            return ResizeOutcome(
+                old,
+                size,
+                "no_channel",
+                "the front end has no back-end channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ), so it cannot be "
+                "told: it sees the new size only when it reads the config again (QEMU caches it until the "
+                "device is re-plugged or QEMU restarts)",
+            )
+        need_reply = bool(self.protocol_features >> vu.ProtocolFeature.REPLY_ACK & 1)
+        try:
+            answer = channel.config_changed(need_reply=need_reply)
+            if answer is None:
+                return ResizeOutcome(old, size, "sent", "the front end was told (it was not asked to answer)")
+            status = await asyncio.wait_for(answer, ANSWER_TIMEOUT)
+        except ChannelError as exc:
+            log.warning("vhost_user_config_change_failed", error=str(exc))
+            return ResizeOutcome(old, size, "failed", f"the front end could not be told: {exc}")
+        except TimeoutError:
+            log.warning("vhost_user_config_change_unanswered", timeout=ANSWER_TIMEOUT)
+            return ResizeOutcome(
+                old,
+                size,
+                "unacknowledged",
+                f"the front end was told, and did not answer in {ANSWER_TIMEOUT:g} s",
+            )
+        if status:
+            return ResizeOutcome(
+                old, size, "unacknowledged", f"the front end was told, and answered {status} (failed)"
+            )
+        return ResizeOutcome(old, size, "acknowledged", "the front end was told and reread the config")
+
     def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         self.device.close()
         self.memory.close()
 

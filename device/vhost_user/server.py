@@ -128,6 +128,7 @@ class VhostUserServer:
         conn.setblocking(False)
         blk = self.blk
         blk.connections += 1
+        blk.connected = True
         log.info("vhost_user_connected", connection=blk.connections)
         parser = vu.MessageParser()
         reason = "disconnect"
