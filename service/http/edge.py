@@ -14,6 +14,8 @@ import asyncio
 import dataclasses
 import ipaddress
 import itertools
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -100,6 +102,25 @@ def peer_of(request: web.BaseRequest) -> str:
     return format_peer(transport.get_extra_info("peername") if transport is not None else None)
 
 
+def who_asked(request: web.Request) -> dict[str, object]:
+    """Who sent a request, for the log line of a control-plane call: the peer, the class of its
+    bearer token (``none`` without tokens), and on a unix socket the peer's pid and uid."""
+    who: dict[str, object] = {"peer": peer_of(request), "token": request[EXCHANGE].access or "none"}
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and getattr(sock, "family", None) == socket.AF_UNIX:
+        try:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except (OSError, AttributeError):
+            return who
+        pid, uid, _gid = _UCRED.unpack(credentials)
+        who.update(pid=pid, uid=uid)
+    return who
+
+
+_UCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
+
+
 def is_local(request: web.BaseRequest) -> bool:
     """The client is on this machine: a unix socket or a loopback address."""
     transport = request.transport
@@ -124,6 +145,7 @@ class Exchange:
     bytes_out: int = 0
     streaming: bool = False  # response headers sent: errors can only cut the connection
     error: str | None = None  # the error code of a 4xx/5xx answer, for the log line
+    access: str | None = None  # the bearer token's class ("rw", "ro"); None: no tokens configured
 
 
 EXCHANGE = web.RequestKey("vblk_exchange", Exchange)
@@ -163,6 +185,7 @@ class Edge:
                 "send Authorization: Bearer <token>",
                 {"WWW-Authenticate": 'Bearer realm="vblk"'},
             )
+        request[EXCHANGE].access = access
         if access == "ro" and request.method not in ("GET", "HEAD", "OPTIONS"):
             raise ApiError(ErrorCode.READ_ONLY_TOKEN, "this token may only read")
 

@@ -34,7 +34,7 @@ class ErrorCode(enum.Enum):
     BAD_OP = (
         "bad_op",
         400,
-        "PATCH op is missing or not one the route takes (a disk: zero, discard, flush; "
+        "PATCH op is missing or not one the route takes (a disk: zero, discard, flush, resize; "
         "a bitmap: clear, enable, disable, merge)",
     )
     BAD_CONTENT_RANGE = (
@@ -80,6 +80,11 @@ class ErrorCode(enum.Enum):
         409,
         "the snapshot or commit cannot be made: not a writable file disk, point-in-time views are open, "
         "nothing to commit into, or the image files cannot be made or opened",
+    )
+    RESIZE_REFUSED = (
+        "resize_refused",
+        409,
+        'the resize is refused: a size below the disk\'s without "shrink": true',
     )
     LENGTH_REQUIRED = ("length_required", 411, "a PUT needs Content-Length (or Content-Range)")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the JSON body is over 64 KiB")
