@@ -35,7 +35,8 @@ from service.config import (
     parse_disk,
 )
 from service.model import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig
-from service.values import parse_size
+from service.security import SecurityConfigError, Tokens
+from service.values import DISK_NAME, parse_size
 from service.vhost_user import VhostUserConfig, serve_vhost_user
 
 _EPILOG = """\
@@ -153,6 +154,21 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     vhost.add_argument("--io-mode", choices=("inline", "thread"), default="inline")
     vhost.add_argument("--serial", default="vblk", help="the disk's serial (VIRTIO_BLK_T_GET_ID)")
     vhost.add_argument("--once", action="store_true", help="exit when the first front end disconnects")
+    vhost.add_argument(
+        "--http",
+        default=None,
+        metavar="ADDR",
+        help="serve the control surface (GET /v1/disks, PATCH /v1/disks/NAME resize) on unix:PATH or "
+        "HOST:PORT [none]",
+    )
+    vhost.add_argument("--name", default="disk0", help="the disk's name in the control surface [disk0]")
+    vhost.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="bearer tokens the control surface asks for",
+    )
     vhost.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     vhost.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     vhost.add_argument(
@@ -170,11 +186,23 @@ def _vhost_user(args: argparse.Namespace) -> int:
         check_queues("vhost-user", args.queues, args.queue_size)
         if args.force_share:
             check_force_share("vhost-user", args.backend, args.read_only)
-    except ConfigError as exc:
+        if not DISK_NAME.fullmatch(args.name):
+            raise ConfigError(
+                f"disk name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
+            )
+        if args.http is not None and not args.http.startswith("unix:"):
+            host, sep, port = args.http.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"--http {args.http!r}: want unix:PATH or HOST:PORT")
+        if args.tokens_file is not None:
+            if args.http is None:
+                raise ConfigError("--tokens-file is for the control surface: give --http too")
+            Tokens.load(args.tokens_file)  # a bad file is a usage error, as for serve
+    except (ConfigError, SecurityConfigError) as exc:
         print(f"vblk: {exc}", file=sys.stderr)
         return 2
     disk = DiskSpec(
-        name="vhost-user",
+        name=args.name,
         backend=args.backend,
         path=args.image,
         size=args.size if args.size is not None else DEFAULT_IMAGE_SIZE,
@@ -186,7 +214,14 @@ def _vhost_user(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         io_mode=args.io_mode,
     )
-    config = VhostUserConfig(socket=args.socket, disk=disk, serial=args.serial, once=args.once)
+    config = VhostUserConfig(
+        socket=args.socket,
+        disk=disk,
+        serial=args.serial,
+        once=args.once,
+        http=args.http,
+        tokens_file=args.tokens_file,
+    )
     logs.configure(args.log_level, args.log_format, log_file=args.log_file)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve_vhost_user(config))

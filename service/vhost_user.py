@@ -2,7 +2,9 @@
 
 Service layer, beside :mod:`service.app`. The guest is a real VM: QEMU connects with
 ``-chardev socket,path=SOCK -device vhost-user-blk-pci,chardev=...`` and its guest's own
-virtio-blk driver reaches the disk through :mod:`device.vhost_user`.
+virtio-blk driver reaches the disk through :mod:`device.vhost_user`. With ``http`` the disk also
+gets a control surface (:mod:`service.vhost_user_control`): its description, and a resize the
+guest is told of.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import structlog
 from device.blk import BlkConfig, IoMode
 from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
 from service.model import DiskSpec, describe_error
+from service.security import SecurityConfigError
 from service.storage import open_stack
+from service.vhost_user_control import ControlListener
 
 log = structlog.get_logger("vblk.service.vhost_user")
 
@@ -29,6 +33,8 @@ class VhostUserConfig:
     disk: DiskSpec = dataclasses.field(default_factory=lambda: DiskSpec(queue_size=DEFAULT_QUEUE_SIZE))
     serial: str = "vblk"
     once: bool = False  # exit after the first front end disconnects
+    http: str | None = None  # the control surface's address, unix:PATH or HOST:PORT; None: none
+    tokens_file: Path | None = None  # bearer tokens the control surface asks for
 
 
 def blk_config(config: VhostUserConfig) -> BlkConfig:
@@ -64,6 +70,7 @@ async def serve_vhost_user(
     server = VhostUserServer(config.socket, blk)
     if config.once:
         server.on_session_end = stop.set
+    control: ControlListener | None = None
     try:
         try:
             await server.start()
@@ -73,18 +80,42 @@ async def serve_vhost_user(
                 error=f"vhost-user cannot listen on {config.socket}: {failed.strerror or failed}",
             )
             return 1
+        if config.http is not None:
+            try:
+                control = ControlListener(
+                    config.http,
+                    name=spec.name,
+                    spec=spec,
+                    blk=blk,
+                    socket=config.socket,
+                    tokens_file=config.tokens_file,
+                )
+            except SecurityConfigError as bad:
+                log.error("startup_failed", error=str(bad))
+                return 1
+            try:
+                await control.start()
+            except (OSError, ValueError) as failed:
+                code = failed.errno if isinstance(failed, OSError) else None
+                reason = os.strerror(code) if code is not None and code > 0 else str(failed)
+                log.error("listen_failed", error=f"HTTP cannot listen on {config.http}: {reason}")
+                return 1
         log.info(
             "running",
             pid=os.getpid(),
             socket=str(config.socket),
+            disk=spec.name,
             size=node.size,
             image=str(spec.path) if spec.backend == "file" else None,
             queues=spec.num_queues,
             queue_size=spec.queue_size,
+            http=control.addresses if control is not None else [],
         )
         await stop.wait()
         log.info("stopping")
     finally:
+        if control is not None:
+            await control.close()
         await server.close()
         await blk.disconnect()
         blk.close()
