@@ -10,6 +10,12 @@ handshake, and a reset's wait for the requests in flight, are asynchronous, so a
 is slow to answer holds up only its own disk. Kicks and interrupts are eventfds on the event
 loop.
 
+The back end may speak first on one socket only: the back-end channel, one end of a socketpair
+handed over with SET_BACKEND_REQ_FD when VHOST_USER_PROTOCOL_F_BACKEND_REQ is negotiated. Its
+one message vblk understands is BACKEND_CONFIG_CHANGE_MSG (a resize): the driver's
+configuration interrupt handler runs, rereads the config with GET_CONFIG and tells its capacity
+listeners; a NEED_REPLY is answered after that, as QEMU does.
+
 What the virtio status bits become: ACKNOWLEDGE and DRIVER are local; FEATURES_OK sends
 SET_FEATURES and the memory table (libvhost-user wants the table before any ring
 address); each queue gets NUM/BASE/ADDR/CALL/ERR/KICK; DRIVER_OK enables the rings; a
@@ -62,7 +68,10 @@ log = structlog.get_logger("vblk.driver.vhost_user")
 UVA_BASE = 0x7F00_0000_0000  # the "user address" we tell the back end our RAM is at
 DEFAULT_QUEUE_SIZE = 128
 WANTED_PROTOCOL_FEATURES = vu.protocol_mask(
-    vu.ProtocolFeature.MQ, vu.ProtocolFeature.REPLY_ACK, vu.ProtocolFeature.CONFIG
+    vu.ProtocolFeature.MQ,
+    vu.ProtocolFeature.REPLY_ACK,
+    vu.ProtocolFeature.BACKEND_REQ,
+    vu.ProtocolFeature.CONFIG,
 )
 
 
@@ -112,12 +121,20 @@ class VhostUserTransport:
         self._driver_features = 0
         self._queues: dict[int, _Queue] = {}
         self._config_handler: InterruptHandler | None = None
+        self._channel: socket.socket | None = None  # our end of the back-end channel
+        self._channel_parser = vu.MessageParser()
         self.connections = 0
         self.messages_sent = 0
+        self.config_changes = 0  # BACKEND_CONFIG_CHANGE_MSG received
 
     @property
     def name(self) -> str:
         return f"vhost-user:{self.path}"
+
+    @property
+    def backend_channel(self) -> bool:
+        """The back end took a back-end channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ)."""
+        return self._channel is not None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -151,19 +168,43 @@ class VhostUserTransport:
             self._max_queues = 1
             if self._protocol >> vu.ProtocolFeature.MQ & 1:
                 self._max_queues = vu.decode_u64(await self._call_async(vu.Request.GET_QUEUE_NUM))
+            if self._protocol >> vu.ProtocolFeature.BACKEND_REQ & 1:
+                await self._open_backend_channel()
             await self._send_async(vu.Request.SET_OWNER)
         except BaseException:
             self._disconnect()
             raise
         sock.settimeout(self.timeout)  # the exchanges from here on are short and synchronous
         loop.add_reader(sock.fileno(), self._on_socket)
+        if self._channel is not None:
+            loop.add_reader(self._channel.fileno(), self._on_backend_channel)
         log.info(
             "vhost_user_connected",
             socket=str(self.path),
             features=f"{self._offered:#x}",
             protocol=vu.feature_names(self._protocol),
             queues=self._max_queues,
+            backend_channel=self._channel is not None,
         )
+
+    async def _open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD: one end of a socketpair to the back end, the other kept here."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours.setblocking(False)
+            ack = bool(self._protocol >> vu.ProtocolFeature.REPLY_ACK & 1)
+            await self._send_async(vu.Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()], need_reply=ack)
+            if ack:
+                status = vu.decode_u64(await self._recv_async(vu.Request.SET_BACKEND_REQ_FD))
+                if status:
+                    raise TransportError(f"{self.name}: back end failed SET_BACKEND_REQ_FD ({status})")
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the back end has its own copy
+        self._channel = ours
+        self._channel_parser = vu.MessageParser()
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop | None:
@@ -173,6 +214,7 @@ class VhostUserTransport:
             return None
 
     def _disconnect(self) -> None:
+        self._close_channel()
         if self._sock is None:
             return
         loop = self._loop
@@ -180,6 +222,62 @@ class VhostUserTransport:
             loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._sock = None
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        loop = self._loop
+        if loop is not None:
+            loop.remove_reader(channel.fileno())
+        channel.close()
+
+    def _on_backend_channel(self) -> None:
+        """The back end spoke on the back-end channel: a config change (or the channel closed)."""
+        channel = self._channel
+        if channel is None:
+            return
+        try:
+            data = channel.recv(self._channel_parser.needed())  # fds sent along are dropped
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the back end closed it (it went away: the main socket will say so)
+            self._close_channel()
+            return
+        try:
+            messages = self._channel_parser.feed(data)
+        except vu.VhostUserProtocolError as exc:
+            log.error("vhost_user_backend_channel_error", socket=str(self.path), error=str(exc))
+            self._close_channel()
+            return
+        for msg in messages:
+            self._backend_request(msg)
+
+    def _backend_request(self, msg: vu.Message) -> None:
+        name = vu.backend_request_name(msg.request)
+        status = 0
+        if msg.request == vu.BackendRequest.CONFIG_CHANGE_MSG and not msg.is_reply:
+            self.config_changes += 1
+            log.info("vhost_user_config_changed", socket=str(self.path), need_reply=msg.need_reply)
+            handler = self._config_handler
+            if handler is not None:
+                try:
+                    handler()  # rereads the config (GET_CONFIG) and tells the capacity listeners
+                except TransportError as exc:
+                    log.error("vhost_user_config_reread_failed", socket=str(self.path), error=str(exc))
+                    status = 1
+                    self._device_broken()
+        else:  # nothing else was negotiated
+            log.warning("vhost_user_backend_request_refused", socket=str(self.path), request=name)
+            status = 1
+        channel = self._channel
+        if msg.need_reply and channel is not None:
+            try:  # after the GET_CONFIG above, as QEMU answers
+                channel.send(vu.encode_reply(msg.request, vu.encode_u64(status)))
+            except OSError as exc:
+                log.warning("vhost_user_backend_answer_failed", socket=str(self.path), error=str(exc))
 
     def _on_socket(self) -> None:
         """Readable between exchanges: the back end went away (it never speaks unasked)."""
@@ -245,20 +343,46 @@ class VhostUserTransport:
             raise TransportError(f"{self.name}: got {reply.name} (flags {reply.flags:#x}) for {request}")
         return reply.payload
 
-    async def _send_async(self, request: int, payload: bytes = b"") -> None:
+    async def _send_async(
+        self, request: int, payload: bytes = b"", *, fds: Sequence[int] = (), need_reply: bool = False
+    ) -> None:
         sock = self._require()
+        data = vu.encode_message(request, payload, need_reply=need_reply)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_sendall(sock, vu.encode_message(request, payload)),
-                self.timeout,
-            )
+            await asyncio.wait_for(self._sendmsg_async(sock, data, fds), self.timeout)
         except (OSError, TimeoutError) as exc:
             raise TransportError(f"{self.name}: {vu.Request(request).name}: {exc or 'timed out'}") from exc
         self.messages_sent += 1
 
+    @staticmethod
+    async def _sendmsg_async(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+        """``data`` with ``fds`` attached to its first byte, without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        if not fds:
+            await loop.sock_sendall(sock, data)
+            return
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        while True:
+            try:
+                sent = sock.sendmsg([data], ancillary)
+                break
+            except (BlockingIOError, InterruptedError):
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(sock.fileno(), _wake, writable)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(sock.fileno())
+        if sent < len(data):
+            await loop.sock_sendall(sock, data[sent:])
+
     async def _call_async(self, request: int, payload: bytes = b"") -> bytes:
         """A request with a reply payload, awaited (the handshake)."""
         await self._send_async(request, payload)
+        return await self._recv_async(request)
+
+    async def _recv_async(self, request: int) -> bytes:
+        """The reply to ``request``, awaited."""
         sock = self._require()
         parser = self._parser
         loop = asyncio.get_running_loop()
@@ -379,7 +503,7 @@ class VhostUserTransport:
         self._command(vu.Request.SET_CONFIG, vu.ConfigSpace(offset, size, 0, data).encode())
 
     def enable_config_interrupt(self, handler: InterruptHandler) -> None:
-        # No back-end channel (SLAVE_REQ): what reaches us is a ring error or a lost socket.
+        # A config change on the back-end channel (BACKEND_REQ), a ring error or a lost socket.
         self._config_handler = handler
 
     def queue_max_size(self, index: int) -> int:
@@ -434,3 +558,8 @@ class VhostUserTransport:
     def close(self) -> None:
         self._close_queues()
         self._disconnect()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
