@@ -36,7 +36,13 @@ STRESS_FS_MIB = 48  # with vblk.stress=N the file system ends here; 16 MiB scrat
 # Modules the guest loads, by name; their dependencies come from modules.dep. crc32c_generic
 # is no hard dependency of ext4 (a softdep through the crypto API), yet metadata_csum needs it.
 GUEST_MODULES = ("nbd", "virtio_pci", "virtio_net", "virtio_blk", "crc32c_generic", "ext4")
-GUEST_BINARIES = {"/sbin/nbd-client": "nbd-client", "/sbin/mke2fs": "mke2fs", "/sbin/e2fsck": "e2fsck"}
+GUEST_BINARIES = {
+    "/sbin/nbd-client": "nbd-client",
+    "/sbin/mke2fs": "mke2fs",
+    "/sbin/e2fsck": "e2fsck",
+    "/sbin/resize2fs": "resize2fs",
+}
+RESIZE_READY = "vblk-e2e: resize-ready"  # vblk.mode=resize: the host may grow the disk now
 
 # Host tools and the Debian package that provides each one (scripts/install-tools.sh installs them).
 HOST_TOOLS = {
@@ -48,7 +54,10 @@ HOST_TOOLS = {
     "nbd-client": "nbd-client",
     "mke2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
     "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "curl": "curl",
     "ldd": "libc-bin",
 }
 BUSYBOX = Path("/bin/busybox")
@@ -337,6 +346,7 @@ export PATH=/bin LD_LIBRARY_PATH=@LIBDIRS@
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+ln -s /proc/mounts /etc/mtab  # where resize2fs looks for what is mounted
 
 report() { echo "@MARK@ $*"; sync; poweroff -f; sleep 5; }
 fail() {
@@ -345,6 +355,57 @@ fail() {
     report fail "$*"
 }
 step() { echo "vblk-e2e: $* (uptime $(cut -d' ' -f1 /proc/uptime))"; }
+
+# vblk.mode=resize: ext4 mounted and written to while the host grows the disk under it; the
+# kernel sees the new size, resize2fs grows the mounted file system online, writes go on.
+resize_proof() {
+    before=$(cat /sys/block/vda/size)
+    /sbin/mke2fs -q -F -t ext4 -L vblk-e2e $dev || fail "mke2fs"
+    mount -t ext4 $dev /mnt || fail "mount"
+    mkdir -p /mnt/vblk /mnt/w || fail "mkdir"
+    df_before=$(df -k /mnt | awk 'NR == 2 { print $2 }')
+    echo 0 > /tmp/rounds
+    (
+        i=0
+        while [ ! -e /tmp/stop ]; do
+            k=$((i % 8))
+            dd if=/payload.bin of=/mnt/w/$k bs=65536 skip=$((k * 16)) count=16 conv=fsync \
+                2>/dev/null || exit 1
+            i=$((i + 1))
+            echo $i > /tmp/rounds
+        done
+    ) &
+    writer=$!
+    sleep 0.5
+    ready=$(cat /tmp/rounds)
+    echo "@RESIZE_READY@ sectors $before"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    after=$(cat /sys/block/vda/size)
+    [ "$after" != "$before" ] || fail "the disk's size never changed"
+    step "resized: $before -> $after sectors, $(cat /tmp/rounds) write rounds"
+    /sbin/resize2fs $dev || fail "resize2fs"
+    grown=$(cat /tmp/rounds)
+    df_after=$(df -k /mnt | awk 'NR == 2 { print $2 }')
+    cp /payload.bin /mnt@PAYLOAD@ || fail "write after the resize"
+    touch /tmp/stop
+    wait $writer || fail "writes during the resize"
+    for k in 0 1 2 3 4 5 6 7; do
+        want=$(dd if=/payload.bin bs=65536 skip=$((k * 16)) count=16 2>/dev/null | sha256sum)
+        got=$(sha256sum < /mnt/w/$k)
+        [ "$want" = "$got" ] || fail "file w/$k reads back wrong"
+    done
+    sync
+    rounds=$(cat /tmp/rounds)
+    echo "vblk-e2e: resize sectors $before $after df-k $df_before $df_after rounds $ready $grown $rounds"
+    umount /mnt || fail "umount"
+    /sbin/e2fsck -fn $dev || fail "e2fsck"
+    echo 3 > /proc/sys/vm/drop_caches
+    mount -t ext4 -o ro $dev /mnt || fail "remount"
+    sha=$(sha256sum /mnt@PAYLOAD@ | cut -d' ' -f1)
+    umount /mnt || fail "umount after read"
+    report ok "$sha"
+}
 
 # Module parameters from the kernel command line (virtio_pci.force_legacy=1), as modprobe does.
 for m in @MODULES@; do
@@ -373,7 +434,7 @@ nbd)
     ip link set eth0 up || fail "ip link"
     /sbin/nbd-client -N disk0 @NBD_IP@ @NBD_PORT@ $dev || fail "nbd-client connect"
     ;;
-vda)
+vda | resize)
     dev=/dev/vda
     i=0
     while [ ! -b $dev ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
@@ -388,6 +449,7 @@ if [ "$mode" = vda ]; then
     # One character per feature bit, bit 0 first: bit 32 is VIRTIO_F_VERSION_1.
     echo "vblk-e2e: virtio features $(cat /sys/block/vda/device/features)"
 fi
+[ "$mode" = resize ] && resize_proof
 
 fs_size=""
 [ "$stress" -gt 0 ] && fs_size=@FS_MIB@M  # leave a scratch area after the file system
@@ -482,6 +544,7 @@ def build_initramfs(kernel: Kernel, payload: bytes) -> bytes:
         .replace("@NBD_PORT@", str(NBD_PORT))
         .replace("@PAYLOAD@", PAYLOAD_PATH)
         .replace("@FS_MIB@", str(STRESS_FS_MIB))
+        .replace("@RESIZE_READY@", RESIZE_READY)
     )
     cpio.file("init", init.encode(), 0o755)
     return cpio.finish()

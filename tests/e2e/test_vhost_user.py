@@ -22,11 +22,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from device.blk import BlkConfig
 from device.block.file import FileNode
@@ -208,3 +210,132 @@ async def test_legacy_linux_driver_on_transitional_device(guest_kit: GuestKit) -
         assert kernel.desc % 4096 == 0 and kernel.used - kernel.desc == 4096  # 128 entries
         _assert_requests_clean(rig, boot)
         await linux.check_ext4_image(rig.image, guest_kit.payload_sha256, boot.describe())
+
+
+async def _control(http_socket: Path, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+    """curl on the control surface's unix socket: the status and the JSON answer."""
+    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body)] if body is not None else []
+    proc = await asyncio.create_subprocess_exec(
+        linux.which("curl"), "-sS", "--max-time", "30", "--unix-socket", str(http_socket), "-X", method,
+        *data, "-w", "\n%{http_code}", f"http://vblk{path}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, f"curl exited {proc.returncode}: {err.decode()}"
+    text, _, status = out.decode().rpartition("\n")
+    return int(status), json.loads(text)
+
+
+async def _serial_line(boot: asyncio.Future[linux.Boot], serial_log: Path, mark: str, timeout: float) -> str:
+    """The first line of the guest's console that starts with ``mark``, once it is there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if serial_log.exists():
+            for raw in serial_log.read_text(errors="replace").splitlines():
+                line = raw.strip("\r\n\0 ")
+                if line.startswith(mark):
+                    return line
+        if boot.done():
+            raise AssertionError(f"the guest ended before {mark!r}:\n{boot.result().describe()}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {mark!r} on the console after {timeout:g} s")
+
+
+async def test_linux_grows_its_mounted_ext4_online_when_vblk_is_resized(
+    guest_kit: GuestKit, tmp_path: Path
+) -> None:
+    """``vblk vhost-user --http`` resized with curl while the guest has ext4 mounted and writes:
+    vblk tells QEMU on the back-end channel, QEMU rereads the config (GET_CONFIG) and answers,
+    the guest's /sys/block/vda/size changes, resize2fs grows the mounted file system online and
+    df shows it; the writes that ran all along read back, and the host's e2fsck is clean."""
+    directory = Path(tempfile.mkdtemp(prefix="vblk-vu-"))  # short: unix socket paths are limited
+    socket_path, http_socket = directory / "vu.sock", directory / "ctl.sock"
+    image = tmp_path / "disk.img"
+    log_path = tmp_path / "vblk.log"
+    grown = 2 * DISK_SIZE
+    try:
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service.cli", "vhost-user", "--socket", str(socket_path),
+                "--image", str(image), "--size", str(DISK_SIZE), "--http", f"unix:{http_socket}",
+                "--once", "--log-format", "json",
+                stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            for _ in range(500):
+                if http_socket.is_socket() or proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert http_socket.is_socket(), f"vblk vhost-user did not listen:\n{log_path.read_text()}"
+            serial_log = tmp_path / "serial.log"
+            booting = asyncio.ensure_future(
+                linux.boot(
+                    guest_kit.guest,
+                    serial_log=serial_log,
+                    mode="resize",
+                    qemu_args=linux.vhost_user_blk_args(socket_path),
+                )
+            )
+            try:
+                ready = await _serial_line(booting, serial_log, linux.RESIZE_READY, 90)
+                assert ready.endswith(f"sectors {DISK_SIZE // 512}"), ready
+                status, before = await _control(http_socket, "GET", "/v1/disks/disk0")
+                assert status == 200 and before["size"] == DISK_SIZE and before["ready"], before
+                assert before["vhost_user"]["backend_channel"], before  # QEMU took BACKEND_REQ
+                status, answer = await _control(
+                    http_socket, "PATCH", "/v1/disks/disk0", {"op": "resize", "size": f"{grown >> 20}M"}
+                )
+                assert status == 200 and answer["size"] == grown, answer
+                # QEMU answered the notice, after its GET_CONFIG on the main socket.
+                assert answer["resize"]["notice"] == "acknowledged", answer
+                boot = await booting
+            finally:
+                if not booting.done():
+                    booting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await booting
+            print(f"guest boot (resize online): {boot.seconds:.1f}s")
+            assert boot.result() == ["ok", guest_kit.payload_sha256], boot.describe()
+            [line] = [
+                raw.strip("\r\n\0 ") for raw in boot.serial.splitlines() if "vblk-e2e: resize sectors" in raw
+            ]
+            fields = line.split()
+            before_sectors, after_sectors = int(fields[3]), int(fields[4])
+            df_before, df_after = int(fields[6]), int(fields[7])
+            ready_rounds, grown_rounds, rounds = int(fields[9]), int(fields[10]), int(fields[11])
+            print(f"guest: {line}")
+            assert (before_sectors, after_sectors) == (DISK_SIZE // 512, grown // 512), line
+            assert df_after > 1.9 * df_before, line  # the mounted file system grew with the disk
+            assert grown_rounds > ready_rounds and rounds >= grown_rounds, line  # writes went on meanwhile
+            returncode = await asyncio.wait_for(proc.wait(), 30)  # --once: exits after QEMU
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        output = log_path.read_text()
+        assert returncode == 0, output
+        events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        assert not [e for e in events if e["level"] in ("error", "critical")], output
+        [call] = [e for e in events if e["event"] == "control_call"]
+        assert (call["op"], call["old_size"], call["size"], call["notice"]) == (
+            "resize",
+            DISK_SIZE,
+            grown,
+            "acknowledged",
+        )
+        assert call["token"] == "none" and isinstance(call["pid"], int)  # who asked
+        assert image.stat().st_size == grown
+        await linux.check_ext4_image(image, guest_kit.payload_sha256, boot.describe())
+        dump = await asyncio.create_subprocess_exec(
+            linux.which("dumpe2fs"),
+            "-h",
+            str(image),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        header, _ = await asyncio.wait_for(dump.communicate(), 60)
+        facts = dict(re.findall(r"^([A-Za-z ]+):\s+(\S+)", header.decode(), re.MULTILINE))
+        assert int(facts["Block count"]) * int(facts["Block size"]) == grown, facts
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
