@@ -50,9 +50,11 @@ class ResizeOutcome:
 
     ``notice`` is one of ``acknowledged`` (the front end answered that it reread the config),
     ``sent`` (the notice went out; no answer asked for, REPLY_ACK not negotiated),
-    ``unacknowledged`` (no answer in time, or a failed one), ``no_channel`` (the front end
-    gave no back-end channel), ``no_front_end`` (none connected), ``failed`` (the channel
-    broke) or ``unchanged`` (the size was already that). ``message`` says it in a sentence.
+    ``unacknowledged`` (no answer in time, or a failed one), ``deferred`` (the front end's
+    device is stopped, and QEMU ignores a notice then: it goes out when a ring starts),
+    ``no_channel`` (the front end gave no back-end channel), ``no_front_end`` (none connected),
+    ``failed`` (the channel broke) or ``unchanged`` (the size was already that). ``message``
+    says it in a sentence.
     """
 
     old_size: int
@@ -63,7 +65,7 @@ class ResizeOutcome:
     @property
     def told(self) -> bool:
         """The front end was told (it rereads the capacity now)."""
-        return self.notice in ("acknowledged", "sent", "unacknowledged")
+        return self.notice in ("acknowledged", "sent", "unacknowledged", "deferred")
 
 
 class ShrinkRefusedError(ValueError):
@@ -98,6 +100,8 @@ class VhostUserBlk:
         self.channel: BackendChannel | None = None  # the back-end channel, if handed over
         self.resizes: list[ResizeOutcome] = []
         self._resizing = asyncio.Lock()  # one resize at a time: each outcome's sizes are its own
+        self._notice_deferred = False  # a resize while no ring ran: tell it when one starts
+        self._deferred_notice: asyncio.Task[ResizeOutcome] | None = None
 
     @property
     def node(self) -> BlockNode:
@@ -358,7 +362,10 @@ class VhostUserBlk:
             )
         if not self.device.driver_ok:
             self._negotiate()
+        first = not any(r.started for r in self.rings)
         ring.started = True
+        if first and self._notice_deferred:
+            self._tell_deferred_resize()
         start = configure_queue(self.device, self.memory, ring)
         if start is None:
             return
@@ -409,6 +416,12 @@ class VhostUserBlk:
     async def disconnect(self) -> None:
         """The front end went away: stop, forget its fds and memory, make writes durable."""
         self.connected = False
+        self._notice_deferred = False  # the next front end reads the config at its start
+        if self._deferred_notice is not None:
+            self._deferred_notice.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deferred_notice
+            self._deferred_notice = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -472,6 +485,20 @@ class VhostUserBlk:
         log.info("vhost_user_resized", old_size=old, size=new_size, notice=outcome.notice)
         return outcome
 
+    def _tell_deferred_resize(self) -> None:
+        """The front end's device starts after a resize it could not hear of: tell it now, from
+        a task of its own (this runs in the main socket's task, which must go on to serve the
+        GET_CONFIG the front end sends before it answers)."""
+        self._notice_deferred = False
+        size = self.node.size
+
+        async def tell() -> ResizeOutcome:
+            outcome = await self._announce(size, size)
+            log.info("vhost_user_deferred_resize_told", size=size, notice=outcome.notice)
+            return outcome
+
+        self._deferred_notice = asyncio.get_running_loop().create_task(tell(), name="vblk-vhost-user-notice")
+
     async def _announce(self, old: int, size: int) -> ResizeOutcome:
         """Tell the front end the config changed, and what came of it."""
         channel = self.channel
@@ -495,6 +522,16 @@ class VhostUserBlk:
                 "the front end has no back-end channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ), so it cannot be "
                 "told: it sees the new size only when it reads the config again (QEMU caches it until the "
                 "device is re-plugged or QEMU restarts)",
+            )
+        if not any(ring.started for ring in self.rings):
+            # QEMU's handler does nothing while its vhost device is stopped (before the guest's
+            # driver, across a guest reset) and keeps the config it cached: wait for a start.
+            self._notice_deferred = True
+            return ResizeOutcome(
+                old,
+                size,
+                "deferred",
+                "the front end's device is stopped (no driver runs it): the front end is told when it starts",
             )
         need_reply = bool(self.protocol_features >> vu.ProtocolFeature.REPLY_ACK & 1)
         try:

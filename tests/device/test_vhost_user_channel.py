@@ -23,7 +23,7 @@ from device.block.memory import MemoryNode
 from device.spec import vhost_user as vu
 from device.vhost_user import protocol
 from device.vhost_user.protocol import ShrinkRefusedError, VhostUserBlk
-from tests.device.test_vhost_user_backend import FrontEnd, connect, served
+from tests.device.test_vhost_user_backend import FEATURES, UVA, FrontEnd, connect, memfd, served
 
 MiB = 1 << 20
 CONFIG_LEN = 57  # QEMU 7.2's GET_CONFIG length
@@ -51,20 +51,49 @@ async def recv_exactly(sock: socket.socket, n: int, timeout: float = 5) -> bytes
 
 
 class Session:
-    """A front end connected to vblk's back end, with its end of the back-end channel."""
+    """A front end connected to vblk's back end, with its end of the back-end channel, and the
+    guest RAM and eventfds of its device once started."""
 
     def __init__(self, fe: FrontEnd, channel: socket.socket | None) -> None:
         self.fe = fe
         self.channel = channel
+        self.fds: list[int] = []
+
+    def start(self) -> None:
+        """QEMU's vhost_dev_start for one ring of 8 (no acks asked: the next reply orders it)."""
+        if not self.fds:
+            ram, kick, call = memfd(MiB), os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+            self.fds = [ram, kick, call]
+        ram, kick, call = self.fds
+        fe = self.fe
+        fe.send(vu.Request.SET_FEATURES, vu.encode_u64(FEATURES))
+        fe.send(vu.Request.SET_MEM_TABLE, vu.encode_memory_table([vu.MemoryRegion(0, MiB, UVA, 0)]), [ram])
+        fe.send(vu.Request.SET_VRING_NUM, vu.VringState(0, 8).encode())
+        fe.send(vu.Request.SET_VRING_BASE, vu.VringState(0, 0).encode())
+        fe.send(
+            vu.Request.SET_VRING_ADDR, vu.VringAddr(0, 0, UVA + 0x1000, UVA + 0x3000, UVA + 0x2000).encode()
+        )
+        fe.send(vu.Request.SET_VRING_CALL, vu.VringFile(0).encode(), [call])
+        fe.send(vu.Request.SET_VRING_KICK, vu.VringFile(0).encode(), [kick])
+        fe.send(vu.Request.SET_VRING_ENABLE, vu.VringState(0, 1).encode())
+
+    async def stop(self) -> None:
+        self.fe.send(vu.Request.SET_VRING_ENABLE, vu.VringState(0, 0).encode())
+        await self.fe.call(vu.Request.GET_VRING_BASE, vu.VringState(0, 0).encode())
 
     def close(self) -> None:
         self.fe.sock.close()
         if self.channel is not None:
             self.channel.close()
+        for fd in self.fds:
+            os.close(fd)
 
 
-async def open_session(path: Path, protocol_features: int, *, channel: bool = True) -> Session:
-    """QEMU 7.2's realize up to GET_CONFIG: features, protocol features, SET_BACKEND_REQ_FD."""
+async def open_session(
+    path: Path, protocol_features: int, *, channel: bool = True, start: bool = True
+) -> Session:
+    """QEMU 7.2's realize (features, protocol features, SET_BACKEND_REQ_FD, GET_CONFIG), then
+    with ``start`` its device start, as when the guest's driver sets DRIVER_OK."""
     fe = await connect(path)
     offered = vu.decode_u64(await fe.call(vu.Request.GET_PROTOCOL_FEATURES))
     assert offered & BACKEND_REQ, f"{offered:#x}"  # the back end offers the channel
@@ -81,7 +110,12 @@ async def open_session(path: Path, protocol_features: int, *, channel: bool = Tr
         finally:
             theirs.close()  # the back end has its own copy now
     fe.send(vu.Request.SET_OWNER)
-    return Session(fe, ours)
+    session = Session(fe, ours)
+    assert await capacity(fe) > 0
+    if start:
+        session.start()
+        assert await capacity(fe) > 0  # every message before it was handled
+    return session
 
 
 @pytest.fixture
@@ -319,5 +353,34 @@ async def test_garbage_on_the_channel_closes_it_not_the_session(
         await wait_for(lambda: blk.channel is not None and blk.channel.closed, "the channel to close")
         assert await capacity(session.fe) == 4 * MiB // 512
         assert (await blk.resize(5 * MiB)).notice == "no_channel"
+    finally:
+        session.close()
+
+
+async def test_a_resize_while_the_device_is_stopped_is_told_when_it_starts(
+    backend: tuple[VhostUserBlk, Path],
+) -> None:
+    """QEMU ignores the notice while its vhost device is stopped (no guest driver, a guest
+    reset) and keeps its cached config: the notice waits for the next ring start."""
+    blk, path = backend
+    session = await open_session(path, CONFIG | REPLY_ACK | BACKEND_REQ, start=False)
+    channel = session.channel
+    assert channel is not None
+    try:
+        outcome = await blk.resize(5 * MiB)
+        assert outcome.notice == "deferred" and outcome.told and blk.node.size == 5 * MiB
+        session.start()
+        notice = await recv_exactly(channel, vu.HEADER_SIZE)  # sent once the ring started
+        assert notice == struct.pack("=III", 2, 0x9, 0)
+        assert await capacity(session.fe) == 5 * MiB // 512
+        channel.send(vu.encode_reply(vu.BackendRequest.CONFIG_CHANGE_MSG, vu.encode_u64(0)))
+        await wait_for(lambda: blk.channel is not None and blk.channel.answered == 1, "the answer")
+        # A stop (a guest reset), a resize, a start: told again.
+        await session.stop()
+        assert (await blk.resize(6 * MiB)).notice == "deferred"
+        session.start()
+        assert await recv_exactly(channel, vu.HEADER_SIZE) == struct.pack("=III", 2, 0x9, 0)
+        channel.send(vu.encode_reply(vu.BackendRequest.CONFIG_CHANGE_MSG, vu.encode_u64(0)))
+        await wait_for(lambda: blk.channel is not None and blk.channel.answered == 2, "the answer")
     finally:
         session.close()
