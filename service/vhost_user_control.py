@@ -136,9 +136,8 @@ class ControlApi:
                 raise ApiError(ErrorCode.RESIZE_REFUSED, str(exc)) from exc
         except (ApiError, OSError) as exc:
             code = exc.code.code if isinstance(exc, ApiError) else "io_error"
-            log.warning(
-                "control_call_refused", op=op if isinstance(op, str) else None, disk=name, error=code, **who
-            )
+            shown_op = shown(op) if isinstance(op, str) else None  # the client's words, only if plain
+            log.warning("control_call_refused", op=shown_op, disk=shown(name), error=code, **who)
             raise
         log.info(
             "control_call",
