@@ -29,7 +29,7 @@ from service.addresses import join_host_port
 from service.blockio import FEATURE_NAMES, SECTOR
 from service.http.edge import Edge, expect, observe, read_json_body, who_asked
 from service.http.errors import ApiError, ErrorCode
-from service.http.params import MAX_JSON, parse_json_object, shown, takes_query
+from service.http.params import MAX_JSON, no_such_disk, parse_json_object, shown, takes_query
 from service.http.resize import parse_resize
 from service.http.responses import json_response
 from service.metrics import Metrics
@@ -60,13 +60,7 @@ class ControlApi:
     def _disk(self, request: web.Request) -> str:
         name = request.match_info["name"]
         if name != self.host.name:
-            quoted = shown(name)
-            raise ApiError(
-                ErrorCode.NO_SUCH_DISK,
-                f"no disk is named {quoted}: GET /v1/disks lists them"
-                if quoted
-                else "no disk has that name: GET /v1/disks lists them",
-            )
+            raise no_such_disk(name)
         return name
 
     def describe(self) -> dict[str, Any]:

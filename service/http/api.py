@@ -27,6 +27,7 @@ from service.http.openapi import openapi_document
 from service.http.params import (
     MAX_JSON,
     MAX_SECTORS,
+    no_such_disk,
     parse_extents,
     parse_get_range,
     parse_patch,
@@ -34,7 +35,6 @@ from service.http.params import (
     parse_sector_write,
     parse_write_target,
     query_bool,
-    shown,
     takes_query,
 )
 from service.http.ranges import ByteRange
@@ -92,13 +92,7 @@ class RestApi:
         name = request.match_info["name"]
         disk = self.service.disks.get(name)
         if disk is None:
-            quoted = shown(name)
-            raise ApiError(
-                ErrorCode.NO_SUCH_DISK,
-                f"no disk is named {quoted}: GET /v1/disks lists them"
-                if quoted
-                else "no disk has that name: GET /v1/disks lists them",
-            )
+            raise no_such_disk(name)
         return disk.bytes
 
     def writable(self, disk: ByteDisk) -> None:

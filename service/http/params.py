@@ -48,6 +48,17 @@ def shown(text: str) -> str | None:
     return f'"{text}"' if DISK_NAME.fullmatch(text) else None
 
 
+def no_such_disk(name: str) -> ApiError:
+    """The refusal of a path naming a disk that is not there (the name quoted when it is plain)."""
+    quoted = shown(name)
+    return ApiError(
+        ErrorCode.NO_SUCH_DISK,
+        f"no disk is named {quoted}: GET /v1/disks lists them"
+        if quoted
+        else "no disk has that name: GET /v1/disks lists them",
+    )
+
+
 def _bounds(minimum: int, maximum: int) -> str:
     return f"in {minimum}..{maximum}"
 
