@@ -19,6 +19,7 @@ from mypy_extensions import mypyc_attr
 from device.blk_executor import Execution, Executor, IoMode, log_io_error
 from device.blk_request import BlkRequest, Limits, RequestError, parse_request
 from device.block.node import BlockNode
+from device.block.throttle import ThrottleMember
 from device.machine import Machine
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
@@ -226,12 +227,27 @@ class VirtioBlkDevice(VirtioDevice):
         self._limits = self._make_limits()
         self.config_changed()
 
+    @property
+    def throttle(self) -> ThrottleMember | None:
+        """The disk's gate into its throttle group (None: no limits)."""
+        return self._executor.gate
+
+    @throttle.setter
+    def throttle(self, member: ThrottleMember | None) -> None:
+        old = self._executor.gate
+        self._executor.gate = member
+        if old is not None and old is not member:
+            old.release()
+
     async def quiesce(self) -> None:
         """Start no more requests and wait until every one started has ended (QEMU's drained
         section): between this and :meth:`resume` the stack sees no I/O, so a change made there
         (a checkpoint of the dirty bitmaps) falls between two requests, never inside one.
         Requests the driver queues meanwhile wait in their virtqueues. Calls nest."""
         self._holds += 1
+        gate = self._executor.gate
+        if gate is not None:
+            gate.release()  # a drained section does not wait for the limits
         while self._executing:
             waiter: asyncio.Future[None] = self._running.loop().create_future()
             self._idle_waiters.append(waiter)
@@ -264,6 +280,9 @@ class VirtioBlkDevice(VirtioDevice):
         # their answers are dropped and their later steps not started.
         self._epoch += 1
         self._executor.epoch = self._epoch
+        gate = self._executor.gate
+        if gate is not None:
+            gate.refuse()  # requests held by the limits are not started for a reset device
         self._completions.clear()
         self.writeback = int(self.blk_config.writeback)
 

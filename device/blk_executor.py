@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 from collections.abc import Callable
 from typing import Final, Literal, Protocol
 
 import structlog
 
 from device.blk_request import BlkRequest
-from device.block.node import BlockNode
+from device.block.node import BlockError, BlockNode
+from device.block.throttle import ThrottleMember
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
 from device.spec.virtio_blk import (
@@ -62,6 +64,17 @@ class Execution:
 
     def start(self) -> None:
         self._step()
+
+    def admitted(self) -> None:
+        """Through the throttle gate: run, unless the device was reset while it waited."""
+        if self.epoch != self.executor.epoch:
+            self.refused()
+        else:
+            self.executor.run(self)
+
+    def refused(self) -> None:
+        """Never started (the device was reset while it waited at the gate): end it unrun."""
+        self.complete(BlockError(errno.ECANCELED, "the device was reset before the request started"))
 
     def start_threaded(self) -> None:
         self.threaded = True
@@ -145,6 +158,7 @@ class Executor:
         self.writethrough = False
         self.may_unmap = True
         self.epoch = 0  # the owner's, mirrored: a later step of a request reset meanwhile is not started
+        self.gate: ThrottleMember | None = None  # I/O limits: requests pass it before the stack
 
     def views(self, request: BlkRequest) -> list[memoryview]:
         view = self.memory.view
@@ -167,6 +181,25 @@ class Executor:
         loop.call_soon_threadsafe(self.owner.executed, execution, error)
 
     def submit(self, execution: Execution) -> None:
+        """Start a request, through the throttle gate when the disk has limits (flushes are free)."""
+        gate = self.gate
+        if gate is not None:
+            request = execution.request
+            rtype = request.type
+            if rtype == VIRTIO_BLK_T_IN:
+                gate.admit(False, request.data_len, execution)
+                return
+            if rtype == VIRTIO_BLK_T_OUT:
+                gate.admit(True, request.data_len, execution)
+                return
+            if rtype != VIRTIO_BLK_T_FLUSH:
+                nbytes = sum(segment[1] for segment in request.segments) * SECTOR
+                gate.admit(True, nbytes, execution)
+                return
+        self.run(execution)
+
+    def run(self, execution: Execution) -> None:
+        """Start a request now, in the strategy's way."""
         pool = self._pool
         if pool is None:
             execution.start()

@@ -37,6 +37,7 @@ from service.nbd.settings import NbdExport, NbdTls
 from service.security import SecurityConfigError, Tokens
 from service.snapshots import Snapshots
 from service.storage import open_stack
+from service.throttling import Throttling
 from service.vhost_user_disk import (
     RemoteControl,
     RemoteDevice,
@@ -66,12 +67,13 @@ class Service:
         self.nbd_exports: dict[str, NbdExport] = {}  # the NBD server's, live: views come and go
         self.views = Views(self.machine, self.guest, self.disks, self.nbd_exports)
         self.snapshots = Snapshots()
+        self.throttling = Throttling()
         self.nbd_addresses: list[str] = []
         self.http: web.AppRunner | None = None
         self.http_addresses: list[str] = []
         self._unix_sockets: list[tuple[str, int]] = []  # (path, inode) of the ones bound here
         self.stopping = False
-        self.metrics = Metrics(lambda: self.disks, self._nbd_counts)
+        self.metrics = Metrics(lambda: self.disks, self._nbd_counts, lambda: self.throttling)
         security = config.security
         self.ssl_context = security.context()
         self.tokens = Tokens.load(security.tokens_file) if security.tokens_file is not None else None
@@ -131,6 +133,12 @@ class Service:
                 path=str(spec.path) if spec.backend == "file" else None,
                 format=spec.format if spec.backend == "file" else None,
             )
+        for spec, device in self._devices:
+            if spec.throttle or spec.throttle_group:
+                member = self.throttling.attach(spec.name, device, dict(spec.throttle), spec.throttle_group)
+                log.info(
+                    "disk_throttled", disk=spec.name, group=member.group.name, **member.group.limits.keys()
+                )
         for spec in self.config.disks:
             socket_path = vhost_user_socket(spec.backend)
             if socket_path is None:
@@ -268,6 +276,7 @@ class Service:
                 free_descriptors=[q.free_descriptors for q in stats.queues],
                 queue_sizes=[q.size for q in stats.queues],
             )
+        self.throttling.close()
         await self.guest.close()
         for _spec, device in self._devices:
             device.close()

@@ -18,6 +18,7 @@ from typing import Any
 from device.block.faults import FaultPlan
 from device.block.locks import lock_mode
 from device.block.rbd import CACHE_MODES
+from device.block.throttle import LIMIT_KEYS, ThrottleError, ThrottleLimits
 from service.model import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.settings import NbdLimits
 from service.security import SecurityConfigError, Tokens
@@ -41,6 +42,8 @@ DISK_KEYS = (
     "l2-cache-size",
     "snapshot",
     "fault",
+    "group",
+    *LIMIT_KEYS,
 )
 FORMATS = ("raw", "qcow2")
 BACKENDS = ("file", "memory", "rbd")
@@ -384,6 +387,7 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
             if "fault" in options:
                 FaultPlan.parse(options["fault"])  # refused now, not at start-up
                 spec["fault"] = options["fault"]
+            _throttle_of(options, spec)
             if spec.get("format", "raw") == "qcow2":
                 _check_qcow2(spec)
             elif "l2-cache-size" in options or "snapshot" in options:
@@ -417,7 +421,46 @@ def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
         raise ConfigError(f"disk names must be unique: {names}")
+    _check_groups(disks)
     return tuple(disks)
+
+
+def _throttle_of(options: Mapping[str, str], spec: dict[str, Any]) -> None:
+    """The I/O limit keys of one ``--disk`` (QEMU's names), checked as QEMU checks them."""
+    limits: dict[str, object] = {}
+    for key in LIMIT_KEYS:
+        if key in options:
+            try:
+                limits[key] = parse_size(options[key])
+            except ValueError:
+                raise ValueError(f"{key}={options[key]}: a whole number (K, M, G: binary units)") from None
+    try:
+        parsed = ThrottleLimits.parse(limits)
+    except ThrottleError as exc:
+        raise ValueError(str(exc)) from exc
+    spec["throttle"] = tuple(sorted(parsed.keys().items()))
+    if "group" in options:
+        group = options["group"]
+        if not DISK_NAME.fullmatch(group):
+            raise ValueError(f"group {group!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
+        spec["throttle_group"] = group
+    if spec["throttle"] and spec["backend"].startswith("vhost-user:"):
+        raise ValueError("I/O limits go on the vhost-user back end's disk, not its front end")
+
+
+def _check_groups(disks: Sequence[DiskSpec]) -> None:
+    """The disks of one throttle group share its limits: the ones naming limits name the same."""
+    limits: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
+    for disk in disks:
+        if not disk.throttle:
+            continue
+        group = disk.throttle_group or disk.name
+        first = limits.setdefault(group, (disk.name, disk.throttle))
+        if first[1] != disk.throttle:
+            raise ConfigError(
+                f"disk {disk.name}: throttle group {group} has other limits (disk {first[0]}): "
+                "give a group's limits once, or the same on each disk"
+            )
 
 
 def _check_qcow2(spec: dict[str, Any]) -> None:

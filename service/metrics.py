@@ -24,10 +24,12 @@ from prometheus_client.registry import Collector
 import device.virtqueue
 import driver.blk
 import service.nbd.server
+from device.block.throttle import DIRECTIONS
 from service.latency import FrontendObserver, LatencyHistogram, VirtioObserver
 
 if TYPE_CHECKING:
     from service.model import Disk
+    from service.throttling import Throttling
 
 # NBD connections: open now, accepted, refused; polls for a next request that found one, that did not.
 NbdCounts = Callable[[], tuple[int, int, int, int, int]]
@@ -251,12 +253,60 @@ class _DiskCollector(Collector):
         yield info
 
 
+class _ThrottleCollector(Collector):
+    """The I/O limits in force on each throttled disk and what they held back."""
+
+    def __init__(self, throttling: Callable[[], Throttling | None]) -> None:
+        self._throttling = throttling
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        throttling = self._throttling()
+        if throttling is None:
+            return
+        limit = GaugeMetricFamily(
+            "vblk_throttle_limit",
+            "An I/O limit in force on the disk's throttle group, by its key (iops-total, bps-read-max, ...)",
+            labels=["disk", "group", "limit"],
+        )
+        waiting = GaugeMetricFamily(
+            "vblk_throttle_waiting_requests", "Requests held by the I/O limits now", labels=["disk"]
+        )
+        throttled = CounterMetricFamily(
+            "vblk_throttle_throttled_requests",
+            "Requests that waited for the I/O limits, by direction",
+            labels=["disk", "direction"],
+        )
+        seconds = CounterMetricFamily(
+            "vblk_throttle_wait_seconds",
+            "Time requests spent waiting for the I/O limits, by direction",
+            labels=["disk", "direction"],
+        )
+        for disk, member in sorted(throttling.members.items()):
+            group = member.group
+            for key, value in sorted(group.limits.keys().items()):
+                limit.add_metric([disk, group.name, key], value)
+            waiting.add_metric([disk], member.waiting)
+            for index, direction in enumerate(DIRECTIONS):
+                throttled.add_metric([disk, direction], member.throttled[index])
+                seconds.add_metric([disk, direction], member.throttled_seconds[index])
+        yield from (limit, waiting, throttled, seconds)
+
+
 class Metrics:
     """The service's registry (one per service, so tests can run several side by side)."""
 
-    def __init__(self, disks: Callable[[], Mapping[str, Disk]], nbd: NbdCounts) -> None:
+    def __init__(
+        self,
+        disks: Callable[[], Mapping[str, Disk]],
+        nbd: NbdCounts,
+        throttling: Callable[[], Throttling | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_DiskCollector(disks, nbd))
+        self.registry.register(_ThrottleCollector(throttling))
         self.virtio_latency: dict[tuple[str, str], LatencyHistogram] = {}  # (disk, op)
         self.frontend_latency: dict[tuple[str, str, str], LatencyHistogram] = {}  # (disk, op, frontend)
         self._frontends: dict[str, FrontendObserver] = {}

@@ -81,6 +81,8 @@ class DiskSpec:
     l2_cache_size: int = DEFAULT_L2_CACHE  # format qcow2: the most bytes of L2 tables cached
     snapshot: str | None = None  # format qcow2, read-only: serve this internal snapshot (id or name)
     fault: str = ""  # a fault layer over the storage (FaultPlan.parse: "read=eio+count=3"); "": none
+    throttle: tuple[tuple[str, int], ...] = ()  # I/O limits by their keys (iops-total, ...); (): none
+    throttle_group: str = ""  # the throttle group it shares limits in ("": its own, named as the disk)
     ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
 
 

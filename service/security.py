@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
-Access = Literal["rw", "ro"]
+Access = Literal["admin", "rw", "ro"]
 
 
 class SecurityConfigError(ValueError):
@@ -46,13 +46,14 @@ def server_context(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Tokens:
-    """Bearer tokens, each read-write or read-only."""
+    """Bearer tokens, each of a class: ``admin`` (read-write and the control plane: disks added,
+    removed, resized, throttled), ``rw`` (read-write data) or ``ro`` (read-only data)."""
 
     tokens: tuple[tuple[str, Access], ...]
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
-        """One token per line: ``rw TOKEN`` or ``ro TOKEN``; ``#`` starts a comment."""
+        """One token per line: ``admin TOKEN``, ``rw TOKEN`` or ``ro TOKEN``; ``#`` starts a comment."""
         try:
             text = path.read_text()
         except OSError as exc:
@@ -63,11 +64,12 @@ class Tokens:
             if not line:
                 continue
             parts = line.split()
-            if len(parts) != 2 or parts[0] not in ("rw", "ro") or len(parts[1]) < 16:
+            if len(parts) != 2 or parts[0] not in ("admin", "rw", "ro") or len(parts[1]) < 16:
                 raise SecurityConfigError(
-                    f"{path}:{number}: want 'rw TOKEN' or 'ro TOKEN' with a token of 16+ characters"
+                    f"{path}:{number}: want 'admin TOKEN', 'rw TOKEN' or 'ro TOKEN' "
+                    "with a token of 16+ characters"
                 )
-            access: Access = "rw" if parts[0] == "rw" else "ro"
+            access: Access = "admin" if parts[0] == "admin" else "rw" if parts[0] == "rw" else "ro"
             tokens.append((parts[1], access))
         if not tokens:
             raise SecurityConfigError(f"{path}: no tokens")

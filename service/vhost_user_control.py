@@ -27,7 +27,7 @@ from device.vhost_user import VhostUserBlk
 from device.vhost_user.protocol import ShrinkRefusedError
 from service.addresses import join_host_port
 from service.blockio import FEATURE_NAMES, SECTOR
-from service.http.edge import Edge, expect, observe, read_json_body, who_asked
+from service.http.edge import Edge, expect, observe, read_json_body, require_admin, who_asked
 from service.http.errors import ApiError, ErrorCode
 from service.http.params import MAX_JSON, no_such_disk, parse_json_object, shown, takes_query
 from service.http.resize import parse_resize
@@ -112,6 +112,7 @@ class ControlApi:
         op: object = None
         try:
             self._disk(request)
+            require_admin(request)
             body = parse_json_object(await read_json_body(request))
             op = body.get("op")
             if op != "resize":

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from service.blockio import SECTOR, ByteDisk, IoBuffer
 from service.http.bitmaps import BitmapsApi, SnapshotsApi, ViewsApi, dirty_extents
+from service.http.control import ControlApi
 from service.http.edge import EXCHANGE, Edge, EdgeHost, expect, is_local, observe, read_json_body
 from service.http.errors import ApiError, ErrorCode
 from service.http.openapi import openapi_document
@@ -30,6 +31,7 @@ from service.http.params import (
     no_such_disk,
     parse_extents,
     parse_get_range,
+    parse_json_object,
     parse_patch,
     parse_sector_read,
     parse_sector_write,
@@ -45,6 +47,7 @@ from service.rings import disk_snapshot
 if TYPE_CHECKING:
     from service.model import Disk
     from service.snapshots import Snapshots
+    from service.throttling import Throttling
     from service.views import Views
 
 __all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
@@ -69,6 +72,9 @@ class ApiHost(EdgeHost, Protocol):
     @property
     def snapshots(self) -> Snapshots: ...
 
+    @property
+    def throttling(self) -> Throttling: ...
+
 
 log = structlog.get_logger("vblk.http")
 
@@ -85,6 +91,7 @@ class RestApi:
 
     def __init__(self, service: ApiHost) -> None:
         self.service = service
+        self.control = ControlApi(lambda: service.disks, lambda: service.throttling)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -127,7 +134,11 @@ class RestApi:
     def describe(self, name: str) -> dict[str, Any]:
         disk = self.service.disks[name]
         info = disk.bytes.info()
-        return {"name": name, **info, "serial": disk.serial, "backend": disk.spec.backend}
+        described = {"name": name, **info, "serial": disk.serial, "backend": disk.spec.backend}
+        throttle = self.service.throttling.describe(name)
+        if throttle is not None:
+            described["throttle"] = throttle
+        return described
 
     @takes_query()
     async def list_disks(self, request: web.Request) -> web.Response:
@@ -300,7 +311,11 @@ class RestApi:
     @takes_query()
     async def patch_disk(self, request: web.Request) -> web.Response:
         disk = self.disk(request)
-        patch = parse_patch(await read_json_body(request), disk.size)
+        raw = await read_json_body(request)
+        body = parse_json_object(raw)
+        if body.get("op") == "throttle":
+            return await self.control.throttle(request, self.service.disks[disk.name], body)
+        patch = parse_patch(raw, disk.size)
         self.writable(disk)
         observe(request, disk.name, patch.op)
         if patch.op == "flush":

@@ -121,6 +121,19 @@ def who_asked(request: web.Request) -> dict[str, object]:
 _UCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
 
 
+def require_admin(request: web.Request) -> None:
+    """A control-plane call (disks added, removed, resized, throttled): with tokens configured it
+    needs an ``admin`` token; without, only a client on this machine (loopback, unix socket) may."""
+    access = request[EXCHANGE].access
+    if access is None:
+        if not is_local(request):
+            raise ApiError(
+                ErrorCode.ADMIN_REQUIRED, "without tokens, only clients on this machine manage disks"
+            )
+    elif access != "admin":
+        raise ApiError(ErrorCode.ADMIN_REQUIRED, "this call manages disks: it needs an admin token")
+
+
 def is_local(request: web.BaseRequest) -> bool:
     """The client is on this machine: a unix socket or a loopback address."""
     transport = request.transport
@@ -145,7 +158,7 @@ class Exchange:
     bytes_out: int = 0
     streaming: bool = False  # response headers sent: errors can only cut the connection
     error: str | None = None  # the error code of a 4xx/5xx answer, for the log line
-    access: str | None = None  # the bearer token's class ("rw", "ro"); None: no tokens configured
+    access: str | None = None  # the bearer token's class ("admin", "rw", "ro"); None: no tokens configured
 
 
 EXCHANGE = web.RequestKey("vblk_exchange", Exchange)

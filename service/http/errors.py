@@ -34,7 +34,7 @@ class ErrorCode(enum.Enum):
     BAD_OP = (
         "bad_op",
         400,
-        "PATCH op is missing or not one the route takes (a disk: zero, discard, flush, resize; "
+        "PATCH op is missing or not one the route takes (a disk: zero, discard, flush, resize, throttle; "
         "a bitmap: clear, enable, disable, merge)",
     )
     BAD_CONTENT_RANGE = (
@@ -49,6 +49,12 @@ class ErrorCode(enum.Enum):
     UNAUTHORIZED = ("unauthorized", 401, "no valid bearer token (tokens are configured)")
     READ_ONLY = ("read_only", 403, "the disk is read-only")
     READ_ONLY_TOKEN = ("read_only_token", 403, "the bearer token may only read")
+    ADMIN_REQUIRED = (
+        "admin_required",
+        403,
+        "a control-plane call (a disk added, removed, resized or throttled) needs an admin token; "
+        "without tokens, a client on this machine",
+    )
     NO_SUCH_DISK = ("no_such_disk", 404, "no disk has this name")
     NOT_FOUND = ("not_found", 404, "no such route")
     NO_DIRTY_TRACKING = ("no_dirty_tracking", 404, "extents context=dirty: the disk tracks no dirty blocks")

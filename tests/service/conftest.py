@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.app import Service
-from service.model import DiskSpec, ServiceConfig
+from service.model import DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.settings import NbdLimits
 
 MiB = 1 << 20
@@ -67,7 +67,10 @@ class NbdRig:
 
 @contextlib.asynccontextmanager
 async def serving(
-    *disks: DiskSpec, nbd_limits: NbdLimits | None = None, http_unix: bool = False
+    *disks: DiskSpec,
+    nbd_limits: NbdLimits | None = None,
+    http_unix: bool = False,
+    security: SecurityConfig | None = None,
 ) -> AsyncIterator[NbdRig]:
     """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too
     (on a free TCP port, and with ``http_unix`` on ``http.sock`` beside ``nbd.sock``)."""
@@ -79,6 +82,7 @@ async def serving(
         nbd_listen=(f"unix:{socket_path}", "127.0.0.1:0"),
         http_listen=("127.0.0.1:0", f"unix:{directory}/http.sock") if http_unix else ("127.0.0.1:0",),
         nbd_limits=nbd_limits or NbdLimits(),
+        security=security or SecurityConfig(),
     )
     service = Service(config)
     try:

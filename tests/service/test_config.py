@@ -145,3 +145,27 @@ async def test_a_disk_spec_can_name_a_fault_layer_and_the_api_shows_the_stack() 
             assert r.status == 500 and (await r.json())["error"] == "io_error"  # the planted fault
         async with http.get(f"{rig.base_url}/v1/disks/d", headers={"Range": "bytes=0-511"}) as r:
             assert r.status == 206 and await r.read() == bytes(512)  # healed after one
+
+
+def _specs(*texts: str) -> tuple[object, ...]:
+    return disks_of(resolve({"disk": [parse_disk(text) for text in texts]}, {}, {}))
+
+
+def test_disk_specs_take_qemus_throttle_keys() -> None:
+    [spec] = _specs("name=d,backend=memory,iops-total=500,bps-total=10M,iops-total-max=900,iops-size=4096")
+    assert dict(spec.throttle) == {  # type: ignore[attr-defined]
+        "iops-total": 500, "bps-total": 10 << 20, "iops-total-max": 900, "iops-size": 4096,
+    }  # fmt: skip
+    a, b = _specs("name=a,backend=memory,group=g,iops-read=50", "name=b,backend=memory,group=g")
+    assert a.throttle_group == b.throttle_group == "g"  # type: ignore[attr-defined]
+    for bad, message in (
+        ("name=d,iops-total=5,iops-read=5", "cannot be used at the same time"),
+        ("name=d,iops-size=512", "iops size requires"),
+        ("name=d,iops-total=lots", "iops-total=lots: a whole number"),
+        ("name=d,group=../x,iops-total=5", "group"),
+        ("name=d,backend=vhost-user:/tmp/s,iops-total=5", "back end"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _specs(bad)
+    with pytest.raises(ConfigError, match="throttle group g has other limits"):
+        _specs("name=a,backend=memory,group=g,iops-total=5", "name=b,backend=memory,group=g,iops-total=6")

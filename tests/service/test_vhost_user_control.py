@@ -30,6 +30,7 @@ from tests.service.test_startup import busy_port, one_error_line, one_usage_line
 MiB = 1 << 20
 RW_TOKEN = "rw-token-0123456789abcdef"
 RO_TOKEN = "ro-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 
 class Rig:
@@ -53,7 +54,7 @@ async def make_rig(*, tokens: bool = False, read_only: bool = False) -> AsyncIte
     tokens_file = None
     if tokens:
         tokens_file = directory / "tokens"
-        tokens_file.write_text(f"rw {RW_TOKEN}\nro {RO_TOKEN}\n")
+        tokens_file.write_text(f"rw {RW_TOKEN}\nro {RO_TOKEN}\nadmin {ADMIN_TOKEN}\n")
     node = MemoryNode(4 * MiB, read_only=read_only)
     blk = VhostUserBlk(node, BlkConfig(queue_size=128, serial="vblk-ctl", blk_size=4096))
     listener = ControlListener(
@@ -169,11 +170,13 @@ async def test_tokens_guard_the_control_surface() -> None:
         assert status == 403 and error["error"] == "read_only_token"
         assert (await rig.get("/v1/disks", token=RO_TOKEN))[0] == 200
         assert (await rig.get("/healthz"))[0] == 200  # a public path
+        status, error = await rig.patch({"op": "resize", "size": "8M"}, token=RW_TOKEN)
+        assert status == 403 and error["error"] == "admin_required"  # data access is not control
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-            status, answer = await rig.patch({"op": "resize", "size": "8M"}, token=RW_TOKEN)
+            status, answer = await rig.patch({"op": "resize", "size": "8M"}, token=ADMIN_TOKEN)
         assert status == 200 and answer["size"] == 8 * MiB
         [call] = [e for e in logs if e["event"] == "control_call"]
-        assert call["token"] == "rw" and RW_TOKEN not in str(call)
+        assert call["token"] == "admin" and ADMIN_TOKEN not in str(call)
 
 
 async def test_a_read_only_disk_is_not_resized() -> None:
