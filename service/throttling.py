@@ -23,6 +23,9 @@ from device.block.throttle import (
     ThrottleMember,
 )
 
+# The front ends refuse bad limits by this error without reaching into the device layer.
+__all__ = ["ThrottleError", "Throttled", "Throttling", "throttleable"]
+
 
 class Throttled(Protocol):
     """A device with a throttle gate (the in-process virtio-blk device)."""

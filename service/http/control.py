@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from device.block.throttle import ThrottleError
 from service.http.edge import observe, require_admin, who_asked
 from service.http.errors import ApiError, ErrorCode
 from service.http.params import shown
 from service.http.responses import json_response
-from service.throttling import Throttling, throttleable
+from service.throttling import ThrottleError, Throttling, throttleable
 from service.values import parse_size
 
 if TYPE_CHECKING:

@@ -318,11 +318,14 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(nbd_rig
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    async with aiohttp.ClientSession(nbd_rig.base_url) as http:  # a bitmap and a view to show
+    async with aiohttp.ClientSession(nbd_rig.base_url) as http:  # a bitmap, a view and limits to show
         async with http.post("/v1/disks/disk0/bitmaps", json={"name": "b0"}) as r:
             assert r.status == 201
         async with http.post("/v1/disks/disk0/views", json={"name": "v0"}) as r:
             assert r.status == 201
+        # limits to show, far above what the load reaches
+        async with http.patch("/v1/disks/disk0", json={"op": "throttle", "iops-total": 10**6}) as r:
+            assert r.status == 200
     stop = asyncio.Event()
     rest = asyncio.get_running_loop().create_task(workload(nbd_rig, stop))
     try:
