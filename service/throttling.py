@@ -17,7 +17,6 @@ from device.blk import VirtioBlkDevice
 from device.block.throttle import (
     DIRECTIONS,
     ThrottleError,
-    ThrottleGroup,
     ThrottleGroups,
     ThrottleLimits,
     ThrottleMember,
@@ -92,10 +91,6 @@ class Throttling:
         device.throttle = None
         member.close()
         self._registry().prune()
-
-    def group_of(self, disk: str) -> ThrottleGroup | None:
-        member = self.members.get(disk)
-        return member.group if member is not None else None
 
     def describe(self, disk: str) -> dict[str, Any] | None:
         """What ``GET /v1/disks/{name}`` shows under ``throttle``; None without a gate."""

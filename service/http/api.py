@@ -91,7 +91,7 @@ class RestApi:
 
     def __init__(self, service: ApiHost) -> None:
         self.service = service
-        self.control = ControlApi(lambda: service.disks, lambda: service.throttling)
+        self.control = ControlApi(lambda: service.throttling)
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ done or refused.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -52,8 +52,7 @@ def _limit_values(body: Mapping[str, object]) -> dict[str, object]:
 class ControlApi:
     """``PATCH /v1/disks/{name}`` op ``throttle``: the disk's I/O limits, live."""
 
-    def __init__(self, disks: Callable[[], Mapping[str, Disk]], throttling: Callable[[], Throttling]) -> None:
-        self._disks = disks
+    def __init__(self, throttling: Callable[[], Throttling]) -> None:
         self._throttling = throttling
 
     async def throttle(self, request: web.Request, disk: Disk, body: Mapping[str, object]) -> web.Response:
@@ -79,8 +78,4 @@ class ControlApi:
         log.info(
             "control_call", op="throttle", disk=name, group=answer["group"], limits=answer["limits"], **who
         )
-        return json_response(throttle_answer(answer))
-
-
-def throttle_answer(answer: Mapping[str, Any]) -> dict[str, Any]:
-    return {"op": "throttle", **answer}
+        return json_response({"op": "throttle", **answer})
