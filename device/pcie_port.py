@@ -9,6 +9,7 @@ as Linux's pciehp reads it. Command Completed is supported: every Slot Control w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Final
 
@@ -16,6 +17,8 @@ import structlog
 
 from device.pci import Bar, MsiSink, MsixBar, PciFunction
 from device.spec import pci
+from device.virtio import VirtioDevice
+from device.virtio_pci import VirtioPciFunction
 
 log = structlog.get_logger("vblk.device.pcie_port")
 
@@ -99,6 +102,7 @@ class PcieRootPort:
         self._on_change = on_change
         self._on_removed = on_removed
         self.card: PciFunction | None = None
+        self._reports: set[asyncio.Task[None]] = set()
         self._link_up = False
         self._asserted = False  # the hot-plug interrupt's level: a message goes on 0 -> 1
         self.interrupts_sent = 0
@@ -266,18 +270,47 @@ class PcieRootPort:
         if card is None:
             raise HotplugError(f"hot-plug slot {self.physical_slot} is empty")
         self._remove_card(card)
-        self._update_interrupt()
-        self._on_change()
-        self._on_removed(self, card)
         return card
 
     def _remove_card(self, card: PciFunction) -> None:
+        """The card leaves: unreachable at once (no configuration cycle, MMIO or MSI gets through),
+        its power gone. The change is reported (Presence Detect Changed, Data Link Layer State
+        Changed, the owner told) once the card can no longer touch memory: at once, or when a
+        virtio device's work in flight has ended, so the guest never frees a buffer that a
+        transfer still running would write."""
         self.card = None
         card.msi_sink = None
         card.power_off()
-        status = self.slot_status & ~pci.PCI_EXP_SLTSTA_PDS
-        self._set_reg(pci.PCI_EXP_SLTSTA, status | pci.PCI_EXP_SLTSTA_PDC)
-        self._update_link()
+        self._set_reg(pci.PCI_EXP_SLTSTA, self.slot_status & ~pci.PCI_EXP_SLTSTA_PDS)
+        link_was_up = self._link_up
+        self._link_up = False
+        lnksta = self._reg(pci.PCI_EXP_LNKSTA)
+        lnksta &= ~(pci.PCI_EXP_LNKSTA_DLLLA | pci.PCI_EXP_LNKSTA_CLS | pci.PCI_EXP_LNKSTA_NLW)
+        self._set_reg(pci.PCI_EXP_LNKSTA, lnksta)
+        self._on_change()
+        device = card.device if isinstance(card, VirtioPciFunction) else None
+        if device is None or not device.resetting:
+            self._report_removal(card, link_was_up)
+            return
+        log.info("pcie_slot_removal_waits_for_dma", slot=self.physical_slot)
+        task = asyncio.get_running_loop().create_task(self._report_when_idle(device, card, link_was_up))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_when_idle(self, device: VirtioDevice, card: PciFunction, link_was_up: bool) -> None:
+        await device.reset_done()
+        self._report_removal(card, link_was_up)
+
+    def _report_removal(self, card: PciFunction, link_was_up: bool) -> None:
+        events = pci.PCI_EXP_SLTSTA_PDC | (pci.PCI_EXP_SLTSTA_DLLSC if link_was_up else 0)
+        self._set_status(events)
+        self._update_interrupt()
+        self._on_removed(self, card)
+
+    @property
+    def removals_in_progress(self) -> int:
+        """Cards gone whose removal is not reported yet (their device still ending its work)."""
+        return len(self._reports)
 
     def _set_status(self, bits: int) -> None:
         self._set_reg(pci.PCI_EXP_SLTSTA, self.slot_status | bits)
@@ -312,8 +345,6 @@ class PcieRootPort:
             if not self.powered and card is not None:
                 log.info("pcie_slot_powered_off", slot=self.physical_slot)
                 self._remove_card(card)
-                self._on_change()
-                self._on_removed(self, card)
             else:
                 self._update_link()
                 self._on_change()

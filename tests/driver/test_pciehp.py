@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
+from device.block.faults import FaultLayer, FaultPlan
 from device.block.memory import MemoryNode
-from device.block.node import blocking_call
+from device.block.node import BlockNode, blocking_call
 from device.machine import ROOT_PORT_FIRST_DEVICE, HotplugError, Machine
 from device.memory import GuestMemory
 from device.virtio_pci import VirtioPciFunction
@@ -42,8 +43,10 @@ class HotplugRig:
     boot_disk: VirtioBlk
     cards: list[VirtioBlkDevice] = dataclasses.field(default_factory=list)
 
-    def card(self, config: BlkConfig | None = None) -> tuple[VirtioBlkDevice, VirtioPciFunction]:
-        device = VirtioBlkDevice(self.machine.memory, MemoryNode(MiB), config or BlkConfig())
+    def card(
+        self, config: BlkConfig | None = None, node: BlockNode | None = None
+    ) -> tuple[VirtioBlkDevice, VirtioPciFunction]:
+        device = VirtioBlkDevice(self.machine.memory, node or MemoryNode(MiB), config or BlkConfig())
         self.cards.append(device)
         return device, VirtioPciFunction(device)
 
@@ -156,6 +159,26 @@ async def test_surprise_removal_fails_the_requests_in_flight_and_nothing_else(hp
     await hp.boot_disk.write(3, b"\x22" * SECTOR)
     assert await hp.boot_disk.read(3, SECTOR) == b"\x22" * SECTOR
     assert hp.guest.hotplug.disks == {other_slot: other}
+
+
+async def test_a_pulled_card_is_reported_gone_only_once_its_transfers_have_ended(hp: HotplugRig) -> None:
+    plan = FaultPlan(delay=0.05)
+    device, fn = hp.card(BlkConfig(io_mode="thread"), FaultLayer(MemoryNode(MiB), plan))
+    slot = hp.machine.hotplug(fn)
+    disk = await hp.guest.hotplug.arrived(slot)
+    busy_when_reported: list[bool] = []
+    hp.machine.unplug_listeners.append(lambda _slot, _fn: busy_when_reported.append(device.busy))
+    reads = [asyncio.ensure_future(disk.read(i, SECTOR)) for i in range(4)]
+    while not device.busy:  # a worker thread is inside the slow read
+        await asyncio.sleep(0.001)
+    hp.machine.surprise_unplug(slot)
+    assert hp.machine.root_ports[slot - 1].removals_in_progress == 1
+    assert hp.machine.pci_config_read(0, 0, 0, 2, bus=slot) == 0xFFFF  # unreachable at once
+    await hp.guest.hotplug.removed(slot)
+    assert busy_when_reported == [False]
+    results = await asyncio.gather(*reads, return_exceptions=True)
+    assert all(isinstance(result, BlkResetError) for result in results), results
+    assert hp.machine.root_ports[slot - 1].removals_in_progress == 0
 
 
 async def test_a_request_waiting_for_the_button_completes_on_a_surprise_removal(hp: HotplugRig) -> None:
