@@ -24,6 +24,7 @@ from device.block.memory import MemoryNode
 from device.block.node import BlockNode, blocking_call
 from device.machine import ROOT_PORT_FIRST_DEVICE, HotplugError, Machine
 from device.memory import GuestMemory
+from device.pci import Bar, MsixBar
 from device.virtio_pci import VirtioPciFunction
 from driver.blk import BlkResetError, VirtioBlk
 from driver.guest import Guest
@@ -270,6 +271,38 @@ async def test_a_card_without_a_driver_is_refused_and_released(hp: HotplugRig) -
     await hp.guest.hotplug.settled(slot)
     assert released == [slot]
     assert hp.machine.hotplug_card(slot) is None
+
+
+async def test_a_card_too_big_for_the_window_is_refused_and_released(hp: HotplugRig) -> None:
+    _, fn = hp.card()
+    fn.add_bar(2, Bar(size=4 * MiB, region=MsixBar(fn)))  # the window is 2 MiB
+    slot = hp.machine.hotplug(fn)
+    with pytest.raises(PciehpError, match="window"):
+        await hp.guest.hotplug.arrived(slot)
+    await hp.guest.hotplug.settled(slot)
+    assert hp.machine.hotplug_card(slot) is None
+    assert hp.guest.hotplug.disks == {}
+
+
+async def test_ports_firmware_left_unusable_are_skipped_with_a_log_line() -> None:
+    machine = Machine(GuestMemory(16 * MiB), hotplug_ports=3)
+    second, third = ROOT_PORT_FIRST_DEVICE + 1, ROOT_PORT_FIRST_DEVICE + 2
+    machine.pci_config_write(second, 0, 0x22, 2, 0)  # memory limit below base: no window
+    machine.pci_config_write(third, 0, 0x19, 1, 0)  # no secondary bus: the driver numbers it
+    guest = Guest(machine, hotplug_timing=INSTANT)
+    device = VirtioBlkDevice(machine.memory, MemoryNode(MiB), BlkConfig())
+    try:
+        assert await guest.probe() == []
+        assert sorted(guest.hotplug.slots) == [1, 3]
+        # The next bus number no bridge claims (the skipped port still claims bus 2).
+        assert guest.hotplug.slots[3].bus == 3
+        assert machine.pci_config_read(third, 0, 0x19, 1) == 3
+        assert machine.hotplug(VirtioPciFunction(device)) == 1
+        disk = await guest.hotplug.arrived(1)
+        assert await disk.read(0, SECTOR) == bytes(SECTOR)
+    finally:
+        await guest.close()
+        device.close()
 
 
 async def test_guest_close_releases_the_hotplug_slots() -> None:
