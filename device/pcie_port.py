@@ -85,6 +85,10 @@ class PcieRootPort:
     ``upstream_msi`` receives the card's MSI writes the bridge forwards (bus mastering on);
     ``on_change`` is told when what the bridge forwards may have changed (decoding), and
     ``on_removed`` when a card leaves the slot (powered off by the guest, or pulled).
+
+    Not modelled: I/O and prefetchable windows (their registers read 0), Secondary Bus Reset
+    and Link Disable (the bits read back and do nothing), MRL sensor, power faults and the
+    electromechanical interlock (not advertised).
     """
 
     def __init__(

@@ -176,6 +176,8 @@ class Pciehp:
         slot = self._slot(number)
         if slot.disk is not None:
             return slot.disk
+        if self._closed:
+            raise PciehpError(f"slot {number}: driver closed")
         waiter: asyncio.Future[VirtioBlk] = asyncio.get_running_loop().create_future()
         slot.arrival_waiters.append(waiter)
         return await waiter
