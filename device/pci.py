@@ -1,7 +1,8 @@
-"""A PCI bus and type-0 functions: configuration space, BARs, capabilities and MSI-X.
+"""A PCI bus and PCI functions: configuration space, BARs, capabilities and MSI-X.
 
-Device layer, below the virtio-pci transport (:mod:`device.virtio_pci`). Configuration space
-honours read-only fields and BAR sizing; MSI-X table and PBA live in a memory BAR.
+Device layer, below the virtio-pci transport (:mod:`device.virtio_pci`) and the PCI Express
+root port (:mod:`device.pcie_port`). Configuration space honours read-only, writable and
+write-1-to-clear bits and BAR sizing; MSI-X table and PBA live in a memory BAR.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class PciFunction:
     ) -> None:
         self.config = bytearray(pci.PCI_CONFIG_SPACE_SIZE)
         self._wmask = bytearray(pci.PCI_CONFIG_SPACE_SIZE)  # 1 bits are driver-writable
+        self._w1cmask = bytearray(pci.PCI_CONFIG_SPACE_SIZE)  # 1 bits are cleared by writing 1
+        #: Called after every configuration write with (offset, size, value written): the
+        #: registers with side effects of a function that composes this one (a bridge's slot).
+        self.config_write_hook: Callable[[int, int, int], None] | None = None
         self.bars: dict[int, Bar] = {}
         self._bar_sizing: set[int] = set()
         self._cap_tail = 0  # offset of the last capability's "next" byte, 0 when none
@@ -88,6 +93,45 @@ class PciFunction:
 
     def _writable(self, offset: int, size: int, mask: int) -> None:
         self._wmask[offset : offset + size] = mask.to_bytes(size, "little")
+
+    def init_register(
+        self, offset: int, size: int, value: int, *, writable: int = 0, write1_to_clear: int = 0
+    ) -> None:
+        """Set a register's power-on value and which of its bits software may write or clear
+        (QEMU's wmask and w1cmask); bits in neither are read-only."""
+        self._put(offset, size, value)
+        self._writable(offset, size, writable)
+        self._w1cmask[offset : offset + size] = write1_to_clear.to_bytes(size, "little")
+
+    def get_register(self, offset: int, size: int) -> int:
+        """A register's current value, as the hardware sees it."""
+        return self._get(offset, size)
+
+    def put_register(self, offset: int, size: int, value: int) -> None:
+        """Hardware updates a register (a status bit it sets), whatever its write masks."""
+        self._put(offset, size, value)
+
+    def power_off(self) -> None:
+        """The function lost power (its slot was switched off, or the card pulled): every
+        register software set returns to its reset value; MSI-X is disabled and masked."""
+        self._put(pci.PCI_COMMAND, 2, 0)
+        self._put(pci.PCI_INTERRUPT_LINE, 1, 0)
+        for index, bar in self.bars.items():
+            reg = pci.PCI_BASE_ADDRESS_0 + 4 * index
+            self._put(reg, 4, pci.PCI_BASE_ADDRESS_MEM_TYPE_64 if bar.is_64bit else 0)
+            if bar.is_64bit:
+                self._put(reg + 4, 4, 0)
+            bar.address = 0
+        self._bar_sizing.clear()
+        if self._msix_cap:
+            self._put(self._msix_cap + pci.PCI_MSIX_FLAGS, 2, self._msix_control() & pci.PCI_MSIX_FLAGS_QSIZE)
+            self._msix_table[:] = bytes(len(self._msix_table))
+            for i in range(self.msix_entries):
+                self._msix_table[i * pci.PCI_MSIX_ENTRY_SIZE + pci.PCI_MSIX_ENTRY_VECTOR_CTRL] = (
+                    pci.PCI_MSIX_ENTRY_CTRL_MASKBIT
+                )
+            self.msix_reset()
+        self._msix_routes = None
 
     def add_bar(self, index: int, bar: Bar) -> None:
         if bar.size & (bar.size - 1) or bar.size < 16:
@@ -153,11 +197,15 @@ class PciFunction:
         for i in range(size):
             byte = (value >> (8 * i)) & 0xFF
             mask = self._wmask[offset + i]
-            self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+            cleared = byte & self._w1cmask[offset + i]
+            self.config[offset + i] = ((self.config[offset + i] & ~mask) | (byte & mask)) & ~cleared
         self._msix_routes = None
         self._update_bar_addresses()
         if self._msix_cap and self._msix_control() != old_msix:
             self._msix_deliver_pending()
+        hook = self.config_write_hook
+        if hook is not None:
+            hook(offset, size, value)
 
     def _update_bar_addresses(self) -> None:
         for index, bar in self.bars.items():
@@ -283,7 +331,7 @@ class MsixBar:
 
 
 class PciBus:
-    """Bus 0: up to 32 devices of up to 8 functions each."""
+    """One PCI bus (bus 0, or a bridge's secondary bus): up to 32 devices of up to 8 functions each."""
 
     def __init__(self) -> None:
         self.functions: dict[tuple[int, int], PciFunction] = {}

@@ -60,7 +60,7 @@ class InterruptController(Protocol):
 
 
 class Platform(Protocol):
-    """What a kernel has: PCI config access (bus 0), physical MMIO, RAM and an interrupt controller."""
+    """What a kernel has: PCI config access, physical MMIO, RAM and an interrupt controller."""
 
     @property
     def memory(self) -> GuestRam: ...
@@ -68,11 +68,17 @@ class Platform(Protocol):
     @property
     def interrupts(self) -> InterruptController: ...
 
-    def pci_config_read(self, device: int, function: int, offset: int, size: int) -> int:
-        """Read 1, 2 or 4 bytes of a function's configuration space (all ones if absent)."""
+    def pci_config_read(self, device: int, function: int, offset: int, size: int, bus: int = 0) -> int:
+        """Read 1, 2 or 4 bytes of a function's configuration space (all ones if absent).
+
+        ``bus`` 0 is the root bus; another number reaches the function through the bridge
+        whose secondary bus it is (a configuration cycle no bridge claims reads all ones).
+        """
         ...
 
-    def pci_config_write(self, device: int, function: int, offset: int, size: int, value: int) -> None: ...
+    def pci_config_write(
+        self, device: int, function: int, offset: int, size: int, value: int, bus: int = 0
+    ) -> None: ...
 
     def mmio_read(self, address: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes at a physical address inside a decoded BAR (all ones if none)."""

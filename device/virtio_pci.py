@@ -77,6 +77,17 @@ class VirtioPciFunction(PciFunction):
         if self.msix_config != VIRTIO_MSI_NO_VECTOR:
             self.msix_notify(self.msix_config)
 
+    def power_off(self) -> None:
+        """The card lost power: the virtio device resets (it starts no more work and drops the
+        answers of work in flight) and the transport's registers return to their reset values."""
+        super().power_off()
+        self.device.reset()
+        self.isr = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.msix_config = VIRTIO_MSI_NO_VECTOR
+        self.queue_select = 0
+
     # -- common configuration ---------------------------------------------------------------
 
     def _selected(self) -> DeviceVirtqueue | None:

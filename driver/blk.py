@@ -214,7 +214,7 @@ class VirtioBlk:
         self.transport = transport
         self.dma = dma
         self.name = transport.name
-        self.pci_address = (-1, -1)  # (device, function), once a guest binds it
+        self.pci_address = (-1, -1, -1)  # (bus, device, function), once a guest binds it
         self._features_mask = features_mask
         self._want_queue_size = queue_size
         self._want_queues = num_queues
@@ -231,7 +231,7 @@ class VirtioBlk:
         self._chunk = SECTOR
         self._next_queue = itertools.count()
         self._ready = asyncio.Event()  # for waiters; _is_ready mirrors it for the hot path
-        self._is_ready = False  # (both set by _set_ready only)
+        self._is_ready = False  # (both set by _set_ready; close() also wakes the waiters)
         self._recovering: asyncio.Task[None] | None = None
         self._closed = False
         self._requests: dict[str, dict[str, int]] = {}  # operation -> outcome -> count
@@ -484,8 +484,9 @@ class VirtioBlk:
         self._slots = []
         self._status_views = []
 
-    async def close(self) -> None:
-        """Reset the device and release every resource; in-flight requests fail."""
+    async def close(self, reason: str = "driver closed") -> None:
+        """Reset the device and release every resource; in-flight requests fail with a
+        BlkResetError that gives ``reason``."""
         if self._closed:
             return
         self._closed = True
@@ -493,9 +494,10 @@ class VirtioBlk:
             await asyncio.gather(self._recovering, return_exceptions=True)
         self._set_ready(False)
         try:
-            await self._teardown(BlkResetError(f"{self.name}: driver closed"))
+            await self._teardown(BlkResetError(f"{self.name}: {reason}"))
         finally:
             self.transport.close()
+            self._ready.set()  # submitters waiting for a reset to end wake up and see _closed
 
     # -- request submission ------------------------------------------------------------------
 

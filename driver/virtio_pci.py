@@ -44,7 +44,7 @@ class VirtioPciTransport:
     def __init__(self, platform: Platform, info: PciDeviceInfo) -> None:
         self.platform = platform
         self.info = info
-        self.cfg = PciConfig(platform, info.device, info.function)
+        self.cfg = PciConfig(platform, info.device, info.function, info.bus)
         windows: dict[int, _Window] = {}
         self.notify_off_multiplier = 0
         self._msix_cap = 0
@@ -116,6 +116,10 @@ class VirtioPciTransport:
         deadline = loop.time() + timeout
         delay = RESET_POLL_FIRST
         while self.status != 0:
+            if not pci_bus.present(self.platform, self.info):
+                # Surprise removal: the function is gone, and with it all it could touch.
+                log.info("virtio_pci_device_gone", device=self.info.name)
+                return
             if loop.time() > deadline:
                 raise TransportError(f"{self.info.name}: device did not complete reset in {timeout:g} s")
             await asyncio.sleep(delay)
