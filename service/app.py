@@ -15,6 +15,8 @@ import signal
 import socket
 import stat
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -22,22 +24,28 @@ from aiohttp import web
 from device.blk import BlkConfig, VirtioBlkDevice, plug_blk
 from device.block.node import BlockNode
 from device.block.sched import batch_thread
-from device.machine import Machine
+from device.block.throttle import LIMIT_KEYS
+from device.machine import HotplugError, Machine
 from device.memory import GuestMemory
+from device.virtio_pci import VirtioPciFunction
+from driver.blk import VirtioBlk
 from driver.guest import Guest
+from driver.pciehp import PciehpError
 from driver.transport import TransportError
 from service import systemd
 from service.addresses import join_host_port
 from service.blockio import ByteDisk, StackControl
+from service.config import ConfigError, disk_of_table
 from service.http.api import build_app
 from service.metrics import Metrics, allocator, compiled
-from service.model import Disk, DiskSpec, ServiceConfig, StartupError, describe_error
+from service.model import Disk, DiskError, DiskSpec, ServiceConfig, StartupError, describe_error
 from service.nbd.server import NbdServer
 from service.nbd.settings import NbdExport, NbdTls
 from service.security import SecurityConfigError, Tokens
 from service.snapshots import Snapshots
+from service.state import Limits, RuntimeState
 from service.storage import open_stack
-from service.throttling import Throttling
+from service.throttling import Throttled, Throttling
 from service.vhost_user_disk import (
     RemoteControl,
     RemoteDevice,
@@ -59,15 +67,18 @@ class Service:
         self.config = config
         self._wrap_stack = wrap_stack
         self.memory = GuestMemory(config.guest_memory)
-        self.machine = Machine(self.memory)
+        self.machine = Machine(self.memory, hotplug_ports=config.hotplug_slots)
         self.guest = Guest(self.machine)
         self.disks: dict[str, Disk] = {}
         self._devices: list[tuple[DiskSpec, VirtioBlkDevice]] = []
+        self.hotplugged: dict[str, int] = {}  # disks added at run time: their hot-plug slot
+        self._control = asyncio.Lock()  # one disk added or removed at a time
         self.nbd: NbdServer | None = None
         self.nbd_exports: dict[str, NbdExport] = {}  # the NBD server's, live: views come and go
         self.views = Views(self.machine, self.guest, self.disks, self.nbd_exports)
         self.snapshots = Snapshots()
         self.throttling = Throttling()
+        self.state = RuntimeState(config.state_dir)  # disks added and changed at run time, kept
         self.nbd_addresses: list[str] = []
         self.http: web.AppRunner | None = None
         self.http_addresses: list[str] = []
@@ -89,77 +100,370 @@ class Service:
         return nbd.connections, nbd.connections_total, nbd.refused_total, nbd.polls.hits, nbd.polls.misses
 
     async def start(self) -> None:
-        for spec in self.config.disks:
+        state = self.state
+        state.load()
+        state.forget_missing({spec.name: spec for spec in self.config.disks})
+        specs = [state.configured(spec) for spec in self.config.disks]
+        for spec in specs:
             if vhost_user_socket(spec.backend) is not None:
                 continue  # started below, after the local devices
-            try:
-                if spec.backend == "rbd":  # connecting to a cluster blocks (up to its timeout)
-                    node = await asyncio.to_thread(open_stack, spec)
-                else:
-                    node = open_stack(spec)
-            except (OSError, ValueError) as exc:  # BlockError included: a sentence already
-                message = f"disk {spec.name}: {describe_error(exc)}"
-                code = exc.errno if isinstance(exc, OSError) else None
-                raise StartupError("disk_open_failed", message, code) from exc
-            if spec.backend == "rbd" and self._restore_sched is None:
-                self._restore_sched = batch_thread()
-                if self._restore_sched is not None:
-                    log.info("event_loop_sched_batch", reason="rbd disk")
-            if self._wrap_stack is not None:
-                node = self._wrap_stack(spec, node)
-            blk_config = BlkConfig(
-                serial=spec.name[:20],
-                num_queues=spec.num_queues,
-                queue_size=spec.queue_size,
-                read_only=spec.read_only,
-                io_mode=spec.io_mode,
-            )
+            node = await self._open(spec)
+            blk_config = _blk_config(spec)
             self._devices.append((spec, plug_blk(self.machine, node, blk_config)))
         drivers = await self.guest.probe()
         for (spec, device), driver in zip(self._devices, drivers, strict=True):
-            driver.observer = self.metrics.virtio_observer(spec.name)
-            serial = await driver.get_id()
-            byte_disk = ByteDisk(spec.name, driver, StackControl(device.node, device))
-            self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
-            log.info(
-                "disk_ready",
-                disk=spec.name,
-                pci=driver.name,
-                serial=serial,
-                size=driver.size,
-                block_size=driver.block_size,
-                read_only=driver.read_only,
-                backend=spec.backend,
-                path=str(spec.path) if spec.backend == "file" else None,
-                format=spec.format if spec.backend == "file" else None,
-            )
+            await self._ready(spec, device, driver)
         for spec, device in self._devices:
-            if spec.throttle or spec.throttle_group:
-                member = self.throttling.attach(spec.name, device, dict(spec.throttle), spec.throttle_group)
-                log.info(
-                    "disk_throttled", disk=spec.name, group=member.group.name, **member.group.limits.keys()
-                )
-        for spec in self.config.disks:
+            self._throttle(spec, device)
+        for spec in specs:
             socket_path = vhost_user_socket(spec.backend)
             if socket_path is None:
                 continue
             try:
-                driver = await start_vhost_user_driver(
-                    socket_path,
-                    self.memory,
-                    self.guest.dma,
-                    num_queues=spec.num_queues,
-                    queue_size=spec.queue_size,
+                await self._ready_remote(spec, await self._connect(spec, socket_path))
+            except DiskError as exc:
+                raise StartupError("disk_open_failed", exc.message) from exc
+        for name, options in state.added():  # hot-plugged again, as they were added
+            kept = f"disk {name} (added at run time, kept in {state.path})"
+            try:
+                await self._add(disk_of_table(options, self.config.disk_template))
+            except (ConfigError, DiskError) as exc:
+                raise StartupError(
+                    "disk_open_failed",
+                    f"{kept}: {exc}; remove it from the state file, or restore its storage",
+                ) from exc
+            log.info("disk_restored", disk=name, path=str(state.path))
+
+    async def _open(self, spec: DiskSpec, *, threaded: bool = False) -> BlockNode:
+        """A local disk's block stack, as its spec says (with the layers ``wrap_stack`` adds);
+        ``threaded``: opened off the event loop, which goes on serving the other disks."""
+        try:
+            if spec.backend == "rbd" or threaded:  # connecting to a cluster blocks (up to its timeout)
+                node = await asyncio.to_thread(open_stack, spec)
+            else:
+                node = open_stack(spec)
+        except (OSError, ValueError) as exc:  # BlockError included: a sentence already
+            message = f"disk {spec.name}: {describe_error(exc)}"
+            code = exc.errno if isinstance(exc, OSError) else None
+            raise StartupError("disk_open_failed", message, code) from exc
+        if spec.backend == "rbd" and self._restore_sched is None:
+            self._restore_sched = batch_thread()
+            if self._restore_sched is not None:
+                log.info("event_loop_sched_batch", reason="rbd disk")
+        if self._wrap_stack is not None:
+            node = self._wrap_stack(spec, node)
+        return node
+
+    async def _ready(self, spec: DiskSpec, device: VirtioBlkDevice, driver: VirtioBlk) -> Disk:
+        """A local disk's driver bound: the disk the front ends serve."""
+        driver.observer = self.metrics.virtio_observer(spec.name)
+        serial = await driver.get_id()
+        byte_disk = ByteDisk(spec.name, driver, StackControl(device.node, device))
+        disk = self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
+        log.info(
+            "disk_ready",
+            disk=spec.name,
+            pci=driver.name,
+            serial=serial,
+            size=driver.size,
+            block_size=driver.block_size,
+            read_only=driver.read_only,
+            backend=spec.backend,
+            path=str(spec.path) if spec.backend == "file" else None,
+            format=spec.format if spec.backend == "file" else None,
+        )
+        return disk
+
+    def _throttle(self, spec: DiskSpec, device: VirtioBlkDevice) -> None:
+        if spec.throttle or spec.throttle_group:
+            member = self.throttling.attach(spec.name, device, dict(spec.throttle), spec.throttle_group)
+            log.info("disk_throttled", disk=spec.name, group=member.group.name, **member.group.limits.keys())
+
+    async def _connect(self, spec: DiskSpec, socket_path: Path) -> VirtioBlk:
+        try:
+            return await start_vhost_user_driver(
+                socket_path,
+                self.memory,
+                self.guest.dma,
+                num_queues=spec.num_queues,
+                queue_size=spec.queue_size,
+            )
+        except (OSError, TransportError) as exc:  # the back end is not there, or says no
+            message = f"disk {spec.name}: vhost-user back end at {socket_path}: {describe_error(exc)}"
+            raise DiskError("disk_open_failed", message) from exc
+
+    async def _ready_remote(self, spec: DiskSpec, driver: VirtioBlk) -> Disk:
+        self.guest.disks.append(driver)  # closed with the guest's own
+        driver.observer = self.metrics.virtio_observer(spec.name)
+        serial = await driver.get_id()
+        byte_disk = ByteDisk(spec.name, driver, RemoteControl(driver))
+        disk = self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
+        log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
+        return disk
+
+    def _export(self, disk: Disk) -> None:
+        if self.nbd is not None:
+            self.nbd_exports[disk.spec.name] = NbdExport(disk.bytes, f"vblk virtio-blk disk {disk.spec.name}")
+
+    # -- disks at run time ------------------------------------------------------------------------
+
+    async def add_disk(self, spec: DiskSpec, options: dict[str, object] | None = None) -> Disk:
+        """Open ``spec``'s storage, hot-plug a virtio-blk function for it into a free PCIe slot
+        (the guest's pciehp binds the driver, probing it as at boot), and serve it on every
+        front end. :class:`DiskError` says why not; nothing is left behind then. ``options``
+        (the keys ``spec`` was made of) are kept in the state file, to add it again at start."""
+        async with self._control:
+            if self.stopping:
+                raise DiskError("unavailable", "vblk is stopping")
+            disk = await self._add(spec)
+            kept = dict(options if options is not None else {"name": spec.name})
+            if spec.backend == "file":  # the state outlives the working directory
+                kept.pop("image", None)
+                kept["image"] = str(spec.path.absolute())
+            self.state.entry(spec.name).added = kept
+            await self.state.save()
+            return disk
+
+    async def _add(self, spec: DiskSpec) -> Disk:
+        if spec.name in self.disks:
+            raise DiskError("disk_exists", f"a disk or view is already named {spec.name}")
+        self._check_group(spec)
+        socket_path = vhost_user_socket(spec.backend)
+        if socket_path is not None:
+            disk = await self._ready_remote(spec, await self._connect(spec, socket_path))
+        else:
+            disk = await self._hotplug(spec)
+        self._export(disk)
+        return disk
+
+    def _check_group(self, spec: DiskSpec) -> None:
+        group = spec.throttle_group or spec.name
+        current = self.throttling.group_limits(group)
+        if spec.throttle and current and current != dict(spec.throttle):
+            raise DiskError(
+                "disk_refused",
+                f"throttle group {group} has other limits ({current}): leave the limits out to join it, "
+                "or change the group's with PATCH op throttle",
+            )
+
+    async def _hotplug(self, spec: DiskSpec) -> Disk:
+        try:
+            node = await self._open(spec, threaded=True)
+        except StartupError as exc:
+            raise DiskError("disk_open_failed", exc.message) from exc
+        device = VirtioBlkDevice(self.memory, node, _blk_config(spec))
+        try:
+            slot = self.machine.hotplug(VirtioPciFunction(device))
+        except HotplugError as exc:
+            device.close()
+            node.close()
+            raise DiskError(
+                "disk_refused", f"{exc} (vblk has {self.config.hotplug_slots}: --hotplug-slots)"
+            ) from exc
+        try:
+            driver = await asyncio.wait_for(self.guest.hotplug.arrived(slot), HOTPLUG_TIMEOUT)
+        except (PciehpError, TimeoutError) as exc:
+            if self.machine.hotplug_card(slot) is not None:
+                self.machine.surprise_unplug(slot)
+            with contextlib.suppress(PciehpError, TimeoutError):
+                await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
+            device.close()
+            node.close()
+            reason = str(exc) or "the guest did not bind it in time"
+            raise DiskError("disk_open_failed", f"disk {spec.name}: hot-plug failed: {reason}") from exc
+        self._devices.append((spec, device))
+        self.hotplugged[spec.name] = slot
+        disk = await self._ready(spec, device, driver)
+        self._throttle(spec, device)
+        log.info("disk_hotplugged", disk=spec.name, slot=slot, pci=driver.name)
+        return disk
+
+    async def remove_disk(self, name: str) -> dict[str, object]:
+        """Stop new requests to disk ``name``, let those in flight finish (``drain_timeout``),
+        flush, end its NBD connections (ESHUTDOWN), unplug its function and release everything
+        it held; other disks go on untouched. What happened, for the answer."""
+        async with self._control:
+            disk = self.disks.get(name)
+            if disk is None:
+                raise DiskError("no_such_disk", f"no disk is named {name}: GET /v1/disks lists them")
+            if name in self.views.views:
+                raise DiskError("disk_refused", f"{name} is a view: DELETE its view route stops it")
+            if self.views.of(name):
+                views = ", ".join(v.name for v in self.views.of(name))
+                raise DiskError("disk_refused", f"disk {name} has views ({views}): stop them first")
+            remote = not isinstance(disk.device, VirtioBlkDevice)
+            slot = self.hotplugged.get(name)
+            if slot is None and not remote:
+                raise DiskError(
+                    "disk_refused",
+                    f"disk {name} was configured at start: it sits on PCI bus 0, which has no hot-plug "
+                    "slots (QEMU's pcie.0 neither); take it out of the configuration and restart",
                 )
-            except (OSError, TransportError) as exc:  # the back end is not there, or says no
-                message = f"disk {spec.name}: vhost-user back end at {socket_path}: {describe_error(exc)}"
-                raise StartupError("disk_open_failed", message) from exc
-            self.guest.disks.append(driver)  # closed with the guest's own
-            driver.observer = self.metrics.virtio_observer(spec.name)
-            serial = await driver.get_id()
-            byte_disk = ByteDisk(spec.name, driver, RemoteControl(driver))
-            self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
-            log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
+            async with disk.bytes.control_lock:
+                if name in self.snapshots.committing:
+                    raise DiskError("disk_refused", f"disk {name} is committing its overlay: wait for it")
+                outcome = await self._remove(disk, slot)
+            self.state.disks.pop(name, None)
+            await self.state.save()
+            return outcome
+
+    async def _remove(self, disk: Disk, slot: int | None) -> dict[str, object]:
+        name = disk.spec.name
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        # No new request reaches it: it leaves the tables every front end looks it up in.
+        self.nbd_exports.pop(name, None)
+        del self.disks[name]
+        if isinstance(disk.device, VirtioBlkDevice):
+            self.throttling.detach(name, disk.device)  # requests held at its gate go on now
+        connections = 0
+        if self.nbd is not None:
+            connections = await self.nbd.close_export(name, max(0.0, deadline - loop.time()))
+        driver = disk.driver
+        while driver.statistics().requests_inflight and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        abandoned = driver.statistics().requests_inflight
+        flushed = False
+        if not driver.read_only and driver.ready:
+            try:
+                await asyncio.wait_for(driver.flush(), max(0.05, deadline - loop.time()))
+                flushed = True
+            except (OSError, TimeoutError) as exc:
+                log.warning("disk_remove_flush_failed", disk=name, error=str(exc) or type(exc).__name__)
+        surprise = False
+        if slot is None:
+            await self.guest.unbind(driver)
+        else:
+            surprise = not await self._unplug(slot)
+            self.hotplugged.pop(name, None)
+            for index, (spec, device) in enumerate(self._devices):
+                if spec.name == name:
+                    del self._devices[index]
+                    device.close()
+                    device.node.close()
+                    break
+        self.metrics.forget(name)
+        self.snapshots.tops.pop(name, None)
+        outcome: dict[str, object] = {
+            "name": name,
+            "nbd_connections_closed": connections,
+            "requests_abandoned": abandoned,
+            "flushed": flushed,
+            "surprise_removal": surprise,
+        }
+        log.info("disk_removed", disk=name, slot=slot, **outcome)
+        return outcome
+
+    async def resize_disk(self, name: str, size: int, *, shrink: bool = False) -> dict[str, object]:
+        """Grow (or with ``shrink``, shrink) disk ``name``'s storage to ``size`` bytes between two
+        requests, and raise the device's configuration-change interrupt; returns once the driver
+        has reread the capacity. NBD clients connected before keep the size they were told."""
+        disk = self.disks.get(name)
+        if disk is None:
+            raise DiskError("no_such_disk", f"no disk is named {name}: GET /v1/disks lists them")
+        device = disk.device
+        if not isinstance(device, VirtioBlkDevice):
+            raise DiskError(
+                "unsupported", f"disk {name} is a vhost-user back end's: resize it there (its PATCH route)"
+            )
+        if name in self.views.views:
+            raise DiskError("disk_refused", f"{name} is a view: it keeps the size its disk had")
+        async with disk.bytes.control_lock:
+            if self.views.of(name):
+                views = ", ".join(v.name for v in self.views.of(name))
+                raise DiskError("disk_refused", f"disk {name} has views ({views}): stop them first")
+            if name in self.snapshots.committing:
+                raise DiskError("disk_refused", f"disk {name} is committing its overlay: wait for it")
+            driver = disk.driver
+            old = driver.size
+            if driver.read_only:
+                raise DiskError("read_only", f"disk {name} is read-only: it cannot be resized")
+            if size < old and not shrink:
+                raise DiskError(
+                    "resize_refused",
+                    f"{size} bytes is smaller than the disk ({old} bytes): a shrink loses what lies "
+                    'past the new end, so it needs "shrink": true',
+                )
+            if size != old:
+                seen = asyncio.get_running_loop().create_future()
+
+                def reread(capacity: int) -> None:
+                    if not seen.done():
+                        seen.set_result(capacity)
+
+                driver.capacity_listeners.append(reread)
+                try:
+                    await device.quiesce()
+                    try:
+                        device.resize(size)
+                    except (OSError, ValueError) as exc:
+                        raise DiskError("resize_failed", f"disk {name}: {describe_error(exc)}") from exc
+                    finally:
+                        device.resume()
+                    try:
+                        await asyncio.wait_for(seen, HOTPLUG_TIMEOUT)
+                    except TimeoutError:
+                        log.warning("disk_resize_unseen", disk=name, size=size, timeout=HOTPLUG_TIMEOUT)
+                finally:
+                    driver.capacity_listeners.remove(reread)
+            log.info("disk_resized", disk=name, old_size=old, size=driver.size)
+            entry = self.state.entry(name)
+            if entry.added is not None:
+                entry.added["size"] = size
+            else:
+                if entry.size is None:
+                    entry.base_size = self._configured(name).size
+                entry.size = size
+            await self.state.save()
+            return {"old_size": old, "size": driver.size}
+
+    def _configured(self, name: str) -> DiskSpec:
+        return next(spec for spec in self.config.disks if spec.name == name)
+
+    async def throttle_disk(self, name: str, device: Throttled, changes: dict[str, object]) -> dict[str, Any]:
+        """PATCH op ``throttle``: the limits of disk ``name``'s group changed (or the disk moved
+        to another group), in force at once and kept for every member of the group.
+        :class:`~service.throttling.ThrottleError` if the changes are not limits QEMU takes."""
+        answer = self.throttling.change(name, device, changes)
+        for member in {name, *answer.get("members", ())}:
+            self._keep_limits(member, self.throttling.spec_of(member))
+        await self.state.save()
+        return answer
+
+    def _keep_limits(self, name: str, limits: tuple[Limits, str]) -> None:
+        entry = self.state.entry(name)
+        if entry.added is not None:
+            options = entry.added
+            for key in list(options):
+                if key.replace("_", "-") in LIMIT_KEYS or key == "group":
+                    del options[key]
+            keys, group = limits
+            options.update(keys)
+            if group:
+                options["group"] = group
+            return
+        if entry.limits is None:
+            spec = self._configured(name)
+            entry.base_limits = (spec.throttle, spec.throttle_group)
+        entry.limits = limits
+
+    async def _unplug(self, slot: int) -> bool:
+        """The attention button pressed and the guest's release awaited (it unbinds the driver
+        and powers the slot off); True, or False when it did not answer in time and the card
+        was pulled unannounced."""
+        released = self.machine.request_unplug(slot)
+        try:
+            await asyncio.wait_for(asyncio.shield(released), HOTPLUG_TIMEOUT)
+            await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
+            return True
+        except TimeoutError:
+            released.cancel()
+            if self.machine.hotplug_card(slot) is not None:
+                self.machine.surprise_unplug(slot)
+            with contextlib.suppress(PciehpError, TimeoutError):
+                await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
+            log.warning("disk_unplug_forced", slot=slot, timeout=HOTPLUG_TIMEOUT)
+            return False
 
     async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         """Open the listeners; sockets ``inherited`` from systemd replace their front end's own."""
@@ -168,10 +472,8 @@ class Service:
         http_listen = () if "http" in inherited else self.config.http_listen
         if nbd_listen or "nbd" in inherited:
             exports = self.nbd_exports
-            exports.update(
-                (name, NbdExport(disk.bytes, f"vblk virtio-blk disk {name}"))
-                for name, disk in self.disks.items()
-            )
+            for disk in self.disks.values():
+                exports[disk.spec.name] = NbdExport(disk.bytes, f"vblk virtio-blk disk {disk.spec.name}")
             metrics = self.metrics
             self.nbd = NbdServer(
                 exports,
@@ -286,6 +588,19 @@ class Service:
             self._restore_sched()
             self._restore_sched = None
         log.info("stopped")
+
+
+HOTPLUG_TIMEOUT = 5.0  # seconds the guest has to bind a hot-plugged card, or to release one
+
+
+def _blk_config(spec: DiskSpec) -> BlkConfig:
+    return BlkConfig(
+        serial=spec.name[:20],
+        num_queues=spec.num_queues,
+        queue_size=spec.queue_size,
+        read_only=spec.read_only,
+        io_mode=spec.io_mode,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ from device.block.faults import FaultPlan
 from device.block.locks import lock_mode
 from device.block.rbd import CACHE_MODES
 from device.block.throttle import LIMIT_KEYS, ThrottleError, ThrottleLimits
+from device.machine import MAX_ROOT_PORTS
 from service.model import CephOptions, DiskSpec, SecurityConfig, ServiceConfig
 from service.nbd.settings import NbdLimits
 from service.security import SecurityConfigError, Tokens
@@ -169,6 +170,16 @@ SETTINGS: tuple[Setting, ...] = (
         "http-listen", ["127.0.0.1:8080"], _listen_list, "HTTP listener(s); 'none' for none", "HOST:PORT"
     ),
     Setting("http-socket", None, str, "also serve HTTP on this unix socket", "PATH"),
+    Setting(
+        "hotplug-slots", 8, _int, "PCIe hot-plug slots for disks added at run time (POST /v1/disks)", "N"
+    ),
+    Setting(
+        "state-dir",
+        None,
+        str,
+        "keep disks added, resized or throttled at run time in DIR/vblk-state.json (restored at start)",
+        "DIR",
+    ),
     Setting("guest-memory", 256 << 20, parse_size, "guest RAM holding the rings and DMA buffers", "SIZE"),
     Setting("drain-timeout", 10.0, float, "seconds to finish in-flight requests on SIGTERM", "SECONDS"),
     Setting("max-connections", 4096, _int, "NBD connections at once; more are closed at once", "N"),
@@ -347,82 +358,115 @@ _DISK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 
 
-def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
-    given = values.get(GIVEN, set())
-    defaults: dict[str, Any] = {
-        "backend": values["backend"],
-        "size": values["size"],
-        "size_explicit": "size" in given,
-        "grow": values["grow"],
-        "read_only": values["read-only"],
-        "num_queues": values["queues"],
-        "queue_size": values["queue-size"],
-        "io_mode": values["io-mode"],
-        "ceph": CephOptions(
+def disk_defaults(values: Mapping[str, Any]) -> DiskSpec:
+    """What a disk that does not say otherwise gets (the service-wide flags): a template."""
+    return DiskSpec(
+        backend=values["backend"],
+        size=values["size"],
+        size_explicit="size" in values.get(GIVEN, set()),
+        grow=values["grow"],
+        read_only=values["read-only"],
+        num_queues=values["queues"],
+        queue_size=values["queue-size"],
+        io_mode=values["io-mode"],
+        ceph=CephOptions(
             conf=values["ceph-conf"],
             client_id=values["ceph-id"],
             keyring=values["ceph-keyring"],
             timeout=values["ceph-timeout"],
             take_over=values["take-over"],
         ),
-    }
-    specs: list[dict[str, Any]] = []
+    )
+
+
+_TEMPLATE_FIELDS = (
+    "backend",
+    "size",
+    "size_explicit",
+    "grow",
+    "read_only",
+    "num_queues",
+    "queue_size",
+    "io_mode",
+    "ceph",
+)
+
+
+def disks_of(values: Mapping[str, Any]) -> tuple[DiskSpec, ...]:
+    template = disk_defaults(values)
     if not values["disk"]:
-        specs.append({"name": values["name"], "path": Path(values["image"]), **defaults})
-    for options in values["disk"]:
-        name = options["name"]
-        spec = dict(defaults, name=name, path=Path(options.get("image", f"{name}.img")))
-        try:
-            for key, (field, parse) in _DISK_KEYS.items():
-                if key in options:
-                    spec[field] = parse(options[key])
-            if "size" in options:
-                spec["size_explicit"] = True
-            if "cache" in options:
-                if options["cache"] not in CACHE_MODES:
-                    raise ValueError(
-                        f"cache must be one of {', '.join(CACHE_MODES)}, not {options['cache']!r}"
-                    )
-                spec["cache"] = options["cache"]
-            if "fault" in options:
-                FaultPlan.parse(options["fault"])  # refused now, not at start-up
-                spec["fault"] = options["fault"]
-            _throttle_of(options, spec)
-            if spec.get("format", "raw") == "qcow2":
-                _check_qcow2(spec)
-            elif "l2-cache-size" in options or "snapshot" in options:
-                key = "l2-cache-size" if "l2-cache-size" in options else "snapshot"
-                raise ValueError(f"{key} is a qcow2 disk's option (format=qcow2)")
-            if spec["backend"] == "rbd":
-                spec["rbd_image"] = options.get("image", name)
-            elif "cache" in options:
-                raise ValueError("cache= is an rbd disk's option (librbd's cache)")
-        except ValueError as exc:
-            raise ConfigError(f"disk {name}: {exc}") from exc
-        specs.append(spec)
-    disks = []
-    for spec in specs:
-        name = spec["name"]
-        if not DISK_NAME.fullmatch(name):
-            raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
-        check_size(f"disk {name}", spec["size"])
-        if spec["backend"] == "rbd":
-            if not spec.get("rbd_image"):
-                spec["rbd_image"] = name
-            if not spec.get("pool", "rbd") or "/" in spec.get("pool", "rbd") or "/" in spec["rbd_image"]:
-                raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
-            timeout = spec["ceph"].timeout
-            if not (1 <= timeout <= 86400 and float(timeout).is_integer()):  # nan, inf: refused
-                raise ConfigError(f"ceph-timeout must be a whole number of seconds, 1..86400: {timeout:g}")
-        check_queues(f"disk {name}", spec["num_queues"], spec["queue_size"])
-        if spec.get("force_share"):
-            check_force_share(f"disk {name}", spec["backend"], spec["read_only"])
-        disks.append(DiskSpec(**spec))
+        disks = [_checked(dataclasses.replace(template, name=values["name"], path=Path(values["image"])))]
+    else:
+        disks = [disk_spec(options, template) for options in values["disk"]]
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
         raise ConfigError(f"disk names must be unique: {names}")
     _check_groups(disks)
     return tuple(disks)
+
+
+def disk_of_table(table: Mapping[str, Any], template: DiskSpec) -> DiskSpec:
+    """A disk from a table of its options (a config file's ``[[disk]]``, a JSON object): values
+    as ``--disk`` writes them, or as numbers and booleans. :class:`ConfigError` if it is not one."""
+    try:
+        options = _disk_table(table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return disk_spec(options, template)
+
+
+def disk_spec(options: Mapping[str, str], template: DiskSpec) -> DiskSpec:
+    """One ``--disk``'s options over ``template`` (:func:`disk_defaults`), checked."""
+    name = options["name"]
+    defaults = {field: getattr(template, field) for field in _TEMPLATE_FIELDS}
+    spec: dict[str, Any] = dict(defaults, name=name, path=Path(options.get("image", f"{name}.img")))
+    try:
+        for key, (field, parse) in _DISK_KEYS.items():
+            if key in options:
+                spec[field] = parse(options[key])
+        if "size" in options:
+            spec["size_explicit"] = True
+        if "cache" in options:
+            if options["cache"] not in CACHE_MODES:
+                raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {options['cache']!r}")
+            spec["cache"] = options["cache"]
+        if "fault" in options:
+            FaultPlan.parse(options["fault"])  # refused now, not at start-up
+            spec["fault"] = options["fault"]
+        _throttle_of(options, spec)
+        if spec.get("format", "raw") == "qcow2":
+            _check_qcow2(spec)
+        elif "l2-cache-size" in options or "snapshot" in options:
+            key = "l2-cache-size" if "l2-cache-size" in options else "snapshot"
+            raise ValueError(f"{key} is a qcow2 disk's option (format=qcow2)")
+        if spec["backend"] == "rbd":
+            spec["rbd_image"] = options.get("image", name)
+        elif "cache" in options:
+            raise ValueError("cache= is an rbd disk's option (librbd's cache)")
+    except ValueError as exc:
+        raise ConfigError(f"disk {name}: {exc}") from exc
+    return _checked(DiskSpec(**spec))
+
+
+def _checked(disk: DiskSpec) -> DiskSpec:
+    """A disk's name, size, queues and sharing checked."""
+    name = disk.name
+    if not DISK_NAME.fullmatch(name):
+        raise ConfigError(f"disk name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
+    check_size(f"disk {name}", disk.size)
+    if disk.backend == "rbd":
+        rbd_image = disk.rbd_image or name
+        if not disk.pool or "/" in disk.pool or "/" in rbd_image:
+            raise ConfigError(f"disk {name}: rbd pool and image are names without '/'")
+        timeout = disk.ceph.timeout
+        if not (1 <= timeout <= 86400 and float(timeout).is_integer()):  # nan, inf: refused
+            raise ConfigError(f"ceph-timeout must be a whole number of seconds, 1..86400: {timeout:g}")
+        if rbd_image != disk.rbd_image:
+            disk = dataclasses.replace(disk, rbd_image=rbd_image)
+    check_queues(f"disk {name}", disk.num_queues, disk.queue_size)
+    if disk.force_share:
+        check_force_share(f"disk {name}", disk.backend, disk.read_only)
+    return disk
 
 
 def _throttle_of(options: Mapping[str, str], spec: dict[str, Any]) -> None:
@@ -483,6 +527,8 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
     for key in ("max-connections", "max-inflight"):
         if values[key] < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if not 0 <= values["hotplug-slots"] <= MAX_ROOT_PORTS:
+        raise ConfigError(f"hotplug-slots must be in 0..{MAX_ROOT_PORTS}")
     for key in ("negotiation-timeout", "send-timeout"):
         if values[key] <= 0:
             raise ConfigError(f"{key} must be positive")
@@ -512,6 +558,9 @@ def service_config(values: Mapping[str, Any]) -> ServiceConfig:
     return ServiceConfig(
         security=security,
         disks=disks_of(values),
+        disk_template=disk_defaults(values),
+        hotplug_slots=values["hotplug-slots"],
+        state_dir=Path(values["state-dir"]) if values["state-dir"] else None,
         guest_memory=values["guest-memory"],
         nbd_listen=tuple(nbd),
         http_listen=tuple(http),

@@ -337,6 +337,13 @@ class Metrics:
         """The driver's per-request hook for ``disk``."""
         return VirtioObserver(disk, self.virtio_latency)
 
+    def forget(self, disk: str) -> None:
+        """``disk`` is gone: its latency series go with it (the others are read off the disks)."""
+        for key in [key for key in self.virtio_latency if key[0] == disk]:
+            del self.virtio_latency[key]
+        for key3 in [key3 for key3 in self.frontend_latency if key3[0] == disk]:
+            del self.frontend_latency[key3]
+
     def frontend_observer(self, frontend: str) -> FrontendObserver:
         """A front end's per-request hook: its ``observe(disk, operation, seconds)``."""
         observer = self._frontends.get(frontend)

@@ -110,6 +110,9 @@ class SecurityConfig:
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServiceConfig:
     disks: tuple[DiskSpec, ...] = (DiskSpec(),)
+    disk_template: DiskSpec = DiskSpec()  # what a disk added at run time gets unless it says otherwise
+    hotplug_slots: int = 8  # PCIe root ports with a hot-plug slot each, for disks added at run time
+    state_dir: Path | None = None  # where run-time changes are kept (service.state); None: not kept
     guest_memory: int = 256 * MiB
     nbd_listen: tuple[str, ...] = ("127.0.0.1:10809",)  # host:port, or unix:PATH; empty: no NBD
     # host:port, or unix:PATH; empty: no HTTP (the CLI's default is 127.0.0.1:8080, see service.config)
@@ -128,3 +131,14 @@ class Disk:
     driver: VirtioBlk
     serial: str
     bytes: ByteDisk
+
+
+class DiskError(Exception):
+    """A disk cannot be added, removed or resized as asked: a kind (the REST error code:
+    ``disk_exists``, ``no_such_disk``, ``disk_refused``, ``disk_open_failed``, ``resize_refused``,
+    ``resize_failed``, ``read_only``, ``unsupported``, ``unavailable``) and a sentence."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

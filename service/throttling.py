@@ -109,6 +109,13 @@ class Throttling:
             },
         }
 
+    def group_limits(self, group: str) -> dict[str, int]:
+        """The limits group ``group`` has now ({} for none, or no such group)."""
+        for member in self.members.values():
+            if member.group.name == group:
+                return dict(member.group.limits.keys())
+        return {}
+
     def spec_of(self, disk: str) -> tuple[tuple[tuple[str, int], ...], str]:
         """The disk's limits and group as ``--disk`` writes them (for the state kept across restarts)."""
         member = self.members.get(disk)

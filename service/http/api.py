@@ -45,9 +45,9 @@ from service.http.ui import RingsView
 from service.rings import disk_snapshot
 
 if TYPE_CHECKING:
-    from service.model import Disk
+    from service.model import Disk, DiskSpec
     from service.snapshots import Snapshots
-    from service.throttling import Throttling
+    from service.throttling import Throttled, Throttling
     from service.views import Views
 
 __all__ = ["MAX_JSON", "MAX_SECTORS", "ApiError", "ApiHost", "RestApi", "build_app", "routes"]
@@ -75,6 +75,16 @@ class ApiHost(EdgeHost, Protocol):
     @property
     def throttling(self) -> Throttling: ...
 
+    def add_disk(self, spec: DiskSpec, options: dict[str, object] | None = None) -> Awaitable[Disk]: ...
+
+    def remove_disk(self, name: str) -> Awaitable[dict[str, object]]: ...
+
+    def resize_disk(self, name: str, size: int, *, shrink: bool = False) -> Awaitable[dict[str, object]]: ...
+
+    def throttle_disk(
+        self, name: str, device: Throttled, changes: dict[str, object]
+    ) -> Awaitable[dict[str, Any]]: ...
+
 
 log = structlog.get_logger("vblk.http")
 
@@ -91,7 +101,7 @@ class RestApi:
 
     def __init__(self, service: ApiHost) -> None:
         self.service = service
-        self.control = ControlApi(lambda: service.throttling)
+        self.control = ControlApi(lambda: service, self.describe)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -143,6 +153,19 @@ class RestApi:
     @takes_query()
     async def list_disks(self, request: web.Request) -> web.Response:
         return json_response([self.describe(name) for name in self.service.disks])
+
+    @takes_query()
+    async def add_disk(self, request: web.Request) -> web.Response:
+        """``POST /v1/disks``: a disk added at run time, hot-plugged (:mod:`service.http.control`)."""
+        return await self.control.add_disk(request, await read_json_body(request))
+
+    @takes_query()
+    async def remove_disk(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/disks/{name}``: the disk drained, flushed, unplugged and forgotten."""
+        name = request.match_info["name"]
+        if name not in self.service.disks:
+            raise no_such_disk(name)
+        return await self.control.remove_disk(request, name)
 
     @takes_query()
     async def disk_info(self, request: web.Request) -> web.Response:
@@ -315,6 +338,8 @@ class RestApi:
         body = parse_json_object(raw)
         if body.get("op") == "throttle":
             return await self.control.throttle(request, self.service.disks[disk.name], body)
+        if body.get("op") == "resize":
+            return await self.control.resize(request, self.service.disks[disk.name], body)
         patch = parse_patch(raw, disk.size)
         self.writable(disk)
         observe(request, disk.name, patch.op)
@@ -413,6 +438,8 @@ def routes(api: RestApi) -> list[tuple[str, str, Callable[[web.Request], Awaitab
         ("GET", "/metrics", api.metrics),
         ("GET", "/openapi.json", api.openapi),
         ("GET", "/v1/disks", api.list_disks),
+        ("POST", "/v1/disks", api.add_disk),
+        ("DELETE", "/v1/disks/{name}", api.remove_disk),
         ("GET", "/v1/disks/{name}", api.get_disk),
         ("HEAD", "/v1/disks/{name}", api.get_disk),
         ("PUT", "/v1/disks/{name}", api.put_disk),

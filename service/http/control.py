@@ -1,28 +1,84 @@
-"""The REST API's control plane: calls that change a disk rather than its data.
+"""The REST API's control plane: calls that add, remove and change disks rather than their data.
 
-Service layer, REST front end, beside :mod:`service.http.api` (which routes ``PATCH
-/v1/disks/{name}`` here for the ops that are not data: ``throttle``). Every call needs an ``admin``
-token (or, without tokens, a client on this machine), and is logged with who asked, whether it is
-done or refused.
+Service layer, REST front end, beside :mod:`service.http.api` (which routes ``POST /v1/disks``,
+``DELETE /v1/disks/{name}`` and the ``PATCH /v1/disks/{name}`` ops that are not data, ``resize``
+and ``throttle``, here). Every call needs an ``admin`` token (or, without tokens, a client on this
+machine), and is logged with who asked, whether it is done or refused. The service's
+:class:`~service.model.DiskError` kinds become the API's error codes here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 from aiohttp import web
 
+from service.config import ConfigError, disk_of_table
 from service.http.edge import observe, require_admin, who_asked
 from service.http.errors import ApiError, ErrorCode
-from service.http.params import shown
+from service.http.params import json_type, parse_json_object, shown
+from service.http.resize import parse_resize
 from service.http.responses import json_response
-from service.throttling import ThrottleError, Throttling, throttleable
+from service.model import DiskError
+from service.throttling import Throttled, ThrottleError, Throttling, throttleable
 from service.values import parse_size
 
 if TYPE_CHECKING:
-    from service.model import Disk
+    from service.model import Disk, DiskSpec, ServiceConfig
+
+# The service's refusals of a disk call as the API's error codes.
+_DISK_ERRORS: Final = {
+    "disk_exists": ErrorCode.DISK_EXISTS,
+    "no_such_disk": ErrorCode.NO_SUCH_DISK,
+    "disk_refused": ErrorCode.DISK_REFUSED,
+    "disk_open_failed": ErrorCode.DISK_OPEN_FAILED,
+    "resize_refused": ErrorCode.RESIZE_REFUSED,
+    "resize_failed": ErrorCode.IO_ERROR,
+    "read_only": ErrorCode.READ_ONLY,
+    "unsupported": ErrorCode.UNSUPPORTED,
+    "unavailable": ErrorCode.UNAVAILABLE,
+}
+
+
+def disk_error(exc: DiskError) -> ApiError:
+    return ApiError(_DISK_ERRORS.get(exc.kind, ErrorCode.INTERNAL), exc.message)
+
+
+class ControlHost(Protocol):
+    """What the control plane uses of the running service."""
+
+    @property
+    def throttling(self) -> Throttling: ...
+
+    @property
+    def config(self) -> ServiceConfig: ...
+
+    def add_disk(self, spec: DiskSpec, options: dict[str, object] | None = None) -> Awaitable[Disk]: ...
+
+    def remove_disk(self, name: str) -> Awaitable[dict[str, object]]: ...
+
+    def resize_disk(self, name: str, size: int, *, shrink: bool = False) -> Awaitable[dict[str, object]]: ...
+
+    def throttle_disk(
+        self, name: str, device: Throttled, changes: dict[str, object]
+    ) -> Awaitable[dict[str, Any]]: ...
+
+
+def disk_options(body: Mapping[str, object]) -> dict[str, object]:
+    """A ``POST /v1/disks`` body's options: strings as ``--disk`` writes them, integers, booleans."""
+    for key, value in body.items():
+        if isinstance(value, bool | str) or (isinstance(value, int) and not isinstance(value, bool)):
+            continue
+        raise ApiError(
+            ErrorCode.BAD_FIELD,
+            f"{shown(key) or 'a field'} must be a string, an integer or a boolean, not {json_type(value)}",
+        )
+    if not isinstance(body.get("name"), str):
+        raise ApiError(ErrorCode.BAD_FIELD, "name is required: the disk's name, a string")
+    return dict(body)
+
 
 log = structlog.get_logger("vblk.http")
 
@@ -50,10 +106,80 @@ def _limit_values(body: Mapping[str, object]) -> dict[str, object]:
 
 
 class ControlApi:
-    """``PATCH /v1/disks/{name}`` op ``throttle``: the disk's I/O limits, live."""
+    """Disks added (``POST /v1/disks``), removed (``DELETE /v1/disks/{name}``), resized and
+    throttled (``PATCH /v1/disks/{name}`` ops ``resize`` and ``throttle``), live."""
 
-    def __init__(self, throttling: Callable[[], Throttling]) -> None:
-        self._throttling = throttling
+    def __init__(self, host: Callable[[], ControlHost], describe: Callable[[str], dict[str, Any]]) -> None:
+        self._host = host
+        self._describe = describe
+
+    async def add_disk(self, request: web.Request, raw: bytes) -> web.Response:
+        who = who_asked(request)
+        name: object = None
+        try:
+            require_admin(request)
+            body = parse_json_object(raw)
+            name = body.get("name")
+            options = disk_options(body)
+            try:
+                spec = disk_of_table(options, self._host().config.disk_template)
+            except ConfigError as exc:
+                raise ApiError(ErrorCode.BAD_FIELD, str(exc)) from exc
+            try:
+                disk = await self._host().add_disk(spec, options)
+            except DiskError as exc:
+                raise disk_error(exc) from exc
+            observe(request, spec.name, "add")  # only now: a refused name gets no metric series
+        except ApiError as exc:
+            shown_name = shown(name) if isinstance(name, str) else None
+            log.warning("control_call_refused", op="add", disk=shown_name, error=exc.code.code, **who)
+            raise
+        log.info(
+            "control_call",
+            op="add",
+            disk=spec.name,
+            backend=spec.backend,
+            path=str(spec.path) if spec.backend == "file" else None,
+            size=disk.bytes.size,
+            **who,
+        )
+        return json_response(
+            self._describe(spec.name), status=201, headers={"Location": f"/v1/disks/{spec.name}"}
+        )
+
+    async def remove_disk(self, request: web.Request, name: str) -> web.Response:
+        who = who_asked(request)
+        try:
+            require_admin(request)
+            try:  # not observed: the disk's series are gone with it
+                outcome = await self._host().remove_disk(name)
+            except DiskError as exc:
+                raise disk_error(exc) from exc
+        except ApiError as exc:
+            log.warning("control_call_refused", op="remove", disk=shown(name), error=exc.code.code, **who)
+            raise
+        log.info("control_call", op="remove", disk=name, **who)
+        return json_response(outcome)
+
+    async def resize(self, request: web.Request, disk: Disk, body: Mapping[str, object]) -> web.Response:
+        who = who_asked(request)
+        name = disk.spec.name
+        try:
+            require_admin(request)
+            observe(request, name, "resize")
+            driver = disk.driver
+            resize = parse_resize(body, driver.size, driver.block_size)
+            try:
+                outcome = await self._host().resize_disk(name, resize.size, shrink=resize.shrink)
+            except DiskError as exc:
+                raise disk_error(exc) from exc
+        except ApiError as exc:
+            log.warning("control_call_refused", op="resize", disk=name, error=exc.code.code, **who)
+            raise
+        log.info("control_call", op="resize", disk=name, shrink=resize.shrink, **outcome, **who)
+        answer = self._describe(name)
+        answer["resize"] = outcome
+        return json_response(answer)
 
     async def throttle(self, request: web.Request, disk: Disk, body: Mapping[str, object]) -> web.Response:
         who = who_asked(request)
@@ -69,7 +195,7 @@ class ControlApi:
                 )
             changes = _limit_values(body)
             try:
-                answer = self._throttling().change(name, device, changes)
+                answer = await self._host().throttle_disk(name, device, changes)
             except ThrottleError as exc:
                 raise ApiError(ErrorCode.BAD_FIELD, str(exc)) from exc
         except ApiError as exc:

@@ -73,6 +73,20 @@ class ErrorCode(enum.Enum):
         "the bitmap cannot be made as asked: persistence this disk cannot keep, "
         "or more bitmaps or memory than a disk may have",
     )
+    DISK_EXISTS = ("disk_exists", 409, "a disk or view already has this name")
+    DISK_REFUSED = (
+        "disk_refused",
+        409,
+        "the disk cannot be added, removed or resized as asked: no free hot-plug slot, a throttle group "
+        "with other limits, a disk configured at start (it sits on bus 0, which has no hot-plug slots), "
+        "a view, a disk with views, or a disk committing its overlay",
+    )
+    DISK_OPEN_FAILED = (
+        "disk_open_failed",
+        409,
+        "the disk's storage cannot be opened or made (a missing or locked file, a cluster that does not "
+        "answer), or the guest did not bind the hot-plugged function",
+    )
     VIEW_EXISTS = ("view_exists", 409, "a disk or view already has this name")
     VIEW_REFUSED = (
         "view_refused",

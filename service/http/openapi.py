@@ -86,7 +86,15 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "List disks",
                     "responses": {"200": _json({"type": "array", "items": disk_ref}, "disks")},
-                }
+                },
+                "post": {
+                    "summary": "Add a disk, live (admin): a JSON object of the keys of --disk (name "
+                    'required; sizes as integers or as "64M"); its storage is opened or made, a '
+                    "virtio-blk function is hot-plugged into a free PCIe slot and probed by the guest's "
+                    "driver, and the disk is served on NBD and REST at once",
+                    "requestBody": {"required": True, "content": {"application/json": {}}},
+                    "responses": {"201": _json(disk_ref, "added"), "409": _ERROR, "503": _ERROR, **errors},
+                },
             },
             "/v1/disks/{name}": {
                 "parameters": [_NAME],
@@ -113,8 +121,21 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _BYTES},
                     "responses": {"200": _json({"type": "object"}, "written"), "411": _ERROR, **errors},
                 },
+                "delete": {
+                    "summary": "Remove a disk added at run time, live (admin): new requests are refused, "
+                    "those in flight finish (within drain-timeout), the disk is flushed, its NBD "
+                    "connections end (ESHUTDOWN) and its function is unplugged",
+                    "responses": {
+                        "200": _json(
+                            {"type": "object"},
+                            "{name, nbd_connections_closed, requests_abandoned, flushed, surprise_removal}",
+                        ),
+                        "409": _ERROR,
+                        **errors,
+                    },
+                },
                 "patch": {
-                    "summary": "zero, discard or flush",
+                    "summary": "zero, discard or flush (data); resize or throttle (admin)",
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Patch"}}},
@@ -497,16 +518,24 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "Patch": {
-                    "description": "{op: flush} alone, or {op: zero|discard, offset, size, flush}; "
-                    "other keys and duplicate keys are refused (400 bad_field, bad_json)",
+                    "description": "{op: flush} alone, {op: zero|discard, offset, size, flush}, "
+                    '{op: resize, size, shrink} (size in bytes or as "64M"; smaller only with shrink: '
+                    "true; NBD clients connected before keep the size they were told), or {op: throttle} "
+                    "with QEMU's limit names (iops-total, bps-read, ..., group); other keys and "
+                    "duplicate keys are refused (400 bad_field, bad_json)",
                     "type": "object",
                     "required": ["op"],
-                    "additionalProperties": False,
                     "properties": {
-                        "op": {"type": "string", "enum": ["zero", "discard", "flush"]},
+                        "op": {"type": "string", "enum": ["zero", "discard", "flush", "resize", "throttle"]},
                         "offset": _OFFSET,
-                        "size": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                        "size": {
+                            "oneOf": [
+                                {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                                {"type": "string"},
+                            ]
+                        },
                         "flush": {"type": "boolean", "default": False},
+                        "shrink": {"type": "boolean", "default": False},
                     },
                 },
             },

@@ -263,7 +263,7 @@ class JsonFields:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ApiError(
                 ErrorCode.BAD_FIELD,
-                f"{name} must be a JSON integer {_bounds(minimum, maximum)}, not {_json_type(value)}",
+                f"{name} must be a JSON integer {_bounds(minimum, maximum)}, not {json_type(value)}",
             )
         if not minimum <= value <= maximum:
             raise ApiError(ErrorCode.BAD_FIELD, f"{name} must be {_bounds(minimum, maximum)}, not {value}")
@@ -272,14 +272,14 @@ class JsonFields:
     def boolean(self, name: str, default: bool) -> bool:
         value = self.body.get(name, default)
         if not isinstance(value, bool):
-            raise ApiError(ErrorCode.BAD_FIELD, f"{name} must be true or false, not {_json_type(value)}")
+            raise ApiError(ErrorCode.BAD_FIELD, f"{name} must be true or false, not {json_type(value)}")
         return value
 
     def string(self, name: str) -> str:
         """A required JSON string."""
         value = self.body.get(name)
         if not isinstance(value, str):
-            raise ApiError(ErrorCode.BAD_FIELD, f"{name} is required: a string, not {_json_type(value)}")
+            raise ApiError(ErrorCode.BAD_FIELD, f"{name} is required: a string, not {json_type(value)}")
         return value
 
     def strings(self, name: str) -> list[str]:
@@ -288,12 +288,13 @@ class JsonFields:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             raise ApiError(
                 ErrorCode.BAD_FIELD,
-                f"{name} is required: an array of strings (one or more), not {_json_type(value)}",
+                f"{name} is required: an array of strings (one or more), not {json_type(value)}",
             )
         return [str(v) for v in value]
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """What a parsed JSON value is, for a refusal's sentence ("a string", "null", ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -436,7 +437,7 @@ def parse_patch(raw: bytes, size: int) -> Patch:
         JsonFields(body, ("op",), "op flush")
         return Patch("flush")
     if op != "zero" and op != "discard":
-        raise ApiError(ErrorCode.BAD_OP, "op must be one of zero, discard, flush")
+        raise ApiError(ErrorCode.BAD_OP, "op must be one of zero, discard, flush, resize, throttle")
     kind: PatchOp = "zero" if op == "zero" else "discard"
     fields = JsonFields(body, ("op", "offset", "size", "flush"), f"op {kind}")
     offset = fields.uint("offset")

@@ -102,7 +102,21 @@ class NbdServer:
         self.state.closing = True
         for server in self._servers:
             server.close()
-        connections = list(self._connections)
+        await self._end(list(self._connections), timeout)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def close_export(self, name: str, timeout: float = 10.0) -> int:
+        """End the connections that chose export ``name`` (it goes away; take it out of the
+        exports first, so no new one can choose it): their new requests are answered ESHUTDOWN,
+        those in flight finish, then they are disconnected, or cut after ``timeout`` seconds.
+        Returns how many there were. Other exports' connections go on untouched."""
+        chosen = [c for c in self._connections if c.export is not None and c.export.name == name]
+        await self._end(chosen, timeout)
+        return len(chosen)
+
+    async def _end(self, connections: list[Connection], timeout: float) -> None:
         for connection in connections:
             connection.shutdown()
         tasks = [c.channel.task for c in connections if c.channel.task is not None]
@@ -113,6 +127,3 @@ class NbdServer:
             if late:
                 log.warning("nbd_connections_cut", count=len(late), timeout=timeout)
                 await asyncio.wait(late)
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()

@@ -952,3 +952,31 @@ async def test_ceph_dashboard_queries_return_data_from_a_real_prometheus(nbd_rig
         if fio.returncode is None:
             fio.terminate()
         await fio.wait()
+
+
+async def test_an_rbd_disk_added_resized_and_removed_live(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """POST /v1/disks makes and hot-plugs an RBD disk; it is served, grows live (the image too),
+    and after DELETE its image holds what was written and is free for another client."""
+    name = image_name("live")
+    template = DiskSpec(ceph=ceph_options(ceph_cluster))
+    async with (
+        serving(DiskSpec(name="disk0", backend="memory", size=4 * MiB), disk_template=template) as rig,
+        aiohttp.ClientSession() as http,
+    ):
+        body = {"name": "r", "backend": "rbd", "image": name, "size": "16M", "create": True}
+        async with http.post(f"{rig.base_url}/v1/disks", json=body) as r:
+            assert r.status == 201, await r.text()
+        listing = json.loads((await run("nbdinfo", "--json", "--list", rig.uri(""))).stdout)
+        assert sorted(e["export-name"] for e in listing["exports"]) == ["disk0", "r"]
+        await run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 1M", rig.uri("r"))
+        async with http.patch(f"{rig.base_url}/v1/disks/r", json={"op": "resize", "size": "32M"}) as r:
+            assert r.status == 200, await r.text()
+        await run("qemu-io", "-f", "raw", "-c", "write -P 0x3d 30M 1M", rig.uri("r"))
+        async with http.delete(f"{rig.base_url}/v1/disks/r") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["flushed"] is True
+    exported = tmp_path / "export.img"
+    await asyncio.to_thread(ceph_cluster.rbd, "export", f"rbd/{name}", str(exported))
+    image = exported.read_bytes()
+    assert len(image) == 32 * MiB
+    assert image[1 * MiB : 2 * MiB] == b"\x3c" * MiB and image[30 * MiB : 31 * MiB] == b"\x3d" * MiB

@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,8 @@ async def serving(
     nbd_limits: NbdLimits | None = None,
     http_unix: bool = False,
     security: SecurityConfig | None = None,
+    state_dir: Path | None = None,
+    disk_template: DiskSpec | None = None,
 ) -> AsyncIterator[NbdRig]:
     """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too
     (on a free TCP port, and with ``http_unix`` on ``http.sock`` beside ``nbd.sock``)."""
@@ -83,6 +86,8 @@ async def serving(
         http_listen=("127.0.0.1:0", f"unix:{directory}/http.sock") if http_unix else ("127.0.0.1:0",),
         nbd_limits=nbd_limits or NbdLimits(),
         security=security or SecurityConfig(),
+        state_dir=state_dir,
+        disk_template=disk_template or DiskSpec(),
     )
     service = Service(config)
     try:

@@ -196,8 +196,8 @@ def test_patch_fields() -> None:
     patch = parse_patch(b'{"op": "zero", "offset": 512, "size": 1024, "flush": true}', SIZE)
     assert (patch.op, patch.offset, patch.size, patch.flush) == ("zero", 512, 1024, True)
     bad = {
-        '{"op": "melt"}': (ErrorCode.BAD_OP, "op must be one of zero, discard, flush"),
-        '{"offset": 0}': (ErrorCode.BAD_OP, "op must be one of zero, discard, flush"),
+        '{"op": "melt"}': (ErrorCode.BAD_OP, "op must be one of zero, discard, flush, resize, throttle"),
+        '{"offset": 0}': (ErrorCode.BAD_OP, "op must be one of zero, discard, flush, resize, throttle"),
         '{"op": "flush", "offset": 0}': (ErrorCode.BAD_FIELD, 'unknown field "offset"; op flush takes op'),
         '{"op": "zero", "size": 1}': (ErrorCode.BAD_FIELD, f"offset is required: an integer in {INT64}"),
         '{"op": "zero", "offset": -1, "size": 1}': (
