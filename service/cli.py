@@ -1,5 +1,5 @@
 """The ``vblk`` command line: ``serve``, ``create-image`` (raw or qcow2), ``info``, ``vhost-user`` and
-``disk`` (a running vblk's disks, :mod:`service.disk_cli`).
+``disk`` and ``bitmap`` (a running vblk's disks and bitmaps, :mod:`service.control_cli`).
 
 Service layer entry point (console script ``vblk``). Every ``serve`` setting can also come
 from a TOML file (``--config``) or a ``VBLK_*`` environment variable; see :mod:`service.config`.
@@ -35,7 +35,7 @@ from service.config import (
     parse_bool,
     parse_disk,
 )
-from service.disk_cli import add_disk_parser, run_disk_command
+from service.control_cli import add_control_parsers, run_control_command
 from service.model import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig
 from service.security import SecurityConfigError, Tokens
 from service.values import DISK_NAME, parse_size
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("raw", "qcow2"), default="raw", help="the image's format (never guessed)"
     )
     _add_vhost_user_parser(sub)
-    add_disk_parser(sub)
+    add_control_parsers(sub)
     return parser
 
 
@@ -359,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _info(args.path, args.format)
     if args.command == "vhost-user":
         return _vhost_user(args)
-    if args.command == "disk":
-        return run_disk_command(args)
+    if args.command in ("disk", "bitmap"):
+        return run_control_command(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         config, values = from_sources(flags, config_file=args.config)

@@ -150,12 +150,18 @@ class RuntimeState:
         return (json.dumps({"version": VERSION, "disks": disks}, indent=2, sort_keys=True) + "\n").encode()
 
     async def save(self) -> None:
-        """Write the state as it is now, atomically; saves happen in the order they are asked."""
+        """Write the state as it is now, atomically; saves happen in the order they are asked. A
+        failed write (a full or read-only file system) is an error log line: the change it was to
+        keep stays made, and the next save writes it."""
         if self.path is None:
             return
         async with self._writing:
             data = self.document()
-            await asyncio.to_thread(write_atomically, self.path, data)
+            try:
+                await asyncio.to_thread(write_atomically, self.path, data)
+            except OSError as exc:  # the change is made; only its keeping failed: say so loudly
+                log.error("disk_state_write_failed", path=str(self.path), error=str(exc))
+                return
             self.writes += 1
 
     # -- applied at start -----------------------------------------------------------------------

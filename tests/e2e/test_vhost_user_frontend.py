@@ -511,3 +511,41 @@ async def test_qemu_storage_daemon_block_resize_and_the_back_end_channel() -> No
     finally:
         memory.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_vhost_user_disk_added_and_removed_live(tmp_path: Path) -> None:
+    """POST /v1/disks with ``backend=vhost-user:SOCK`` connects to a running back end (vblk's own
+    ``vhost-user``) as at start; DELETE lets it go, and the back end takes the next front end."""
+    image = tmp_path / "vu.raw"
+    image.write_bytes(b"\0" * (8 * MiB))
+    nbd_socket = tmp_path / "nbd.sock"
+    async with back_end(Variant("vblk"), image, tmp_path) as socket_path:
+        service = Service(
+            ServiceConfig(
+                disks=(DiskSpec(name="disk0", backend="memory", size=4 * MiB),),
+                guest_memory=64 * MiB,
+                nbd_listen=(f"unix:{nbd_socket}",),
+                http_listen=("127.0.0.1:0",),
+            )
+        )
+        await service.start()
+        try:
+            await service.start_front_ends()
+            base = f"http://{service.http_addresses[0]}/v1/disks"
+            async with aiohttp.ClientSession() as http:
+                for pattern in (0x11, 0x22):  # twice: the back end is free again after a removal
+                    body = {"name": "vu", "backend": f"vhost-user:{socket_path}"}
+                    async with http.post(base, json=body) as response:
+                        assert response.status == 201, await response.text()
+                        assert (await response.json())["serial"] == "vblk-backend"
+                    uri = f"nbd+unix:///vu?socket={nbd_socket}"
+                    await run(linux.which("qemu-io"), "-f", "raw", "-c", f"write -P {pattern} 0 64k", uri)
+                    driver = service.disks["vu"].driver
+                    async with http.delete(f"{base}/vu") as response:
+                        assert response.status == 200, await response.text()
+                        outcome = await response.json()
+                    assert outcome["flushed"] is True and outcome["surprise_removal"] is False
+                    assert "vu" not in service.disks and driver not in service.guest.disks
+                    assert image.read_bytes()[:4] == bytes([pattern]) * 4
+        finally:
+            await service.stop()

@@ -1,12 +1,14 @@
-"""``vblk disk list|show|add|remove|resize|throttle``: a running vblk's disks, from the shell.
+"""``vblk disk list|show|add|remove|resize|throttle`` and ``vblk bitmap ...``: a running vblk's
+disks and dirty bitmaps, from the shell.
 
-Service layer, a client beside :mod:`service.cli` (which routes ``vblk disk`` here): it talks to
+Service layer, a client beside :mod:`service.cli` (which routes ``vblk disk`` and ``vblk bitmap``
+here): it talks to
 a running vblk's REST API (``--url``, or ``--socket`` for its unix socket; ``--token`` for a
 bearer token; each also from ``VBLK_URL``, ``VBLK_SOCKET``, ``VBLK_TOKEN``) and never to its
 internals. Disk options are written as ``--disk`` writes them (``name=db,size=8G,iops-total=500``).
 Success prints one line (or with ``--json`` the API's answer) and exits 0; a refusal prints one
 line, ``vblk disk VERB: error: MESSAGE (CODE)``, and exits 1, as ``virsh`` and ``rbd`` do; a usage
-error exits 2.
+error exits 2. Bitmap names and options are those of the REST routes (:mod:`service.http.bitmaps`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,17 +37,31 @@ class DiskCommandError(Exception):
     """A refusal or failure, as the one line the command prints."""
 
 
-def add_disk_parser(sub: Any) -> None:
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help=f"the REST API [{DEFAULT_URL}] ($VBLK_URL)")
+    parser.add_argument(
+        "--socket", default=None, metavar="PATH", help="its unix socket instead ($VBLK_SOCKET)"
+    )
+    parser.add_argument(
+        "--token", default=None, help="bearer token ($VBLK_TOKEN); an admin's to change disks"
+    )
+    parser.add_argument("--ca-file", type=Path, default=None, help="CA certificate for an https URL")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+
+def add_control_parsers(sub: Any) -> None:
+    """``vblk disk`` and ``vblk bitmap``, under the ``vblk`` parser's subcommands ``sub``."""
+    _add_disk_parser(sub)
+    _add_bitmap_parser(sub)
+
+
+def _add_disk_parser(sub: Any) -> None:
     disk = sub.add_parser(
         "disk",
         help="list, add, remove, resize and throttle a running vblk's disks (its REST API)",
         description="Manage the disks of a running vblk through its REST API.",
     )
-    disk.add_argument("--url", default=None, help=f"the REST API [{DEFAULT_URL}] ($VBLK_URL)")
-    disk.add_argument("--socket", default=None, metavar="PATH", help="its unix socket instead ($VBLK_SOCKET)")
-    disk.add_argument("--token", default=None, help="bearer token: an admin's to change disks ($VBLK_TOKEN)")
-    disk.add_argument("--ca-file", type=Path, default=None, help="CA certificate for an https URL")
-    disk.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    _connection_options(disk)
     verbs = disk.add_subparsers(dest="verb", required=True)
     verbs.add_parser("list", help="every disk: name, size, backend, PCI address, state, limits")
     show = verbs.add_parser("show", help="one disk, as JSON")
@@ -63,15 +79,50 @@ def add_disk_parser(sub: Any) -> None:
     throttle.add_argument("limits", help="KEY=VALUE,...: iops-total=500,bps-read=10M,group=G (0 removes one)")
 
 
-def run_disk_command(args: argparse.Namespace) -> int:
+def _add_bitmap_parser(sub: Any) -> None:
+    bitmap = sub.add_parser(
+        "bitmap",
+        help="a running vblk's dirty bitmaps: list, add, remove, clear, enable, disable, merge, checkpoint",
+        description="Manage the dirty bitmaps of a running vblk's disks through its REST API.",
+    )
+    _connection_options(bitmap)
+    verbs = bitmap.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="a disk's bitmaps: name, granularity, state, dirty bytes")
+    listing.add_argument("disk")
+    add = verbs.add_parser("add", help="a new clean bitmap, recording every write from now on")
+    checkpoint = verbs.add_parser("checkpoint", help="a new bitmap; every one recording until now stops")
+    for parser in (add, checkpoint):
+        parser.add_argument("disk")
+        parser.add_argument("name")
+        parser.add_argument("--granularity", default=None, help="bytes one bit covers (64K, ...)")
+        parser.add_argument("--transient", action="store_true", help="not kept in the image")
+    add.add_argument("--disabled", action="store_true", help="made not recording")
+    for verb, what in (
+        ("remove", "remove a bitmap"),
+        ("clear", "clear a bitmap"),
+        ("enable", "start recording"),
+        ("disable", "stop recording"),
+    ):
+        parser = verbs.add_parser(verb, help=what)
+        parser.add_argument("disk")
+        parser.add_argument("name")
+    merge = verbs.add_parser("merge", help="OR other bitmaps into one")
+    merge.add_argument("disk")
+    merge.add_argument("name")
+    merge.add_argument("sources", nargs="+")
+
+
+def run_control_command(args: argparse.Namespace) -> int:
     verb = args.verb
     try:
         answer = asyncio.run(_request(args))
     except DiskCommandError as exc:
-        print(f"vblk disk {verb}: error: {exc}", file=sys.stderr)
+        print(f"vblk {args.command} {verb}: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))
+    elif args.command == "bitmap":
+        print(_bitmap_summary(verb, args, answer))
     else:
         print(_summary(verb, args, answer))
     return 0
@@ -87,8 +138,37 @@ def _limits(text: str) -> dict[str, object]:
     return limits
 
 
+def _bitmap_call(args: argparse.Namespace) -> tuple[str, str, dict[str, object] | None]:
+    verb = args.verb
+    base = f"/v1/disks/{_quoted(args.disk)}"
+    if verb == "list":
+        return "GET", f"{base}/bitmaps", None
+    at = f"{base}/bitmaps/{_quoted(args.name)}"
+    if verb in ("add", "checkpoint"):
+        body: dict[str, object] = {"name" if verb == "add" else "bitmap": args.name}
+        if args.granularity is not None:
+            try:
+                body["granularity"] = parse_size(args.granularity)
+            except ValueError as exc:
+                raise DiskCommandError(f"granularity {args.granularity!r}: {exc}") from exc
+        if args.transient:
+            body["persistent"] = False
+        if verb == "add":
+            if args.disabled:
+                body["disabled"] = True
+            return "POST", f"{base}/bitmaps", body
+        return "POST", f"{base}/checkpoints", body
+    if verb == "remove":
+        return "DELETE", at, None
+    if verb == "merge":
+        return "PATCH", at, {"op": "merge", "bitmaps": list(args.sources)}
+    return "PATCH", at, {"op": verb}
+
+
 def _call(args: argparse.Namespace) -> tuple[str, str, dict[str, object] | None]:
     """The method, path and JSON body of the verb."""
+    if args.command == "bitmap":
+        return _bitmap_call(args)
     verb = args.verb
     if verb == "list":
         return "GET", "/v1/disks", None
@@ -186,10 +266,7 @@ def _summary(verb: str, args: argparse.Namespace, answer: Any) -> str:
                 (disk["name"], _size(disk.get("size")), str(disk.get("backend")), str(disk.get("pci", "-")),
                  state, _limits_text(disk))
             )  # fmt: skip
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-        )
+        return _table(rows)
     if verb == "show":
         return json.dumps(answer, indent=2)
     if verb == "add":
@@ -206,3 +283,39 @@ def _summary(verb: str, args: argparse.Namespace, answer: Any) -> str:
         return f"resized disk {args.name}: {_size(resize.get('old_size'))} -> {_size(resize.get('size'))}"
     limits = ",".join(f"{k}={v}" for k, v in sorted(answer.get("limits", {}).items())) or "none"
     return f"throttled disk {args.name}: group {answer.get('group')}, limits {limits}"
+
+
+def _bitmap_summary(verb: str, args: argparse.Namespace, answer: Any) -> str:
+    if verb == "list":
+        rows = [("NAME", "GRANULARITY", "STATE", "PERSISTENT", "DIRTY")]
+        for bitmap in answer.get("bitmaps", []):
+            state = (
+                "inconsistent"
+                if bitmap.get("inconsistent")
+                else ("recording" if bitmap.get("recording") else "disabled")
+            )
+            rows.append(
+                (str(bitmap["name"]), _size(bitmap.get("granularity")), state,
+                 "yes" if bitmap.get("persistent") else "no", str(bitmap.get("dirty_bytes", "-")))
+            )  # fmt: skip
+        return _table(rows)
+    if verb == "remove":
+        return f"removed bitmap {args.name} of disk {args.disk}"
+    if verb == "checkpoint":
+        stopped = ", ".join(answer.get("disabled", [])) or "none"
+        return f"checkpoint {args.name} of disk {args.disk}: stopped recording: {stopped}"
+    done = {
+        "add": "added",
+        "clear": "cleared",
+        "enable": "enabled",
+        "disable": "disabled",
+        "merge": "merged into",
+    }
+    return f"{done[verb]} bitmap {args.name} of disk {args.disk}"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )

@@ -1,5 +1,5 @@
-"""``vblk disk``: the command-line client of the control plane, run as a real process against a
-running service, over TCP and over the unix socket, with and without tokens."""
+"""``vblk disk`` and ``vblk bitmap``: the control plane's command-line client, run as a real process
+against a running service, over TCP and over the unix socket, with and without tokens."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from tests.service.conftest import MiB, Proc, run, serving
 VBLK = str(Path(sys.executable).parent / "vblk")  # the console script the package installs
 
 
-async def vblk_disk(*argv: str, env: dict[str, str] | None = None) -> Proc:
+async def vblk_disk(*argv: str, env: dict[str, str] | None = None, command: str = "disk") -> Proc:
     if env is None:
-        return await run(VBLK, "disk", *argv, check=False)
+        return await run(VBLK, command, *argv, check=False)
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        return await run(VBLK, "disk", *argv, check=False)
+        return await run(VBLK, command, *argv, check=False)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -29,7 +29,9 @@ async def vblk_disk(*argv: str, env: dict[str, str] | None = None) -> Proc:
 def one_error_line(proc: Proc, verb: str, code: str) -> str:
     assert proc.returncode == 1, proc
     [line] = proc.stderr.splitlines()
-    assert line.startswith(f"vblk disk {verb}: error: ") and line.endswith(f"({code})"), line
+    assert line.startswith((f"vblk disk {verb}: error: ", f"vblk bitmap {verb}: error: ")) and line.endswith(
+        f"({code})"
+    ), line
     return line
 
 
@@ -88,3 +90,30 @@ async def test_a_token_from_the_environment(tmp_path: Path) -> None:
         one_error_line(await vblk_disk(*args, env={"VBLK_TOKEN": writer}), "add", "admin_required")
         assert (await vblk_disk(*args, env={"VBLK_TOKEN": admin})).returncode == 0
         assert "m" in rig.service.disks
+
+
+async def test_bitmaps_from_the_shell_follow_what_nbd_writes() -> None:
+    async with serving(DiskSpec(name="disk0", backend="memory", size=16 * MiB)) as rig:
+        url = ["--url", rig.base_url]
+
+        async def bitmap(*argv: str) -> Proc:
+            return await vblk_disk(*url, *argv, command="bitmap")
+
+        added = await bitmap("add", "disk0", "b0", "--granularity", "64K", "--transient")
+        assert added.stdout.strip() == "added bitmap b0 of disk disk0", added
+        await run("qemu-io", "-f", "raw", "-c", "write -P 1 1M 64k", rig.uri())
+        lines = (await bitmap("list", "disk0")).stdout.splitlines()
+        assert lines[0].split() == ["NAME", "GRANULARITY", "STATE", "PERSISTENT", "DIRTY"]
+        assert lines[1].split() == ["b0", "64K", "recording", "no", str(64 * 1024)]
+        checkpoint = await bitmap("checkpoint", "disk0", "b1", "--transient")
+        assert checkpoint.stdout.strip() == "checkpoint b1 of disk disk0: stopped recording: b0", checkpoint
+        await run("qemu-io", "-f", "raw", "-c", "write -P 2 4M 64k", rig.uri())
+        assert (await bitmap("merge", "disk0", "b1", "b0")).returncode == 0
+        shown = json.loads((await bitmap("--json", "list", "disk0")).stdout)
+        dirty = {b["name"]: b["dirty_bytes"] for b in shown["bitmaps"]}
+        assert dirty == {"b0": 64 * 1024, "b1": 128 * 1024}
+        for verb in ("disable", "enable", "clear"):
+            assert (await bitmap(verb, "disk0", "b1")).returncode == 0
+        one_error_line(await bitmap("add", "disk0", "b0"), "add", "bitmap_exists")
+        one_error_line(await bitmap("remove", "disk0", "nope"), "remove", "no_such_bitmap")
+        assert (await bitmap("remove", "disk0", "b0")).stdout.strip() == "removed bitmap b0 of disk disk0"
