@@ -9,7 +9,9 @@ machine), and is logged with who asked, whether it is done or refused. The servi
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
@@ -105,6 +107,37 @@ def _limit_values(body: Mapping[str, object]) -> dict[str, object]:
     return changes
 
 
+@dataclasses.dataclass(slots=True)
+class ControlCall:
+    """One control-plane call being answered: what its log line says (``disk`` once known,
+    ``details`` once done)."""
+
+    op: str
+    who: dict[str, object]
+    disk: str | None = None
+    details: dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def control_call(request: web.Request, op: str, disk: str | None = None) -> Iterator[ControlCall]:
+    """An admin's call (:func:`require_admin`), its service refusals as the API's errors, and its
+    log line: ``control_call`` when done, ``control_call_refused`` with the code, naming who asked."""
+    call = ControlCall(op, who_asked(request), disk)
+    try:
+        require_admin(request)
+        try:
+            yield call
+        except DiskError as exc:
+            raise disk_error(exc) from exc
+        except ThrottleError as exc:
+            raise ApiError(ErrorCode.BAD_FIELD, str(exc)) from exc
+    except ApiError as exc:
+        disk_name = shown(call.disk) if call.disk is not None else None
+        log.warning("control_call_refused", op=op, disk=disk_name, error=exc.code.code, **call.who)
+        raise
+    log.info("control_call", op=op, disk=call.disk, **call.details, **call.who)
+
+
 class ControlApi:
     """Disks added (``POST /v1/disks``), removed (``DELETE /v1/disks/{name}``), resized and
     throttled (``PATCH /v1/disks/{name}`` ops ``resize`` and ``throttle``), live."""
@@ -114,78 +147,45 @@ class ControlApi:
         self._describe = describe
 
     async def add_disk(self, request: web.Request, raw: bytes) -> web.Response:
-        who = who_asked(request)
-        name: object = None
-        try:
-            require_admin(request)
+        with control_call(request, "add") as call:
             body = parse_json_object(raw)
             name = body.get("name")
+            call.disk = name if isinstance(name, str) else None
             options = disk_options(body)
             try:
                 spec = disk_of_table(options, self._host().config.disk_template)
             except ConfigError as exc:
                 raise ApiError(ErrorCode.BAD_FIELD, str(exc)) from exc
-            try:
-                disk = await self._host().add_disk(spec, options)
-            except DiskError as exc:
-                raise disk_error(exc) from exc
+            disk = await self._host().add_disk(spec, options)
             observe(request, spec.name, "add")  # only now: a refused name gets no metric series
-        except ApiError as exc:
-            shown_name = shown(name) if isinstance(name, str) else None
-            log.warning("control_call_refused", op="add", disk=shown_name, error=exc.code.code, **who)
-            raise
-        log.info(
-            "control_call",
-            op="add",
-            disk=spec.name,
-            backend=spec.backend,
-            path=str(spec.path) if spec.backend == "file" else None,
-            size=disk.bytes.size,
-            **who,
-        )
+            call.details.update(
+                backend=spec.backend,
+                path=str(spec.path) if spec.backend == "file" else None,
+                size=disk.bytes.size,
+            )
         return json_response(
             self._describe(spec.name), status=201, headers={"Location": f"/v1/disks/{spec.name}"}
         )
 
     async def remove_disk(self, request: web.Request, name: str) -> web.Response:
-        who = who_asked(request)
-        try:
-            require_admin(request)
-            try:  # not observed: the disk's series are gone with it
-                outcome = await self._host().remove_disk(name)
-            except DiskError as exc:
-                raise disk_error(exc) from exc
-        except ApiError as exc:
-            log.warning("control_call_refused", op="remove", disk=shown(name), error=exc.code.code, **who)
-            raise
-        log.info("control_call", op="remove", disk=name, **who)
+        with control_call(request, "remove", name):  # not observed: its series go with the disk
+            outcome = await self._host().remove_disk(name)
         return json_response(outcome)
 
     async def resize(self, request: web.Request, disk: Disk, body: Mapping[str, object]) -> web.Response:
-        who = who_asked(request)
         name = disk.spec.name
-        try:
-            require_admin(request)
+        with control_call(request, "resize", name) as call:
             observe(request, name, "resize")
-            driver = disk.driver
-            resize = parse_resize(body, driver.size, driver.block_size)
-            try:
-                outcome = await self._host().resize_disk(name, resize.size, shrink=resize.shrink)
-            except DiskError as exc:
-                raise disk_error(exc) from exc
-        except ApiError as exc:
-            log.warning("control_call_refused", op="resize", disk=name, error=exc.code.code, **who)
-            raise
-        log.info("control_call", op="resize", disk=name, shrink=resize.shrink, **outcome, **who)
+            resize = parse_resize(body, disk.driver.size, disk.driver.block_size)
+            outcome = await self._host().resize_disk(name, resize.size, shrink=resize.shrink)
+            call.details.update(outcome, shrink=resize.shrink)
         answer = self._describe(name)
         answer["resize"] = outcome
         return json_response(answer)
 
     async def throttle(self, request: web.Request, disk: Disk, body: Mapping[str, object]) -> web.Response:
-        who = who_asked(request)
         name = disk.spec.name
-        try:
-            require_admin(request)
+        with control_call(request, "throttle", name) as call:
             observe(request, name, "throttle")
             device = throttleable(disk.device)
             if device is None:
@@ -193,15 +193,6 @@ class ControlApi:
                     ErrorCode.UNSUPPORTED,
                     f"disk {name} is a vhost-user back end's: give it limits there",
                 )
-            changes = _limit_values(body)
-            try:
-                answer = await self._host().throttle_disk(name, device, changes)
-            except ThrottleError as exc:
-                raise ApiError(ErrorCode.BAD_FIELD, str(exc)) from exc
-        except ApiError as exc:
-            log.warning("control_call_refused", op="throttle", disk=name, error=exc.code.code, **who)
-            raise
-        log.info(
-            "control_call", op="throttle", disk=name, group=answer["group"], limits=answer["limits"], **who
-        )
+            answer = await self._host().throttle_disk(name, device, _limit_values(body))
+            call.details.update(group=answer["group"], limits=answer["limits"])
         return json_response({"op": "throttle", **answer})
