@@ -5,6 +5,7 @@ hypothesis properties the test suite runs. Not part of the suite; run it by hand
     .venv/bin/python -m tests.fuzz.atheris_main nbd -max_total_time=600      # NBD codec
     .venv/bin/python -m tests.fuzz.atheris_main nbd-options -max_total_time=600
     .venv/bin/python -m tests.fuzz.atheris_main ring -max_total_time=600     # virtqueue parser
+    .venv/bin/python -m tests.fuzz.atheris_main ring-packed -max_total_time=600   # packed ring
     .venv/bin/python -m tests.fuzz.atheris_main ranges -max_total_time=600   # HTTP Range
 
 Each target is a hypothesis test; ``fuzz_one_input`` turns libFuzzer's bytes into its examples,
@@ -22,6 +23,10 @@ TARGETS = {
     "nbd": ("tests.service.test_nbd_protocol", "test_fuzzed_input_yields_events_or_a_protocol_error"),
     "nbd-options": ("tests.service.test_nbd_protocol", "test_fuzzed_options_always_answered"),
     "ring": ("tests.device.test_virtqueue_fuzz", "test_pop_returns_a_valid_chain_or_raises_virtqueue_error"),
+    "ring-packed": (
+        "tests.device.test_packed_virtqueue_fuzz",
+        "test_pop_returns_a_valid_buffer_or_raises_virtqueue_error",
+    ),
     "ranges": ("tests.service.test_ranges", "test_any_header_parses_or_is_refused"),
 }
 
