@@ -41,13 +41,16 @@ def memory_disk(size: int, data: bytes) -> Any:
     return node
 
 
-async def run_one(op: str, depth: int, seconds: float, io_mode: str, disk_size: int) -> dict[str, Any]:
+async def run_one(
+    op: str, depth: int, seconds: float, io_mode: str, disk_size: int, ring: str = "split"
+) -> dict[str, Any]:
     memory = GuestMemory(128 << 20)
     machine = Machine(memory)
     backend = memory_disk(disk_size, bytes([7]) * disk_size)
     device = plug_blk(machine, backend, BlkConfig(io_mode=io_mode))  # type: ignore[arg-type]
     guest = Guest(machine)
-    [disk] = await guest.probe()
+    # (only a packed run names the ring: --rev runs this file against trees that predate it)
+    [disk] = await guest.probe(**({} if ring == "split" else {"ring": ring}))
     blocks = disk_size // BLOCK
     buffers = [guest.dma.allocate(BLOCK) for _ in range(depth)]
     stop_at = time.perf_counter() + seconds
@@ -77,6 +80,7 @@ async def run_one(op: str, depth: int, seconds: float, io_mode: str, disk_size: 
         "op": op,
         "depth": depth,
         "io_mode": io_mode,
+        "ring": ring,
         "iops": done / elapsed,
         "kicks_per_request": kicks / done,
         "interrupts_per_request": interrupts / done,
@@ -109,10 +113,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every cell in this process, each the median of ``--runs`` runs."""
     logs.configure("warning", "console")
     rows = []
+    rings = args.rings.split(",")
     for op in ("read", "write"):
         for depth in (int(d) for d in args.depths.split(",")):
-            runs = [
-                [uvloop.run(run_one(op, depth, args.seconds, args.io_mode, 64 << 20))]
+            runs = [  # the layouts in turn within each run: the machine's noise hits both alike
+                [uvloop.run(run_one(op, depth, args.seconds, args.io_mode, 64 << 20, ring)) for ring in rings]
                 for _ in range(args.runs)
             ]
             rows += median_rows(runs)
@@ -120,12 +125,17 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'op':6} {'QD':>4} {'mode':7} {'req/s':>10} {'kicks/req':>10} {'irqs/req':>10}"]
-    lines += [
-        f"{row['op']:6} {row['depth']:>4} {row['io_mode']:7} {row['iops']:>10.0f} "
-        f"{row['kicks_per_request']:>10.3f} {row['interrupts_per_request']:>10.3f}"
-        for row in rows
-    ]
+    head = f"{'op':6} {'QD':>4} {'mode':7} {'ring':6} {'req/s':>10} {'kicks/req':>10} {'irqs/req':>10}"
+    lines = [f"{head} {'vs split':>8}"]
+    split = {(r["op"], r["depth"]): r["iops"] for r in rows if r.get("ring", "split") == "split"}
+    for row in rows:
+        base = split.get((row["op"], row["depth"]))
+        ratio = f"{row['iops'] / base:>7.2f}x" if base and row.get("ring") != "split" else ""
+        lines.append(
+            f"{row['op']:6} {row['depth']:>4} {row['io_mode']:7} {row.get('ring', 'split'):6} "
+            f"{row['iops']:>10.0f} {row['kicks_per_request']:>10.3f} {row['interrupts_per_request']:>10.3f} "
+            f"{ratio:>8}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="median of this many runs per cell")
     parser.add_argument("--depths", default="1,32,128")
     parser.add_argument("--io-mode", default="inline", choices=("inline", "thread"))
+    parser.add_argument(
+        "--rings",
+        default="split",
+        help="virtqueue layouts, in turn in each run: split, packed or split,packed",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--rev",
@@ -220,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if not args.rings or set(args.rings.split(",")) - {"split", "packed"}:
+        parser.error("--rings takes split, packed or split,packed")
+    if args.rev and args.rings != "split":
+        parser.error("--rev compares split rings only (older trees have no packed ones)")
     if args.rev:
         sys.stdout.write(compare(args))
         return 0

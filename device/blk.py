@@ -23,7 +23,7 @@ from device.block.throttle import ThrottleMember
 from device.machine import Machine
 from device.memory import GuestMemory
 from device.spec import virtio_blk as vb
-from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED
 from device.spec.virtio_blk import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -120,6 +120,8 @@ class VirtioBlkDevice(VirtioDevice):
         )
         if self.read_only:
             features |= 1 << vb.VIRTIO_BLK_F_RO
+        if type(self).packed_queue_type is not None:
+            features |= 1 << VIRTIO_F_RING_PACKED
         super().__init__(
             memory,
             num_queues=config.num_queues,

@@ -19,6 +19,7 @@ import structlog
 from mypy_extensions import mypyc_attr
 
 from device.memory import GuestMemory
+from device.packed_virtqueue import PackedDeviceVirtqueue
 from device.platform import RunningLoop
 from device.spec.virtio import (
     VIRTIO_CONFIG_S_DRIVER_OK,
@@ -27,6 +28,7 @@ from device.spec.virtio import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
 )
 from device.virtqueue import DeviceVirtqueue, VirtqueueError
@@ -73,6 +75,9 @@ class VirtioDevice:
     #: The virtqueue implementation (a transport may need a stricter one). Read from the
     #: class of the instance: a subclass defined in interpreted code may override it.
     queue_type: ClassVar[type[DeviceVirtqueue]] = DeviceVirtqueue
+    #: The packed virtqueue implementation (VIRTIO_F_RING_PACKED), or None where the device
+    #: does not offer packed rings.
+    packed_queue_type: ClassVar[type[DeviceVirtqueue] | None] = PackedDeviceVirtqueue
 
     def __init__(
         self,
@@ -92,6 +97,8 @@ class VirtioDevice:
         self.transitional = transitional
         queue_type = type(self).queue_type
         self.queues = [queue_type(memory, i, queue_max_size) for i in range(num_queues)]
+        self._split_queues = self.queues
+        self._packed_queues: list[DeviceVirtqueue] | None = None  # made when a driver asks for them
         self.transport: Transport | None = None
         self.stats = DeviceStatistics()
         self._running = RunningLoop()
@@ -111,8 +118,32 @@ class VirtioDevice:
         self.status = 0
         self.broken_reason = None
         self._scheduled.clear()
+        self.queues = self._split_queues  # the ring layout is the next driver's to choose
         for queue in self.queues:
             queue.reset()
+
+    @property
+    def packed(self) -> bool:
+        """The driver negotiated packed virtqueues."""
+        return self.queues is self._packed_queues
+
+    def _use_packed_queues(self) -> None:
+        """FEATURES_OK with VIRTIO_F_RING_PACKED: the queues become packed ones, keeping what the
+        transport registers hold already (a driver may set them up before FEATURES_OK)."""
+        packed_type = type(self).packed_queue_type
+        assert packed_type is not None
+        if self._packed_queues is None:
+            self._packed_queues = [packed_type(self.memory, q.index, q.max_size) for q in self._split_queues]
+        for split, queue in zip(self._split_queues, self._packed_queues, strict=True):
+            queue.reset()
+            queue.size = split.size
+            queue.desc_addr = split.desc_addr
+            queue.driver_addr = split.driver_addr
+            queue.device_addr = split.device_addr
+            queue.enabled = split.enabled
+            queue.msix_vector = split.msix_vector
+            queue.barrier = split.barrier
+        self.queues = self._packed_queues
 
     # -- hooks for device types --------------------------------------------------------------
 
@@ -182,14 +213,18 @@ class VirtioDevice:
         if value & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
             features = self.driver_features
             legacy = not features >> VIRTIO_F_VERSION_1 & 1
+            packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
             if (
                 features & ~self.device_features
                 or (legacy and not self.legacy_allowed())
+                or (packed and legacy)  # packed rings are VIRTIO 1.1's: no legacy layout
                 or not self.validate_features(features)
             ):
                 value &= ~VIRTIO_CONFIG_S_FEATURES_OK  # refused: the driver re-reads and sees it
             else:
                 self.legacy = legacy
+                if packed:
+                    self._use_packed_queues()
         # NEEDS_RESET is the device's bit: keep it, never let the driver set it.
         value = (value & ~VIRTIO_CONFIG_S_NEEDS_RESET) | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
         self.status = value

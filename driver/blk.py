@@ -26,6 +26,7 @@ from device.spec.virtio import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
 )
 from device.spec.virtio_blk import (
@@ -51,6 +52,7 @@ from driver.blk_info import (
     VirtioBlkStatistics,
 )
 from driver.dma import DmaAllocator, DmaBuffer
+from driver.packed_virtqueue import PackedDriverVirtqueue
 from driver.transport import TransportError, VirtioTransport
 from driver.virtqueue import Completion, DriverVirtqueue, QueueBrokenError
 
@@ -210,8 +212,13 @@ class VirtioBlk:
         writeback: bool | None = None,
         max_transfer: int = DEFAULT_MAX_TRANSFER,
         observer: RequestObserver | None = None,
+        ring: str = "split",
     ) -> None:
+        if ring not in ("split", "packed"):
+            raise ValueError(f"ring must be split or packed, not {ring!r}")
         self.transport = transport
+        #: The virtqueue layout asked for: "packed" is used when the device offers it.
+        self.ring_wanted = ring
         self.dma = dma
         self.name = transport.name
         self.pci_address = (-1, -1, -1)  # (bus, device, function), once a guest binds it
@@ -296,7 +303,8 @@ class VirtioBlk:
         if not offered >> VIRTIO_F_VERSION_1 & 1:
             t.add_status(VIRTIO_CONFIG_S_FAILED)
             raise TransportError(f"{self.name}: device does not offer VIRTIO_F_VERSION_1")
-        features = offered & SUPPORTED_FEATURES & self._features_mask | 1 << VIRTIO_F_VERSION_1
+        supported = SUPPORTED_FEATURES | (1 << VIRTIO_F_RING_PACKED if self.ring_wanted == "packed" else 0)
+        features = offered & supported & self._features_mask | 1 << VIRTIO_F_VERSION_1
         t.set_driver_features(features)
         if not t.features_ok():
             t.add_status(VIRTIO_CONFIG_S_FAILED)
@@ -312,6 +320,9 @@ class VirtioBlk:
         if self._want_queues is not None:
             num_queues = max(1, min(num_queues, self._want_queues))
         event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
+        packed = self.has_feature(VIRTIO_F_RING_PACKED)
+        if self.ring_wanted == "packed" and not packed:
+            log.info("virtio_blk_ring_split", device=self.name, reason="the device offers no packed rings")
         indirect_max = self.geometry.seg_max + 2 if self.has_feature(VIRTIO_F_INDIRECT_DESC) else 0
         self.queues = []
         self._slots = []
@@ -325,7 +336,8 @@ class VirtioBlk:
             slots = self.dma.allocate(size * SLOT_SIZE)
             if slots is None:
                 raise MemoryError("no DMA memory for request slots")
-            queue = DriverVirtqueue(
+            ring_type = PackedDriverVirtqueue if packed else DriverVirtqueue
+            queue = ring_type(
                 index=index,
                 size=size,
                 allocator=self.dma,

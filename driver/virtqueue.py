@@ -71,8 +71,8 @@ class DriverVirtqueue:
         on_broken: Callable[[str], None],
         barrier: Callable[[], None] | None = None,
     ) -> None:
-        if size < 1 or size & (size - 1):
-            raise ValueError("queue size must be a power of two")
+        if not self._size_ok(size):
+            raise ValueError(f"queue size {size} is not one this ring takes")
         self.index = index
         self.size = size
         self.event_idx = event_idx
@@ -83,9 +83,7 @@ class DriverVirtqueue:
         #: other CPUs (vhost-user); None when the device runs on this thread.
         self.barrier = barrier
         self.memory: GuestRam = allocator.memory
-        avail_off = desc_table_size(size)
-        used_off = (avail_off + avail_ring_size(size) + 3) & ~3
-        total = used_off + used_ring_size(size)
+        total, avail_off, used_off = self._layout(size)
         ring = allocator.allocate(total)
         if ring is None:
             raise MemoryError("no DMA memory for a virtqueue")
@@ -105,7 +103,7 @@ class DriverVirtqueue:
                 ring.free()
                 raise MemoryError("no DMA memory for indirect tables")
         # Free list through shadow ``next`` fields, like Linux's desc_extra.
-        self._desc_next = [(i + 1) & (size - 1) for i in range(size)]
+        self._desc_next = [(i + 1) % size for i in range(size)]
         self._free_head = 0
         self.num_free = size
         self._tokens: list[Completion | None] = [None] * size
@@ -134,6 +132,19 @@ class DriverVirtqueue:
         self.reap_batches = [Tally() for _ in range(BATCH_BUCKETS)]
         #: The most chains in flight at once, met by a reap, since :meth:`take_peak_in_flight`.
         self.peak_in_flight = 0
+
+    # -- layout (the packed ring overrides these) --------------------------------------------
+
+    def _size_ok(self, size: int) -> bool:
+        """A split ring's size is a power of two (2.7)."""
+        return size >= 1 and not size & (size - 1)
+
+    def _layout(self, size: int) -> tuple[int, int, int]:
+        """Bytes of ring memory, and the offsets of the driver area (the available ring) and the
+        device area (the used ring) in it; the descriptors come first."""
+        avail_off = desc_table_size(size)
+        used_off = (avail_off + avail_ring_size(size) + 3) & ~3
+        return used_off + used_ring_size(size), avail_off, used_off
 
     # -- capacity --------------------------------------------------------------------------
 

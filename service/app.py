@@ -110,7 +110,7 @@ class Service:
             node = await self._open(spec)
             blk_config = _blk_config(spec)
             self._devices.append((spec, plug_blk(self.machine, node, blk_config)))
-        drivers = await self.guest.probe()
+        drivers = await self.guest.probe(ring=self.config.ring)
         for (spec, device), driver in zip(self._devices, drivers, strict=True):
             await self._ready(spec, device, driver)
         for spec, device in self._devices:

@@ -33,6 +33,7 @@ from device.block.dirty import (
 from device.block.node import BlockNode, Capabilities, Extent, describe_stack, stack
 from device.platform import work_queue
 from device.spec import virtio_blk as vb
+from device.spec.virtio import VIRTIO_F_RING_PACKED
 from device.spec.virtio_blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from driver.blk import BlkReadOnlyError, BlkResetError, BlkUnsupportedError, VirtioBlk
 from driver.dma import DmaBuffer
@@ -305,6 +306,7 @@ class ByteDisk:
             "pci": driver.name,
             "queues": len(driver.queues),
             "queue_size": driver.queues[0].size if driver.queues else 0,
+            "ring": "packed" if driver.has_feature(VIRTIO_F_RING_PACKED) else "split",
             "ready": driver.ready,
             "stack": self.control.describe(),
         }

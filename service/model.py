@@ -113,6 +113,7 @@ class ServiceConfig:
     disk_template: DiskSpec = DiskSpec()  # what a disk added at run time gets unless it says otherwise
     hotplug_slots: int = 8  # PCIe root ports with a hot-plug slot each, for disks added at run time
     state_dir: Path | None = None  # where run-time changes are kept (service.state); None: not kept
+    ring: str = "split"  # the virtqueue layout the guest driver asks for: "split" or "packed"
     guest_memory: int = 256 * MiB
     nbd_listen: tuple[str, ...] = ("127.0.0.1:10809",)  # host:port, or unix:PATH; empty: no NBD
     # host:port, or unix:PATH; empty: no HTTP (the CLI's default is 127.0.0.1:8080, see service.config)

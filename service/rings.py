@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from device.packed_virtqueue import PackedDeviceVirtqueue
 from device.spec import virtio_blk as vb
 from device.spec.virtio import (
     VIRTQ_DESC,
@@ -30,8 +31,10 @@ from device.spec.virtio import (
     desc_table_size,
     used_ring_size,
 )
+from device.spec.virtio_packed import PVIRTQ_DESC, PVIRTQ_EVENT, desc_ring_size, is_used
 from device.virtqueue import DeviceVirtqueue
 from driver.blk import OPERATIONS
+from driver.packed_virtqueue import PackedDriverVirtqueue
 from driver.virtqueue import DriverVirtqueue
 from service.latency import LATENCY_BUCKETS, LatencyHistogram
 
@@ -170,6 +173,8 @@ def queue_snapshot(
     queue: DriverVirtqueue, device_queue: DeviceVirtqueue | None, interrupts: tuple[int, int]
 ) -> dict[str, Any]:
     """One virtqueue seen from the driver, the device and the ring memory (read-only)."""
+    if isinstance(queue, PackedDriverVirtqueue):
+        return packed_queue_snapshot(queue, device_queue, interrupts)
     memory = queue.memory
     size = queue.size
     mask = size - 1
@@ -234,6 +239,7 @@ def queue_snapshot(
     used_recent = min(RECENT, size, queue.completed + returned)
     return {
         "index": queue.index,
+        "ring": "split",
         "size": size,
         "vector": device_queue.msix_vector if device_queue is not None else None,
         "event_idx": queue.event_idx,
@@ -274,6 +280,152 @@ def queue_snapshot(
             "last_avail_idx": device_queue.last_avail_idx if device_queue is not None else None,
             "used_idx": device_queue.used_idx if device_queue is not None else None,
             "in_flight": len(device_queue.inflight) if device_queue is not None else None,
+            "interrupts": raised,
+            "interrupts_suppressed": suppressed,
+        },
+        "descriptors": "".join(cells),
+        "counts": {
+            "free": queue.num_free,
+            "in_flight": len(in_flight),
+            "chained": chained,
+            "indirect": indirect_heads,
+        },
+        "chains": chains,
+        "activity": queue_activity(queue, device_queue),
+    }
+
+
+def _packed_entry(data: bytes, slot: int, index: int) -> tuple[int, int, int, int]:
+    addr, length, _id, flags = PVIRTQ_DESC.unpack_from(data, 16 * slot)
+    return index, addr, length, flags
+
+
+def _packed_chain(memory: GuestRam, ring: bytes, positions: list[int]) -> tuple[bool, list[dict[str, Any]]]:
+    """The descriptors of one packed buffer as the ring holds them now (its indirect table's, if
+    its first descriptor is indirect; a used descriptor overwrote the first slot's id and len)."""
+    addr, length, _id, flags = PVIRTQ_DESC.unpack_from(ring, 16 * positions[0])
+    indirect = bool(flags & VIRTQ_DESC_F_INDIRECT)
+    entries: list[tuple[int, int, int, int]] = []
+    if indirect:
+        count = length // 16
+        try:
+            raw = memory.read(addr, count * 16)
+        except Exception:  # the ring says where; never trust it enough to fail the page
+            raw, count = b"", 0
+        entries = [_packed_entry(raw, i, i) for i in range(count)]
+    else:
+        entries = [_packed_entry(ring, i, i) for i in positions]
+    last_writable = max((n for n, e in enumerate(entries) if e[3] & VIRTQ_DESC_F_WRITE), default=-1)
+    described = []
+    for n, (index, d_addr, d_len, d_flags) in enumerate(entries):
+        if n == 0 and not d_flags & VIRTQ_DESC_F_WRITE:
+            role = "header"
+        elif n == last_writable and n == len(entries) - 1 and d_len == 1:
+            role = "status"
+        else:
+            role = "data"
+        described.append(
+            {
+                "index": index,
+                "addr": d_addr,
+                "len": d_len,
+                "flags": _flags(d_flags),
+                "next": None,
+                "role": role,
+            }
+        )
+    return indirect, described
+
+
+def packed_queue_snapshot(
+    queue: PackedDriverVirtqueue, device_queue: DeviceVirtqueue | None, interrupts: tuple[int, int]
+) -> dict[str, Any]:
+    """One packed virtqueue, in the split snapshot's shape where the two agree: ``avail`` and
+    ``used`` hold the Driver and Device Event Suppression areas and the positions (wrap counter
+    in bit 15) each side has reached; ``descriptors`` marks the ring's slots by the buffers in
+    flight; ``ring`` says ``packed``."""
+    memory = queue.memory
+    size = queue.size
+    ring = memory.read(queue.desc_addr, desc_ring_size(size))
+    driver_off_wrap, driver_flags = PVIRTQ_EVENT.unpack(memory.read(queue.avail_addr, 4))
+    device_off_wrap, device_flags = PVIRTQ_EVENT.unpack(memory.read(queue.used_addr, 4))
+    packed_device = device_queue if isinstance(device_queue, PackedDeviceVirtqueue) else None
+    in_flight = queue.chains_in_flight()
+    lengths = {buffer_id: len(positions) for buffer_id, positions in in_flight}
+    # Returned and not yet reaped: the used descriptors from the driver's used position on.
+    stage: dict[int, str] = {}
+    position, wrap = queue.last_used_idx & 0x7FFF, queue.last_used_idx >> 15
+    for _ in range(len(in_flight)):
+        _addr, _len, buffer_id, flags = PVIRTQ_DESC.unpack_from(ring, 16 * position)
+        if not is_used(flags, wrap) or buffer_id not in lengths:
+            break
+        stage[buffer_id] = "used"
+        position += lengths[buffer_id]
+        if position >= size:
+            position, wrap = position - size, wrap ^ 1
+    held = set(packed_device.slots) if packed_device is not None else set()
+    cells = [FREE] * size
+    chains: list[dict[str, Any]] = []
+    chained = indirect_heads = 0
+    for buffer_id, positions in in_flight:
+        for i in positions[1:]:
+            cells[i] = CHAINED
+        chained += len(positions) - 1
+        indirect, descriptors = _packed_chain(memory, ring, positions)
+        cells[positions[0]] = INDIRECT if indirect else HEAD
+        indirect_heads += indirect
+        if len(chains) < MAX_CHAINS:
+            chains.append(
+                {
+                    "head": buffer_id,
+                    "stage": stage.get(buffer_id, "device" if buffer_id in held else "avail"),
+                    "indirect": indirect,
+                    "ring_descriptors": len(positions),
+                    "request": _request(memory, descriptors),
+                    "descriptors": descriptors[:MAX_CHAIN_DESCRIPTORS],
+                    "more_descriptors": max(0, len(descriptors) - MAX_CHAIN_DESCRIPTORS),
+                }
+            )
+    raised, suppressed = interrupts
+    device_used = (
+        packed_device.used_idx | packed_device.used_wrap << 15 if packed_device is not None else None
+    )
+    return {
+        "index": queue.index,
+        "ring": "packed",
+        "size": size,
+        "vector": device_queue.msix_vector if device_queue is not None else None,
+        "event_idx": queue.event_idx,
+        "indirect": bool(queue.indirect_max),
+        "broken": queue.broken,
+        "addresses": {"desc": queue.desc_addr, "avail": queue.avail_addr, "used": queue.used_addr},
+        "avail": {
+            "flags": driver_flags,
+            "idx": queue.shadow_avail_idx,
+            "used_event": driver_off_wrap,
+            "recent": [],
+        },
+        "used": {
+            "flags": device_flags,
+            "idx": device_used,
+            "avail_event": device_off_wrap,
+            "recent": [],
+        },
+        "driver": {
+            "avail_idx": queue.shadow_avail_idx,
+            "last_used_idx": queue.last_used_idx,
+            "num_free": queue.num_free,
+            "free_head": queue.next_head,
+            "in_flight": len(in_flight),
+            "kicks": queue.kicks,
+            "kicks_suppressed": queue.kicks_suppressed,
+            "interrupts": queue.interrupts,
+            "completed": queue.completed,
+        },
+        "device": {
+            "last_avail_idx": packed_device.avail_idx if packed_device is not None else None,
+            "used_idx": device_used,
+            "in_flight": len(packed_device.slots) if packed_device is not None else None,
             "interrupts": raised,
             "interrupts_suppressed": suppressed,
         },

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,9 @@ from tests.build import REPO, stale_sources
 
 MiB = 1 << 20
 pytest_plugins = ["tests.guard", "pytester"]
+#: The virtqueue layout :func:`make_rig`'s driver asks for unless told: a module's ``ring``
+#: fixture runs its tests on both.
+RING = ["split"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -59,13 +62,28 @@ async def make_rig(
     backend = backend if backend is not None else MemoryNode(disk_size)
     device = plug_blk(machine, backend, config or BlkConfig())
     guest = Guest(machine)
+    driver_options.setdefault("ring", RING[0])
     [disk] = await guest.probe(**driver_options)
+    assert device.packed == (driver_options["ring"] == "packed"), (
+        "the ring layout asked for is not the one in use"
+    )
     return Rig(memory, machine, backend, device, guest, disk)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Async tests run on uvloop, the loop vblk serves on."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=["split", "packed"])
+def ring(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on split rings, then on packed ones (VIRTIO_F_RING_PACKED): modules that want
+    both use it (``pytestmark = pytest.mark.usefixtures("ring")``)."""
+    RING[0] = request.param
+    try:
+        yield request.param
+    finally:
+        RING[0] = "split"
 
 
 @pytest.fixture

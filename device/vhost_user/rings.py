@@ -76,6 +76,7 @@ class VhostUserBlkDevice(VirtioBlkDevice):
     """The virtio-blk device model on vhost-user virtqueues."""
 
     queue_type = VhostUserVirtqueue
+    packed_queue_type = None  # packed rings over vhost-user: not yet (their state in VRING_BASE)
 
 
 @dataclasses.dataclass(slots=True)

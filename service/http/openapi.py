@@ -410,6 +410,11 @@ def openapi_document() -> dict[str, Any]:
                         "pci": {"type": "string"},
                         "queues": {"type": "integer"},
                         "queue_size": {"type": "integer"},
+                        "ring": {
+                            "type": "string",
+                            "enum": ["split", "packed"],
+                            "description": "virtqueue layout",
+                        },
                         "backend": {"type": "string"},
                         "ready": {"type": "boolean"},
                         "stack": {
@@ -471,6 +476,12 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "index": {"type": "integer"},
+                        "ring": {
+                            "type": "string",
+                            "enum": ["split", "packed"],
+                            "description": "packed: avail and used hold the Driver and Device Event "
+                            "Suppression areas and each side's position (wrap counter in bit 15)",
+                        },
                         "size": {"type": "integer"},
                         "vector": {"type": ["integer", "null"]},
                         "event_idx": {"type": "boolean"},

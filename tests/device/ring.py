@@ -23,6 +23,7 @@ from device.spec.virtio import (
     VIRTIO_CONFIG_S_DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_RING_PACKED,
     VIRTQ_DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -228,9 +229,10 @@ class BlkBench:
         self.heap = Heap((self.ring.end + 4095) & ~4095, self.memory.end)
 
     def negotiate(self, features: int | None = None) -> bool:
-        """ACKNOWLEDGE, DRIVER, write ``features`` (default: all offered), FEATURES_OK; re-read it."""
+        """ACKNOWLEDGE, DRIVER, write ``features`` (default: all offered; never packed rings: this
+        bench writes split ones), FEATURES_OK; re-read it."""
         device = self.device
-        features = device.device_features if features is None else features
+        features = (device.device_features if features is None else features) & ~(1 << VIRTIO_F_RING_PACKED)
         device.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
         device.set_driver_features(0, features & 0xFFFFFFFF)
         device.set_driver_features(1, features >> 32)

@@ -35,6 +35,7 @@ class BlkModel(RuleBasedStateMachine):
     features_mask: int = (1 << 64) - 1
     queue_size: int = 4
     io_mode: Any = "inline"
+    ring: str = "split"
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,8 +51,10 @@ class BlkModel(RuleBasedStateMachine):
                 disk_size=DISK_SECTORS * SECTOR,
                 config=config,
                 features_mask=self.features_mask,
+                ring=self.ring,
             )
         )
+        assert self.rig.device.packed == (self.ring == "packed")
 
     @rule(
         ops=st.lists(op_strategy, min_size=1, max_size=REGIONS),
@@ -130,3 +133,11 @@ TestNoEventIdx = _machine("NoEventIdx", features_mask=NO_EVENT_IDX, queue_size=4
 TestNoIndirect = _machine("NoIndirect", features_mask=NO_INDIRECT, queue_size=8).TestCase
 TestNeither = _machine("Neither", features_mask=NEITHER, queue_size=8).TestCase
 TestThreadMode = _machine("ThreadMode", queue_size=4, io_mode="thread").TestCase
+# The same random workloads on packed virtqueues (a queue size that is a power of two: the
+# driver takes the device's).
+TestPackedAllFeatures = _machine("PackedAllFeatures", queue_size=4, ring="packed").TestCase
+TestPackedNoEventIdx = _machine(
+    "PackedNoEventIdx", features_mask=NO_EVENT_IDX, queue_size=4, ring="packed"
+).TestCase
+TestPackedNeither = _machine("PackedNeither", features_mask=NEITHER, queue_size=8, ring="packed").TestCase
+TestPackedThreadMode = _machine("PackedThreadMode", queue_size=4, io_mode="thread", ring="packed").TestCase

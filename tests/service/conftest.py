@@ -74,6 +74,7 @@ async def serving(
     security: SecurityConfig | None = None,
     state_dir: Path | None = None,
     disk_template: DiskSpec | None = None,
+    ring: str = "split",
 ) -> AsyncIterator[NbdRig]:
     """A started service with ``disks``: NBD on a unix socket and a free TCP port, HTTP too
     (on a free TCP port, and with ``http_unix`` on ``http.sock`` beside ``nbd.sock``)."""
@@ -88,6 +89,7 @@ async def serving(
         security=security or SecurityConfig(),
         state_dir=state_dir,
         disk_template=disk_template or DiskSpec(),
+        ring=ring,
     )
     service = Service(config)
     try:
