@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 from device.memory import GuestMemory
-from device.platform import GuestMemoryError, store_u16
+from device.platform import store_u16
 from device.spec.virtio import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -80,20 +80,11 @@ class PackedDeviceVirtqueue(DeviceVirtqueue):
         size = self.size
         if not 1 <= size <= min(self.max_size, PVIRTQ_MAX_SIZE):
             raise VirtqueueError(f"queue {self.index}: size {size} is not in 1..{self.max_size}")
-        areas = (
+        self._map_areas(
             ("descriptor ring", self.desc_addr, desc_ring_size(size), PVIRTQ_DESC_ALIGN),
             ("driver event suppression area", self.driver_addr, PVIRTQ_EVENT_SIZE, PVIRTQ_EVENT_ALIGN),
             ("device event suppression area", self.device_addr, PVIRTQ_EVENT_SIZE, PVIRTQ_EVENT_ALIGN),
         )
-        offsets = []
-        for name, addr, length, align in areas:
-            if addr % align:
-                raise VirtqueueError(f"queue {self.index}: {name} at {addr:#x} not {align}-aligned")
-            try:
-                offsets.append(self.memory.offset(addr, length))
-            except GuestMemoryError as exc:
-                raise VirtqueueError(f"queue {self.index}: {name} outside guest RAM") from exc
-        self._desc_off, self._avail_off, self._used_off = offsets
         self.event_idx = event_idx
         self.indirect = indirect
         self.active = True
@@ -165,8 +156,6 @@ class PackedDeviceVirtqueue(DeviceVirtqueue):
     def _walk_ring(self) -> tuple[DescriptorChain, int]:
         """The buffer starting at the device's avail position: (chain, ring descriptors taken)."""
         buf = self.memory.buffer
-        mem_base = self.memory.base
-        mem_end = self.memory.end
         size = self.size
         position = self.last_avail_idx
         wrap = self.avail_wrap
@@ -199,19 +188,7 @@ class PackedDeviceVirtqueue(DeviceVirtqueue):
                     raise VirtqueueError(f"queue {self.index}: WRITE on an indirect descriptor (reserved)")
                 total = self._walk_table(addr, length, readable, writable)
             else:
-                if addr < mem_base or addr + length > mem_end:
-                    raise VirtqueueError(
-                        f"queue {self.index}: buffer [{addr:#x}, +{length:#x}) outside guest RAM"
-                    )
-                total += length
-                if total > VIRTQ_MAX_CHAIN_BYTES:
-                    raise VirtqueueError(f"queue {self.index}: buffer longer than 2^32 bytes")
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append((addr, length))
-                elif writable:
-                    raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
-                else:
-                    readable.append((addr, length))
+                total = self._take(addr, length, flags, total, readable, writable)
             position += 1
             if position == size:
                 position = 0
@@ -247,19 +224,31 @@ class PackedDeviceVirtqueue(DeviceVirtqueue):
             entry_addr, entry_length, _id, flags = _desc_unpack(buf, table + PVIRTQ_DESC_SIZE * k)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise VirtqueueError(f"queue {self.index}: nested indirect descriptor")
-            if entry_addr < mem_base or entry_addr + entry_length > mem_end:
-                raise VirtqueueError(
-                    f"queue {self.index}: buffer [{entry_addr:#x}, +{entry_length:#x}) outside guest RAM"
-                )
-            total += entry_length
-            if total > VIRTQ_MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"queue {self.index}: buffer longer than 2^32 bytes")
-            if flags & VIRTQ_DESC_F_WRITE:
-                writable.append((entry_addr, entry_length))
-            elif writable:
-                raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
-            else:
-                readable.append((entry_addr, entry_length))
+            total = self._take(entry_addr, entry_length, flags, total, readable, writable)
+        return total
+
+    def _take(
+        self,
+        addr: int,
+        length: int,
+        flags: int,
+        total: int,
+        readable: list[tuple[int, int]],
+        writable: list[tuple[int, int]],
+    ) -> int:
+        """One element of a buffer, checked (inside guest RAM, readable ones first, at most 2^32
+        bytes in all) and added to its side; returns the buffer's length so far."""
+        if addr < self.memory.base or addr + length > self.memory.end:
+            raise VirtqueueError(f"queue {self.index}: buffer [{addr:#x}, +{length:#x}) outside guest RAM")
+        total += length
+        if total > VIRTQ_MAX_CHAIN_BYTES:
+            raise VirtqueueError(f"queue {self.index}: buffer longer than 2^32 bytes")
+        if flags & VIRTQ_DESC_F_WRITE:
+            writable.append((addr, length))
+        elif writable:
+            raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
+        else:
+            readable.append((addr, length))
         return total
 
     # -- used descriptors ----------------------------------------------------------------------

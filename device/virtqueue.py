@@ -111,11 +111,18 @@ class DeviceVirtqueue:
             raise VirtqueueError(
                 f"queue {self.index}: size {size} is not a power of two in 1..{self.max_size}"
             )
-        areas = (
+        self._map_areas(
             ("descriptor table", self.desc_addr, desc_table_size(size), VIRTQ_DESC_ALIGN),
             ("available ring", self.driver_addr, avail_ring_size(size), VIRTQ_AVAIL_ALIGN),
             ("used ring", self.device_addr, used_ring_size(size), VIRTQ_USED_ALIGN),
         )
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.active = True
+
+    def _map_areas(self, *areas: tuple[str, int, int, int]) -> None:
+        """The descriptor, driver and device areas ``(name, address, length, alignment)``, each
+        aligned and inside guest RAM, as offsets into it."""
         offsets = []
         for name, addr, length, align in areas:
             if addr % align:
@@ -125,9 +132,6 @@ class DeviceVirtqueue:
             except GuestMemoryError as exc:
                 raise VirtqueueError(f"queue {self.index}: {name} outside guest RAM") from exc
         self._desc_off, self._avail_off, self._used_off = offsets
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.active = True
 
     # -- available ring --------------------------------------------------------------------
 

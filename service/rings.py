@@ -79,6 +79,12 @@ def _chain_descriptors(memory: GuestRam, table: bytes, chain: list[int]) -> tupl
         entries = [(i, *VIRTQ_DESC.unpack_from(raw, VIRTQ_DESC_SIZE * i)) for i in range(count)]
     else:
         entries = [(i, *VIRTQ_DESC.unpack_from(table, VIRTQ_DESC_SIZE * i)) for i in chain]
+    return indirect, _described(entries)
+
+
+def _described(entries: Sequence[tuple[int, int, int, int, int | None]]) -> list[dict[str, Any]]:
+    """``(index, addr, len, flags, next)`` descriptors of one chain, each with its role in a
+    virtio-blk request: the header first, the status byte last, data between."""
     described = []
     last_writable = max((n for n, e in enumerate(entries) if e[3] & VIRTQ_DESC_F_WRITE), default=-1)
     for n, (index, d_addr, d_len, d_flags, d_next) in enumerate(entries):
@@ -98,7 +104,7 @@ def _chain_descriptors(memory: GuestRam, table: bytes, chain: list[int]) -> tupl
                 "role": role,
             }
         )
-    return indirect, described
+    return described
 
 
 def _request(memory: GuestRam, descriptors: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -295,9 +301,9 @@ def queue_snapshot(
     }
 
 
-def _packed_entry(data: bytes, slot: int, index: int) -> tuple[int, int, int, int]:
+def _packed_entry(data: bytes, slot: int, index: int) -> tuple[int, int, int, int, int | None]:
     addr, length, _id, flags = PVIRTQ_DESC.unpack_from(data, 16 * slot)
-    return index, addr, length, flags
+    return index, addr, length, flags, None  # a packed list has no next fields
 
 
 def _packed_chain(memory: GuestRam, ring: bytes, positions: list[int]) -> tuple[bool, list[dict[str, Any]]]:
@@ -305,7 +311,7 @@ def _packed_chain(memory: GuestRam, ring: bytes, positions: list[int]) -> tuple[
     its first descriptor is indirect; a used descriptor overwrote the first slot's id and len)."""
     addr, length, _id, flags = PVIRTQ_DESC.unpack_from(ring, 16 * positions[0])
     indirect = bool(flags & VIRTQ_DESC_F_INDIRECT)
-    entries: list[tuple[int, int, int, int]] = []
+    entries: list[tuple[int, int, int, int, int | None]] = []
     if indirect:
         count = length // 16
         try:
@@ -315,26 +321,7 @@ def _packed_chain(memory: GuestRam, ring: bytes, positions: list[int]) -> tuple[
         entries = [_packed_entry(raw, i, i) for i in range(count)]
     else:
         entries = [_packed_entry(ring, i, i) for i in positions]
-    last_writable = max((n for n, e in enumerate(entries) if e[3] & VIRTQ_DESC_F_WRITE), default=-1)
-    described = []
-    for n, (index, d_addr, d_len, d_flags) in enumerate(entries):
-        if n == 0 and not d_flags & VIRTQ_DESC_F_WRITE:
-            role = "header"
-        elif n == last_writable and n == len(entries) - 1 and d_len == 1:
-            role = "status"
-        else:
-            role = "data"
-        described.append(
-            {
-                "index": index,
-                "addr": d_addr,
-                "len": d_len,
-                "flags": _flags(d_flags),
-                "next": None,
-                "role": role,
-            }
-        )
-    return indirect, described
+    return indirect, _described(entries)
 
 
 def packed_queue_snapshot(
