@@ -271,17 +271,7 @@ def queue_snapshot(
                 for elem in (used_elem(idx),)
             ],
         },
-        "driver": {
-            "avail_idx": queue.shadow_avail_idx,
-            "last_used_idx": queue.last_used_idx,
-            "num_free": queue.num_free,
-            "free_head": queue.next_head,
-            "in_flight": len(in_flight),
-            "kicks": queue.kicks,
-            "kicks_suppressed": queue.kicks_suppressed,
-            "interrupts": queue.interrupts,
-            "completed": queue.completed,
-        },
+        "driver": _driver_state(queue, len(in_flight)),
         "device": {
             "last_avail_idx": device_queue.last_avail_idx if device_queue is not None else None,
             "used_idx": device_queue.used_idx if device_queue is not None else None,
@@ -298,6 +288,21 @@ def queue_snapshot(
         },
         "chains": chains,
         "activity": queue_activity(queue, device_queue),
+    }
+
+
+def _driver_state(queue: DriverVirtqueue, in_flight: int) -> dict[str, int]:
+    """What the driver knows of one queue: its positions, free descriptors, counters."""
+    return {
+        "avail_idx": queue.shadow_avail_idx,
+        "last_used_idx": queue.last_used_idx,
+        "num_free": queue.num_free,
+        "free_head": queue.next_head,
+        "in_flight": in_flight,
+        "kicks": queue.kicks,
+        "kicks_suppressed": queue.kicks_suppressed,
+        "interrupts": queue.interrupts,
+        "completed": queue.completed,
     }
 
 
@@ -398,17 +403,7 @@ def packed_queue_snapshot(
             "avail_event": device_off_wrap,
             "recent": [],
         },
-        "driver": {
-            "avail_idx": queue.shadow_avail_idx,
-            "last_used_idx": queue.last_used_idx,
-            "num_free": queue.num_free,
-            "free_head": queue.next_head,
-            "in_flight": len(in_flight),
-            "kicks": queue.kicks,
-            "kicks_suppressed": queue.kicks_suppressed,
-            "interrupts": queue.interrupts,
-            "completed": queue.completed,
-        },
+        "driver": _driver_state(queue, len(in_flight)),
         "device": {
             "last_avail_idx": packed_device.avail_idx if packed_device is not None else None,
             "used_idx": device_used,
