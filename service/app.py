@@ -156,22 +156,35 @@ class Service:
 
     async def _ready(self, spec: DiskSpec, device: VirtioBlkDevice, driver: VirtioBlk) -> Disk:
         """A local disk's driver bound: the disk the front ends serve."""
-        driver.observer = self.metrics.virtio_observer(spec.name)
-        serial = await driver.get_id()
-        byte_disk = ByteDisk(spec.name, driver, StackControl(device.node, device))
-        disk = self.disks[spec.name] = Disk(spec, device, driver, serial, byte_disk)
-        log.info(
-            "disk_ready",
-            disk=spec.name,
+        return await self._serve(
+            spec,
+            device,
+            driver,
+            StackControl(device.node, device),
             pci=driver.name,
-            serial=serial,
-            size=driver.size,
             block_size=driver.block_size,
             read_only=driver.read_only,
             backend=spec.backend,
             path=str(spec.path) if spec.backend == "file" else None,
             format=spec.format if spec.backend == "file" else None,
         )
+
+    async def _serve(
+        self,
+        spec: DiskSpec,
+        device: VirtioBlkDevice | RemoteDevice,
+        driver: VirtioBlk,
+        control: StackControl | RemoteControl,
+        /,
+        **facts: object,  # for the log line (``device`` among them: positional-only above)
+    ) -> Disk:
+        """A bound driver made a disk: its metrics observer, its serial, its port; logged."""
+        driver.observer = self.metrics.virtio_observer(spec.name)
+        serial = await driver.get_id()
+        disk = self.disks[spec.name] = Disk(
+            spec, device, driver, serial, ByteDisk(spec.name, driver, control)
+        )
+        log.info("disk_ready", disk=spec.name, serial=serial, size=driver.size, **facts)
         return disk
 
     def _throttle(self, spec: DiskSpec, device: VirtioBlkDevice) -> None:
@@ -194,16 +207,12 @@ class Service:
 
     async def _ready_remote(self, spec: DiskSpec, driver: VirtioBlk) -> Disk:
         self.guest.disks.append(driver)  # closed with the guest's own
-        driver.observer = self.metrics.virtio_observer(spec.name)
-        serial = await driver.get_id()
-        byte_disk = ByteDisk(spec.name, driver, RemoteControl(driver))
-        disk = self.disks[spec.name] = Disk(spec, RemoteDevice(), driver, serial, byte_disk)
-        log.info("disk_ready", disk=spec.name, device=driver.name, serial=serial, size=driver.size)
-        return disk
+        return await self._serve(spec, RemoteDevice(), driver, RemoteControl(driver), device=driver.name)
 
     def _export(self, disk: Disk) -> None:
+        """A disk added while NBD is served: exported at once (at start, the server gets them all)."""
         if self.nbd is not None:
-            self.nbd_exports[disk.spec.name] = NbdExport(disk.bytes, f"vblk virtio-blk disk {disk.spec.name}")
+            self.nbd_exports[disk.spec.name] = _nbd_export(disk)
 
     # -- disks at run time ------------------------------------------------------------------------
 
@@ -218,7 +227,6 @@ class Service:
             disk = await self._add(spec)
             kept = dict(options if options is not None else {"name": spec.name})
             if spec.backend == "file":  # the state outlives the working directory
-                kept.pop("image", None)
                 kept["image"] = str(spec.path.absolute())
             self.state.entry(spec.name).added = kept
             await self.state.save()
@@ -263,10 +271,7 @@ class Service:
         try:
             driver = await asyncio.wait_for(self.guest.hotplug.arrived(slot), HOTPLUG_TIMEOUT)
         except (PciehpError, TimeoutError) as exc:
-            if self.machine.hotplug_card(slot) is not None:
-                self.machine.surprise_unplug(slot)
-            with contextlib.suppress(PciehpError, TimeoutError):
-                await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
+            await self._pull(slot)
             device.close()
             node.close()
             reason = str(exc) or "the guest did not bind it in time"
@@ -288,9 +293,7 @@ class Service:
                 raise DiskError("no_such_disk", f"no disk is named {name}: GET /v1/disks lists them")
             if name in self.views.views:
                 raise DiskError("disk_refused", f"{name} is a view: DELETE its view route stops it")
-            if self.views.of(name):
-                views = ", ".join(v.name for v in self.views.of(name))
-                raise DiskError("disk_refused", f"disk {name} has views ({views}): stop them first")
+            self._refuse_views(name)
             remote = not isinstance(disk.device, VirtioBlkDevice)
             slot = self.hotplugged.get(name)
             if slot is None and not remote:
@@ -300,12 +303,22 @@ class Service:
                     "slots (QEMU's pcie.0 neither); take it out of the configuration and restart",
                 )
             async with disk.bytes.control_lock:
-                if name in self.snapshots.committing:
-                    raise DiskError("disk_refused", f"disk {name} is committing its overlay: wait for it")
+                self._refuse_committing(name)
                 outcome = await self._remove(disk, slot)
             self.state.disks.pop(name, None)
             await self.state.save()
             return outcome
+
+    def _refuse_views(self, name: str) -> None:
+        """A disk with point-in-time views keeps its device and its size until they stop."""
+        views = self.views.of(name)
+        if views:
+            names = ", ".join(v.name for v in views)
+            raise DiskError("disk_refused", f"disk {name} has views ({names}): stop them first")
+
+    def _refuse_committing(self, name: str) -> None:
+        if name in self.snapshots.committing:
+            raise DiskError("disk_refused", f"disk {name} is committing its overlay: wait for it")
 
     async def _remove(self, disk: Disk, slot: int | None) -> dict[str, object]:
         name = disk.spec.name
@@ -369,11 +382,8 @@ class Service:
         if name in self.views.views:
             raise DiskError("disk_refused", f"{name} is a view: it keeps the size its disk had")
         async with disk.bytes.control_lock:
-            if self.views.of(name):
-                views = ", ".join(v.name for v in self.views.of(name))
-                raise DiskError("disk_refused", f"disk {name} has views ({views}): stop them first")
-            if name in self.snapshots.committing:
-                raise DiskError("disk_refused", f"disk {name} is committing its overlay: wait for it")
+            self._refuse_views(name)
+            self._refuse_committing(name)
             driver = disk.driver
             old = driver.size
             if driver.read_only:
@@ -458,12 +468,17 @@ class Service:
             return True
         except TimeoutError:
             released.cancel()
-            if self.machine.hotplug_card(slot) is not None:
-                self.machine.surprise_unplug(slot)
-            with contextlib.suppress(PciehpError, TimeoutError):
-                await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
+            await self._pull(slot)
             log.warning("disk_unplug_forced", slot=slot, timeout=HOTPLUG_TIMEOUT)
             return False
+
+    async def _pull(self, slot: int) -> None:
+        """The card in ``slot`` (if one is still there) pulled unannounced, and the guest's
+        driver given its time to let go of it."""
+        if self.machine.hotplug_card(slot) is not None:
+            self.machine.surprise_unplug(slot)
+        with contextlib.suppress(PciehpError, TimeoutError):
+            await asyncio.wait_for(self.guest.hotplug.removed(slot), HOTPLUG_TIMEOUT)
 
     async def start_front_ends(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         """Open the listeners; sockets ``inherited`` from systemd replace their front end's own."""
@@ -473,7 +488,7 @@ class Service:
         if nbd_listen or "nbd" in inherited:
             exports = self.nbd_exports
             for disk in self.disks.values():
-                exports[disk.spec.name] = NbdExport(disk.bytes, f"vblk virtio-blk disk {disk.spec.name}")
+                exports[disk.spec.name] = _nbd_export(disk)
             metrics = self.metrics
             self.nbd = NbdServer(
                 exports,
@@ -591,6 +606,10 @@ class Service:
 
 
 HOTPLUG_TIMEOUT = 5.0  # seconds the guest has to bind a hot-plugged card, or to release one
+
+
+def _nbd_export(disk: Disk) -> NbdExport:
+    return NbdExport(disk.bytes, f"vblk virtio-blk disk {disk.spec.name}")
 
 
 def _blk_config(spec: DiskSpec) -> BlkConfig:

@@ -146,7 +146,7 @@ class RuntimeState:
         return self.disks.setdefault(name, DiskState())
 
     def document(self) -> bytes:
-        disks = {name: state.to_json() for name, state in self.disks.items() if state.to_json()}
+        disks = {name: entry for name, state in self.disks.items() if (entry := state.to_json())}
         return (json.dumps({"version": VERSION, "disks": disks}, indent=2, sort_keys=True) + "\n").encode()
 
     async def save(self) -> None:
