@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from device.packed_virtqueue import PackedDeviceVirtqueue
@@ -216,29 +216,13 @@ def queue_snapshot(
         stage[used_elem(idx)[0]] = "used"
         returned += 1
 
-    cells = [FREE] * size
-    chains: list[dict[str, Any]] = []
-    chained = indirect_heads = 0
     in_flight = queue.chains_in_flight()
-    for head, ring_chain in in_flight:
-        for i in ring_chain[1:]:
-            cells[i] = CHAINED
-        chained += len(ring_chain) - 1
-        indirect, descriptors = _chain_descriptors(memory, table, ring_chain)
-        cells[head] = INDIRECT if indirect else HEAD
-        indirect_heads += indirect
-        if len(chains) < MAX_CHAINS:
-            chains.append(
-                {
-                    "head": head,
-                    "stage": stage.get(head, "unknown"),
-                    "indirect": indirect,
-                    "ring_descriptors": len(ring_chain),
-                    "request": _request(memory, descriptors),
-                    "descriptors": descriptors[:MAX_CHAIN_DESCRIPTORS],
-                    "more_descriptors": max(0, len(descriptors) - MAX_CHAIN_DESCRIPTORS),
-                }
-            )
+    cells, chains, counts = _chains_in_flight(
+        queue,
+        in_flight,
+        lambda ring_chain: _chain_descriptors(memory, table, ring_chain),
+        lambda head: stage.get(head, "unknown"),
+    )
     raised, suppressed = interrupts
     # Entries this ring has ever held (a fresh ring shows no stale slots as recent).
     avail_recent = min(RECENT, size, queue.completed + len(in_flight))
@@ -279,16 +263,51 @@ def queue_snapshot(
             "interrupts": raised,
             "interrupts_suppressed": suppressed,
         },
-        "descriptors": "".join(cells),
-        "counts": {
-            "free": queue.num_free,
-            "in_flight": len(in_flight),
-            "chained": chained,
-            "indirect": indirect_heads,
-        },
+        "descriptors": cells,
+        "counts": counts,
         "chains": chains,
         "activity": queue_activity(queue, device_queue),
     }
+
+
+def _chains_in_flight(
+    queue: DriverVirtqueue,
+    in_flight: list[tuple[int, list[int]]],
+    describe: Callable[[list[int]], tuple[bool, list[dict[str, Any]]]],
+    stage_of: Callable[[int], str],
+) -> tuple[str, list[dict[str, Any]], dict[str, int]]:
+    """The descriptor grid (a cell per ring slot), the chains in flight (at most
+    :data:`MAX_CHAINS`, each with its request) and the counts, from ``(head, ring slots)`` of
+    every chain, how to read a chain's descriptors and where a head is in its round trip."""
+    cells = [FREE] * queue.size
+    chains: list[dict[str, Any]] = []
+    chained = indirect_heads = 0
+    for head, slots in in_flight:
+        for i in slots[1:]:
+            cells[i] = CHAINED
+        chained += len(slots) - 1
+        indirect, descriptors = describe(slots)
+        cells[slots[0]] = INDIRECT if indirect else HEAD
+        indirect_heads += indirect
+        if len(chains) < MAX_CHAINS:
+            chains.append(
+                {
+                    "head": head,
+                    "stage": stage_of(head),
+                    "indirect": indirect,
+                    "ring_descriptors": len(slots),
+                    "request": _request(queue.memory, descriptors),
+                    "descriptors": descriptors[:MAX_CHAIN_DESCRIPTORS],
+                    "more_descriptors": max(0, len(descriptors) - MAX_CHAIN_DESCRIPTORS),
+                }
+            )
+    counts = {
+        "free": queue.num_free,
+        "in_flight": len(in_flight),
+        "chained": chained,
+        "indirect": indirect_heads,
+    }
+    return "".join(cells), chains, counts
 
 
 def _driver_state(queue: DriverVirtqueue, in_flight: int) -> dict[str, int]:
@@ -356,28 +375,12 @@ def packed_queue_snapshot(
         if position >= size:
             position, wrap = position - size, wrap ^ 1
     held = set(packed_device.slots) if packed_device is not None else set()
-    cells = [FREE] * size
-    chains: list[dict[str, Any]] = []
-    chained = indirect_heads = 0
-    for buffer_id, positions in in_flight:
-        for i in positions[1:]:
-            cells[i] = CHAINED
-        chained += len(positions) - 1
-        indirect, descriptors = _packed_chain(memory, ring, positions)
-        cells[positions[0]] = INDIRECT if indirect else HEAD
-        indirect_heads += indirect
-        if len(chains) < MAX_CHAINS:
-            chains.append(
-                {
-                    "head": buffer_id,
-                    "stage": stage.get(buffer_id, "device" if buffer_id in held else "avail"),
-                    "indirect": indirect,
-                    "ring_descriptors": len(positions),
-                    "request": _request(memory, descriptors),
-                    "descriptors": descriptors[:MAX_CHAIN_DESCRIPTORS],
-                    "more_descriptors": max(0, len(descriptors) - MAX_CHAIN_DESCRIPTORS),
-                }
-            )
+    cells, chains, counts = _chains_in_flight(
+        queue,
+        in_flight,
+        lambda positions: _packed_chain(memory, ring, positions),
+        lambda buffer_id: stage.get(buffer_id, "device" if buffer_id in held else "avail"),
+    )
     raised, suppressed = interrupts
     device_used = (
         packed_device.used_idx | packed_device.used_wrap << 15 if packed_device is not None else None
@@ -411,13 +414,8 @@ def packed_queue_snapshot(
             "interrupts": raised,
             "interrupts_suppressed": suppressed,
         },
-        "descriptors": "".join(cells),
-        "counts": {
-            "free": queue.num_free,
-            "in_flight": len(in_flight),
-            "chained": chained,
-            "indirect": indirect_heads,
-        },
+        "descriptors": cells,
+        "counts": counts,
         "chains": chains,
         "activity": queue_activity(queue, device_queue),
     }
