@@ -295,7 +295,9 @@ def test_an_inconsistent_bitmap_keeps_in_use_in_its_record() -> None:
 
 
 def write(node: BlockNode, offset: int, data: bytes, pieces: int = 1) -> None:
-    cut = len(data) // pieces if pieces > 1 else len(data)
+    """``data`` at ``offset`` in at most ``pieces`` buffers (each of at least one byte: a piece cut
+    shorter than that would leave bytes unwritten)."""
+    cut = -(-len(data) // pieces) if pieces > 1 else len(data)
     buffers = [memoryview(data[i : i + cut]) for i in range(0, len(data), cut or 1)] or [memoryview(b"")]
     blocking_call(node.writev, offset, buffers)
 
