@@ -17,6 +17,8 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from device.memory import GuestMemory
 from device.platform import store_u16
 from device.spec.virtio import (
@@ -57,6 +59,7 @@ _AVAIL_USED: Final = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
 _KNOWN: Final = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT | _AVAIL_USED
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # device.vhost_user subclasses it
 class PackedDeviceVirtqueue(DeviceVirtqueue):
     """One packed virtqueue as the device sees it. ``desc_addr`` is the descriptor ring,
     ``driver_addr`` the Driver Event Suppression area, ``device_addr`` the Device one."""

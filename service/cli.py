@@ -34,6 +34,7 @@ from service.config import (
     from_sources,
     parse_bool,
     parse_disk,
+    vhost_user_throttle,
 )
 from service.control_cli import add_control_parsers, run_control_command
 from service.model import DEFAULT_IMAGE_SIZE, DiskSpec, ServiceConfig
@@ -156,6 +157,12 @@ def _add_vhost_user_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     vhost.add_argument("--io-mode", choices=("inline", "thread"), default="inline")
     vhost.add_argument("--serial", default="vblk", help="the disk's serial (VIRTIO_BLK_T_GET_ID)")
+    vhost.add_argument(
+        "--throttle",
+        default=None,
+        metavar="LIMITS",
+        help="I/O limits, QEMU's keys: iops-total=N,bps-write=N,... (K, M, G: binary units) [none]",
+    )
     vhost.add_argument("--once", action="store_true", help="exit when the first front end disconnects")
     vhost.add_argument(
         "--http",
@@ -201,10 +208,12 @@ def _vhost_user(args: argparse.Namespace) -> int:
             if args.http is None:
                 raise ConfigError("--tokens-file is for the control surface: give --http too")
             Tokens.load(args.tokens_file)  # a bad file is a usage error, as for serve
+        throttle = vhost_user_throttle(args.throttle)
     except (ConfigError, SecurityConfigError) as exc:
         print(f"vblk: {exc}", file=sys.stderr)
         return 2
     disk = DiskSpec(
+        throttle=throttle,
         name=args.name,
         backend=args.backend,
         path=args.image,

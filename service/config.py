@@ -343,6 +343,25 @@ def check_force_share(what: str, backend: str, read_only: bool) -> None:
         raise ConfigError(f"{what}: {exc}") from exc
 
 
+def vhost_user_throttle(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``vblk vhost-user --throttle``: ``key=value,...`` with the keys of a ``--disk``'s limits."""
+    if not text:
+        return ()
+    options: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in LIMIT_KEYS:
+            raise ConfigError(f"--throttle {item!r}: want KEY=VALUE, KEY one of {', '.join(LIMIT_KEYS)}")
+        options[key] = value
+    spec: dict[str, Any] = {"backend": "file"}
+    try:
+        _throttle_of(options, spec)
+    except ValueError as exc:
+        raise ConfigError(f"--throttle: {exc}") from exc
+    throttle: tuple[tuple[str, int], ...] = spec["throttle"]
+    return throttle
+
+
 def _text(value: str) -> str:
     return value
 

@@ -22,6 +22,7 @@ from device.vhost_user import DEFAULT_QUEUE_SIZE, VhostUserBlk, VhostUserServer
 from service.model import DiskSpec, describe_error
 from service.security import SecurityConfigError
 from service.storage import open_stack
+from service.throttling import Throttling
 from service.vhost_user_control import ControlListener
 
 log = structlog.get_logger("vblk.service.vhost_user")
@@ -67,6 +68,9 @@ async def serve_vhost_user(
         _unwatch(loop, signals)
         return 1
     blk = VhostUserBlk(node, blk_config(dataclasses.replace(config, disk=spec)))
+    throttling = Throttling()
+    if spec.throttle:
+        throttling.attach(spec.name, blk.device, dict(spec.throttle), spec.throttle_group)
     server = VhostUserServer(config.socket, blk)
     if config.once:
         server.on_session_end = stop.set
@@ -109,6 +113,7 @@ async def serve_vhost_user(
             image=str(spec.path) if spec.backend == "file" else None,
             queues=spec.num_queues,
             queue_size=spec.queue_size,
+            throttle=dict(spec.throttle),
             http=control.addresses if control is not None else [],
         )
         await stop.wait()
@@ -118,6 +123,7 @@ async def serve_vhost_user(
             await control.close()
         await server.close()
         await blk.disconnect()
+        throttling.close()
         blk.close()
         node.close()
         _unwatch(loop, signals)

@@ -155,6 +155,7 @@ REPLY_REQUESTS: Final = frozenset(
         Request.GET_CONFIG,
         Request.GET_MAX_MEM_SLOTS,
         Request.GET_STATUS,
+        Request.GET_INFLIGHT_FD,
     }
 )
 

@@ -28,8 +28,16 @@ from device.spec.virtio import (
 )
 from device.spec.virtio_blk import VIRTIO_BLK_CFG_WRITEBACK
 from device.vhost_user.channel import BackendChannel, ChannelError
+from device.vhost_user.inflight import InflightError, InflightMessage, InflightRegion
 from device.vhost_user.regions import RegionMemory
-from device.vhost_user.rings import Ring, RingStart, VhostUserBlkDevice, configure_queue
+from device.vhost_user.rings import (
+    Ring,
+    RingStart,
+    VhostUserBlkDevice,
+    VhostUserPackedVirtqueue,
+    VhostUserVirtqueue,
+    configure_queue,
+)
 from device.virtqueue import DeviceVirtqueue
 
 log = structlog.get_logger("vblk.device.vhost_user")
@@ -39,6 +47,7 @@ OFFERED_PROTOCOL_FEATURES = vu.protocol_mask(
     vu.ProtocolFeature.REPLY_ACK,
     vu.ProtocolFeature.BACKEND_REQ,
     vu.ProtocolFeature.CONFIG,
+    vu.ProtocolFeature.INFLIGHT_SHMFD,
 )
 DEFAULT_QUEUE_SIZE = 128  # QEMU's vhost-user-blk queue-size default
 ANSWER_TIMEOUT = 5.0  # seconds a front end gets to answer a config-change notice
@@ -102,6 +111,10 @@ class VhostUserBlk:
         self._resizing = asyncio.Lock()  # one resize at a time: each outcome's sizes are its own
         self._notice_deferred = False  # a resize while no ring ran: tell it when one starts
         self._deferred_notice: asyncio.Task[ResizeOutcome] | None = None
+        #: The in-flight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), once the front end has one.
+        self.inflight: InflightRegion | None = None
+        #: The fds to send with the reply :meth:`handle` returned (the server takes them).
+        self.reply_fds: list[int] = []
 
     @property
     def node(self) -> BlockNode:
@@ -193,7 +206,7 @@ class VhostUserBlk:
             ring = self._ring(state.index)
             if ring.started:
                 raise RequestRefusedError(f"ring {ring.index} base changed while running")
-            ring.base = state.num & 0xFFFF
+            ring.base = state.num  # split: the avail index; packed: both positions and wrap counters
             return None
         if request == rq.SET_VRING_ADDR:
             addr = vu.VringAddr.decode(payload)
@@ -220,9 +233,18 @@ class VhostUserBlk:
             elif request == rq.SET_VRING_CALL:
                 _close(ring.call)
                 ring.call = fd
+                if ring.recovered and fd is not None:  # a predecessor's last interrupt may be lost
+                    ring.recovered = False
+                    ring.calls += 1
+                    os.eventfd_write(fd, 1)
             else:
                 _close(ring.err)
                 ring.err = fd
+            return None
+        if request == rq.GET_INFLIGHT_FD:
+            return self._get_inflight_fd(payload)
+        if request == rq.SET_INFLIGHT_FD:
+            self._set_inflight_fd(payload, fds)
             return None
         if request == rq.SET_VRING_ENABLE:
             state = vu.VringState.decode(payload)
@@ -295,6 +317,64 @@ class VhostUserBlk:
         self.channel = channel
         log.info("vhost_user_backend_channel", replaced=replaced)
 
+    def _inflight_wanted(self, name: str) -> None:
+        if not self.protocol_features >> vu.ProtocolFeature.INFLIGHT_SHMFD & 1:
+            raise RequestRefusedError(f"{name} without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD negotiated")
+
+    def _check_inflight_shape(self, message: InflightMessage, name: str) -> None:
+        if message.num_queues > len(self.rings) or message.queue_size > self.device.blk_config.queue_size:
+            raise RequestRefusedError(
+                f"{name}: {message.num_queues} queues of {message.queue_size}, the device has "
+                f"{len(self.rings)} of at most {self.device.blk_config.queue_size}"
+            )
+
+    def _get_inflight_fd(self, payload: bytes) -> bytes:
+        """A new zeroed region, mapped here and sent to the front end, which keeps it for the
+        device's life and hands it to this back end's successors."""
+        rq = vu.Request
+        try:
+            message = InflightMessage.decode(payload, "GET_INFLIGHT_FD")
+        except InflightError as exc:
+            raise vu.VhostUserProtocolError(str(exc)) from exc
+        self._inflight_wanted("GET_INFLIGHT_FD")
+        self._check_inflight_shape(message, "GET_INFLIGHT_FD")
+        try:
+            region, fd = InflightRegion.allocate(message.num_queues, message.queue_size)
+        except (OSError, InflightError) as exc:
+            log.warning("vhost_user_inflight_failed", error=str(exc))
+            return vu.encode_reply(rq.GET_INFLIGHT_FD, InflightMessage(0, 0, 0, 0).encode())  # "no buffer"
+        self._replace_inflight(region)
+        self.reply_fds.append(fd)
+        log.info("vhost_user_inflight_allocated", size=region.message.mmap_size, queues=message.num_queues)
+        return vu.encode_reply(rq.GET_INFLIGHT_FD, region.message.encode())
+
+    def _set_inflight_fd(self, payload: bytes, fds: list[int]) -> None:
+        """The front end's region (a predecessor's, after a restart): map it."""
+        try:
+            message = InflightMessage.decode(payload, "SET_INFLIGHT_FD")
+        except InflightError as exc:
+            raise vu.VhostUserProtocolError(str(exc)) from exc
+        if len(fds) != 1:
+            raise vu.VhostUserProtocolError(f"SET_INFLIGHT_FD: {len(fds)} fds, want one")
+        self._inflight_wanted("SET_INFLIGHT_FD")
+        self._check_inflight_shape(message, "SET_INFLIGHT_FD")
+        if any(ring.started for ring in self.rings):
+            raise RequestRefusedError("SET_INFLIGHT_FD while rings are running")
+        try:
+            region = InflightRegion(fds[0], message)
+        except InflightError as exc:
+            raise RequestRefusedError(str(exc)) from exc
+        self._replace_inflight(region)
+        log.info("vhost_user_inflight_mapped", size=message.mmap_size, queues=message.num_queues)
+
+    def _replace_inflight(self, region: InflightRegion | None) -> None:
+        if self.inflight is not None:
+            for queue in (*self.device._split_queues, *(self.device._packed_queues or ())):
+                if isinstance(queue, VhostUserVirtqueue | VhostUserPackedVirtqueue):
+                    queue.tracker = None
+            self.inflight.close()
+        self.inflight = region
+
     def _get_config(self, request: vu.ConfigSpace) -> vu.ConfigSpace:
         """Exactly the bytes asked for (QEMU rejects a reply of another size)."""
         self.config_reads.append((request.offset, request.size))
@@ -366,10 +446,19 @@ class VhostUserBlk:
         ring.started = True
         if first and self._notice_deferred:
             self._tell_deferred_resize()
-        start = configure_queue(self.device, self.memory, ring)
+        start = configure_queue(self.device, self.memory, ring, self.inflight)
         if start is None:
             return
         self.starts.append(start)
+        if start.recovery is not None and not start.recovery.fresh:
+            ring.recovered = True
+            log.info(
+                "vhost_user_inflight_resubmitted",
+                ring=ring.index,
+                requests=start.resubmitted,
+                landed=start.recovery.landed,
+                last_avail=start.recovery.last_avail,
+            )
         log.info(
             "vhost_user_ring_started",
             ring=ring.index,
@@ -379,6 +468,7 @@ class VhostUserBlk:
             avail=hex(start.avail),
             used=hex(start.used),
             legacy=start.legacy,
+            packed=start.packed,
         )
         if self._enabled(ring):
             self.device.kick(ring.index)
@@ -395,7 +485,7 @@ class VhostUserBlk:
             if not queue.inflight or not device.driver_ok:
                 break
             await asyncio.sleep(0.001)
-        ring.base = queue.last_avail_idx
+        ring.base = queue.base if isinstance(queue, VhostUserPackedVirtqueue) else queue.last_avail_idx
         ring.started = False
         queue.active = False
         queue.enabled = False
@@ -434,6 +524,7 @@ class VhostUserBlk:
                 _close(fd)
             self.rings[ring.index] = Ring(ring.index)
         self.memory.unmap()
+        self._replace_inflight(None)
         self.features = self.protocol_features = 0
         self.owner = False
         if not self.node.capabilities.read_only:
@@ -561,6 +652,7 @@ class VhostUserBlk:
             self.channel.close()
             self.channel = None
         self.device.close()
+        self._replace_inflight(None)
         self.memory.close()
 
 

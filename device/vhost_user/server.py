@@ -53,6 +53,14 @@ def recv_message_nowait(sock: socket.socket, parser: vu.MessageParser) -> tuple[
         raise
 
 
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """A reply and its fds in one ``sendmsg`` (a reply is small: the socket buffer takes it whole)."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sent = sock.sendmsg([data], ancillary)
+    if sent != len(data):
+        raise OSError(f"reply cut short: {sent} of {len(data)} bytes sent")
+
+
 async def recv_message(sock: socket.socket, parser: vu.MessageParser) -> vu.Message | None:
     """The next message, or None at end of stream between messages."""
     loop = asyncio.get_running_loop()
@@ -138,8 +146,15 @@ class VhostUserServer:
                 if msg is None:
                     break
                 reply = await blk.handle(msg)
-                if reply is not None:
-                    await loop.sock_sendall(conn, reply)
+                fds, blk.reply_fds = blk.reply_fds, []
+                try:
+                    if reply is not None and fds:
+                        send_with_fds(conn, reply, fds)
+                    elif reply is not None:
+                        await loop.sock_sendall(conn, reply)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
         except vu.VhostUserProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.error("vhost_user_protocol_error", error=str(exc))

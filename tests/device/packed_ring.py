@@ -50,6 +50,7 @@ class PackedRing:
         event_idx: bool = False,
         indirect: bool = True,
         max_size: int = 1024,
+        queue_type: type[PackedDeviceVirtqueue] = PackedDeviceVirtqueue,
     ) -> None:
         self.memory = memory
         self.size = size
@@ -59,7 +60,7 @@ class PackedRing:
         self.device_area = self.driver_area + 16
         self.tables = self.device_area + 16  # indirect tables
         self.data = base + 4 * MiB  # data buffers from here
-        self.queue = PackedDeviceVirtqueue(memory, 0, max_size)
+        self.queue = queue_type(memory, 0, max_size)
         self.queue.size = size
         self.queue.desc_addr = self.ring
         self.queue.driver_addr = self.driver_area

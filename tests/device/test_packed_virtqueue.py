@@ -166,7 +166,9 @@ def raw(ring: PackedRing, position: int, addr: int, length: int, buffer_id: int,
 def test_hostile_descriptors_are_refused_and_nothing_is_written(memory: GuestMemory) -> None:
     def fresh(**kwargs: bool) -> PackedRing:
         memory.fill(memory.base, 8 * MiB)
-        return PackedRing(memory, 8, **kwargs)
+        return PackedRing(
+            memory, 8, event_idx=kwargs.get("event_idx", False), indirect=kwargs.get("indirect", True)
+        )
 
     data = memory.base + 4 * MiB
     cases: list[tuple[str, list[tuple[int, int, int, int, int]], dict[str, bool]]] = [

@@ -681,18 +681,34 @@ def nbd_drive_args(port: int, export: str = "disk0") -> list[str]:
 
 
 def vhost_user_blk_args(
-    socket_path: Path, *, device: str = "vhost-user-blk-pci", queues: int = 1
+    socket_path: Path,
+    *,
+    device: str = "vhost-user-blk-pci",
+    queues: int = 1,
+    packed: bool = False,
+    event_idx: bool = True,
+    reconnect: int | None = None,
 ) -> list[str]:
-    """A vhost-user-blk disk served on ``socket_path``: guest RAM must be a shared memfd."""
+    """A vhost-user-blk disk served on ``socket_path``: guest RAM must be a shared memfd.
+    ``packed`` offers VIRTIO_F_RING_PACKED to the guest, ``reconnect`` (seconds) makes QEMU
+    reconnect to a back end that went away."""
+    chardev = f"socket,id=vu0,path={socket_path}"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
+    options = f"{device},chardev=vu0,num-queues={queues}"
+    if packed:
+        options += ",packed=on"
+    if not event_idx:
+        options += ",event_idx=off"
     return [
         "-object",
         f"memory-backend-memfd,id=mem,size={GUEST_RAM_MIB}M,share=on",
         "-numa",
         "node,memdev=mem",
         "-chardev",
-        f"socket,id=vu0,path={socket_path}",
+        chardev,
         "-device",
-        f"{device},chardev=vu0,num-queues={queues}",
+        options,
     ]
 
 

@@ -30,9 +30,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from device.blk import BlkConfig
 from device.block.file import FileNode
-from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
+from device.spec.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from device.spec.virtio_blk import RequestType, Status
 from device.vhost_user import VhostUserBlk, VhostUserServer
 from tests.e2e import linux
@@ -122,6 +124,35 @@ async def test_linux_virtio_blk_on_vblk_vhost_user_back_end(guest_kit: GuestKit)
         assert kernel.features >> VIRTIO_F_EVENT_IDX & 1 and kernel.features >> VIRTIO_F_VERSION_1 & 1
         assert not kernel.legacy
         assert blk.rings[0].started is False  # stopped by GET_VRING_BASE, then disconnected
+        _assert_requests_clean(rig, boot)
+        await linux.check_ext4_image(rig.image, guest_kit.payload_sha256, boot.describe())
+
+
+@pytest.mark.parametrize(
+    ("queues", "event_idx"),
+    [(1, True), (2, True), (1, False), (2, False)],
+    ids=["1q", "2q", "1q-no-event-idx", "2q-no-event-idx"],
+)
+async def test_linux_on_packed_rings_of_vblk_vhost_user_back_end(
+    guest_kit: GuestKit, queues: int, event_idx: bool
+) -> None:
+    """``packed=on``: Linux's virtio_blk on packed virtqueues served by vblk's back end."""
+    async with vhost_backend(queues=queues) as rig:
+        boot = await linux.boot(
+            guest_kit.guest,
+            serial_log=rig.directory / "serial.log",
+            mode="vda",
+            qemu_args=linux.vhost_user_blk_args(rig.socket, queues=queues, packed=True, event_idx=event_idx),
+            append=f"vblk.stress={STRESS_ROUNDS}",
+            smp=queues,
+        )
+        print(f"guest boot (packed rings, {queues} queues, event_idx={event_idx}): {boot.seconds:.1f}s")
+        features = _assert_guest_ok(boot, guest_kit)
+        assert features[VIRTIO_F_RING_PACKED] == "1", features
+        assert features[VIRTIO_F_EVENT_IDX] == ("1" if event_idx else "0"), features
+        await rig.session_done()
+        kernel = [start for start in rig.blk.starts if start.features >> VIRTIO_F_VERSION_1 & 1]
+        assert {start.index for start in kernel if start.packed} == set(range(queues)), rig.blk.starts
         _assert_requests_clean(rig, boot)
         await linux.check_ext4_image(rig.image, guest_kit.payload_sha256, boot.describe())
 
