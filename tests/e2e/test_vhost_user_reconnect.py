@@ -5,10 +5,10 @@ The back end runs with an I/O limit, so the guest's requests wait at its throttl
 kill finds some in flight. QEMU runs with ``-chardev socket,...,reconnect=1``: when the back end's
 socket closes it stops the vhost device (the guest's requests simply wait) and reconnects every
 second. The new vblk process listens on the same path, QEMU hands it the in-flight region it kept
-(SET_INFLIGHT_FD), and the process resubmits what its predecessor had taken and not completed, then goes on from the ring
-position the region records. The guest's workload verifies everything it wrote by reading it back
-(O_DIRECT, four processes at a time); it must finish with no I/O error, and e2fsck on the host
-must find the file system clean. Split and packed rings.
+(SET_INFLIGHT_FD), and the process resubmits what its predecessor had taken and not completed,
+then goes on from the ring position the region records. The guest's workload verifies everything
+it wrote by reading it back (O_DIRECT, four processes at a time); it must finish with no I/O
+error, and e2fsck on the host must find the file system clean. Split and packed rings.
 """
 
 from __future__ import annotations
