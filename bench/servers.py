@@ -40,6 +40,8 @@ KINDS: dict[str, str] = {
     # view open (what copy-before-write costs: each first write to a 64 KiB cluster copies it).
     "vblk-bitmap": "vblk bitmap",
     "vblk-view": "vblk view",
+    # vblk's driver and device on packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones.
+    "vblk-packed": "vblk packed",
 }
 DEFAULT_SERVERS = "vblk,nbdkit-file,qemu-nbd,nbdkit-python"
 
@@ -170,9 +172,15 @@ def pick_baseline(
 
 
 def vblk_command(
-    tree: VblkTree, image: Path, port: int, http_port: int | None, disk_options: str = ""
+    tree: VblkTree,
+    image: Path,
+    port: int,
+    http_port: int | None,
+    disk_options: str = "",
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """``vblk serve`` of one disk on ``image``, the same for every vblk contender but its interpreter."""
+    """``vblk serve`` of one disk on ``image``, the same for every vblk contender but its interpreter
+    (and ``extra`` arguments: ``--ring packed`` for ``vblk-packed``)."""
     disk = f"name={EXPORT},image={image}"
     if disk_options:
         disk += "," + disk_options
@@ -185,6 +193,7 @@ def vblk_command(
         f"{HOST}:{port}",
         "--log-level",
         "warning",
+        *extra,
     ]
     if http_port is not None:
         command += ["--http-listen", f"{HOST}:{http_port}"]
@@ -451,7 +460,7 @@ def server_for(
             disk_options = ",".join(o for o in ("format=qcow2", disk_options) if o)
         return Server(
             contender.label,
-            vblk_command(tree, image, port, http_port, disk_options),
+            vblk_command(tree, image, port, http_port, disk_options, _EXTRA.get(contender.kind, ())),
             port=port,
             size=size,
             log_dir=log_dir,
@@ -485,6 +494,7 @@ def add_view(base_url: str) -> None:
 
 
 _SETUPS: dict[str, Callable[[str], None]] = {"vblk-bitmap": add_bitmap, "vblk-view": add_view}
+_EXTRA: dict[str, tuple[str, ...]] = {"vblk-packed": ("--ring", "packed")}
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -42,11 +42,13 @@ from device.spec.virtio_blk import (
     Status,
 )
 from driver.blk_info import (
+    RESUBMIT_LIMIT,
     BlkError,
     BlkGeometry,
     BlkIOError,
     BlkReadOnlyError,
     BlkResetError,
+    BlkResubmitError,
     BlkUnsupportedError,
     QueueStatistics,
     VirtioBlkStatistics,
@@ -159,7 +161,17 @@ class _CallbackRequest:
     from the completion (an NBD READ or WRITE reply) costs no coroutine switch at all.
     """
 
-    __slots__ = ("blk", "callback", "nbytes", "pinned", "rtype", "sector", "started", "status_view")
+    __slots__ = (
+        "attempts",
+        "blk",
+        "callback",
+        "nbytes",
+        "pinned",
+        "rtype",
+        "sector",
+        "started",
+        "status_view",
+    )
 
     def __init__(
         self,
@@ -180,6 +192,7 @@ class _CallbackRequest:
         self.nbytes = nbytes
         self.started = started
         self.callback = callback
+        self.attempts = 0
         pinned.pin()
 
     def complete(self, written: int) -> None:
@@ -193,7 +206,12 @@ class _CallbackRequest:
 
     def fail(self, exc: BaseException) -> None:
         self.pinned.unpin()
-        self.blk._retire(self.rtype, None, self.started, self.nbytes)
+        blk = self.blk
+        if type(exc) is BlkResubmitError and self.attempts < RESUBMIT_LIMIT and not blk._closed:
+            self.attempts += 1
+            blk._resubmit_later(self)
+            return
+        blk._retire(self.rtype, None, self.started, self.nbytes)
         self.callback(exc)
 
 
@@ -246,6 +264,8 @@ class VirtioBlk:
         self._bytes_written = 0
         self._resets = 0
         self._config_interrupts = 0
+        self._resubmitted = 0
+        self._resubmitting: set[asyncio.Task[None]] = set()
         # Disk time accounting with /proc/diskstats semantics (io_ticks, time_in_queue).
         self._active = 0
         self._io_stamp = 0.0
@@ -449,7 +469,7 @@ class VirtioBlk:
     async def _recover(self, reason: str) -> None:
         log.warning("virtio_blk_reset", device=self.name, reason=reason)
         self._resets += 1
-        error = BlkResetError(f"{self.name}: device reset ({reason})")
+        error = BlkResubmitError(f"{self.name}: device reset ({reason})")
         delay = REINIT_RETRY_FIRST
         try:
             await self._teardown(error)
@@ -510,6 +530,8 @@ class VirtioBlk:
         finally:
             self.transport.close()
             self._ready.set()  # submitters waiting for a reset to end wake up and see _closed
+        if self._resubmitting:  # chains waiting to go again: they fail now, with the reason
+            await asyncio.gather(*self._resubmitting, return_exceptions=True)
 
     # -- request submission ------------------------------------------------------------------
 
@@ -530,6 +552,7 @@ class VirtioBlk:
         """
         started = _perf_counter()
         self._account_io(started, 1)
+        attempts = 0
         try:
             while True:
                 if self._closed:
@@ -546,7 +569,14 @@ class VirtioBlk:
                 future: asyncio.Future[int] = self._running.loop().create_future()
                 slot_gpa, status_view = self._header(queue, rtype, sector)
                 self._add(queue, slot_gpa, data, data_in, _Request(future, status_view, pinned))
-                status = await future
+                try:
+                    status = await future
+                except BlkResubmitError:
+                    if attempts >= RESUBMIT_LIMIT or self._closed:
+                        raise
+                    attempts += 1
+                    self._resubmitted += 1
+                    continue  # the device is being recovered: the request goes again
                 break
         except asyncio.CancelledError:
             self._retire(rtype, -1, started, nbytes)
@@ -579,6 +609,34 @@ class VirtioBlk:
         token = _CallbackRequest(self, rtype, sector, status_view, buffer, length, started, callback)
         self._add(queue, slot_gpa, [(buffer.gpa, length)], rtype == VIRTIO_BLK_T_IN, token)
         return True
+
+    def _resubmit_later(self, token: _CallbackRequest) -> None:
+        """A :meth:`start_io` chain the device was reset under: submit it again once it is back."""
+        self._resubmitted += 1
+        task = self._running.loop().create_task(self._resubmit(token))
+        self._resubmitting.add(task)
+        task.add_done_callback(self._resubmitting.discard)
+
+    async def _resubmit(self, token: _CallbackRequest) -> None:
+        data_in = token.rtype == VIRTIO_BLK_T_IN
+        while True:
+            if self._closed:
+                token.pinned.pin()  # fail() unpins it
+                token.fail(BlkResetError(f"{self.name}: driver closed"))
+                return
+            if not self._is_ready:
+                await self._ready.wait()
+                continue
+            queue = self._pick_queue()
+            try:
+                await queue.reserve(queue.descriptors_for(3))
+            except QueueBrokenError:
+                continue
+            slot_gpa, status_view = self._header(queue, token.rtype, token.sector)
+            token.status_view = status_view
+            token.pinned.pin()
+            self._add(queue, slot_gpa, [(token.pinned.gpa, token.nbytes)], data_in, token)
+            return
 
     def _set_ready(self, ready: bool) -> None:
         if ready:
@@ -859,4 +917,5 @@ class VirtioBlk:
             bytes_written=self._bytes_written,
             resets=self._resets,
             config_interrupts=self._config_interrupts,
+            resubmitted=self._resubmitted,
         )

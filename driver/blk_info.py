@@ -50,6 +50,17 @@ class BlkResetError(BlkError):
 
 
 @mypyc_attr(native_class=False)
+class BlkResubmitError(BlkResetError):
+    """The device was reset under the request by a recovery (its back end went away, or it
+    needed a reset): the driver submits it again once the device is back, at most
+    :data:`RESUBMIT_LIMIT` times; block requests may run twice, never half."""
+
+
+#: How many resets one request goes through before its caller sees the reset.
+RESUBMIT_LIMIT = 8
+
+
+@mypyc_attr(native_class=False)
 class BlkReadOnlyError(BlkError):
     """A write to a device that offered VIRTIO_BLK_F_RO; never sent."""
 
@@ -102,6 +113,7 @@ class VirtioBlkStatistics:
     bytes_written: int
     resets: int
     config_interrupts: int
+    resubmitted: int = 0  # requests submitted again after a recovery reset them
 
     @property
     def kicks(self) -> int:

@@ -59,6 +59,7 @@ from device.spec.virtio import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
 )
 from driver.transport import TransportError
@@ -520,7 +521,11 @@ class VhostUserTransport:
         self._queues[index] = queue
         uva = UVA_BASE - self.memory.base
         self._command(vu.Request.SET_VRING_NUM, vu.VringState(index, size).encode())
-        self._command(vu.Request.SET_VRING_BASE, vu.VringState(index, 0).encode())
+        # Where the ring starts: split, avail index 0; packed, both positions 0 with their wrap
+        # counters at 1 (bits 15 and 31, as QEMU encodes a packed ring's state).
+        packed = bool(self._driver_features >> VIRTIO_F_RING_PACKED & 1)
+        base = 1 << 15 | 1 << 31 if packed else 0
+        self._command(vu.Request.SET_VRING_BASE, vu.VringState(index, base).encode())
         addr = vu.VringAddr(index, 0, desc + uva, used + uva, avail + uva, 0)
         self._command(vu.Request.SET_VRING_ADDR, addr.encode())
         self._command(vu.Request.SET_VRING_CALL, vu.VringFile(index).encode(), [queue.call])

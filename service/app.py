@@ -200,6 +200,7 @@ class Service:
                 self.guest.dma,
                 num_queues=spec.num_queues,
                 queue_size=spec.queue_size,
+                ring=self.config.ring,
             )
         except (OSError, TransportError) as exc:  # the back end is not there, or says no
             message = f"disk {spec.name}: vhost-user back end at {socket_path}: {describe_error(exc)}"

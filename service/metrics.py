@@ -137,6 +137,11 @@ class _DiskCollector(Collector):
             labels=["disk"],
         )
         resets = c("vblk_device_resets", "Device resets the driver performed to recover", labels=["disk"])
+        resubmitted = c(
+            "vblk_device_resubmitted",
+            "Requests the driver submitted again after a recovery reset them (a back end that restarted)",
+            labels=["disk"],
+        )
         needs_reset = c("vblk_device_needs_reset", "Times the device set DEVICE_NEEDS_RESET", labels=["disk"])
         config_irqs = c("vblk_config_interrupts", "Configuration-change interrupts", labels=["disk"])
         rbd_inflight = g(
@@ -218,11 +223,20 @@ class _DiskCollector(Collector):
             io_time.add_metric([name], stats.io_time)
             io_weighted.add_metric([name], stats.io_time_weighted)
             resets.add_metric([name], stats.resets)
+            resubmitted.add_metric([name], stats.resubmitted)
             needs_reset.add_metric([name], device.needs_reset)
             config_irqs.add_metric([name], stats.config_interrupts)
         yield from (size, read_only, ready, q_size, q_depth, q_free, kicks, kicks_sup, irq_received)
         yield from (irqs, irqs_sup, requests, inflight, read_bytes, written_bytes, io_time, io_weighted)
-        yield from (resets, needs_reset, config_irqs, bitmap_dirty, bitmap_recording, bitmap_inconsistent)
+        yield from (
+            resets,
+            resubmitted,
+            needs_reset,
+            config_irqs,
+            bitmap_dirty,
+            bitmap_recording,
+            bitmap_inconsistent,
+        )
         yield from (view_scratch, view_limit, view_broken)
         if rbd_failed.samples:  # only where there are RBD disks (deploy/grafana's vblk-ceph.json shows them)
             yield from (rbd_inflight, rbd_completed, rbd_failed)

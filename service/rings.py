@@ -468,5 +468,6 @@ def disk_snapshot(disk: Disk, histograms: Mapping[tuple[str, str], LatencyHistog
         "bytes": {"read": stats.bytes_read, "written": stats.bytes_written},
         "latency": _latency(disk, histograms),
         "resets": stats.resets,
+        "resubmitted": stats.resubmitted,
         "queues": queues,
     }

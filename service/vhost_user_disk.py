@@ -81,11 +81,18 @@ class RemoteControl:
 
 
 async def start_vhost_user_driver(
-    socket_path: Path, memory: SharedRam, dma: DmaAllocator, *, num_queues: int, queue_size: int
+    socket_path: Path,
+    memory: SharedRam,
+    dma: DmaAllocator,
+    *,
+    num_queues: int,
+    queue_size: int,
+    ring: str = "split",
 ) -> VirtioBlk:
-    """Connect to the back end and bring its device up under VirtioBlk."""
+    """Connect to the back end and bring its device up under VirtioBlk (on packed rings with
+    ``ring="packed"`` when the back end offers them)."""
     transport = VhostUserTransport(socket_path, memory, queue_size=min(queue_size, DEFAULT_QUEUE_SIZE))
-    driver = VirtioBlk(transport, dma, num_queues=num_queues)
+    driver = VirtioBlk(transport, dma, num_queues=num_queues, ring=ring)
     try:
         await driver.start()
     except BaseException:

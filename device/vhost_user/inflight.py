@@ -150,10 +150,16 @@ class InflightRegion:
             os.close(fd)
             raise
 
-    def area(self, index: int) -> memoryview:
+    def area(self, index: int, ring_size: int) -> memoryview:
+        """Queue ``index``'s area, for a ring of ``ring_size`` descriptors."""
         size = queue_area_size(self.message.queue_size)
         if not 0 <= index < self.message.num_queues:
             raise InflightError(f"the in-flight region has no area for queue {index}")
+        if ring_size > self.message.queue_size:
+            raise InflightError(
+                f"queue {index} has {ring_size} descriptors, the in-flight region room for "
+                f"{self.message.queue_size}"
+            )
         return self.buffer[index * size : (index + 1) * size]
 
     def close(self) -> None:

@@ -336,13 +336,13 @@ class VhostUserBlk:
             message = InflightMessage.decode(payload, "GET_INFLIGHT_FD")
         except InflightError as exc:
             raise vu.VhostUserProtocolError(str(exc)) from exc
-        self._inflight_wanted("GET_INFLIGHT_FD")
-        self._check_inflight_shape(message, "GET_INFLIGHT_FD")
-        try:
+        try:  # a refusal is an answer too: mmap_size 0, "no buffer"
+            self._inflight_wanted("GET_INFLIGHT_FD")
+            self._check_inflight_shape(message, "GET_INFLIGHT_FD")
             region, fd = InflightRegion.allocate(message.num_queues, message.queue_size)
-        except (OSError, InflightError) as exc:
-            log.warning("vhost_user_inflight_failed", error=str(exc))
-            return vu.encode_reply(rq.GET_INFLIGHT_FD, InflightMessage(0, 0, 0, 0).encode())  # "no buffer"
+        except (OSError, InflightError, RequestRefusedError) as exc:
+            log.warning("vhost_user_inflight_refused", error=str(exc))
+            return vu.encode_reply(rq.GET_INFLIGHT_FD, InflightMessage(0, 0, 0, 0).encode())
         self._replace_inflight(region)
         self.reply_fds.append(fd)
         log.info("vhost_user_inflight_allocated", size=region.message.mmap_size, queues=message.num_queues)

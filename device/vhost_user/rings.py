@@ -26,6 +26,16 @@ rings, so program order alone is not enough. How each ordering is ensured (x86-6
 
 VIRTIO_F_EVENT_IDX is offered: with the two barriers above its notification suppression is
 the same handshake QEMU's own device does (``virtio_split_should_notify``).
+
+Packed rings (VIRTIO_F_RING_PACKED) hand descriptors over by their flags instead of an index:
+the guest writes a buffer's head flags last and the device reads them first (load → load, kept
+by TSO; the queue still puts a barrier after the read, as Linux's ``virtio_rmb``); the device
+writes a batch's ids and lengths, then the flags of all but the first, then the first one's
+(store → store, kept by TSO, with barriers between the steps), then a full barrier before it
+reads the driver's event suppression area, the same handshake as the split ring's.
+
+With an in-flight region (:mod:`device.vhost_user.inflight`) each queue records what it takes
+and completes there, so that a successor process can take up what this one left in flight.
 """
 
 from __future__ import annotations
@@ -323,7 +333,7 @@ def configure_queue(
                 queue.last_avail_idx = ring.base & 0xFFFF
                 queue.used_idx = memory.read_u16(used + 2)
             if inflight is not None and isinstance(queue, VhostUserVirtqueue | VhostUserPackedVirtqueue):
-                recovery = queue.track(inflight.area(ring.index))
+                recovery = queue.track(inflight.area(ring.index, num))
     except (GuestMemoryError, VirtqueueError, InflightError) as exc:
         device.device_error(f"ring {ring.index}: {exc}")
         return None

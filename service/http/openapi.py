@@ -469,6 +469,10 @@ def openapi_document() -> dict[str, Any]:
                             "description": "virtio latency histogram: count, sum, cumulative [le, n] buckets",
                         },
                         "resets": {"type": "integer"},
+                        "resubmitted": {
+                            "type": "integer",
+                            "description": "requests submitted again after a recovery reset them",
+                        },
                         "queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}},
                     },
                 },

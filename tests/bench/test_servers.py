@@ -10,11 +10,13 @@ from bench.nbd_compare import build_parser, server_specs
 from bench.revisions import Revision, RevisionBuild, RevisionError
 from bench.servers import (
     DEFAULT_SERVERS,
+    Contender,
     ServerSpec,
     VblkTree,
     contenders,
     parse_servers,
     pick_baseline,
+    server_for,
     vblk_command,
 )
 
@@ -133,3 +135,8 @@ def test_every_vblk_gets_the_same_arguments(tmp_path: Path) -> None:
         "--nbd-listen", "127.0.0.1:10809", "--log-level", "warning", "--http-listen", "127.0.0.1:8080",
     ]  # fmt: skip
     assert "--http-listen" not in vblk_command(VblkTree(tmp_path, "python"), image, 1, None)
+    tree = VblkTree(tmp_path, "python")
+    packed = server_for(
+        Contender("vblk-packed", "vblk-packed", "vblk packed", "vblk-packed", tree), image, 1 << 20, tmp_path
+    )
+    assert packed.command[packed.command.index("--ring") + 1] == "packed"

@@ -58,11 +58,12 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 
 
 def installed_copy(directory: Path) -> list[Path]:
-    """The units as installed, ExecStart pointing at this environment's ``vblk``."""
+    """The units as installed, ExecStart pointing at this environment's ``vblk``; a template as
+    its instance ``disk0``."""
     units = []
     for source in sorted(UNITS.glob("vblk*.s*")):
         text = source.read_text().replace("/opt/vblk/bin/vblk", vblk_command())
-        target = directory / source.name
+        target = directory / source.name.replace("@.", "@disk0.")
         target.write_text(text)
         units.append(target)
     return units
@@ -70,7 +71,12 @@ def installed_copy(directory: Path) -> list[Path]:
 
 async def test_units_pass_systemd_analyze_verify(short_tmp: Path) -> None:
     units = installed_copy(short_tmp)
-    assert {u.name for u in units} == {"vblk.service", "vblk-nbd.socket", "vblk-http.socket"}
+    assert {u.name for u in units} == {
+        "vblk.service",
+        "vblk-nbd.socket",
+        "vblk-http.socket",
+        "vblk-vhost-user@disk0.service",
+    }
     result = await run(tool("systemd-analyze"), "verify", "--man=no", *map(str, units), check=False)
     # Unknown keys and bad values are only warnings: any output at all is a failure.
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
@@ -106,6 +112,61 @@ async def test_service_unit_is_notify_restartable_and_hardened(short_tmp: Path) 
     [unit] = [u for u in installed_copy(short_tmp) if u.name == "vblk.service"]
     result = await run(tool("systemd-analyze"), "security", "--offline=yes", str(unit))
     match = re.search(r"Overall exposure level for vblk.service: ([\d.]+)", result.stdout)
+    assert match is not None, result.stdout
+    assert float(match.group(1)) <= 2.0, result.stdout
+
+
+async def test_vhost_user_unit_restarts_its_back_end_under_running_guests(short_tmp: Path) -> None:
+    """The back end comes straight back after a crash, on the same socket (its directory is kept
+    across restarts): a guest with ``reconnect=1`` resumes on it."""
+    settings = unit_settings(UNITS / "vblk-vhost-user@.service")
+    assert settings["Restart"] == ["on-failure"]
+    assert float(settings["RestartSec"][0].removesuffix("ms")) <= 1000  # QEMU retries every second
+    assert settings["RuntimeDirectoryPreserve"] == ["yes"] and settings["RuntimeDirectory"] == [
+        "vblk-vhost-user"
+    ]
+    [start] = settings["ExecStart"]
+    argv = start.split()
+    assert argv[:2] == ["/opt/vblk/bin/vblk", "vhost-user"]
+    assert argv[argv.index("--socket") + 1] == "%t/vblk-vhost-user/%i.sock"
+    # The command line runs: the back end listens on the socket, and SIGTERM stops it cleanly.
+    runtime, state = short_tmp / "run", short_tmp / "state"
+    (runtime / "vblk-vhost-user").mkdir(parents=True)
+    (state / "vblk-vhost-user").mkdir(parents=True)
+    expand = {"%t": str(runtime), "%S": str(state), "%i": "disk0"}
+    command = [vblk_command()]
+    for word in argv[1:-1]:  # the last one is $VBLK_VHOST_USER_OPTIONS
+        arg = word
+        for key, value in expand.items():
+            arg = arg.replace(key, value)
+        command.append(arg)
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        "--size",
+        "16M",
+        "--throttle",
+        "iops-total=100",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        sock = runtime / "vblk-vhost-user" / "disk0.sock"
+        for _ in range(1000):
+            if sock.is_socket() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert sock.is_socket()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        assert (state / "vblk-vhost-user" / "disk0.img").stat().st_size == 16 * MiB
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    [unit] = [u for u in installed_copy(short_tmp) if u.name == "vblk-vhost-user@disk0.service"]
+    result = await run(tool("systemd-analyze"), "security", "--offline=yes", str(unit))
+    match = re.search(r"Overall exposure level for vblk-vhost-user@disk0.service: ([\d.]+)", result.stdout)
     assert match is not None, result.stdout
     assert float(match.group(1)) <= 2.0, result.stdout
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import mmap
 import os
 import socket
@@ -32,6 +33,7 @@ from device.spec.virtio import (
     desc_table_size,
     vring_used_offset,
 )
+from device.vhost_user.inflight import InflightMessage, queue_area_size
 from device.vhost_user.protocol import VhostUserBlk
 from device.vhost_user.regions import RegionMemory
 from device.vhost_user.server import VhostUserServer, recv_message
@@ -395,4 +397,69 @@ async def test_a_legacy_driver_without_version_1() -> None:
     finally:
         ram.close()
         for fd in (kick, call, ram_fd):
+            os.close(fd)
+
+
+async def test_the_inflight_region_comes_with_its_fd_and_records_each_request() -> None:
+    """GET_INFLIGHT_FD answers with a sealed memfd; SET_INFLIGHT_FD maps one; the split area then
+    holds each request while it is in flight (libvhost-user's layout). Refusals leave the
+    session going: a region too small for the rings, one asked for without the protocol feature."""
+    backend = MemoryNode(4 * MiB)
+    kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+    ram_fd = memfd(4 * MiB)
+    ram = mmap.mmap(ram_fd, 4 * MiB)
+    received: list[int] = []
+    try:
+        async with served(backend) as (blk, _server, path):
+            fe = await connect(path)
+            vu.decode_u64(await fe.call(vu.Request.GET_FEATURES))
+            # Not negotiated yet: "no buffer" (mmap_size 0) and no fd.
+            fe.send(
+                vu.Request.SET_PROTOCOL_FEATURES,
+                vu.encode_u64(vu.protocol_mask(vu.ProtocolFeature.REPLY_ACK)),
+            )
+            ask = InflightMessage(0, 0, 1, Ring.SIZE).encode()
+            fe.send(vu.Request.GET_INFLIGHT_FD, ask)
+            msg = await asyncio.wait_for(recv_message(fe.sock, fe.parser), 5)
+            assert msg is not None and msg.is_reply and not msg.fds
+            assert InflightMessage.decode(msg.payload, "reply").mmap_size == 0
+
+            wanted = vu.protocol_mask(vu.ProtocolFeature.REPLY_ACK, vu.ProtocolFeature.INFLIGHT_SHMFD)
+            fe.send(vu.Request.SET_PROTOCOL_FEATURES, vu.encode_u64(wanted))
+            fe.send(vu.Request.SET_FEATURES, vu.encode_u64(FEATURES))
+            fe.send(vu.Request.GET_INFLIGHT_FD, ask)
+            msg = await asyncio.wait_for(recv_message(fe.sock, fe.parser), 5)
+            assert msg is not None and msg.is_reply and len(msg.fds) == 1, msg
+            received.extend(msg.fds)
+            reply = InflightMessage.decode(msg.payload, "reply")
+            assert reply == InflightMessage(queue_area_size(Ring.SIZE), 0, 1, Ring.SIZE)
+            seals = fcntl.fcntl(received[0], fcntl.F_GET_SEALS)
+            assert seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+            # Too small for the rings it is for: refused, and the session goes on.
+            small = InflightMessage(64, 0, 1, Ring.SIZE).encode()
+            assert await fe.acked(vu.Request.SET_INFLIGHT_FD, small, [received[0]]) != 0
+            assert await fe.acked(vu.Request.SET_INFLIGHT_FD, reply.encode(), [received[0]]) == 0
+            region = mmap.mmap(received[0], reply.mmap_size)
+            try:
+                table = vu.encode_memory_table([vu.MemoryRegion(0, 4 * MiB, UVA, 0)])
+                assert await fe.acked(vu.Request.SET_MEM_TABLE, table, [ram_fd]) == 0
+                ring = Ring(ram, 0, 0x10000)
+                await start_ring(fe, ring, UVA, kick, call)
+                features, version, desc_num, _batch_head, used_idx = struct.unpack_from("<QHHHH", region, 0)
+                assert (features, version, desc_num, used_idx) == (0, 1, Ring.SIZE, 0)  # initialised
+                vb.VIRTIO_BLK_OUTHDR.pack_into(ram, 0x30000, vb.RequestType.IN, 0, 0)
+                ring.submit([(0x30000, 16, False), (0x28000, 512, True), (0x30010, 1, True)])
+                os.eventfd_write(kick, 1)
+                await readable(call)
+                assert ring.used_entries() == [(0, 513)]
+                inflight, _next, counter = struct.unpack_from("<B5xHQ", region, 16)  # head 0
+                assert (inflight, counter) == (0, 1)  # taken once, completed
+                assert struct.unpack_from("<H", region, 14)[0] == 1  # the region's copy of used->idx
+                assert blk.starts[-1].recovery is not None and blk.starts[-1].recovery.fresh
+            finally:
+                region.close()
+            fe.sock.close()
+    finally:
+        ram.close()
+        for fd in (kick, call, ram_fd, *received):
             os.close(fd)

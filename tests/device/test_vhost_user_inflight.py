@@ -178,7 +178,7 @@ class Run:
 
 def tracked(queue: DeviceVirtqueue, region: InflightRegion) -> bool:
     assert isinstance(queue, VhostUserVirtqueue | VhostUserPackedVirtqueue)
-    return queue.track(region.area(0)).fresh
+    return queue.track(region.area(0, SIZE)).fresh
 
 
 OPS = st.lists(
@@ -259,7 +259,9 @@ def test_the_region_is_sized_for_either_ring_and_checked_when_adopted() -> None:
         with pytest.raises(InflightError, match="need"):
             InflightRegion(fd, InflightMessage(queue_area_size(128), 0, 2, 128))
         with pytest.raises(InflightError, match="no area"):
-            region.area(2)
+            region.area(2, 128)
+        with pytest.raises(InflightError, match="room for 128"):
+            region.area(0, 256)
         with pytest.raises(InflightError, match="payload of 20 bytes"):
             InflightMessage.decode(bytes(20), "SET_INFLIGHT_FD")
         round_trip = InflightMessage.decode(region.message.encode(), "GET_INFLIGHT_FD")
@@ -276,7 +278,7 @@ def test_a_corrupt_region_stops_the_ring_instead_of_resubmitting_garbage(layout:
         assert tracked(driver.queue, region)
         driver.add(2)
         assert driver.queue.pop() is not None
-        area = region.area(0)
+        area = region.area(0, SIZE)
         if isinstance(driver, SplitDriver):
             area[16 + 16 * 4] = 1  # head 4 "in flight", and its descriptor points outside guest RAM
             driver.memory.write(driver.writer.desc_addr + 16 * 4, bytes(16))

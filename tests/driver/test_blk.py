@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
+from collections.abc import Sequence
 
 import pytest
 
 from device.blk import BlkConfig
+from device.block.memory import MemoryNode
 from device.block.node import blocking_call
 from device.packed_virtqueue import PackedDeviceVirtqueue
 from device.spec import virtio_blk as vb
 from device.spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from driver.blk import BlkIOError, BlkResetError, BlkUnsupportedError
+from driver.blk_info import RESUBMIT_LIMIT
 from tests.conftest import MiB, Rig, make_rig
 
 SECTOR = 512
@@ -162,25 +166,83 @@ async def test_thread_io_mode() -> None:
 
 
 @pytest.mark.expect_errors("virtio_device_needs_reset")
-async def test_device_reset_fails_in_flight_requests_and_recovers() -> None:
+async def test_a_device_reset_resubmits_the_requests_in_flight_and_recovers() -> None:
     rig = await make_rig(config=BlkConfig(io_mode="thread"))
     try:
+        pattern = bytes(range(256)) * 2
+        for i in range(100):
+            await rig.disk.write(i, pattern[i:] + pattern[:i])
         tasks = [asyncio.create_task(rig.disk.read(i, SECTOR)) for i in range(100)]
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # published and kicked; the device is working on them
+        assert rig.disk.statistics().requests_inflight == 100
         rig.device.device_error("injected ring corruption")
         assert rig.device.status & VIRTIO_CONFIG_S_NEEDS_RESET
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        assert failed, "requests in flight at the reset must fail"
-        assert all(isinstance(r, BlkResetError) and r.errno == errno.EIO for r in failed)
+        results = await asyncio.gather(*tasks)  # none fails: the reset ones went again
+        assert results == [pattern[i:] + pattern[:i] for i in range(100)]
+        stats = rig.disk.statistics()
+        assert stats.resets == 1 and stats.resubmitted > 0, stats
+        assert stats.requests[("read", "ok")] == 100 and ("read", "reset") not in stats.requests
         await rig.disk.write(3, b"\x07" * SECTOR)
         assert await rig.disk.read(3, SECTOR) == b"\x07" * SECTOR
-        assert rig.disk.statistics().resets == 1
         assert rig.device.stats.needs_reset == 1
         assert rig.disk.statistics().queues[0].free_descriptors == rig.disk.queues[0].size
     finally:
         await rig.close()
+
+
+class SlowMemoryNode(MemoryNode):
+    """Reads take a while (in the I/O thread): a request stays in flight long enough to be reset."""
+
+    def read_now(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        time.sleep(0.02)
+        super().read_now(offset, buffers)
+
+
+@pytest.mark.expect_errors("virtio_device_needs_reset")
+async def test_a_request_reset_again_and_again_fails_after_the_resubmit_limit() -> None:
+    rig = await make_rig(config=BlkConfig(io_mode="thread"), backend=SlowMemoryNode(4 * MiB))
+    try:
+        task = asyncio.create_task(rig.disk.read(0, SECTOR))
+        resets = 0
+        while not task.done() and resets <= RESUBMIT_LIMIT + 1:
+            for _ in range(500):  # until the request is on a ring of a ready device
+                if rig.disk.ready and rig.disk.statistics().queues[0].inflight:
+                    break
+                await asyncio.sleep(0.001)
+            if task.done():
+                break
+            rig.device.device_error("injected ring corruption")
+            resets += 1
+            await asyncio.sleep(0)
+        with pytest.raises(BlkResetError) as failed:
+            await task
+        assert failed.value.errno == errno.EIO
+        assert resets == RESUBMIT_LIMIT + 1  # the first try and RESUBMIT_LIMIT more
+        assert rig.disk.statistics().resubmitted == RESUBMIT_LIMIT
+        for _ in range(500):
+            if rig.disk.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert await rig.disk.read(0, SECTOR) == bytes(SECTOR)  # and the disk goes on
+    finally:
+        await rig.close()
+
+
+async def test_closing_the_driver_fails_the_requests_in_flight() -> None:
+    rig = await make_rig(config=BlkConfig(io_mode="thread"))
+    outcomes: list[BaseException | None] = []
+    buffer = rig.guest.dma.allocate(SECTOR)
+    assert buffer is not None
+    tasks = [asyncio.create_task(rig.disk.read(i, SECTOR)) for i in range(20)]
+    assert rig.disk.start_io(vb.RequestType.IN, 0, buffer, SECTOR, outcomes.append)
+    await asyncio.sleep(0)
+    await rig.close()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, bytes | BlkResetError) for r in results)
+    assert [r for r in results if isinstance(r, BlkResetError)], "closed with none in flight"
+    assert all(type(r) is BlkResetError for r in results if isinstance(r, BaseException))  # not resubmitted
+    assert len(outcomes) == 1 and (outcomes[0] is None or type(outcomes[0]) is BlkResetError)
 
 
 async def test_resize_raises_config_interrupt_and_capacity_follows(rig: Rig) -> None:
@@ -295,11 +357,13 @@ async def test_start_io_declines_what_would_wait_and_the_awaitable_path_does_it(
 
 
 @pytest.mark.expect_errors("virtio_device_needs_reset")
-async def test_start_io_during_a_reset_tells_the_callback_once() -> None:
+async def test_start_io_during_a_reset_is_resubmitted_and_tells_the_callback_once() -> None:
     rig = await make_rig(config=BlkConfig(io_mode="thread"))
     try:
         outcomes: list[BaseException | None] = []
         buffers = [rig.guest.dma.allocate(SECTOR) for _ in range(20)]
+        for i in range(20):
+            await rig.disk.write(i, bytes([i + 1]) * SECTOR)
         for i, buffer in enumerate(buffers):
             assert buffer is not None
             assert rig.disk.start_io(vb.RequestType.IN, i, buffer, SECTOR, outcomes.append)
@@ -309,9 +373,10 @@ async def test_start_io_during_a_reset_tells_the_callback_once() -> None:
             if len(outcomes) == 20:
                 break
             await asyncio.sleep(0.01)
-        assert len(outcomes) == 20  # each told exactly once, ok or reset
-        assert any(isinstance(o, BlkResetError) for o in outcomes)
-        assert all(o is None or isinstance(o, BlkResetError) for o in outcomes)
+        assert outcomes == [None] * 20  # each told exactly once, and ok: the reset ones went again
+        assert rig.disk.statistics().resubmitted > 0
+        for i, buffer in enumerate(buffers):
+            assert buffer is not None and bytes(buffer.view[:SECTOR]) == bytes([i + 1]) * SECTOR
         await rig.disk.write(3, b"\x07" * SECTOR)  # recovered
         assert await rig.disk.read(3, SECTOR) == b"\x07" * SECTOR
         assert rig.disk.statistics().requests_inflight == 0
