@@ -81,6 +81,7 @@ class ControlApi:
             "queues": len(device.queues),
             "queue_size": config.queue_size,
             "ready": device.driver_ok,
+            "ring": "packed" if device.packed else "split",
             "stack": describe_stack(blk.node),
             "serial": config.serial,
             "backend": host.spec.backend,
@@ -89,6 +90,10 @@ class ControlApi:
                 "connected": blk.connected,
                 "protocol_features": vu.feature_names(blk.protocol_features),
                 "backend_channel": channel is not None and not channel.closed,
+                # The in-flight region QEMU keeps across restarts, and what this process took up
+                # from it when its rings started (requests its predecessor left in flight).
+                "inflight_region": blk.inflight is not None,
+                "resubmitted": sum(start.resubmitted for start in blk.starts),
             },
         }
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.e2e import linux
@@ -35,8 +36,17 @@ ROUNDS = int(os.environ.get("VBLK_E2E_RECONNECT_ROUNDS", "1"))
 THROTTLE = "iops-total=200"
 
 
-async def spawn_back_end(socket_path: Path, image: Path, log_path: Path) -> asyncio.subprocess.Process:
-    """``vblk vhost-user`` on ``socket_path``, once it listens."""
+async def control(http_socket: Path, path: str) -> tuple[int, Any]:
+    """GET on a back end's control surface (a unix socket), with aiohttp's client."""
+    connector = aiohttp.UnixConnector(path=str(http_socket))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get(f"http://vblk{path}") as response:
+        return response.status, await response.json()
+
+
+async def spawn_back_end(
+    socket_path: Path, image: Path, log_path: Path, control_socket: Path
+) -> asyncio.subprocess.Process:
+    """``vblk vhost-user`` on ``socket_path``, once it listens; its control surface on ``control_socket``."""
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -51,6 +61,8 @@ async def spawn_back_end(socket_path: Path, image: Path, log_path: Path) -> asyn
             str(DISK_SIZE),
             "--throttle",
             THROTTLE,
+            "--http",
+            f"unix:{control_socket}",
             "--log-format",
             "json",
             stdout=log_file,
@@ -88,7 +100,8 @@ async def test_guest_io_survives_sigkill_and_restart_of_vblk_vhost_user(
     image = tmp_path / "disk.img"
     serial_log = tmp_path / "serial.log"
     logs = [tmp_path / "vblk-0.log"]
-    proc = await spawn_back_end(socket_path, image, logs[0])
+    control_socket = directory / "ctl.sock"
+    proc = await spawn_back_end(socket_path, image, logs[0], control_socket)
     boot: asyncio.Task[linux.Boot] | None = None
     try:
         boot = asyncio.get_running_loop().create_task(
@@ -108,9 +121,14 @@ async def test_guest_io_survives_sigkill_and_restart_of_vblk_vhost_user(
             proc.send_signal(signal.SIGKILL)
             assert await proc.wait() == -signal.SIGKILL
             logs.append(tmp_path / f"vblk-{kill}.log")
-            proc = await spawn_back_end(socket_path, image, logs[-1])
+            proc = await spawn_back_end(socket_path, image, logs[-1], control_socket)
             resumed = await wait_for_event(logs[-1], "vhost_user_inflight_resubmitted")
             assert resumed["ring"] == 0, resumed
+        # The last process says what it took up, on its control surface.
+        status, info = await control(control_socket, "/v1/disks/disk0/info")
+        assert status == 200 and info["ring"] == ("packed" if packed else "split"), info
+        assert info["vhost_user"]["inflight_region"] is True, info
+        assert info["vhost_user"]["resubmitted"] == resumed["requests"], (info, resumed)
         result = await boot
         layout = "packed" if packed else "split"
         print(f"guest boot with {KILLS} back-end kills ({layout}): {result.seconds:.1f}s")

@@ -97,6 +97,8 @@ async def test_the_disk_is_described_as_vblk_serve_describes_one(rig: Rig) -> No
     assert info["serial"] == "vblk-ctl" and info["backend"] == "memory" and info["read_only"] is False
     assert info["stack"][-1]["node"] == "memory"
     assert info["vhost_user"]["connected"] is False and info["vhost_user"]["backend_channel"] is False
+    assert info["ring"] == "split" and info["vhost_user"]["inflight_region"] is False
+    assert info["vhost_user"]["resubmitted"] == 0
     status, error = await rig.get("/v1/disks/disk1")
     assert status == 404 and error["error"] == "no_such_disk"
     status, error = await rig.get("/v1/disks?verbose=1")
