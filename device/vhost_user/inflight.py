@@ -18,15 +18,16 @@ its own successor:
   A batch of completions is linked through ``next`` from ``last_batch_head`` before the used
   index is stored; a successor that finds the region's ``used_idx`` behind the ring's knows the
   batch landed and clears it.
-* **packed rings**: the specification's free-list layout has no implementation to be compatible
-  with (libvhost-user has no packed rings), so vblk keeps the same 32-byte descriptor copies
-  ``{u8 inflight, u8 pad, u16 next, u16 last, u16 num, u64 counter, u16 id, u16 flags, u32 len,
-  u64 addr}`` indexed by the ring position they were read from (a position cannot be read again
-  while the buffer read there is in flight: at most ``size`` descriptors are), under a 32-byte
-  header ``u64 features, u16 version, u16 desc_num, u16 batch_head, u16 batch_len, u32 used,
-  u32 batch_end`` where ``used`` and ``batch_end`` are ring positions with the wrap counter in
+* **packed rings** keep the specification's 32-byte descriptor copies ``{u8 inflight, u8 pad,
+  u16 next, u16 last, u16 num, u64 counter, u16 id, u16 flags, u32 len, u64 addr}``, taken from
+  a free list: a buffer's entries are linked through ``next``, its head entry holds ``num`` (the
+  descriptors it took) and the ``inflight`` flag, and ``last`` links the head entries of a batch
+  being published. The header is vblk's (libvhost-user has no packed rings to be compatible
+  with): ``u64 features, u16 version, u16 desc_num, u16 batch_head, u16 batch_len, u32 used,
+  u32 batch_end``, ``used`` and ``batch_end`` being ring positions with the wrap counter in
   bit 15. ``batch_len`` marks a batch being published; a successor that finds it set looks at
-  the descriptor at ``used``: in used form with the used wrap counter, the batch landed.
+  the descriptor at ``used``: in used form with the used wrap counter, the batch landed. The
+  free list is not stored: a successor rebuilds it from the entries the in-flight heads hold.
 
 Copies are kept because a packed ring's slots are overwritten by used descriptors; a split ring's
 descriptor table stays the driver's until the buffer is used, so a successor walks it again.
@@ -173,7 +174,7 @@ class Recovery:
     """What a queue's area says when a ring starts on it."""
 
     fresh: bool  # an empty area (now initialised): nothing to resubmit, the ring's base stands
-    heads: list[int]  # split: head indices; packed: ring positions, in the order first taken
+    heads: list[int]  # split: head indices; packed: head entries, in the order first taken
     last_avail: int  # split: the free-running index; packed: position | wrap << 15
     used: int  # packed only: position | wrap << 15 (split: the ring's used index)
     landed: int  # completions of an interrupted batch found to have landed
@@ -231,8 +232,9 @@ class SplitTracker:
     def pushed(self, head: int) -> None:
         self.batch.append(head)
 
-    def before_publish(self) -> None:
+    def before_publish(self, used_idx: int) -> None:
         """Link the batch (from ``last_batch_head``) before its used index is stored."""
+        del used_idx  # the ring's used index itself marks whether the batch landed
         batch, area = self.batch, self.area
         for k in range(len(batch) - 1):
             _u16.pack_into(area, self._entry(batch[k]) + 6, batch[k + 1])
@@ -248,17 +250,24 @@ class SplitTracker:
 
 
 class PackedTracker:
-    """The packed-ring area of one queue: copies of the descriptors of every buffer in flight."""
+    """The packed-ring area of one queue: copies of the descriptors of every buffer in flight.
+
+    Entries are taken from a free list (rebuilt from the in-flight heads when a ring starts), not
+    indexed by ring position: the driver reuses a slot as soon as it has read the used descriptor
+    written there, which may be long before the buffer first read from that slot completes.
+    """
 
     def __init__(self, area: memoryview, size: int) -> None:
         self.area = area
         self.size = size
         self.counter = 1
-        self.batch: list[int] = []  # ring positions of the buffers pushed since the last publish
-        self.positions: dict[int, int] = {}  # buffer id -> the ring position its copies are at
+        self.free = list(range(size - 1, -1, -1))  # entries not holding a buffer in flight
+        self.batch: list[int] = []  # head entries of the buffers pushed since the last publish
+        self.releasing: list[int] = []  # their entries, free once the batch is published
+        self.entries: dict[int, list[int]] = {}  # buffer id -> its entries (head first)
 
-    def _entry(self, position: int) -> int:
-        return PACKED_HEADER.size + PACKED_ENTRY.size * position
+    def _entry(self, index: int) -> int:
+        return PACKED_HEADER.size + PACKED_ENTRY.size * index
 
     def recover(self, ring: memoryview, used: int, avail: int) -> Recovery:
         """Read (or initialise) the area. ``ring`` is the descriptor ring; ``used`` and ``avail``
@@ -286,15 +295,18 @@ class PackedTracker:
             _u16.pack_into(area, _PACKED_BATCH_LEN, 0)
         region_used = _u32.unpack_from(area, _PACKED_USED)[0]
         found = []
-        for position in range(size):
-            flag, _next, _last, num, counter, buffer_id, *_ = _entry_unpack(area, self._entry(position))
+        taken: set[int] = set()
+        for index in range(size):
+            flag, _next, _link, num, counter, buffer_id, *_ = _entry_unpack(area, self._entry(index))
             if flag:
-                found.append((counter, position, num, buffer_id))
+                chain = self._chain(index, num)
+                if taken.intersection(chain):
+                    raise InflightError(f"in-flight area: entry {index}'s buffer shares entries with another")
+                taken.update(chain)
+                found.append((counter, index, num, buffer_id, chain))
         found.sort()
         self.counter = (found[-1][0] + 1) if found else 1
-        total = sum(num for _c, _p, num, _i in found)
-        if total > size:
-            raise InflightError(f"in-flight area: {total} descriptors in flight, more than the ring's {size}")
+        total = sum(num for _c, _i, num, _b, _chain in found)
         position, wrap = region_used & 0x7FFF, region_used >> 15 & 1
         if position >= size:
             raise InflightError(f"in-flight area: used position {position} >= queue size {size}")
@@ -302,34 +314,52 @@ class PackedTracker:
         if position >= size:
             position -= size
             wrap ^= 1
-        self.positions = {buffer_id: p for _c, p, _n, buffer_id in found}
-        return Recovery(False, [p for _c, p, _n, _i in found], position | wrap << 15, region_used, landed)
+        self.free = [index for index in range(size - 1, -1, -1) if index not in taken]
+        self.entries = {buffer_id: chain for _c, _i, _n, buffer_id, chain in found}
+        return Recovery(
+            False, [i for _c, i, _n, _b, _chain in found], position | wrap << 15, region_used, landed
+        )
+
+    def _chain(self, head: int, num: int) -> list[int]:
+        """The entries of the buffer whose head entry is ``head``, checked."""
+        size = self.size
+        if not 1 <= num <= size:
+            raise InflightError(f"in-flight area: a buffer of {num} descriptors at entry {head}")
+        chain = [head]
+        index = head
+        for _ in range(num - 1):
+            index = _u16.unpack_from(self.area, self._entry(index) + 2)[0]
+            if index >= size or index in chain:
+                raise InflightError(f"in-flight area: entry {head}'s buffer links to entry {index}")
+            chain.append(index)
+        return chain
 
     def _clear_batch(self, head: int, count: int) -> None:
         area, size = self.area, self.size
         for _ in range(count):
             if head >= size:
-                raise InflightError(f"in-flight area: batch position {head} >= queue size {size}")
+                raise InflightError(f"in-flight area: batch entry {head} >= queue size {size}")
             offset = self._entry(head)
             area[offset] = 0
-            head = _u16.unpack_from(area, offset + 2)[0]
+            head = _u16.unpack_from(area, offset + 4)[0]
 
-    def copies(self, position: int) -> tuple[int, list[tuple[int, int, int, int]]]:
-        """The buffer whose copies start at ``position``: (id, [(addr, len, id, flags)...])."""
-        area, size = self.area, self.size
-        head = _entry_unpack(area, self._entry(position))
-        num, buffer_id = head[3], head[5]
-        if not 1 <= num <= size:
-            raise InflightError(f"in-flight area: a buffer of {num} descriptors at position {position}")
+    def copies(self, head: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """The buffer whose head entry is ``head``: (id, [(addr, len, id, flags)...])."""
+        area = self.area
+        entry = _entry_unpack(area, self._entry(head))
         descs = []
-        for k in range(num):
-            entry = _entry_unpack(area, self._entry((position + k) % size))
-            descs.append((entry[8], entry[7], entry[5], entry[6]))
-        return buffer_id, descs
+        for index in self._chain(head, entry[3]):
+            copy = _entry_unpack(area, self._entry(index))
+            descs.append((copy[8], copy[7], copy[5], copy[6]))
+        return entry[5], descs
 
     def popped(self, ring: memoryview, position: int, taken: int, buffer_id: int) -> None:
-        """Copy the buffer's ring descriptors, then mark it in flight (its head entry last)."""
-        area, size = self.area, self.size
+        """Copy the buffer's ring descriptors to free entries, then mark it in flight (its head
+        entry's flag last)."""
+        area, size, free = self.area, self.size, self.free
+        if len(free) < taken:
+            raise InflightError(f"in-flight area: more than the ring's {size} descriptors in flight")
+        chain = [free.pop() for _ in range(taken)]
         for k in range(taken - 1, -1, -1):
             p = position + k
             if p >= size:
@@ -337,9 +367,9 @@ class PackedTracker:
             addr, length, desc_id, flags = _desc_unpack(ring, PVIRTQ_DESC_SIZE * p)
             PACKED_ENTRY.pack_into(
                 area,
-                self._entry(p),
+                self._entry(chain[k]),
                 0,
-                0,
+                chain[k + 1] if k + 1 < taken else 0,
                 0,
                 taken if k == 0 else 0,
                 self.counter if k == 0 else 0,
@@ -349,17 +379,20 @@ class PackedTracker:
                 addr,
             )
         self.counter += 1
-        self.positions[buffer_id] = position
-        area[self._entry(position)] = 1
+        self.entries[buffer_id] = chain
+        area[self._entry(chain[0])] = 1
 
     def pushed(self, buffer_id: int) -> None:
-        self.batch.append(self.positions.pop(buffer_id))
+        chain = self.entries.pop(buffer_id)
+        self.batch.append(chain[0])
+        self.releasing += chain
 
     def before_publish(self, batch_end: int) -> None:
-        """Link the batch and set its marker before the used descriptors' flags are stored."""
+        """Link the batch (through the head entries' ``last`` field) and set its marker before
+        the used descriptors' flags are stored."""
         batch, area = self.batch, self.area
         for k in range(len(batch) - 1):
-            _u16.pack_into(area, self._entry(batch[k]) + 2, batch[k + 1])
+            _u16.pack_into(area, self._entry(batch[k]) + 4, batch[k + 1])
         _u16.pack_into(area, _PACKED_BATCH_HEAD, batch[0])
         _u32.pack_into(area, _PACKED_BATCH_END, batch_end)
         _u16.pack_into(area, _PACKED_BATCH_LEN, len(batch))
@@ -367,8 +400,10 @@ class PackedTracker:
     def after_publish(self, used: int) -> None:
         """The flags are stored: the batch is no longer in flight; then the marker goes."""
         area = self.area
-        for position in self.batch:
-            area[self._entry(position)] = 0
+        for head in self.batch:
+            area[self._entry(head)] = 0
         _u32.pack_into(area, _PACKED_USED, used)
         _u16.pack_into(area, _PACKED_BATCH_LEN, 0)
         self.batch.clear()
+        self.free += self.releasing
+        self.releasing.clear()

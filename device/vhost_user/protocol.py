@@ -339,6 +339,8 @@ class VhostUserBlk:
         try:  # a refusal is an answer too: mmap_size 0, "no buffer"
             self._inflight_wanted("GET_INFLIGHT_FD")
             self._check_inflight_shape(message, "GET_INFLIGHT_FD")
+            if any(ring.started for ring in self.rings):
+                raise RequestRefusedError("GET_INFLIGHT_FD while rings are running")
             region, fd = InflightRegion.allocate(message.num_queues, message.queue_size)
         except (OSError, InflightError, RequestRefusedError) as exc:
             log.warning("vhost_user_inflight_refused", error=str(exc))
@@ -369,7 +371,7 @@ class VhostUserBlk:
 
     def _replace_inflight(self, region: InflightRegion | None) -> None:
         if self.inflight is not None:
-            for queue in (*self.device._split_queues, *(self.device._packed_queues or ())):
+            for queue in self.device.queues:  # a reset leaves the other layout's queues untracked
                 if isinstance(queue, VhostUserVirtqueue | VhostUserPackedVirtqueue):
                     queue.tracker = None
             self.inflight.close()

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from device.blk import VirtioBlkDevice
 from device.memory import GuestMemory
@@ -74,7 +75,50 @@ def _check_regions(memory: GuestMemory, index: int, chain: DescriptorChain) -> N
                 raise VirtqueueError(f"queue {index}: buffer [{addr:#x}, +{length:#x}) outside guest RAM")
 
 
-class VhostUserVirtqueue(DeviceVirtqueue):
+class _Tracked:
+    """What both vhost-user queues add to their ring: the requests a predecessor left in flight
+    first, and each push and publish recorded in the in-flight region.
+
+    A mixin before the ring's own class, whose ``pop``, ``push`` and ``publish`` its ``super()``
+    calls reach; :meth:`_used` is the used position the region records.
+    """
+
+    tracker: SplitTracker | PackedTracker | None
+    resubmit: collections.deque[DescriptorChain]
+    barrier: Callable[[], None] | None
+
+    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
+        super().__init__(memory, index, max_size)  # type: ignore[call-arg]
+        self.barrier = memory_barrier
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        self.tracker = None
+        self.resubmit = collections.deque()
+
+    def _used(self) -> int:
+        raise NotImplementedError
+
+    def has_available(self) -> bool:
+        return bool(self.resubmit) or super().has_available()  # type: ignore[misc]
+
+    def push(self, head: int, length: int) -> None:
+        super().push(head, length)  # type: ignore[misc]
+        if self.tracker is not None:
+            self.tracker.pushed(head)
+
+    def publish(self) -> bool:
+        tracker = self.tracker
+        if tracker is None or not tracker.batch:
+            return bool(super().publish())  # type: ignore[misc]
+        used = self._used()
+        tracker.before_publish(used)
+        wanted = bool(super().publish())  # type: ignore[misc]
+        tracker.after_publish(used)
+        return wanted
+
+
+class VhostUserVirtqueue(_Tracked, DeviceVirtqueue):
     """A split device virtqueue on rings shared with a guest on other CPUs.
 
     Adds the full barriers of the store → load handshakes, checks every buffer against the
@@ -83,14 +127,10 @@ class VhostUserVirtqueue(DeviceVirtqueue):
     predecessor left in flight.
     """
 
-    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
-        super().__init__(memory, index, max_size)
-        self.barrier = memory_barrier
+    tracker: SplitTracker | None
 
-    def reset(self) -> None:
-        super().reset()
-        self.tracker: SplitTracker | None = None
-        self.resubmit: collections.deque[DescriptorChain] = collections.deque()
+    def _used(self) -> int:
+        return self.used_idx
 
     def track(self, area: memoryview) -> Recovery:
         """Keep the in-flight state in ``area``; queue what a predecessor left in flight."""
@@ -112,9 +152,6 @@ class VhostUserVirtqueue(DeviceVirtqueue):
                 self.resubmit.append(chain)
         return recovery
 
-    def has_available(self) -> bool:
-        return bool(self.resubmit) or super().has_available()
-
     def pop(self) -> DescriptorChain | None:
         if self.resubmit:
             return self.resubmit.popleft()
@@ -125,34 +162,16 @@ class VhostUserVirtqueue(DeviceVirtqueue):
                 self.tracker.popped(chain.head)
         return chain
 
-    def push(self, head: int, length: int) -> None:
-        super().push(head, length)
-        if self.tracker is not None:
-            self.tracker.pushed(head)
 
-    def publish(self) -> bool:
-        tracker = self.tracker
-        if tracker is None or not tracker.batch:
-            return super().publish()
-        tracker.before_publish()
-        wanted = super().publish()
-        tracker.after_publish(self.used_idx)
-        return wanted
-
-
-class VhostUserPackedVirtqueue(PackedDeviceVirtqueue):
+class VhostUserPackedVirtqueue(_Tracked, PackedDeviceVirtqueue):
     """A packed device virtqueue on rings shared with a guest on other CPUs (VIRTIO_F_RING_PACKED);
     the same additions as :class:`VhostUserVirtqueue`, with the in-flight region holding copies of
     the descriptors (a packed ring's slots are overwritten by used descriptors)."""
 
-    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
-        super().__init__(memory, index, max_size)
-        self.barrier = memory_barrier
+    tracker: PackedTracker | None
 
-    def reset(self) -> None:
-        super().reset()
-        self.tracker: PackedTracker | None = None
-        self.resubmit: collections.deque[DescriptorChain] = collections.deque()
+    def _used(self) -> int:
+        return off_wrap(self.used_idx, self.used_wrap)
 
     @property
     def base(self) -> int:
@@ -183,8 +202,8 @@ class VhostUserPackedVirtqueue(PackedDeviceVirtqueue):
         self.tracker = tracker
         if not recovery.fresh:
             self.set_base(recovery.last_avail | recovery.used << 16)
-            for position in recovery.heads:
-                buffer_id, descs = tracker.copies(position)
+            for head in recovery.heads:
+                buffer_id, descs = tracker.copies(head)
                 chain = self._chain_from_copies(buffer_id, descs)
                 _check_regions(self.memory, self.index, chain)
                 if buffer_id in self.slots:
@@ -219,9 +238,6 @@ class VhostUserPackedVirtqueue(PackedDeviceVirtqueue):
                 )
         return DescriptorChain(buffer_id, readable, writable)
 
-    def has_available(self) -> bool:
-        return bool(self.resubmit) or super().has_available()
-
     def pop(self) -> DescriptorChain | None:
         if self.resubmit:
             return self.resubmit.popleft()
@@ -230,23 +246,11 @@ class VhostUserPackedVirtqueue(PackedDeviceVirtqueue):
         if chain is not None:
             _check_regions(self.memory, self.index, chain)
             if self.tracker is not None:
-                self.tracker.popped(self._ring_view(), position, self.slots[chain.head], chain.head)
+                try:
+                    self.tracker.popped(self._ring_view(), position, self.slots[chain.head], chain.head)
+                except InflightError as exc:  # a driver that made more available than the ring holds
+                    raise VirtqueueError(f"queue {self.index}: {exc}") from exc
         return chain
-
-    def push(self, head: int, length: int) -> None:
-        super().push(head, length)
-        if self.tracker is not None:
-            self.tracker.pushed(head)
-
-    def publish(self) -> bool:
-        tracker = self.tracker
-        if tracker is None or not tracker.batch:
-            return super().publish()
-        used = off_wrap(self.used_idx, self.used_wrap)
-        tracker.before_publish(used)
-        wanted = super().publish()
-        tracker.after_publish(used)
-        return wanted
 
 
 class VhostUserBlkDevice(VirtioBlkDevice):

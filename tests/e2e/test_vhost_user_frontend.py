@@ -83,12 +83,12 @@ async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, log: Pa
 
 
 async def spawn_back_end(
-    variant: Variant, image: Path, directory: Path, extra: Sequence[str] = ()
+    variant: Variant, image: Path, directory: Path, extra: Sequence[str] = (), log: Path | None = None
 ) -> tuple[asyncio.subprocess.Process, Path, Path]:
     """A vhost-user-blk back end process serving ``image``, listening: (process, socket, log).
-    ``extra``: more arguments for it."""
+    ``extra``: more arguments for it; ``log``: its output (default: appended to one per kind)."""
     socket_path = directory / "vu.sock"
-    log = directory / f"{variant.back_end}.log"
+    log = log or directory / f"{variant.back_end}.log"
     if variant.back_end == "qsd":
         argv = [
             linux.which("qemu-storage-daemon"),
@@ -130,6 +130,14 @@ async def spawn_back_end(
             await proc.wait()
         raise
     return proc, socket_path, log
+
+
+async def terminate(procs: Sequence[asyncio.subprocess.Process]) -> None:
+    """SIGTERM whichever of ``procs`` still run, and wait for them."""
+    for proc in procs:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -366,10 +374,7 @@ async def test_the_driver_waits_out_a_back_end_restart() -> None:
         finally:
             await blk.close()
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(procs)
         memory.close()
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -437,10 +442,7 @@ async def test_fio_verify_over_nbd_sees_latency_not_errors_while_the_back_end_re
         finally:
             await service.stop()
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(procs)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pytest
 from tests.e2e import linux
 from tests.e2e.conftest import DISK_SIZE, GuestKit
 from tests.e2e.test_vhost_user import _serial_line
+from tests.e2e.test_vhost_user_frontend import Variant, spawn_back_end
 
 KILLS = int(os.environ.get("VBLK_E2E_KILLS", "3"))
 ROUNDS = int(os.environ.get("VBLK_E2E_RECONNECT_ROUNDS", "1"))
@@ -43,36 +43,11 @@ async def control(http_socket: Path, path: str) -> tuple[int, Any]:
         return response.status, await response.json()
 
 
-async def spawn_back_end(
-    socket_path: Path, image: Path, log_path: Path, control_socket: Path
-) -> asyncio.subprocess.Process:
-    """``vblk vhost-user`` on ``socket_path``, once it listens; its control surface on ``control_socket``."""
-    with log_path.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service.cli",
-            "vhost-user",
-            "--socket",
-            str(socket_path),
-            "--image",
-            str(image),
-            "--size",
-            str(DISK_SIZE),
-            "--throttle",
-            THROTTLE,
-            "--http",
-            f"unix:{control_socket}",
-            "--log-format",
-            "json",
-            stdout=log_file,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    for _ in range(1000):
-        if proc.returncode is not None or '"vhost_user_listening"' in log_path.read_text():
-            break
-        await asyncio.sleep(0.01)
-    assert proc.returncode is None, f"vblk vhost-user exited:\n{log_path.read_text()}"
+async def spawn(directory: Path, image: Path, log: Path, control_socket: Path) -> asyncio.subprocess.Process:
+    """``vblk vhost-user`` on ``directory``/vu.sock, throttled, its control surface on ``control_socket``."""
+    (directory / "vu.sock").unlink(missing_ok=True)  # a killed predecessor's: wait for the new one
+    extra = ["--throttle", THROTTLE, "--http", f"unix:{control_socket}"]
+    proc, _socket, _log = await spawn_back_end(Variant("vblk"), image, directory, extra, log)
     return proc
 
 
@@ -98,10 +73,12 @@ async def test_guest_io_survives_sigkill_and_restart_of_vblk_vhost_user(
     directory = Path(tempfile.mkdtemp(prefix="vblk-vu-"))  # short: unix socket paths are limited
     socket_path = directory / "vu.sock"
     image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
     serial_log = tmp_path / "serial.log"
     logs = [tmp_path / "vblk-0.log"]
     control_socket = directory / "ctl.sock"
-    proc = await spawn_back_end(socket_path, image, logs[0], control_socket)
+    proc = await spawn(directory, image, logs[0], control_socket)
     boot: asyncio.Task[linux.Boot] | None = None
     try:
         boot = asyncio.get_running_loop().create_task(
@@ -121,7 +98,7 @@ async def test_guest_io_survives_sigkill_and_restart_of_vblk_vhost_user(
             proc.send_signal(signal.SIGKILL)
             assert await proc.wait() == -signal.SIGKILL
             logs.append(tmp_path / f"vblk-{kill}.log")
-            proc = await spawn_back_end(socket_path, image, logs[-1], control_socket)
+            proc = await spawn(directory, image, logs[-1], control_socket)
             resumed = await wait_for_event(logs[-1], "vhost_user_inflight_resubmitted")
             assert resumed["ring"] == 0, resumed
         # The last process says what it took up, on its control surface.
