@@ -603,6 +603,7 @@ class Service:
         if self._restore_sched is not None:
             self._restore_sched()
             self._restore_sched = None
+        self.state.close()  # last: another vblk may keep the state directory now
         log.info("stopped")
 
 

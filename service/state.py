@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import json
 import os
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from service.model import DiskSpec, StartupError
 log = structlog.get_logger("vblk.service")
 
 STATE_FILE: Final = "vblk-state.json"
+LOCK_FILE: Final = "vblk-state.lock"  # held (flock) by the vblk that keeps the directory's state
 VERSION: Final = 1
 
 Limits = tuple[tuple[str, int], ...]
@@ -105,6 +107,7 @@ class RuntimeState:
         self.disks: dict[str, DiskState] = {}
         self._writing = asyncio.Lock()
         self.writes = 0
+        self._lock_fd: int | None = None
 
     @property
     def kept(self) -> bool:
@@ -115,15 +118,22 @@ class RuntimeState:
         :class:`StartupError`: vblk will not start over changes it cannot read."""
         if self.path is None:
             return
+        if not self.path.parent.is_dir():
+            raise StartupError("state_unreadable", f"state directory {self.path.parent} does not exist")
+        self._lock()
+        try:
+            self._read()
+        except StartupError:
+            self.close()  # not started: the directory is free again
+            raise
+
+    def _read(self) -> None:
+        assert self.path is not None
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a write a crash cut short
             stale.unlink(missing_ok=True)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            if not self.path.parent.is_dir():
-                raise StartupError(
-                    "state_unreadable", f"state directory {self.path.parent} does not exist"
-                ) from None
             return
         except (OSError, UnicodeDecodeError) as exc:
             raise StartupError("state_unreadable", f"state file {self.path}: {exc}") from exc
@@ -141,6 +151,38 @@ class RuntimeState:
                 f"state file {self.path}: {exc} (move it away to start without the run-time changes)",
             ) from exc
         log.info("disk_state_loaded", path=str(self.path), disks=sorted(self.disks))
+
+    def _lock(self) -> None:
+        """Hold the directory's lock file for as long as this process keeps the state: a second
+        vblk on the same directory would write over this one's changes (and it over the second's).
+        The lock file says whose it is."""
+        assert self.path is not None
+        lock_path = self.path.parent / LOCK_FILE
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StartupError(
+                "state_unreadable", f"state lock {lock_path}: {exc.strerror}", exc.errno
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(
+                "state_dir_in_use",
+                f"state directory {self.path.parent} is kept by another vblk (pid {holder}): two would "
+                "write over each other's run-time changes; give this one a --state-dir of its own",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Let the state directory go (another vblk may keep it now)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the last descriptor of the file
+            self._lock_fd = None
 
     def entry(self, name: str) -> DiskState:
         return self.disks.setdefault(name, DiskState())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import sys
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 
 from service.model import DiskSpec, StartupError
-from service.state import STATE_FILE, RuntimeState, write_atomically
+from service.state import LOCK_FILE, STATE_FILE, RuntimeState, write_atomically
 from tests.service.conftest import MiB, run, serving
 
 
@@ -103,6 +104,35 @@ async def test_a_state_file_that_is_not_one_stops_the_start_with_its_path(tmp_pa
             pass
 
 
+async def test_a_second_vblk_on_the_same_state_directory_is_refused_until_the_first_stops(
+    tmp_path: Path,
+) -> None:
+    """Two processes keeping one directory would write over each other's changes: the second is
+    refused with the first's pid, and starts once the first has stopped (a SIGKILLed one too)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    proc, sock = await _serve(tmp_path, state_dir)
+    try:
+        assert (state_dir / LOCK_FILE).read_text().strip() == str(proc.pid)
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(StartupError) as caught:
+            async with serving(configured(other), state_dir=state_dir):
+                pass
+        assert caught.value.event == "state_dir_in_use" and f"pid {proc.pid}" in caught.value.message
+        connector = aiohttp.UnixConnector(path=sock)
+        async with aiohttp.ClientSession(connector=connector) as http, http.get("http://vblk/v1/disks") as r:
+            assert r.status == 200  # the first goes on
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    async with serving(configured(tmp_path / "other"), state_dir=state_dir) as rig:  # the lock died with it
+        assert (state_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert rig.service.state.kept
+    async with serving(configured(tmp_path / "other"), state_dir=state_dir):  # and a stop lets it go
+        pass
+
+
 def test_an_atomic_write_replaces_all_or_nothing(tmp_path: Path) -> None:
     path = tmp_path / STATE_FILE
     write_atomically(path, b"old\n")
@@ -113,7 +143,10 @@ def test_an_atomic_write_replaces_all_or_nothing(tmp_path: Path) -> None:
     state = RuntimeState(tmp_path)
     with pytest.raises(StartupError):
         state.load()  # "new" is not a state file: refused, never taken as empty
-    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    again = RuntimeState(tmp_path)
+    again._lock()  # refused, the directory was let go again: this takes it without a StartupError
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_FILE, STATE_FILE])  # the torn one gone
 
 
 async def _serve(tmp: Path, state_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
